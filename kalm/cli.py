@@ -1,0 +1,55 @@
+"""The ``kalm`` command line: one subcommand per pipeline stage.
+
+Each stage module exposes ``register(subparsers)``, which adds its subcommand and sets
+``func`` to a callable taking the parsed arguments. Snakemake rules call these
+subcommands, so every stage also runs (and is tested) without Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Imported lazily so that `kalm validate` does not pay for torch/mteb imports.
+STAGE_MODULES = [
+    "kalm.validate",
+    "kalm.dedup",
+    "kalm.decontaminate",
+    "kalm.embed",
+    "kalm.mine",
+    "kalm.train",
+    "kalm.soup",
+    "kalm.evaluate",
+    "kalm.aggregate",
+    "kalm.tiny_qwen",
+]
+
+
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kalm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in modules or STAGE_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only import the module of the requested subcommand (torch and mteb are slow to import).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    wanted = [m for m in STAGE_MODULES if m.rsplit(".", 1)[1].replace("_", "-") == command]
+    parser = build_parser(wanted or None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Shared file helpers: atomic writes, JSON Lines, stage statistics.
+
+Every stage writes through these helpers so that a killed job never leaves a file
+that looks finished (write to a temporary sibling, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records as JSON Lines atomically; return how many were written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Read trusted JSON Lines written by a previous stage (validation is kalm.validate's job)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+class StageStats:
+    """Counts for a stage's stats JSON: ``in == kept + sum(dropped.values())``.
+
+    >>> s = StageStats("dedup"); s.seen(3); s.keep(2); s.drop("exact_duplicate")
+    >>> s.as_dict()["dropped"]
+    {'exact_duplicate': 1}
+    """
+
+    def __init__(self, stage: str, **extra: Any) -> None:
+        self.stage = stage
+        self.n_in = 0
+        self.kept = 0
+        self.dropped: dict[str, int] = {}
+        self.per_task: dict[str, dict[str, Any]] = {}
+        self.extra = dict(extra)
+        self._t0 = time.time()
+
+    def _task(self, task: str | None) -> dict[str, Any] | None:
+        if task is None:
+            return None
+        return self.per_task.setdefault(task, {"in": 0, "kept": 0, "dropped": {}})
+
+    def seen(self, n: int = 1, task: str | None = None) -> None:
+        self.n_in += n
+        if (t := self._task(task)) is not None:
+            t["in"] += n
+
+    def keep(self, n: int = 1, task: str | None = None) -> None:
+        self.kept += n
+        if (t := self._task(task)) is not None:
+            t["kept"] += n
+
+    def drop(self, reason: str, n: int = 1, task: str | None = None) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        if (t := self._task(task)) is not None:
+            t["dropped"][reason] = t["dropped"].get(reason, 0) + n
+
+    def check(self) -> None:
+        """Fail loudly when the funnel does not add up: nothing may vanish silently."""
+        total = self.kept + sum(self.dropped.values())
+        if total != self.n_in:
+            raise AssertionError(f"{self.stage}: in={self.n_in} but kept+dropped={total}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "in": self.n_in,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "per_task": self.per_task,
+            **self.extra,
+            "seconds": round(time.time() - self._t0, 3),
+        }
+
+    def write(self, path: str | os.PathLike) -> None:
+        self.check()
+        write_json(path, self.as_dict())

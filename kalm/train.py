@@ -1,0 +1,168 @@
+"""Contrastive training: one direct loop for both stages (in the spirit of nanoGPT).
+
+- ``pretrain``: weak pairs, in-batch negatives only.
+- ``finetune``: mined hard negatives, ``group_size`` = 1 positive + (group_size - 1) negatives.
+
+Batches are task-homogeneous: every batch is drawn from one task, so in-batch negatives are
+of the same kind as the positive (KaLM). Queries carry their task instruction; symmetric
+tasks (STS-like) carry it on both sides. Metrics go to a JSON Lines file, one line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from kalm.instructions import format_passage, format_query
+from kalm.io import atomic_path, read_jsonl
+from kalm.losses import info_nce
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"
+    batch_size: int = 32
+    group_size: int = 8
+    lr: float = 1e-5
+    temperature: float = 0.01
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_seq_length: int | None = None
+    threads: int | None = None
+
+
+def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """Shuffle within each task, cut into batches, shuffle the batch order.
+
+    A task's last partial batch is kept when it has at least two examples (a batch of one has
+    no in-batch negatives).
+    """
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_task[rec["task"]].append(rec)
+    batches = []
+    for task in sorted(by_task):
+        recs = by_task[task][:]
+        rng.shuffle(recs)
+        batches += [b for i in range(0, len(recs), batch_size) if len(b := recs[i:i + batch_size]) >= 2]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random) -> tuple[list[str], list[str]]:
+    """Query texts, then passages: one positive per query followed by every hard negative."""
+    queries, positives, negatives = [], [], []
+    for rec in batch:
+        instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
+        queries.append(format_query(rec["query"], instr))
+        positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
+        negs = rec.get("neg", [])
+        chosen = rng.sample(negs, n_neg) if len(negs) >= n_neg else negs
+        negatives += [format_passage(n, instr, sym) for n in chosen]
+    return queries, positives + negatives
+
+
+def embed(model, texts: list[str]) -> torch.Tensor:
+    features = model.tokenize(texts)
+    features = {k: v.to(model.device) for k, v in features.items()}
+    return model(features)["sentence_embedding"]
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """Linear warm-up, then linear decay to zero."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
+          metrics_path: str | None = None) -> dict:
+    from kalm.modeling import load_embedding_model, save_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length)
+    model.train()
+    records = list(read_jsonl(data_path))
+    if not records:
+        raise ValueError(f"{data_path}: no training records")
+    n_neg = 0 if cfg.stage == "pretrain" else cfg.group_size - 1
+    steps_per_epoch = len(task_homogeneous_batches(records, cfg.batch_size, random.Random(0)))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log.info("%s: %d records, %d steps (%d per epoch), batch %d, group %d", cfg.stage, len(records), total,
+             steps_per_epoch, cfg.batch_size, n_neg + 1)
+    step, t_start = 0, time.time()
+    with atomic_path(metrics_path or f"{out_dir}.metrics.jsonl") as mtmp, open(mtmp, "w", encoding="utf-8") as mf:
+        while step < total:
+            for batch in task_homogeneous_batches(records, cfg.batch_size, rng):
+                if step >= total:
+                    break
+                t0 = time.time()
+                lr = lr_at(step, total, warmup, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                queries, passages = batch_texts(batch, n_neg, symmetric, rng)
+                loss = info_nce(embed(model, queries), embed(model, passages), cfg.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                step += 1
+                dt = time.time() - t0
+                row = {"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
+                       "lr": lr, "batch": len(batch), "passages": len(passages),
+                       "samples_per_s": round(len(batch) / dt, 3), "elapsed_s": round(time.time() - t_start, 3)}
+                mf.write(json.dumps(row) + "\n")
+                if step == 1 or step % 10 == 0 or step == total:
+                    log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, row["loss"], lr, row["task"])
+    model.eval()
+    save_model(model, out_dir)
+    return {"steps": total, "seconds": round(time.time() - t_start, 3)}
+
+
+def _run(args: argparse.Namespace) -> None:
+    cfg = TrainConfig(stage=args.stage, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
+                      temperature=args.temperature, epochs=args.epochs, max_steps=args.max_steps,
+                      warmup_ratio=args.warmup_ratio, seed=args.seed, max_seq_length=args.max_seq_length,
+                      threads=args.threads)
+    train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="contrastive pretraining or fine-tuning")
+    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    p.add_argument("--model", required=True, help="model spec to start from")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics", help="per-step metrics JSONL")
+    p.add_argument("--symmetric", default="{}", help='JSON {"task": bool}: instruction on both sides')
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--temperature", type=float, default=0.01)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_run)

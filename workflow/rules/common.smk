@@ -1,0 +1,92 @@
+# Names, input functions and helpers shared by the rule files. Rules stay thin: every
+# rule runs one `kalm` subcommand; this file turns the config into file names.
+
+import json
+import shlex
+import sys
+
+KALM = f"{shlex.quote(sys.executable)} -m kalm"
+DATA_STAGES = ["pretrain", "finetune"]
+FINETUNE_RUNS = list(range(config["finetune"]["runs"]))
+NUM_SHARDS = config["embed"]["shards"]
+
+
+def data_tasks(stage):
+    return sorted(config["data"][stage])
+
+
+def data_task(stage, task):
+    return config["data"][stage][task]
+
+
+def mine_tasks_json():
+    """{task: symmetric} for the fine-tuning tasks whose negatives are mined."""
+    tasks = config["data"]["finetune"]
+    return json.dumps({t: spec.get("type") == "sts" for t, spec in sorted(tasks.items()) if spec.get("mine", True)})
+
+
+def symmetric_json(stage):
+    return json.dumps({t: spec.get("type") == "sts" for t, spec in sorted(config["data"][stage].items())})
+
+
+def _expand_benchmark(name):
+    # Only imported when the config names an MTEB benchmark (mteb is slow to import).
+    import mteb
+
+    return [t.metadata.name for t in mteb.get_benchmark(name).tasks]
+
+
+def _language_tasks(lang):
+    entry = config["eval"]["languages"][lang]
+    if isinstance(entry, dict):
+        return _expand_benchmark(entry["benchmark"]) + list(entry.get("tasks", []))
+    return list(entry)
+
+
+LANGUAGES = sorted(config["eval"]["languages"])
+EVAL_TASKS = {lang: _language_tasks(lang) for lang in LANGUAGES}
+
+
+def eval_task_spec(lang, task):
+    spec = dict(config["eval"].get("tasks", {}).get(task, {}))
+    spec.setdefault("name", task)
+    spec.setdefault("lang", lang)
+    if task in config["eval"].get("instructions", {}):
+        spec.setdefault("instruction", config["eval"]["instructions"][task])
+    return spec
+
+
+def local_eval_tasks():
+    """{name: folder} of evaluation tasks with local data: the decontamination targets."""
+    return {t: s["path"] for t, s in sorted(config["eval"].get("tasks", {}).items()) if s.get("path")}
+
+
+def eval_model(which):
+    return "models/soup" if which == "results" else config["base_model"]
+
+
+def eval_model_input(wildcards):
+    return ["models/soup"] if wildcards.which == "results" else []
+
+
+def eval_task_input(wildcards):
+    path = eval_task_spec(wildcards.lang, wildcards.task).get("path")
+    return [path] if path else []
+
+
+def finetune_start():
+    return "models/pretrain" if config["pretrain"]["enabled"] else config["base_model"]
+
+
+def gpus(rule_name):
+    return config["resources"]["gpus"].get(rule_name, 0)
+
+
+wildcard_constraints:
+    stage="pretrain|finetune",
+    dtask="[^/]+",
+    lang="[a-z]+",
+    task=r"(?!.*\.kalm$)[^/]+",
+    run=r"\d+",
+    shard=r"\d+",
+    which="results|results/baseline",

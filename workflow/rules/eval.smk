@@ -1,0 +1,60 @@
+# Evaluation: one MTEB job per (model, task), then one aggregate per language. The base
+# model is evaluated too (results/baseline/...), and the final aggregate reports the gain.
+
+
+rule evaluate:
+    input:
+        model=eval_model_input,
+        task=eval_task_input,
+    output:
+        raw="{which}/mteb/{lang}/{task}.json",
+        meta="{which}/mteb/{lang}/{task}.kalm.json",
+    params:
+        model=lambda w: eval_model(w.which),
+        task=lambda w: shlex.quote(json.dumps(eval_task_spec(w.lang, w.task), ensure_ascii=False)),
+        batch_size=config["eval"]["batch_size"],
+        max_len=config["max_seq_length"],
+    threads: config["threads"]
+    log:
+        "logs/evaluate/{which}/{lang}/{task}.log",
+    benchmark:
+        "benchmarks/evaluate/{which}/{lang}/{task}.tsv"
+    resources:
+        mem_mb=8000,
+        gpu=gpus("evaluate"),
+    shell:
+        "OMP_NUM_THREADS={threads} {KALM} evaluate --model {params.model} --task-json {params.task} "
+        "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
+
+
+rule aggregate_baseline:
+    input:
+        lambda w: expand("results/baseline/mteb/{lang}/{task}.kalm.json", lang=w.lang, task=EVAL_TASKS[w.lang]),
+    output:
+        "results/baseline/mteb_{lang}.json",
+    params:
+        model=config["base_model"],
+    log:
+        "logs/aggregate/baseline_{lang}.log",
+    benchmark:
+        "benchmarks/aggregate/baseline_{lang}.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} aggregate --model {params.model} --out {output} {input} > {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        results=lambda w: expand("results/mteb/{lang}/{task}.kalm.json", lang=w.lang, task=EVAL_TASKS[w.lang]),
+        baseline="results/baseline/mteb_{lang}.json",
+    output:
+        "results/mteb_{lang}.json",
+    log:
+        "logs/aggregate/{lang}.log",
+    benchmark:
+        "benchmarks/aggregate/{lang}.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} aggregate --model models/soup --baseline {input.baseline} --out {output} {input.results} > {log} 2>&1"

@@ -1,0 +1,79 @@
+# Training: weakly supervised pretraining, then R fine-tuning runs (different seeds and
+# data orders) with mined hard negatives, then a uniform soup of the runs.
+
+
+def train_args(stage):
+    c = config[stage]
+    args = (f"--batch-size {c['batch_size']} --lr {c['lr']} --temperature {c['temperature']} "
+            f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}")
+    if c.get("max_steps"):
+        args += f" --max-steps {c['max_steps']}"
+    if stage == "finetune":
+        args += f" --group-size {c['group_size']}"
+    return args
+
+
+rule pretrain:
+    input:
+        "work/data/pretrain/decontaminated.jsonl",
+    output:
+        model=directory("models/pretrain"),
+        metrics="models/pretrain.metrics.jsonl",
+    params:
+        model=config["base_model"],
+        args=train_args("pretrain"),
+        symmetric=shlex.quote(symmetric_json("pretrain")),
+        seed=config["seed"],
+    threads: config["threads"]
+    log:
+        "logs/train/pretrain.log",
+    benchmark:
+        "benchmarks/train/pretrain.tsv"
+    resources:
+        mem_mb=16000,
+        gpu=gpus("pretrain"),
+    shell:
+        "{KALM} train --stage pretrain --model {params.model} --data {input} --out {output.model} "
+        "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        data="work/data/finetune/mined.jsonl",
+        start=["models/pretrain"] if config["pretrain"]["enabled"] else [],
+    output:
+        model=directory("models/finetune/run{run}"),
+        metrics="models/finetune/run{run}.metrics.jsonl",
+    params:
+        model=finetune_start(),
+        args=train_args("finetune"),
+        symmetric=shlex.quote(symmetric_json("finetune")),
+        seed=lambda w: config["seed"] + 1000 * (int(w.run) + 1),
+    threads: config["threads"]
+    log:
+        "logs/train/finetune_run{run}.log",
+    benchmark:
+        "benchmarks/train/finetune_run{run}.tsv"
+    resources:
+        mem_mb=16000,
+        gpu=gpus("finetune"),
+    shell:
+        "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
+        "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule soup:
+    input:
+        expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+    output:
+        directory("models/soup"),
+    log:
+        "logs/soup/soup.log",
+    benchmark:
+        "benchmarks/soup/soup.tsv"
+    resources:
+        mem_mb=8000,
+    shell:
+        "{KALM} soup {input} --out {output} > {log} 2>&1"
