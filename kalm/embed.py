@@ -49,7 +49,7 @@ def shard_bounds(n_items: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
     if not texts:
-        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
                         convert_to_numpy=True, show_progress_bar=len(texts) > 10 * batch_size)
 

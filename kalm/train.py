@@ -23,7 +23,7 @@ import torch
 
 from kalm.instructions import format_passage, format_query
 from kalm.io import atomic_path, read_jsonl
-from kalm.losses import info_nce
+from kalm.losses import info_nce, matryoshka
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class TrainConfig:
     seed: int = 0
     max_seq_length: int | None = None
     threads: int | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
 
 
 def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
@@ -77,9 +79,18 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
 
 
 def embed(model, texts: list[str]) -> torch.Tensor:
-    features = model.tokenize(texts)
-    features = {k: v.to(model.device) for k, v in features.items()}
+    features = model.preprocess(texts)
+    features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
     return model(features)["sentence_embedding"]
+
+
+def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    def nce(a, b):
+        return info_nce(a, b, cfg.temperature)
+
+    if cfg.matryoshka_dims:
+        return matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights)
+    return nce(q, p)
 
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
@@ -121,7 +132,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 queries, passages = batch_texts(batch, n_neg, symmetric, rng)
-                loss = info_nce(embed(model, queries), embed(model, passages), cfg.temperature)
+                loss = contrastive_loss(embed(model, queries), embed(model, passages), cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -143,7 +154,8 @@ def _run(args: argparse.Namespace) -> None:
     cfg = TrainConfig(stage=args.stage, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
                       temperature=args.temperature, epochs=args.epochs, max_steps=args.max_steps,
                       warmup_ratio=args.warmup_ratio, seed=args.seed, max_seq_length=args.max_seq_length,
-                      threads=args.threads)
+                      threads=args.threads, matryoshka_dims=tuple(args.matryoshka_dims or ()),
+                      matryoshka_weights=tuple(args.matryoshka_weights or ()))
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics)
 
 
@@ -165,4 +177,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
+    p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
     p.set_defaults(func=_run)

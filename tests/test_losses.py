@@ -27,3 +27,16 @@ def test_info_nce_prefers_the_right_positive():
     good = info_nce(q, q.clone(), 0.05)
     bad = info_nce(q, q.roll(1, dims=0), 0.05)
     assert good < 0.01 < bad
+
+
+def test_matryoshka_sums_weighted_prefix_losses():
+    from kalm.losses import matryoshka
+
+    g = torch.Generator().manual_seed(0)
+    q, p = F.normalize(torch.randn(4, 32, generator=g), dim=-1), F.normalize(torch.randn(6, 32, generator=g), dim=-1)
+    nce = lambda a, b: info_nce(a, b, 0.05)  # noqa: E731
+    got = matryoshka(nce, q, p, [32, 8], [1.0, 0.5])
+    want = nce(q, p) + 0.5 * nce(F.normalize(q[:, :8], dim=-1), F.normalize(p[:, :8], dim=-1))
+    assert torch.allclose(got, want)
+    with pytest.raises(ValueError):
+        matryoshka(nce, q, p, [64], [1.0])

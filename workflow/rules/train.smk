@@ -8,6 +8,9 @@ def train_args(stage):
             f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}")
     if c.get("max_steps"):
         args += f" --max-steps {c['max_steps']}"
+    if c.get("matryoshka"):
+        args += " --matryoshka-dims " + " ".join(map(str, c["matryoshka"]["dims"]))
+        args += " --matryoshka-weights " + " ".join(map(str, c["matryoshka"]["weights"]))
     if stage == "finetune":
         args += f" --group-size {c['group_size']}"
     return args

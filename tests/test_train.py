@@ -1,0 +1,56 @@
+"""Training loop: task-homogeneous batching, instruction placement, learning on a tiny model."""
+
+import json
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalm.io import read_jsonl
+from kalm.train import TrainConfig, batch_texts, lr_at, task_homogeneous_batches, train
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9), seed=st.integers(0, 99))
+def test_batches_are_task_homogeneous_and_cover_the_data(sizes, batch_size, seed):
+    records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t, n in enumerate(sizes) for i in range(n)]
+    batches = task_homogeneous_batches(records, batch_size, random.Random(seed))
+    assert all(len({r["task"] for r in b}) == 1 and 2 <= len(b) <= batch_size for b in batches)
+    seen = [r["query"] for b in batches for r in b]
+    assert len(seen) == len(set(seen))
+    # only a task's final singleton can be left out (no in-batch negative for it)
+    expected = sum(n - (1 if n % batch_size == 1 else 0) for n in sizes)
+    assert len(seen) == expected
+
+
+def test_instructions_on_queries_and_on_both_sides_for_symmetric_tasks():
+    batch = [{"task": "ret", "query": "q", "pos": ["p"], "neg": ["n1", "n2"], "instruction": "Find"},
+             {"task": "ret", "query": "q2", "pos": ["p2"], "neg": ["n3", "n4"], "instruction": "Find"}]
+    queries, passages = batch_texts(batch, 1, {"ret": False}, random.Random(0))
+    assert queries == ["Instruct: Find \n Query: q", "Instruct: Find \n Query: q2"]
+    assert passages[:2] == ["p", "p2"] and len(passages) == 4 and passages[2] in ("n1", "n2")
+    sts = [dict(r, task="sts") for r in batch]
+    _, passages = batch_texts(sts, 0, {"sts": True}, random.Random(0))
+    assert passages == ["Instruct: Find \n Query: p", "Instruct: Find \n Query: p2"]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 10, 2, 1.0) for s in range(10)]
+    assert lrs[0] < lrs[1] == 1.0 and lrs[-1] < lrs[2] and min(lrs) > 0
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_qwen_dir):
+    from sentence_transformers import SentenceTransformer
+
+    words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest"]
+    recs = [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"],
+             "neg": [f"the {v} is north" for v in words if v != w][:2]} for w in words]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    cfg = TrainConfig(stage="finetune", batch_size=8, group_size=2, lr=3e-3, temperature=0.05, max_steps=25,
+                      warmup_ratio=0.0, seed=0, threads=1)
+    train(tiny_qwen_dir, str(data), str(tmp_path / "m"), cfg, {}, str(tmp_path / "metrics.jsonl"))
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    model = SentenceTransformer(str(tmp_path / "m"))
+    assert model.encode(["where is the river"]).shape[1] == model.get_embedding_dimension()
