@@ -42,7 +42,7 @@ test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
 
 dag: $(STAMP)
-	$(SNAKEMAKE) --rulegraph results/mteb_zh.json results/mteb_en.json | dot -Tsvg > docs/rulegraph.svg
+	$(SNAKEMAKE) results/mteb_zh.json results/mteb_en.json --rulegraph | dot -Tsvg > docs/rulegraph.svg
 
 clean:
 	rm -rf work models results logs benchmarks .snakemake
