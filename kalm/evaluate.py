@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kalm.instructions import query_prefix
 from kalm.io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ class TaskSpecError(ValueError):
 
 class TaskDataUnavailable(RuntimeError):
     """A registered MTEB task whose dataset cannot be loaded (typically: offline and not cached)."""
-
-
-def kalm_prefix(instruction: str) -> str:
-    """The KaLM-Embedding instruction prefix for the query side."""
-    return f"Instruct: {instruction} \n Query: "
 
 
 def is_symmetric(task_spec: dict, task_type: str) -> bool:
@@ -70,7 +66,7 @@ def build_prompts(task_type: str, instruction: str | None, symmetric: bool) -> d
     """
     if not instruction:
         return {}
-    prefix = kalm_prefix(instruction)
+    prefix = query_prefix(instruction)
     if symmetric or (task_type not in ASYMMETRIC_TYPES and task_type not in PAIR_TYPES):
         return {task_type: prefix}
     return {f"{task_type}-query": prefix}

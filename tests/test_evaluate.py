@@ -17,9 +17,9 @@ from kalm.evaluate import (  # noqa: E402
     TaskDataUnavailable,
     build_prompts,
     evaluate_task,
-    kalm_prefix,
     sidecar_path,
 )
+from kalm.instructions import query_prefix as kalm_prefix  # noqa: E402
 from kalm.io import read_json  # noqa: E402
 from kalm.local_tasks import LocalTaskError  # noqa: E402
 
