@@ -1,9 +1,17 @@
-"""Validate and normalise one KaLM-format training file (JSON Lines).
+"""Validate and normalise one KaLM-format training task: a JSON Lines or Parquet file, or a
+folder of such shards.
 
 A record is ``{"query": str, "pos": [str, ...], "neg": [str, ...] (optional),
 "instruction": str (optional)}``. Bad records either stop the run with an error naming
-file, line and field (``on_error="stop"``, the default) or go to a rejects file with
-their reason (``on_error="quarantine"``); either way the stats JSON accounts for every line.
+file, line (JSONL) or row (Parquet, counted from 1) and field (``on_error="stop"``, the
+default) or go to a rejects file with their reason (``on_error="quarantine"``); either way
+the stats JSON accounts for every line and row.
+
+A task folder is read shard by shard in sorted path order (``*.jsonl`` and ``*.parquet``,
+recursively); files with other suffixes are ignored (hidden files too), and a folder without
+shards is an error. Parquet is streamed in record batches with pyarrow, so a shard never has to
+fit in memory; a column may have any Arrow type, and a value of the wrong type is reported like a
+JSON one (``expected a string, got int``).
 """
 
 from __future__ import annotations
@@ -19,10 +27,16 @@ from kalm.text import normalize_text
 log = logging.getLogger(__name__)
 
 
+SHARD_SUFFIXES = (".jsonl", ".parquet")
+
+
 class ValidationError(ValueError):
-    def __init__(self, path: str, line: int, field: str, reason: str):
-        self.path, self.line, self.field, self.reason = path, line, field, reason
-        super().__init__(f"{path}:{line}: field '{field}': {reason}")
+    """``line`` is the JSONL line, or the Parquet row (``unit="row"``), counted from 1."""
+
+    def __init__(self, path: str, line: int, field: str, reason: str, unit: str = "line"):
+        self.path, self.line, self.field, self.reason, self.unit = path, line, field, reason, unit
+        where = f"{path}:{line}" if unit == "line" else f"{path}: row {line}"
+        super().__init__(f"{where}: field '{field}': {reason}")
 
 
 def _text(value, path: str, line: int, field: str) -> str:
@@ -54,6 +68,11 @@ def parse_record(raw: bytes, path: str, line: int, require_neg: bool = False) ->
         raise ValidationError(path, line, "<line>", f"not JSON: {e.msg}") from None
     if not isinstance(obj, dict):
         raise ValidationError(path, line, "<line>", "a record must be a JSON object")
+    return check_record(obj, path, line, require_neg)
+
+
+def check_record(obj: dict, path: str, line: int, require_neg: bool = False) -> dict:
+    """Check and normalise a decoded record (a JSON object or a Parquet row)."""
     if "query" not in obj:
         raise ValidationError(path, line, "query", "missing")
     if "pos" not in obj:
@@ -69,6 +88,90 @@ def parse_record(raw: bytes, path: str, line: int, require_neg: bool = False) ->
     return record
 
 
+def task_files(path: str | Path) -> list[Path]:
+    """The shard files of a task: the file itself, or the .jsonl/.parquet files of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SHARD_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            raise ValidationError(str(path), 0, "<file>", f"folder has no {' or '.join(SHARD_SUFFIXES)} shards")
+        return files
+    if not path.is_file():
+        raise ValidationError(str(path), 0, "<file>", "no such file or folder")
+    if path.suffix not in SHARD_SUFFIXES:
+        raise ValidationError(str(path), 0, "<file>", f"unsupported format {path.suffix or '(no suffix)'!r}: "
+                              f"use {' or '.join(SHARD_SUFFIXES)}")
+    return [path]
+
+
+class _RawLine:
+    """A JSONL line, parsed lazily so that a bad one is reported (or quarantined) in place."""
+
+    __slots__ = ("raw", "path", "line")
+
+    def __init__(self, raw: bytes, path: str, line: int):
+        self.raw, self.path, self.line = raw, path, line
+
+    def __call__(self) -> dict:
+        return parse_record(self.raw, self.path, self.line)
+
+
+class _Row:
+    __slots__ = ("obj", "path", "row")
+
+    def __init__(self, obj: dict, path: str, row: int):
+        self.obj, self.path, self.row = obj, path, row
+
+    def __call__(self) -> dict:
+        try:
+            return check_record(self.obj, self.path, self.row)
+        except ValidationError as e:
+            raise ValidationError(e.path, e.line, e.field, e.reason, unit="row") from None
+
+
+def _raw_repr(item) -> str:
+    if isinstance(item, _RawLine):
+        return item.raw.decode("utf-8", errors="replace")
+    if isinstance(item, _Row):
+        return json.dumps(item.obj, ensure_ascii=False, default=repr)
+    return ""  # pragma: no cover
+
+
+def _raw_records(path: Path):
+    """Yield (line or row number, item) for every record of one shard; item() parses it."""
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():  # blank lines are layout, not records
+                yield line_no, _RawLine(raw.rstrip(b"\r\n"), str(path), line_no)
+
+
+def _parquet_rows(path: Path, batch_size: int = 8192):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValidationError(str(path), 0, "<file>", f"not a readable Parquet file: {e}", unit="row") from None
+    columns = [c for c in pf.schema_arrow.names if c in ("query", "pos", "neg", "instruction")]
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            for obj in batch.to_pylist():
+                row += 1
+                # a null optional column is the same as an absent key
+                for key in ("neg", "instruction"):
+                    if key in obj and obj[key] is None:
+                        del obj[key]
+                yield row, _Row(obj, str(path), row)
+    except pa.ArrowException as e:
+        raise ValidationError(str(path), row + 1, "<file>", f"unreadable Parquet data: {e}", unit="row") from None
+
+
 def validate_file(
     path: str,
     task: str,
@@ -78,30 +181,34 @@ def validate_file(
     rejects_path: str | None = None,
     instruction: str | None = None,
 ) -> StageStats:
-    """Validate ``path`` into ``out_path`` (records gain a ``task`` field)."""
+    """Validate ``path`` (a file or a folder of shards) into ``out_path`` (records gain a ``task`` field).
+
+    An unreadable file (missing, unsupported suffix, not Parquet) stops the run in both modes."""
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
     stats = StageStats("validate", source=str(path), task=task)
     rejects = []
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out, open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines are layout, not records
-            stats.seen(task=task)
-            try:
-                rec = parse_record(raw.rstrip(b"\r\n"), str(path), line_no)
-            except ValidationError as e:
-                if on_error == "stop":
-                    raise
-                stats.drop(f"invalid:{e.field.split('[')[0]}", task=task)
-                rejects.append({"file": str(path), "line": line_no, "field": e.field, "reason": e.reason,
-                                "raw": raw.decode("utf-8", errors="replace").rstrip("\n")})
-                continue
-            if instruction and "instruction" not in rec:
-                rec["instruction"] = instruction
-            rec["task"] = task
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            stats.keep(task=task)
+    shards = task_files(path)
+    if len(shards) > 1 or Path(path).is_dir():
+        stats.extra["shards"] = [str(f) for f in shards]
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for shard in shards:
+            for where, item in _raw_records(shard):
+                stats.seen(task=task)
+                try:
+                    rec = item()
+                except ValidationError as e:
+                    if on_error == "stop":
+                        raise
+                    stats.drop(f"invalid:{e.field.split('[')[0]}", task=task)
+                    rejects.append({"file": str(shard), e.unit: where, "field": e.field, "reason": e.reason,
+                                    "raw": _raw_repr(item)})
+                    continue
+                if instruction and "instruction" not in rec:
+                    rec["instruction"] = instruction
+                rec["task"] = task
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                stats.keep(task=task)
     if rejects_path is not None:
         with atomic_path(rejects_path) as tmp:
             Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
@@ -118,8 +225,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("validate", help="validate and normalise one training file")
-    p.add_argument("--input", required=True)
+    p = sub.add_parser("validate", help="validate and normalise one training task (a .jsonl/.parquet file or a folder of shards)")
+    p.add_argument("--input", required=True, help="a .jsonl or .parquet file, or a folder of them")
     p.add_argument("--task", required=True, help="task name (the file's task)")
     p.add_argument("--out", required=True)
     p.add_argument("--stats", required=True)
