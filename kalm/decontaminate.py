@@ -1,23 +1,53 @@
 """Drop training records that leak evaluation data.
 
-A record is contaminated when its query or any positive equals, after normalisation
-(``kalm.text.dedup_key``), any text of a configured evaluation task: queries and corpus of
-retrieval tasks, both sentences of STS / pair tasks. The report lists, per evaluation task,
-how many training records overlapped and a few examples.
+A record is contaminated when its query or any positive
+
+- equals, after normalisation (``kalm.text.dedup_key``), any text of a configured evaluation
+  task (dropped as ``overlaps_eval``), or
+- is a near-duplicate of one (``near_overlaps_eval``, with ``near=True``): the Jaccard similarity of
+  their k-character shingle sets is >= ``threshold``. Candidates come from the same MinHash/LSH
+  machinery as near-dedup (``kalm.minhash``); each candidate is then checked with the exact
+  Jaccard similarity of the two texts, so a drop is never a MinHash estimation error.
+
+Why MinHash/LSH on character shingles rather than exact n-gram overlap (GPT-3 style 13-grams):
+word n-grams need a Chinese word segmenter, and a fixed n either misses short evaluation texts
+(queries are shorter than 13 words) or, when small, flags any shared phrase of a templated corpus.
+Jaccard on character shingles treats both languages alike and scores a copy with a word changed
+as similar in proportion to its length. What it does not catch: an evaluation text embedded in a
+much longer training text (containment, low Jaccard).
+
+Evaluation texts: queries and corpus of retrieval tasks, both sentences of STS / pair tasks, texts
+of classification tasks, read from local task folders; MTEB tasks without a folder are loaded
+with mteb when their data is available offline (the HF cache), and otherwise skipped with a
+logged note and ``"skipped"`` in the report. The report lists, per evaluation task, how many
+training records overlapped (exactly / near) and a few examples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+
+import numpy as np
 
 from kalm.io import StageStats, atomic_path, read_jsonl, write_json
 from kalm.text import dedup_key
 
+log = logging.getLogger(__name__)
+
 # Fields that hold evaluation texts in local task files (see kalm.local_tasks).
 EVAL_TEXT_FIELDS = ("text", "sentence1", "sentence2", "query", "positive", "negative")
 N_EXAMPLES = 5
+BATCH = 4096
+
+
+def _collect(rec: dict, keys: set[str]) -> None:
+    for field in EVAL_TEXT_FIELDS:
+        value = rec.get(field)
+        values = value if isinstance(value, list) else [value]
+        keys.update(dedup_key(v) for v in values if isinstance(v, str) and v.strip())
 
 
 def eval_texts(task_dir: str) -> set[str]:
@@ -28,49 +58,206 @@ def eval_texts(task_dir: str) -> set[str]:
         raise FileNotFoundError(f"evaluation task folder {task_dir} has no .jsonl files")
     for f in files:
         for rec in read_jsonl(f):
-            for field in EVAL_TEXT_FIELDS:
-                value = rec.get(field)
-                values = value if isinstance(value, list) else [value]
-                keys.update(dedup_key(v) for v in values if isinstance(v, str) and v.strip())
+            _collect(rec, keys)
     return keys
 
 
-def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_path: str, report_path: str) -> StageStats:
-    """``eval_tasks`` maps task name -> local folder; tasks without local data are skipped by the caller."""
-    index = {name: eval_texts(path) for name, path in sorted(eval_tasks.items())}
-    stats = StageStats("decontaminate", eval_tasks=sorted(index))
-    report = {name: {"texts": len(keys), "overlapping_records": 0, "examples": []} for name, keys in index.items()}
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for rec in read_jsonl(inputs):
-            task = rec.get("task")
-            stats.seen(task=task)
-            fields = {"query": rec["query"], **{f"pos[{i}]": p for i, p in enumerate(rec["pos"])}}
-            hits = [(name, field) for name, keys in index.items() for field, text in fields.items() if dedup_key(text) in keys]
-            if not hits:
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                stats.keep(task=task)
+def _walk(obj, keys: set[str], depth: int = 0) -> None:
+    """Collect the texts of a loaded mteb task's data (dicts of splits of datasets or lists)."""
+    if depth > 6 or obj is None:
+        return
+    if isinstance(obj, dict):
+        if any(f in obj for f in EVAL_TEXT_FIELDS) and not any(isinstance(v, dict) for v in obj.values()):
+            _collect(obj, keys)
+            return
+        for value in obj.values():
+            _walk(value, keys, depth + 1)
+        return
+    column_names = getattr(obj, "column_names", None)
+    if column_names is not None:  # a datasets.Dataset
+        for field in column_names:
+            if field in EVAL_TEXT_FIELDS or field in ("title", "sentences"):
+                for value in obj[field]:
+                    values = value if isinstance(value, list) else [value]
+                    keys.update(dedup_key(v) for v in values if isinstance(v, str) and v.strip())
+        return
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            _walk(value, keys, depth + 1)
+
+
+def mteb_eval_texts(name: str) -> tuple[set[str] | None, str]:
+    """Texts of a registered MTEB task from the offline cache, or (None, why it was skipped)."""
+    try:
+        import mteb
+
+        task = mteb.get_task(name)
+        task.load_data()
+        keys: set[str] = set()
+        _walk(getattr(task, "dataset", None), keys)
+        for attr in ("corpus", "queries"):
+            _walk(getattr(task, attr, None), keys)
+    except Exception as e:  # noqa: BLE001 - any failure to load offline means: skip, with a note
+        return None, f"no offline data ({type(e).__name__}: {str(e)[:200]})"
+    if not keys:
+        return None, "no texts found in the loaded task"
+    return keys, ""
+
+
+class NearIndex:
+    """MinHash/LSH index of evaluation texts; ``query`` returns verified near matches."""
+
+    def __init__(self, texts: list[str], owners: list[str], threshold: float, num_perm: int, shingle: int, seed: int = 1):
+        from kalm.minhash import band_keys, optimal_bands, signatures
+
+        self.texts, self.owners = texts, owners
+        self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
+        self.bands, self.rows = optimal_bands(threshold, num_perm)
+        self._sig = lambda t: signatures(t, num_perm, shingle, seed)
+        self._keys = lambda s: band_keys(s, self.bands, self.rows)
+        self.sigs = self._sig(texts)
+        keys = self._keys(self.sigs)
+        self.order = [np.argsort(keys[:, b], kind="stable") for b in range(self.bands)]
+        self.sorted = [keys[self.order[b], b] for b in range(self.bands)]
+        self._shingles: dict[int, set[str]] = {}
+
+    def _shingle_set(self, text: str) -> set[str]:
+        k = self.shingle
+        return {text[i:i + k] for i in range(max(len(text) - k + 1, 1))}
+
+    def _eval_shingles(self, i: int) -> set[str]:
+        if i not in self._shingles:
+            self._shingles[i] = self._shingle_set(self.texts[i])
+        return self._shingles[i]
+
+    def query(self, texts: list[str]) -> list[list[tuple[int, float]]]:
+        """For each text, [(eval text index, exact Jaccard)] of the eval texts with Jaccard >= threshold."""
+        out: list[list[tuple[int, float]]] = [[] for _ in texts]
+        if not texts or not len(self.texts):
+            return out
+        sigs = self._sig(texts)
+        keys = self._keys(sigs)
+        pairs = []
+        for b in range(self.bands):
+            lo = np.searchsorted(self.sorted[b], keys[:, b], side="left")
+            hi = np.searchsorted(self.sorted[b], keys[:, b], side="right")
+            cnt = hi - lo
+            total = int(cnt.sum())
+            if not total:
                 continue
-            stats.drop("overlaps_eval", task=task)
-            for name in sorted({h[0] for h in hits}):
-                entry = report[name]
-                entry["overlapping_records"] += 1
-                if len(entry["examples"]) < N_EXAMPLES:
-                    entry["examples"].append({"train_task": task, "fields": [f for n, f in hits if n == name],
-                                              "query": rec["query"]})
+            ti = np.repeat(np.arange(len(texts)), cnt)
+            within = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            ei = self.order[b][np.repeat(lo, cnt) + within]
+            pairs.append(ti.astype(np.int64) * len(self.texts) + ei)
+        if not pairs:
+            return out
+        flat = np.unique(np.concatenate(pairs))
+        ti, ei = flat // len(self.texts), flat % len(self.texts)
+        est = (sigs[ti] == self.sigs[ei]).mean(axis=1)
+        keep = est >= self.threshold - 0.15  # generous: the exact check below decides
+        for t, e in zip(ti[keep].tolist(), ei[keep].tolist()):
+            a, b = self._shingle_set(texts[t]), self._eval_shingles(e)
+            jac = len(a & b) / len(a | b)
+            if jac >= self.threshold:
+                out[t].append((e, jac))
+        return out
+
+
+def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_path: str, report_path: str,
+                  near: bool = False, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
+                  mteb_tasks: list[str] | None = None) -> StageStats:
+    """``eval_tasks`` maps task name -> local folder; ``mteb_tasks`` are registered MTEB task names
+    loaded from the offline cache when available (skipped with a note otherwise)."""
+    index = {name: eval_texts(path) for name, path in sorted(eval_tasks.items())}
+    report: dict[str, dict] = {}
+    for name in sorted(set(mteb_tasks or ()) - set(index)):
+        keys, why = mteb_eval_texts(name)
+        if keys is None:
+            log.warning("decontaminate: skipping MTEB task %s: %s", name, why)
+            report[name] = {"skipped": why}
+        else:
+            index[name] = keys
+    index = dict(sorted(index.items()))
+    stats = StageStats("decontaminate", eval_tasks=sorted(index), near=near,
+                       skipped_eval_tasks=sorted(n for n, r in report.items() if "skipped" in r))
+    for name, keys in index.items():
+        report[name] = {"texts": len(keys), "overlapping_records": 0, "examples": []}
+        if near:
+            report[name].update(exact_records=0, near_records=0)
+    near_index = None
+    if near:
+        texts, owners = [], []
+        for name, keys in index.items():
+            for key in sorted(keys):
+                texts.append(key)
+                owners.append(name)
+        near_index = NearIndex(texts, owners, threshold, num_perm, shingle)
+        stats.extra.update(threshold=threshold, num_perm=num_perm, shingle=shingle,
+                           bands=near_index.bands, rows=near_index.rows)
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        it = read_jsonl(inputs)
+        while batch := [rec for _, rec in zip(range(BATCH), it)]:
+            fields = [{"query": r["query"], **{f"pos[{i}]": p for i, p in enumerate(r["pos"])}} for r in batch]
+            keyed = [{f: dedup_key(t) for f, t in fs.items()} for fs in fields]
+            near_hits: list[dict[str, list[tuple[int, float]]]] = [{} for _ in batch]
+            if near_index is not None:
+                flat = [(i, f, k) for i, fs in enumerate(keyed) for f, k in fs.items()]
+                for (i, f, _), matches in zip(flat, near_index.query([k for _, _, k in flat])):
+                    if matches:
+                        near_hits[i][f] = matches
+            for rec, fs, nh in zip(batch, keyed, near_hits):
+                _decide(rec, fs, nh, index, near_index, stats, report, out)
     write_json(report_path, report)
     stats.write(stats_path)
     return stats
 
 
+def _decide(rec, keyed, near_hits, index, near_index, stats, report, out) -> None:
+    task = rec.get("task")
+    stats.seen(task=task)
+    hits = [(name, field) for name, keys in index.items() for field, key in keyed.items() if key in keys]
+    near_by_task: dict[str, list[dict]] = {}
+    for field, matches in near_hits.items():
+        for e, jac in matches:
+            name = near_index.owners[e]
+            if (name, field) in hits:
+                continue  # an exact hit of the same field and task is reported as exact
+            near_by_task.setdefault(name, []).append({"field": field, "jaccard": round(jac, 3),
+                                                      "eval_text": near_index.texts[e]})
+    if not hits and not near_by_task:
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        stats.keep(task=task)
+        return
+    stats.drop("overlaps_eval" if hits else "near_overlaps_eval", task=task)
+    for name in sorted({h[0] for h in hits} | set(near_by_task)):
+        entry = report[name]
+        entry["overlapping_records"] += 1
+        exact_fields = [f for n, f in hits if n == name]
+        if "exact_records" in entry:
+            entry["exact_records" if exact_fields else "near_records"] += 1
+        if len(entry["examples"]) < N_EXAMPLES:
+            example = {"train_task": task, "fields": exact_fields, "query": rec["query"]}
+            if name in near_by_task:
+                example["near"] = near_by_task[name][:3]
+            entry["examples"].append(example)
+
+
 def _run(args: argparse.Namespace) -> None:
     tasks = dict(spec.split("=", 1) for spec in args.eval_task)
-    decontaminate(args.input, tasks, args.out, args.stats, args.report)
+    decontaminate(args.input, tasks, args.out, args.stats, args.report, near=args.near, threshold=args.threshold,
+                  num_perm=args.num_perm, shingle=args.shingle, mteb_tasks=args.mteb_task)
 
 
 def register(sub) -> None:
     p = sub.add_parser("decontaminate", help="drop training records that overlap evaluation texts")
     p.add_argument("--input", required=True)
     p.add_argument("--eval-task", action="append", default=[], metavar="NAME=DIR", help="a local evaluation task")
+    p.add_argument("--mteb-task", action="append", default=[], metavar="NAME",
+                   help="a registered MTEB task, used when its data is in the offline cache")
+    p.add_argument("--near", action="store_true", help="also drop near-copies (MinHash/LSH, exact Jaccard check)")
+    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of a near-copy")
+    p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--shingle", type=int, default=5)
     p.add_argument("--out", required=True)
     p.add_argument("--stats", required=True)
     p.add_argument("--report", required=True)

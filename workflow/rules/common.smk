@@ -19,6 +19,19 @@ def data_task(stage, task):
     return config["data"][stage][task]
 
 
+DEDUP_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1}
+DECONTAMINATE_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "mteb": True}
+
+
+def dedup_settings():
+    """config data.dedup with defaults (exact dedup only when absent)."""
+    return {**DEDUP_DEFAULTS, **config["data"].get("dedup", {})}
+
+
+def decontaminate_settings():
+    return {**DECONTAMINATE_DEFAULTS, **config["data"].get("decontaminate", {})}
+
+
 def mine_tasks_json():
     """{task: symmetric} for the fine-tuning tasks whose negatives are mined."""
     tasks = config["data"]["finetune"]
@@ -59,6 +72,15 @@ def eval_task_spec(lang, task):
 def local_eval_tasks():
     """{name: folder} of evaluation tasks with local data: the decontamination targets."""
     return {t: s["path"] for t, s in sorted(config["eval"].get("tasks", {}).items()) if s.get("path")}
+
+
+def mteb_eval_tasks():
+    """Evaluation tasks without local data (registered MTEB tasks): decontamination targets when
+    their data is cached offline (kalm.decontaminate skips the others with a note)."""
+    if not decontaminate_settings()["mteb"]:
+        return []
+    local = local_eval_tasks()
+    return sorted({t for tasks in EVAL_TASKS.values() for t in tasks if t not in local})
 
 
 def eval_model(which):

@@ -1,0 +1,228 @@
+"""Near-duplicate removal (MinHash/LSH) and near-copy decontamination."""
+
+import json
+import random
+import sys
+import types
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalm.cli import main as kalm_main
+from kalm.decontaminate import decontaminate
+from kalm.dedup import dedup_exact
+from kalm.io import read_json, read_jsonl
+from kalm.minhash import exact_jaccard, optimal_bands, signatures
+from kalm.near_dedup import minhash_shard, near_dedup, near_duplicates, record_text
+from kalm.text import record_hash
+
+EN = "abcdefghijklmnopqrstuvwxyz"
+ZH = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些与高意进把法此实回二理美点月明"
+
+
+def random_text(rng, n_words=30):
+    if rng.random() < 0.5:
+        return " ".join("".join(rng.choice(EN) for _ in range(rng.randint(3, 9))) for _ in range(n_words))
+    return "".join(rng.choice(ZH) for _ in range(n_words * 3))
+
+
+def one_word_changed(rng, text):
+    if " " in text:
+        words = text.split(" ")
+        words[rng.randrange(len(words))] = "changed"
+        return " ".join(words)
+    i = rng.randrange(len(text))
+    return text[:i] + "变" + text[i + 1:]
+
+
+def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name="in"):
+    """validate-free data stage: exact dedup -> minhash per shard -> near-dedup gather."""
+    src = d / f"{name}.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    shard_paths = [str(d / f"{name}.shard{i}.jsonl") for i in range(shards)]
+    dedup_exact([str(src)], None, str(d / f"{name}.exact.json"), shard_paths)
+    sigs = [p + ".npy" for p in shard_paths]
+    for p, s in zip(shard_paths, sigs):
+        minhash_shard(p, s, num_perm, shingle, batch=7)  # tiny batches: batch boundaries must not matter
+    stats = near_dedup(shard_paths, sigs, str(d / f"{name}.out.jsonl"), str(d / f"{name}.stats.json"), threshold,
+                       exact_stats=str(d / f"{name}.exact.json"))
+    return list(read_jsonl(d / f"{name}.out.jsonl")), stats
+
+
+def test_signatures_estimate_jaccard_and_do_not_depend_on_the_batch():
+    rng = random.Random(0)
+    base = [random_text(rng) for _ in range(200)]
+    edited = [one_word_changed(rng, t) for t in base]
+    a, b = signatures(base), signatures(edited)
+    est = (a == b).mean(axis=1)
+    exact = np.array([exact_jaccard(x, y, 5) for x, y in zip(base, edited)])
+    assert abs(float((est - exact).mean())) < 0.02 and float(np.abs(est - exact).mean()) < 0.05
+    assert np.array_equal(signatures(base[:3]), a[:3]) and np.array_equal(signatures(base[5:6]), a[5:6])
+    assert (signatures(["ab", "ab", "abcdefgh"])[0] == signatures(["ab"])[0]).all()  # shorter than k
+    far = signatures([random_text(rng) for _ in range(50)])
+    assert (far[:, None, :] == far[None, :, :]).mean(axis=2)[~np.eye(50, dtype=bool)].max() < 0.3
+
+
+def test_bands_follow_the_threshold():
+    b9, r9 = optimal_bands(0.9, 128)
+    b5, r5 = optimal_bands(0.5, 128)
+    assert b9 * r9 <= 128 and b5 * r5 <= 128 and r9 > r5
+
+
+def test_planted_near_duplicates_are_dropped_first_seen_kept_and_counts_add_up(tmp_path):
+    rng = random.Random(1)
+    originals = [{"query": random_text(rng, 8), "pos": [random_text(rng, 40)], "task": "a"} for _ in range(300)]
+    copies = [{"query": r["query"], "pos": [one_word_changed(rng, r["pos"][0])], "task": "b"} for r in originals[:40]]
+    exact = [{"query": r["query"].upper(), "pos": [r["pos"][0] + "  "], "task": "b"} for r in originals[40:60]]
+    recs = originals + copies + exact
+    out, stats = run_pipeline(tmp_path, recs, shards=3)
+    assert [r["query"] for r in out] == [r["query"] for r in originals]  # the first seen, in input order
+    assert stats.dropped == {"exact_duplicate": 20, "near_duplicate": 40}
+    assert stats.per_task["b"]["dropped"] == {"exact_duplicate": 20, "near_duplicate": 40}
+    assert stats.per_task["a"] == {"in": 300, "kept": 300, "dropped": {}}
+    s = read_json(tmp_path / "in.stats.json")
+    assert s["in"] == len(recs) == s["kept"] + sum(s["dropped"].values())
+    assert s["method"] == "exact+near" and s["near_duplicate_examples"]
+
+
+words = st.text(alphabet=st.sampled_from(list("abcdefghij中文字")), min_size=1, max_size=4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), n_dups=st.integers(0, 10), n_near=st.integers(0, 10),
+       shards=st.integers(1, 4))
+def test_near_dedup_invariants(tmp_path_factory, seed, n, n_dups, n_near, shards):
+    d = tmp_path_factory.mktemp("nd")
+    rng = random.Random(seed)
+    recs = [{"query": random_text(rng, 5), "pos": [random_text(rng, 25)], "task": "t"} for _ in range(n)]
+    recs += [dict(rng.choice(recs[:n])) for _ in range(n_dups)]
+    recs += [{**r, "pos": [one_word_changed(rng, r["pos"][0])]} for r in rng.sample(recs[:n], min(n_near, n))]
+    rng.shuffle(recs)
+    out, stats = run_pipeline(d, recs, shards=shards)
+    # counts add up, and exactly one record of each exact-duplicate group survives
+    assert stats.n_in == len(recs) == stats.kept + sum(stats.dropped.values()) == len(out) + sum(stats.dropped.values())
+    hashes = [record_hash(r["query"], r["pos"]) for r in out]
+    assert len(hashes) == len(set(hashes))
+    groups = Counter(record_hash(r["query"], r["pos"]) for r in recs)
+    assert stats.dropped.get("exact_duplicate", 0) == sum(c - 1 for c in groups.values())
+    # a record with no exact or near duplicate (text far from every other) is never dropped
+    texts = [record_text(r) for r in recs]
+    kept = set(hashes)
+    for i, r in enumerate(recs):
+        others = [exact_jaccard(texts[i], t, 5) for j, t in enumerate(texts) if j != i]
+        if not others or max(others) < 0.5:
+            assert record_hash(r["query"], r["pos"]) in kept
+    # idempotent: the output has nothing left to drop and comes back unchanged
+    again, stats2 = run_pipeline(d, out, shards=shards, name="again")
+    assert again == out and stats2.dropped == {}
+
+
+def test_texts_far_apart_are_never_dropped():
+    rng = random.Random(2)
+    sigs = signatures([random_text(rng) for _ in range(3000)])
+    keep, match = near_duplicates(sigs, 0.5)
+    assert keep.all() and (match == -1).all()
+
+
+def test_cli_steps_scatter_and_gather(tmp_path):
+    src = tmp_path / "v.jsonl"
+    rng = random.Random(3)
+    recs = [{"query": random_text(rng, 5), "pos": [random_text(rng, 30)], "task": "t"} for _ in range(20)]
+    recs.append({**recs[3], "pos": [one_word_changed(rng, recs[3]["pos"][0])]})
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    shards = [str(tmp_path / f"s{i}.jsonl") for i in range(2)]
+    assert kalm_main(["dedup", str(src), "--shard-out", *shards, "--stats", str(tmp_path / "e.json")]) == 0
+    for s in shards:
+        assert kalm_main(["dedup", "--step", "minhash", s, "--out", s + ".npy", "--num-perm", "64"]) == 0
+    assert np.load(shards[0] + ".npy").shape == (11, 64)
+    assert kalm_main(["dedup", "--step", "near", *shards, "--signatures", *[s + ".npy" for s in shards],
+                      "--exact-stats", str(tmp_path / "e.json"), "--out", str(tmp_path / "o.jsonl"),
+                      "--stats", str(tmp_path / "o.json"), "--threshold", "0.8", "--num-perm", "64"]) == 0
+    s = read_json(tmp_path / "o.json")
+    assert s["in"] == 21 and s["kept"] == 20 and s["dropped"] == {"near_duplicate": 1}
+
+
+def test_gather_rejects_signatures_that_do_not_match_the_shards(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"query": "q", "pos": ["p"]}\n{"query": "r", "pos": ["p"]}\n', encoding="utf-8")
+    b.write_text("", encoding="utf-8")
+    minhash_shard(str(a), str(a) + ".npy")
+    minhash_shard(str(b), str(b) + ".npy")
+    with pytest.raises(ValueError, match="round-robin"):
+        near_dedup([str(a), str(b)], [str(a) + ".npy", str(b) + ".npy"], str(tmp_path / "o"), str(tmp_path / "s"))
+
+
+# ---- decontamination against near-copies of evaluation texts --------------------------------
+
+
+@pytest.fixture
+def eval_tasks(tmp_path):
+    ret = tmp_path / "EvalRetrieval"
+    ret.mkdir()
+    (ret / "queries.jsonl").write_text('{"id": "q1", "text": "Where is the old bridge?"}\n', encoding="utf-8")
+    (ret / "corpus.jsonl").write_text(json.dumps({"id": "d1", "text": (
+        "The old stone bridge of Belmora was built in 1620 by the guild of masons and still carries "
+        "the market road across the river every morning.")}) + "\n", encoding="utf-8")
+    sts = tmp_path / "EvalSTSZh"
+    sts.mkdir()
+    (sts / "test.jsonl").write_text(json.dumps({"sentence1": "这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天清晨穿过河流的集市道路，是全城最受欢迎的地标。",
+                                                "sentence2": "猫在睡觉。", "score": 1}, ensure_ascii=False) + "\n",
+                                    encoding="utf-8")
+    return {"EvalRetrieval": str(ret), "EvalSTSZh": str(sts)}
+
+
+def _train(path, recs):
+    path.write_text("".join(json.dumps({"query": q, "pos": p, "task": "train"}, ensure_ascii=False) + "\n" for q, p in recs),
+                    encoding="utf-8")
+    return str(path)
+
+
+def test_decontamination_drops_a_near_copy_of_an_eval_text(tmp_path, eval_tasks):
+    src = _train(tmp_path / "train.jsonl", [
+        ("where is the old bridge?", ["unrelated passage"]),                    # exact copy of an eval query
+        ("a clean query", ["The old stone bridge of Belmora was built in 1620 by the guild of masons and still "
+                           "carries the market road across the river every evening."]),   # one word changed
+        ("这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天早晨穿过河流的集市道路，是全城最受欢迎的地标。", ["x"]),  # zh, one character changed
+        ("Where is the new bridge?", ["A different passage about a ferry crossing near the harbour."]),  # short: kept
+        ("clean", ["clean passage about something else entirely"]),
+    ])
+    stats = decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
+                          near=True, threshold=0.8)
+    assert [r["query"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["Where is the new bridge?", "clean"]
+    assert stats.dropped == {"overlaps_eval": 1, "near_overlaps_eval": 2}
+    report = read_json(tmp_path / "r.json")
+    ret = report["EvalRetrieval"]
+    assert (ret["overlapping_records"], ret["exact_records"], ret["near_records"]) == (2, 1, 1)
+    near = ret["examples"][1]["near"][0]
+    assert near["field"] == "pos[0]" and 0.8 <= near["jaccard"] < 1
+    assert report["EvalSTSZh"]["near_records"] == 1 and report["EvalSTSZh"]["examples"][0]["near"][0]["field"] == "query"
+    # without near matching, only the exact copy goes (the existing behaviour)
+    stats = decontaminate(src, eval_tasks, str(tmp_path / "o2.jsonl"), str(tmp_path / "s2.json"), str(tmp_path / "r2.json"))
+    assert stats.dropped == {"overlaps_eval": 1}
+    assert set(read_json(tmp_path / "r2.json")["EvalRetrieval"]) == {"texts", "overlapping_records", "examples"}
+
+
+def test_mteb_tasks_without_offline_data_are_skipped_with_a_note(tmp_path, eval_tasks, monkeypatch, caplog):
+    class Task:
+        dataset = {"default": {"test": [{"sentence1": "An offline cached sentence about the harbour at dawn.",
+                                          "sentence2": "Another one.", "score": 2}]}}
+
+        def load_data(self):
+            pass
+
+    def get_task(name):
+        if name == "CachedTask":
+            return Task()
+        raise ConnectionError("Couldn't reach the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setitem(sys.modules, "mteb", types.SimpleNamespace(get_task=get_task))
+    src = _train(tmp_path / "train.jsonl", [("an offline cached sentence about the harbour at dawn.", ["p"]), ("ok", ["fine"])])
+    stats = decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
+                          mteb_tasks=["CachedTask", "UncachedTask"])
+    report = read_json(tmp_path / "r.json")
+    assert "OfflineModeIsEnabled" in report["UncachedTask"]["skipped"] and "UncachedTask" in caplog.text
+    assert report["CachedTask"]["overlapping_records"] == 1 and stats.kept == 1
+    assert read_json(tmp_path / "s.json")["skipped_eval_tasks"] == ["UncachedTask"]
