@@ -226,3 +226,21 @@ def test_mteb_tasks_without_offline_data_are_skipped_with_a_note(tmp_path, eval_
     assert "OfflineModeIsEnabled" in report["UncachedTask"]["skipped"] and "UncachedTask" in caplog.text
     assert report["CachedTask"]["overlapping_records"] == 1 and stats.kept == 1
     assert read_json(tmp_path / "s.json")["skipped_eval_tasks"] == ["UncachedTask"]
+
+
+@pytest.mark.parametrize("section, bad", [("dedup", {"near_dup": True, "treshold": 0.8}), ("dedup", {"shards": 0}),
+                                          ("decontaminate", {"near_dup": "yes"})])
+def test_config_schema_rejects_bad_dedup_keys(section, bad):
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text(encoding="utf-8"))
+    cfg = yaml.safe_load((root / "config/config.yaml").read_text(encoding="utf-8"))
+    jsonschema.validate(cfg, schema)
+    cfg["data"][section] = bad
+    with pytest.raises(jsonschema.ValidationError) as err:
+        jsonschema.validate(cfg, schema)
+    assert next(iter(bad)) in str(err.value) or "0" in str(err.value)

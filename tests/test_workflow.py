@@ -34,7 +34,8 @@ def test_dry_run_has_every_stage_of_the_pipeline():
     zh_tasks = len(cfg["eval"]["languages"]["zh"])
     assert counts == {
         "validate": n_files, "dedup": 2, "decontaminate": 2,
-        "minhash": 2 * cfg["data"]["dedup"]["shards"], "near_dedup": 2,  # near-dup scatter/gather per stage "embed": cfg["embed"]["shards"], "mine": 1,
+        "minhash": 2 * cfg["data"]["dedup"]["shards"], "near_dedup": 2,  # near-dup scatter/gather per stage
+        "embed": cfg["embed"]["shards"], "mine": 1,
         "pretrain": 1, "finetune": cfg["finetune"]["runs"], "soup": 1,
         "evaluate": 2 * zh_tasks,  # one job per task, for the final and the base model
         "aggregate": 1, "aggregate_baseline": 1,
