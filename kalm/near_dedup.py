@@ -40,8 +40,9 @@ N_EXAMPLES = 5
 
 
 def record_text(rec: dict) -> str:
-    """The text whose shingles represent a training record: query and sorted positives, normalised."""
-    return "\n".join([dedup_key(rec["query"]), *sorted(dedup_key(p) for p in rec["pos"])])
+    """The text whose shingles represent a training record: query and sorted positives, joined by a
+    newline and normalised as one string (``dedup_key``: NFKC, whitespace folded, case-folded)."""
+    return dedup_key("\n".join([rec["query"], *sorted(rec["pos"])]))
 
 
 def _count_lines(path: str) -> int:
