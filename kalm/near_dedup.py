@@ -65,6 +65,8 @@ def minhash_shard(input_path: str, out_path: str, num_perm: int = 128, shingle: 
         for recs in _batches(read_jsonl(input_path), batch):
             sigs[i:i + len(recs)] = signatures([record_text(r) for r in recs], num_perm, shingle, seed)
             i += len(recs)
+            if i // (25 * batch) != (i - len(recs)) // (25 * batch):
+                log.info("minhash %s: %d / %d records", input_path, i, n)
         if i != n:
             raise RuntimeError(f"{input_path}: counted {n} records but read {i}")
         sigs.flush()
@@ -105,7 +107,7 @@ def near_duplicates(sigs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.
         return keep, match
     bands, rows = optimal_bands(threshold, num_perm)
     keys = band_keys(sigs, bands, rows)
-    group = np.empty((n, bands), dtype=np.int64)
+    group = np.empty((n, bands), dtype=np.int32 if n < 2**31 else np.int64)
     shared = np.zeros((n, bands), dtype=bool)
     for b in range(bands):
         _, inv, counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
@@ -179,6 +181,9 @@ def register_steps(p) -> None:
 
 
 def run_step(args) -> None:
+    if not args.out or (args.step == "near" and not (args.stats and args.signatures)):
+        raise SystemExit(f"kalm dedup --step {args.step}: --out is required"
+                         + (", and --stats and --signatures" if args.step == "near" else ""))
     if args.step == "minhash":
         if len(args.inputs) != 1:
             raise SystemExit("kalm dedup --step minhash: exactly one input shard")
