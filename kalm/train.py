@@ -23,7 +23,7 @@ import torch
 
 from kalm.instructions import format_passage, format_query
 from kalm.io import atomic_path, read_jsonl
-from kalm.losses import info_nce, matryoshka
+from kalm.losses import info_nce, matryoshka, mix_hard_negatives
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class TrainConfig:
     seed: int = 0
     max_seq_length: int | None = None
     threads: int | None = None
+    focal_gamma: float = 0.0
+    mix_negatives: int = 0  # synthetic negatives per query; -1 = as many as its mined negatives
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()
 
@@ -66,7 +68,11 @@ def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.R
 
 
 def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random) -> tuple[list[str], list[str]]:
-    """Query texts, then passages: one positive per query followed by every hard negative."""
+    """Query texts, then passages: one positive per query followed by every hard negative.
+
+    A record with fewer than ``n_neg`` negatives contributes the ones it has (the batch then
+    has a ragged negative count and skips hard-negative mixing).
+    """
     queries, positives, negatives = [], [], []
     for rec in batch:
         instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
@@ -84,9 +90,21 @@ def embed(model, texts: list[str]) -> torch.Tensor:
     return model(features)["sentence_embedding"]
 
 
-def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    def nce(a, b):
-        return info_nce(a, b, cfg.temperature)
+def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_per_query: int = 0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """InfoNCE (+ focal weights, + mixed negatives, + Matryoshka prefixes) as configured.
+
+    ``p`` is laid out as the B positives, then ``negs_per_query`` negatives per query in query
+    order (0 when the batch's queries do not all have the same number: no mixing then).
+    """
+    b = q.shape[0]
+    k = negs_per_query if cfg.mix_negatives < 0 else cfg.mix_negatives
+
+    def nce(a, c):
+        extra = None
+        if k and negs_per_query >= 2:
+            extra = mix_hard_negatives(c[b:].reshape(b, negs_per_query, -1), k, generator)
+        return info_nce(a, c, cfg.temperature, focal_gamma=cfg.focal_gamma, extra_negatives=extra)
 
     if cfg.matryoshka_dims:
         return matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights)
@@ -108,6 +126,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    mix_gen = torch.Generator().manual_seed(cfg.seed)
     model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length)
     model.train()
     records = list(read_jsonl(data_path))
@@ -132,7 +151,10 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 queries, passages = batch_texts(batch, n_neg, symmetric, rng)
-                loss = contrastive_loss(embed(model, queries), embed(model, passages), cfg)
+                per_query = (len(passages) - len(queries)) // len(queries)
+                uniform = per_query * len(queries) == len(passages) - len(queries)
+                loss = contrastive_loss(embed(model, queries), embed(model, passages), cfg,
+                                        per_query if uniform else 0, mix_gen)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -154,7 +176,8 @@ def _run(args: argparse.Namespace) -> None:
     cfg = TrainConfig(stage=args.stage, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
                       temperature=args.temperature, epochs=args.epochs, max_steps=args.max_steps,
                       warmup_ratio=args.warmup_ratio, seed=args.seed, max_seq_length=args.max_seq_length,
-                      threads=args.threads, matryoshka_dims=tuple(args.matryoshka_dims or ()),
+                      threads=args.threads, focal_gamma=args.focal_gamma, mix_negatives=args.mix_negatives,
+                      matryoshka_dims=tuple(args.matryoshka_dims or ()),
                       matryoshka_weights=tuple(args.matryoshka_weights or ()))
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics)
 
@@ -177,6 +200,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
+    p.add_argument("--mix-negatives", type=int, default=0,
+                   help="synthetic mixed negatives per query (-1: as many as its hard negatives)")
     p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
     p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
     p.set_defaults(func=_run)

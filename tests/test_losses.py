@@ -40,3 +40,45 @@ def test_matryoshka_sums_weighted_prefix_losses():
     assert torch.allclose(got, want)
     with pytest.raises(ValueError):
         matryoshka(nce, q, p, [64], [1.0])
+
+
+def test_focal_reweighting_follows_its_formula():
+    g = torch.Generator().manual_seed(3)
+    q, p = F.normalize(torch.randn(6, 16, generator=g), dim=-1), F.normalize(torch.randn(10, 16, generator=g), dim=-1)
+    log_p = F.log_softmax(q @ p.T / 0.05, dim=-1).diagonal()
+    want = ((1 - log_p.exp()) ** 0.5 * -log_p).mean()
+    assert torch.allclose(info_nce(q, p, 0.05, focal_gamma=0.5), want, atol=1e-6)
+    assert info_nce(q, p, 0.05, focal_gamma=0.5) < info_nce(q, p, 0.05)  # weights are < 1
+    assert torch.allclose(info_nce(q, p, 0.05, focal_gamma=0.0), info_nce(q, p, 0.05))
+
+
+def test_extra_negatives_enter_only_their_own_querys_denominator():
+    g = torch.Generator().manual_seed(4)
+    q, p = F.normalize(torch.randn(3, 8, generator=g), dim=-1), F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    extra = torch.zeros(3, 1, 8)
+    extra[1, 0] = q[1]  # a perfect "negative" for query 1 only
+    logits = q @ p.T / 0.05
+    per_query = F.cross_entropy(logits, torch.arange(3), reduction="none")
+    with_extra = F.cross_entropy(torch.cat([logits, (q * extra[:, 0]).sum(-1, keepdim=True) / 0.05], 1),
+                                 torch.arange(3), reduction="none")
+    assert torch.allclose(info_nce(q, p, 0.05, extra_negatives=extra), with_extra.mean())
+    assert torch.allclose(with_extra[[0, 2]], per_query[[0, 2]], atol=1e-3)  # zero vectors barely count
+    assert with_extra[1] > per_query[1] + 1
+
+
+def test_mixed_negatives_are_unit_convex_combinations_of_two_own_negatives():
+    from kalm.losses import mix_hard_negatives
+
+    g = torch.Generator().manual_seed(5)
+    negs = F.normalize(torch.randn(4, 3, 8, generator=g), dim=-1).requires_grad_()
+    mixed = mix_hard_negatives(negs, 5, generator=torch.Generator().manual_seed(0))
+    assert mixed.shape == (4, 5, 8) and not mixed.requires_grad
+    assert torch.allclose(mixed.norm(dim=-1), torch.ones(4, 5), atol=1e-5)
+    for i in range(4):
+        basis = negs[i].detach()  # each synthetic point lies in the span of query i's own negatives
+        coef = torch.linalg.lstsq(basis.T, mixed[i].T).solution
+        assert torch.allclose(basis.T @ coef, mixed[i].T, atol=1e-4)
+        assert ((coef > -1e-4).sum(0) == 3).all() and ((coef.abs() > 1e-4).sum(0) == 2).all()
+    again = mix_hard_negatives(negs, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)
+    assert mix_hard_negatives(negs[:, :1], 5).shape == (4, 0, 8)

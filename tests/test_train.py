@@ -54,3 +54,25 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_qwen
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     model = SentenceTransformer(str(tmp_path / "m"))
     assert model.encode(["where is the river"]).shape[1] == model.get_embedding_dimension()
+
+
+def test_contrastive_loss_combines_focal_mixing_and_matryoshka():
+    import torch
+    import torch.nn.functional as F
+
+    from kalm.losses import info_nce
+    from kalm.train import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    p = F.normalize(torch.randn(4 + 4 * 3, 16, generator=g), dim=-1)
+    plain = TrainConfig(temperature=0.05)
+    assert torch.allclose(contrastive_loss(q, p, plain, 3), info_nce(q, p, 0.05))
+    mixed = TrainConfig(temperature=0.05, mix_negatives=-1)
+    assert contrastive_loss(q, p, mixed, 3, torch.Generator().manual_seed(1)) > info_nce(q, p, 0.05)
+    assert torch.allclose(contrastive_loss(q, p, mixed, 0), info_nce(q, p, 0.05))  # ragged batch: no mixing
+    focal = TrainConfig(temperature=0.05, focal_gamma=0.5)
+    assert torch.allclose(contrastive_loss(q, p, focal, 3), info_nce(q, p, 0.05, focal_gamma=0.5))
+    mrl = TrainConfig(temperature=0.05, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.5))
+    want = info_nce(q, p, 0.05) + 0.5 * info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 0.05)
+    assert torch.allclose(contrastive_loss(q, p, mrl, 3), want)

@@ -64,13 +64,20 @@ def test_full_recipe_dry_runs(tmp_path):
         for spec in full["data"][stage].values():
             (tmp_path / spec["path"]).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / spec["path"]).touch()
-    res = snakemake("results/mteb_zh.json", "results/mteb_en.json", "-n", "--configfile",
+    res = snakemake("results/mteb_zh.json", "results/mteb_en.json", "-n", "-p", "--configfile",
                     str(ROOT / "config/kalm_full.yaml"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
     assert counts["evaluate"] == 2 * (31 + 41)  # MTEB(cmn, v1) + MTEB(eng, v2), final and base model
     assert counts["embed"] == 8 and counts["finetune"] == 2
-    assert "--matryoshka-dims 896 512 256 128 64" in res.stdout or counts["finetune"] == 2
+    # the KaLM hyper-parameters reach the training command lines
+    finetune_cmds = [line for line in res.stdout.splitlines() if "train --stage finetune" in line]
+    assert len(finetune_cmds) == 2
+    for flag in ("--matryoshka-dims 896 512 256 128 64", "--matryoshka-weights 1.0 0.3 0.2 0.1 0.1",
+                 "--group-size 8", "--temperature 0.01", "--lr 1e-05", "--focal-gamma 0.5", "--mix-negatives -1"):
+        assert all(flag in cmd for cmd in finetune_cmds), flag
+    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --input" in line)
+    assert "--range 50 100" in mine_cmd and "--negative-number 7" in mine_cmd and "--filter-topk 50" in mine_cmd
 
 
 def test_local_profile_gives_a_bare_run_its_cores_and_slurm_profile_replaces_it():

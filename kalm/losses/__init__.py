@@ -2,5 +2,6 @@
 
 from kalm.losses.infonce import info_nce
 from kalm.losses.matryoshka import matryoshka
+from kalm.losses.mixing import mix_hard_negatives
 
-__all__ = ["info_nce", "matryoshka"]
+__all__ = ["info_nce", "matryoshka", "mix_hard_negatives"]

@@ -1,13 +1,20 @@
-"""InfoNCE with in-batch and hard negatives.
+"""InfoNCE with in-batch and hard negatives, optional focal reweighting and per-query extras.
 
 For queries q_1..q_B, their positives p_1..p_B and all hard negatives n_1..n_M of the
 batch, with s the cosine similarity and τ the temperature:
 
-    L = -1/B Σ_i log( exp(s(q_i, p_i)/τ) / ( Σ_j exp(s(q_i, p_j)/τ) + Σ_m exp(s(q_i, n_m)/τ) ) )
+    p_i = exp(s(q_i, p_i)/τ) / ( Σ_j exp(s(q_i, p_j)/τ) + Σ_m exp(s(q_i, n_m)/τ) + Σ_k exp(s(q_i, x_ik)/τ) )
+    L   = 1/B Σ_i (1 - p_i)^γ · (-log p_i)
 
 so every query competes against its own positive, the other queries' positives (in-batch
-negatives) and every hard negative in the batch. This equals sentence-transformers'
-``MultipleNegativesRankingLoss`` with hard negatives and ``scale = 1/τ``.
+negatives), every hard negative in the batch and, optionally, extra negatives x_ik that only
+its own denominator holds (the synthetic negatives of ``kalm.losses.mixing``).
+
+- γ = 0 and no extras: plain InfoNCE, equal to sentence-transformers'
+  ``MultipleNegativesRankingLoss`` with hard negatives and ``scale = 1/τ``.
+- γ > 0: focal-style reweighting (KaLM-Embedding-V2, arXiv 2506.20923, after Lin et al. 2017,
+  "Focal Loss", arXiv 1708.02002): examples the model already gets right (p_i → 1) weigh less.
+
 References: van den Oord et al. 2018 (arXiv 1807.03748); Karpukhin et al. 2020 (DPR);
 KaLM-Embedding (arXiv 2501.01028) uses τ = 0.01.
 """
@@ -18,14 +25,20 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
+             focal_gamma: float = 0.0, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
     """``passages`` holds the B positives first (row i belongs to query i), then the negatives.
 
-    Embeddings are expected L2-normalised (the model ends in a Normalize module), so the dot
-    product is the cosine similarity.
+    ``extra_negatives`` has shape (B, K, d): K negatives for each query's denominator only.
+    Embeddings are expected L2-normalised, so the dot product is the cosine similarity.
     """
     if passages.shape[0] < queries.shape[0]:
         raise ValueError("passages must start with one positive per query")
     logits = queries @ passages.T / temperature
+    if extra_negatives is not None and extra_negatives.shape[1] > 0:
+        logits = torch.cat([logits, torch.einsum("bd,bkd->bk", queries, extra_negatives) / temperature], dim=1)
     labels = torch.arange(queries.shape[0], device=queries.device)
-    return F.cross_entropy(logits, labels)
+    if focal_gamma == 0.0:
+        return F.cross_entropy(logits, labels)
+    log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return ((1 - log_p.exp()) ** focal_gamma * -log_p).mean()

@@ -13,6 +13,7 @@ def train_args(stage):
         args += " --matryoshka-weights " + " ".join(map(str, c["matryoshka"]["weights"]))
     if stage == "finetune":
         args += f" --group-size {c['group_size']}"
+        args += f" --focal-gamma {c.get('focal_gamma', 0.0)} --mix-negatives {c.get('mix_negatives', 0)}"
     return args
 
 
