@@ -14,15 +14,17 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from kalm.instructions import format_passage, format_query
-from kalm.io import atomic_path, read_jsonl
+from kalm.io import atomic_path, read_jsonl, write_jsonl
 from kalm.losses import info_nce, matryoshka, mix_hard_negatives
 
 log = logging.getLogger(__name__)
@@ -84,10 +86,11 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
     return queries, positives + negatives
 
 
-def embed(model, texts: list[str]) -> torch.Tensor:
+def embed(model, texts: list[str]) -> tuple[torch.Tensor, int]:
+    """Embeddings of ``texts`` (with gradients) and the number of non-padding tokens encoded."""
     features = model.preprocess(texts)
     features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-    return model(features)["sentence_embedding"]
+    return model(features)["sentence_embedding"], int(features["attention_mask"].sum())
 
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_per_query: int = 0,
@@ -118,15 +121,65 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     return base_lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def batch_at(records: list[dict], cfg: TrainConfig, step: int, steps_per_epoch: int) -> list[dict]:
+    """The batch of global step ``step``: a pure function of (seed, step), so resume is exact."""
+    epoch, position = divmod(step, steps_per_epoch)
+    return task_homogeneous_batches(records, cfg.batch_size, random.Random(f"{cfg.seed}:epoch:{epoch}"))[position]
+
+
+class Checkpoint:
+    """Resumable training state, kept OUTSIDE the rule's declared output.
+
+    Snakemake deletes a rule's outputs (``directory()`` included) before re-running it, so the
+    checkpoint lives in its own folder. It holds the weights, optimizer state, step and the
+    metrics so far; everything random is derived from (seed, step). A checkpoint whose
+    fingerprint (start model, data, hyper-parameters) differs is ignored, never mixed in.
+    """
+
+    def __init__(self, folder: str | None, fingerprint: dict):
+        self.path = Path(folder) / "checkpoint.pt" if folder else None
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict | None:
+        if not self.path or not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it was made for another run configuration", self.path)
+            return None
+        return state
+
+    def save(self, model, optimizer, step: int, metrics: list[dict]) -> None:
+        if not self.path:
+            return
+        with atomic_path(self.path) as tmp:
+            torch.save({"fingerprint": self.fingerprint, "step": step, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "metrics": metrics}, tmp)
+
+    def remove(self) -> None:
+        if self.path:
+            self.path.unlink(missing_ok=True)
+
+
+def _fingerprint(model_spec: str, data_path: str, cfg: TrainConfig) -> dict:
+    data = Path(data_path).stat()
+    return {"model": model_spec, "data": str(data_path), "data_size": data.st_size,
+            "data_mtime_ns": data.st_mtime_ns, "config": {k: v for k, v in asdict(cfg).items() if k != "threads"}}
+
+
 def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
-          metrics_path: str | None = None) -> dict:
+          metrics_path: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+          stop_after_steps: int | None = None) -> dict:
+    """Train and save a sentence-transformers model to ``out_dir``.
+
+    With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
+    kill resumes from it, ending (on CPU) with the same weights as an uninterrupted run.
+    ``stop_after_steps`` simulates a kill (tests): the process exits abruptly after that step.
+    """
     from kalm.modeling import load_embedding_model, save_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    mix_gen = torch.Generator().manual_seed(cfg.seed)
     model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length)
     model.train()
     records = list(read_jsonl(data_path))
@@ -138,37 +191,53 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
     warmup = int(cfg.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, data_path, cfg))
+    step, metrics = 0, []
+    if (state := checkpoint.load()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, metrics = state["step"], state["metrics"]
+        log.info("resuming %s from step %d (%s)", cfg.stage, step, checkpoint.path)
     log.info("%s: %d records, %d steps (%d per epoch), batch %d, group %d", cfg.stage, len(records), total,
              steps_per_epoch, cfg.batch_size, n_neg + 1)
-    step, t_start = 0, time.time()
-    with atomic_path(metrics_path or f"{out_dir}.metrics.jsonl") as mtmp, open(mtmp, "w", encoding="utf-8") as mf:
-        while step < total:
-            for batch in task_homogeneous_batches(records, cfg.batch_size, rng):
-                if step >= total:
-                    break
-                t0 = time.time()
-                lr = lr_at(step, total, warmup, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                queries, passages = batch_texts(batch, n_neg, symmetric, rng)
-                per_query = (len(passages) - len(queries)) // len(queries)
-                uniform = per_query * len(queries) == len(passages) - len(queries)
-                loss = contrastive_loss(embed(model, queries), embed(model, passages), cfg,
-                                        per_query if uniform else 0, mix_gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                step += 1
-                dt = time.time() - t0
-                row = {"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
-                       "lr": lr, "batch": len(batch), "passages": len(passages),
-                       "samples_per_s": round(len(batch) / dt, 3), "elapsed_s": round(time.time() - t_start, 3)}
-                mf.write(json.dumps(row) + "\n")
-                if step == 1 or step % 10 == 0 or step == total:
-                    log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, row["loss"], lr, row["task"])
+    t_start = time.time()
+    while step < total:
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: a function of the step
+        sample_rng = random.Random(f"{cfg.seed}:step:{step}")
+        mix_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = batch_at(records, cfg, step, steps_per_epoch)
+        lr = lr_at(step, total, warmup, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        queries, passages = batch_texts(batch, n_neg, symmetric, sample_rng)
+        per_query = (len(passages) - len(queries)) // len(queries)
+        uniform = per_query * len(queries) == len(passages) - len(queries)
+        (q_emb, q_tok), (p_emb, p_tok) = embed(model, queries), embed(model, passages)
+        loss = contrastive_loss(q_emb, p_emb, cfg, per_query if uniform else 0, mix_gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        step += 1
+        dt = time.time() - t0
+        metrics.append({"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
+                        "lr": lr, "batch": len(batch), "passages": len(passages),
+                        "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round((q_tok + p_tok) / dt, 1),
+                        "elapsed_s": round(time.time() - t_start, 3)})
+        if step == 1 or step % 10 == 0 or step == total:
+            log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
+        if checkpoint_every and step % checkpoint_every == 0 and step < total:
+            checkpoint.save(model, optimizer, step, metrics)
+        if stop_after_steps is not None and step >= stop_after_steps:
+            log.warning("stopping abruptly after step %d (simulated kill)", step)
+            os._exit(137)
     model.eval()
     save_model(model, out_dir)
+    write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
+    checkpoint.remove()
     return {"steps": total, "seconds": round(time.time() - t_start, 3)}
 
 
@@ -179,7 +248,9 @@ def _run(args: argparse.Namespace) -> None:
                       threads=args.threads, focal_gamma=args.focal_gamma, mix_negatives=args.mix_negatives,
                       matryoshka_dims=tuple(args.matryoshka_dims or ()),
                       matryoshka_weights=tuple(args.matryoshka_weights or ()))
-    train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics)
+    train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
+          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+          stop_after_steps=args.stop_after_steps)
 
 
 def register(sub) -> None:
@@ -200,6 +271,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
     p.add_argument("--mix-negatives", type=int, default=0,
                    help="synthetic mixed negatives per query (-1: as many as its hard negatives)")

@@ -82,3 +82,11 @@ def test_mixed_negatives_are_unit_convex_combinations_of_two_own_negatives():
     again = mix_hard_negatives(negs, 5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(mixed, again)
     assert mix_hard_negatives(negs[:, :1], 5).shape == (4, 0, 8)
+
+
+def test_focal_loss_has_finite_gradients_when_an_example_is_solved():
+    q = torch.eye(2, 4, requires_grad=True)
+    p = torch.eye(2, 4)
+    loss = info_nce(F.normalize(q, dim=-1), p, 0.001, focal_gamma=0.5)  # p_i rounds to 1.0
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all()

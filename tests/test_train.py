@@ -76,3 +76,55 @@ def test_contrastive_loss_combines_focal_mixing_and_matryoshka():
     mrl = TrainConfig(temperature=0.05, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.5))
     want = info_nce(q, p, 0.05) + 0.5 * info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 0.05)
     assert torch.allclose(contrastive_loss(q, p, mrl, 3), want)
+
+
+def _toy_data(tmp_path):
+    words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest", "mill", "well"]
+    recs = [{"task": "toy" if i % 2 else "toy2", "query": f"where is the {w}", "pos": [f"the {w} is north"],
+             "neg": [f"the {v} is north" for v in words if v != w][:3]} for i, w in enumerate(words)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return data
+
+
+def _train_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "kalm", "train", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    data = _toy_data(tmp_path)
+    common = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4, "--group-size", 3,
+              "--lr", "3e-3", "--max-steps", 7, "--mix-negatives", -1, "--focal-gamma", 0.5, "--threads", 1, "--seed", 3]
+    ref = _train_cli(*common, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    ckpt = tmp_path / "ckpt"
+    killed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2,
+                        "--stop-after-steps", 5)
+    assert killed.returncode == 137 and not (tmp_path / "resumed").exists()
+    assert (ckpt / "checkpoint.pt").exists()
+    resumed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2)
+    assert resumed.returncode == 0 and "resuming finetune from step 4" in resumed.stderr, resumed.stderr
+    a = load_file(next((tmp_path / "ref").rglob("model.safetensors")))
+    b = load_file(next((tmp_path / "resumed").rglob("model.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_metrics = list(read_jsonl(tmp_path / "ref.metrics.jsonl"))
+    res_metrics = list(read_jsonl(tmp_path / "resumed.metrics.jsonl"))
+    assert [m["loss"] for m in ref_metrics] == [m["loss"] for m in res_metrics] and len(res_metrics) == 7
+    assert not (ckpt / "checkpoint.pt").exists()  # removed once the model is saved
+
+
+def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, tiny_qwen_dir):
+    data = _toy_data(tmp_path)
+    common = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4, "--max-steps", 4,
+              "--threads", 1, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]
+    assert _train_cli(*common, "--out", tmp_path / "a", "--stop-after-steps", 2).returncode == 137
+    other = _train_cli(*common, "--out", tmp_path / "b", "--lr", "1e-3")
+    assert other.returncode == 0 and "ignoring checkpoint" in other.stderr and "resuming" not in other.stderr

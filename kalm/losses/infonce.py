@@ -41,4 +41,7 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float =
     if focal_gamma == 0.0:
         return F.cross_entropy(logits, labels)
     log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    return ((1 - log_p.exp()) ** focal_gamma * -log_p).mean()
+    # 1 - p via expm1 (exact near p = 1), floored: d/dp (1 - p)^γ is infinite at p = 1 for γ < 1,
+    # which would turn an already-solved example into NaN gradients.
+    one_minus_p = (-torch.expm1(log_p)).clamp_min(1e-6)
+    return (one_minus_p**focal_gamma * -log_p).mean()

@@ -1,5 +1,7 @@
 # Training: weakly supervised pretraining, then R fine-tuning runs (different seeds and
 # data orders) with mined hard negatives, then a uniform soup of the runs.
+# Resumable state goes to work/checkpoints/, outside the declared outputs: Snakemake deletes a
+# rule's outputs before re-running it, so a killed training job resumes from there.
 
 
 def train_args(stage):
@@ -8,6 +10,8 @@ def train_args(stage):
             f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}")
     if c.get("max_steps"):
         args += f" --max-steps {c['max_steps']}"
+    if c.get("checkpoint_every"):
+        args += f" --checkpoint-every {c['checkpoint_every']}"
     if c.get("matryoshka"):
         args += " --matryoshka-dims " + " ".join(map(str, c["matryoshka"]["dims"]))
         args += " --matryoshka-weights " + " ".join(map(str, c["matryoshka"]["weights"]))
@@ -39,6 +43,7 @@ rule pretrain:
     shell:
         "{KALM} train --stage pretrain --model {params.model} --data {input} --out {output.model} "
         "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--checkpoint-dir work/checkpoints/pretrain "
         "--threads {threads} > {log} 2>&1"
 
 
@@ -65,6 +70,7 @@ rule finetune:
     shell:
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--checkpoint-dir work/checkpoints/finetune_run{wildcards.run} "
         "--threads {threads} > {log} 2>&1"
 
 
