@@ -7,7 +7,9 @@ normalised, so this is cosine similarity), and then:
 1. ranking-consistency filter: the record is dropped when its best positive scores below the
    candidate at rank ``filter_topk`` (1-based), i.e. the retriever disagrees with the label;
 2. negatives are sampled from the rank window ``[lo, hi)`` (0-based ranks), skipping any
-   candidate whose normalised text equals a positive or the query;
+   candidate whose normalised text equals a positive or the query (``sampling="top"`` takes
+   the best-ranked ones instead: then the candidate lists equal sentence-transformers'
+   ``mine_hard_negatives(..., sampling_strategy="top")``, a test);
 3. when fewer than ``negative_number`` survive, the rest is padded with random pool passages
    (``pad="random"``) or left short (``pad="none"``); both are counted.
 
@@ -46,7 +48,7 @@ def build_index(vectors: np.ndarray):
 
 def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symmetric: bool, *,
               window: tuple[int, int], negative_number: int, filter_topk: int | None, pad: str,
-              seed: int, stats: StageStats, query_batch: int = 1024) -> list[dict]:
+              seed: int, stats: StageStats, sampling: str = "random", query_batch: int = 1024) -> list[dict]:
     task = records[0]["task"]
     pool: list[str] = []  # encoder-side texts (formatted)
     raw_of: dict[str, str] = {}  # formatted -> raw passage text
@@ -76,7 +78,10 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
             banned = pos_keys | {dedup_key(rec["query"])}
             window_cands = [(r, int(ids[j, r]), float(scores[j, r])) for r in range(lo, min(hi, k))
                             if ids[j, r] >= 0 and dedup_key(raw_of[pool[ids[j, r]]]) not in banned]
-            picked = rng.sample(window_cands, min(negative_number, len(window_cands)))
+            if sampling == "top":  # deterministic: the best-ranked candidates of the window
+                picked = window_cands[:negative_number]
+            else:
+                picked = rng.sample(window_cands, min(negative_number, len(window_cands)))
             stats.extra["negatives_from_window"] += len(picked)
             missing = negative_number - len(picked)
             if missing and pad == "random":
@@ -99,10 +104,12 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
 
 def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
          window: tuple[int, int] = (50, 100), negative_number: int = 7, filter_topk: int | None = 50,
-         pad: str = "random", seed: int = 0) -> StageStats:
+         pad: str = "random", seed: int = 0, sampling: str = "random") -> StageStats:
     matrix, row = load_shards(shard_paths)
+    if sampling not in ("random", "top"):
+        raise ValueError(f"sampling must be 'random' or 'top', not {sampling!r}")
     stats = StageStats("mine", window=list(window), negative_number=negative_number, filter_topk=filter_topk,
-                       pad=pad, negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
+                       pad=pad, sampling=sampling, negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
     by_task: dict[str, list[dict]] = defaultdict(list)
     passthrough = []
     for rec in read_jsonl(input_path):
@@ -113,7 +120,7 @@ def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], o
             log.info("mining %s: %d records", task, len(by_task[task]))
             for rec in mine_task(by_task[task], matrix, row, mine_tasks[task], window=window,
                                  negative_number=negative_number, filter_topk=filter_topk, pad=pad,
-                                 seed=seed, stats=stats):
+                                 seed=seed, stats=stats, sampling=sampling):
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         for rec in passthrough:
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -125,7 +132,7 @@ def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], o
 def _run(args: argparse.Namespace) -> None:
     mine(args.input, args.embeddings, json.loads(args.mine_tasks), args.out, args.stats,
          window=tuple(args.range), negative_number=args.negative_number,
-         filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed)
+         filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling)
 
 
 def register(sub) -> None:
@@ -140,4 +147,6 @@ def register(sub) -> None:
     p.add_argument("--filter-topk", type=int, default=50, help="0 disables the filter")
     p.add_argument("--pad", choices=["random", "none"], default="random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=["random", "top"], default="random",
+                   help="random: sample the window (KaLM); top: its best-ranked candidates")
     p.set_defaults(func=_run)

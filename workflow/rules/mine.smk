@@ -41,6 +41,7 @@ rule mine:
         n=config["mine"]["negative_number"],
         topk=config["mine"]["filter_topk"],
         pad=config["mine"]["pad"],
+        sampling=config["mine"].get("sampling", "random"),
         seed=config["seed"],
     log:
         "logs/mine/mine.log",
@@ -52,4 +53,5 @@ rule mine:
     shell:
         "{KALM} mine --input {input.data} --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
         "--out {output.data} --stats {output.stats} --range {params.lo} {params.hi} "
-        "--negative-number {params.n} --filter-topk {params.topk} --pad {params.pad} --seed {params.seed} > {log} 2>&1"
+        "--negative-number {params.n} --filter-topk {params.topk} --pad {params.pad} --seed {params.seed} "
+        "--sampling {params.sampling} > {log} 2>&1"
