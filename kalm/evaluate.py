@@ -141,6 +141,48 @@ def sidecar_path(out_path: str | Path) -> Path:
     return out_path.with_name(stem + ".kalm.json")
 
 
+def prepare_task(task: dict):
+    """Resolve a task spec to a loaded mteb task and the exact prompts dict that implements its instruction."""
+    from mteb.types import PromptType
+
+    mteb_task = resolve_task(task)
+    task_type = mteb_task.metadata.type
+    instruction = task.get("instruction") or None
+    symmetric = is_symmetric(task, task_type)
+    prompts = build_prompts(task_type, instruction, symmetric)
+    if prompts and not symmetric and task_type in PAIR_TYPES:
+        # asymmetric pair task: first input is the query side, second the document side
+        mteb_task.input1_prompt_type = PromptType.query
+        mteb_task.input2_prompt_type = PromptType.document
+    load_task_data(mteb_task, task)
+    return mteb_task, prompts, instruction, symmetric
+
+
+def run_mteb(model, mteb_task, prompts: dict[str, str], batch_size: int = 64):
+    """mteb's own evaluation of an in-memory model on one prepared task; returns the TaskResult."""
+    import mteb
+
+    # Exactly these prompts and nothing else: drop the model's own (e.g. {"query": "", ...}).
+    saved = model.prompts, model.default_prompt_name
+    model.prompts = dict(prompts)
+    model.default_prompt_name = None
+    try:
+        with warnings.catch_warnings():
+            # mteb nags when a prompts dict lacks generic "query"/"document" keys; ours are deliberate
+            warnings.filterwarnings("ignore", message="SentenceTransformers that use prompts most often")
+            result = mteb.evaluate(
+                model,
+                [mteb_task],
+                cache=None,
+                encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+                show_progress_bar=False,
+            )
+    finally:
+        model.prompts, model.default_prompt_name = saved
+    (task_result,) = result.task_results
+    return task_result
+
+
 def evaluate_task(
     model_spec: str,
     task: dict,
@@ -151,41 +193,15 @@ def evaluate_task(
 ) -> dict:
     """Evaluate ``model_spec`` on one task; write mteb's result JSON and the kalm sidecar; return the sidecar."""
     import mteb
-    from mteb.types import PromptType
 
     from kalm.modeling import load_embedding_model
 
     t0 = time.time()
-    mteb_task = resolve_task(task)
-    task_type = mteb_task.metadata.type
-    name = mteb_task.metadata.name
-    instruction = task.get("instruction") or None
-    symmetric = is_symmetric(task, task_type)
-    prompts = build_prompts(task_type, instruction, symmetric)
-    if prompts and not symmetric and task_type in PAIR_TYPES:
-        # asymmetric pair task: first input is the query side, second the document side
-        mteb_task.input1_prompt_type = PromptType.query
-        mteb_task.input2_prompt_type = PromptType.document
-
-    load_task_data(mteb_task, task)
-
+    mteb_task, prompts, instruction, symmetric = prepare_task(task)
+    task_type, name = mteb_task.metadata.type, mteb_task.metadata.name
     model = load_embedding_model(model_spec, max_seq_length=max_seq_length, device=device)
-    # Exactly these prompts and nothing else: drop the model's own (e.g. {"query": "", ...}).
-    model.prompts = dict(prompts)
-    model.default_prompt_name = None
-
     logger.info("evaluating %s on %s (%s) with prompts %s", model_spec, name, task_type, prompts)
-    with warnings.catch_warnings():
-        # mteb nags when a prompts dict lacks generic "query"/"document" keys; ours are deliberate
-        warnings.filterwarnings("ignore", message="SentenceTransformers that use prompts most often")
-        result = mteb.evaluate(
-            model,
-            [mteb_task],
-            cache=None,
-            encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
-            show_progress_bar=False,
-        )
-    (task_result,) = result.task_results
+    task_result = run_mteb(model, mteb_task, prompts, batch_size)
 
     with atomic_path(out_path) as tmp:
         task_result.to_disk(tmp)  # the file mteb itself writes into its results cache
