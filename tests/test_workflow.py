@@ -91,3 +91,13 @@ def test_local_profile_gives_a_bare_run_its_cores_and_slurm_profile_replaces_it(
     # No profile at all: Snakemake 9 refuses a local run without a core count (why the profile exists).
     none = snakemake("results/mteb_zh.json")
     assert none.returncode != 0 and "cores" in (none.stderr + none.stdout)
+
+
+def test_greedy_soup_config_reaches_the_soup_job():
+    res = snakemake("models/soup", "-n", "-p", "--forceall", "--config",
+                    "soup={'method': 'greedy', 'dev_task': 'DemoRetrievalEn'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
+    assert "--method greedy" in cmd and '"path": "data/demo/eval/DemoRetrievalEn"' in cmd
+    bad = snakemake("models/soup", "-n", "--config", "soup={'method': 'best'}")
+    assert bad.returncode != 0 and "best" in bad.stderr + bad.stdout

@@ -74,11 +74,28 @@ rule finetune:
         "--threads {threads} > {log} 2>&1"
 
 
+def soup_args():
+    c = config["soup"]
+    args = f"--method {c['method']}"
+    if c.get("weights"):
+        args += " --weights " + " ".join(map(str, c["weights"]))
+    if c.get("dev_task"):
+        spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
+        args += " --dev-task-json " + shlex.quote(json.dumps(spec, ensure_ascii=False))
+    if c.get("temperature"):
+        args += f" --temperature {c['temperature']}"
+    return args
+
+
 rule soup:
     input:
-        expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+        models=expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+        dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"].get("dev_task") else [],
     output:
-        directory("models/soup"),
+        model=directory("models/soup"),
+        report="models/soup.report.json",
+    params:
+        args=soup_args(),
     log:
         "logs/soup/soup.log",
     benchmark:
@@ -86,4 +103,4 @@ rule soup:
     resources:
         mem_mb=8000,
     shell:
-        "{KALM} soup {input} --out {output} > {log} 2>&1"
+        "{KALM} soup {input.models} --out {output.model} --report {output.report} {params.args} > {log} 2>&1"
