@@ -17,7 +17,7 @@ and the same character shingles, and returns the ids it kept.
 - ``datasketch_batch``: the same with ``MinHash.update_batch`` (datasketch's faster path).
 - ``rensa``: ``RMinHash`` + ``RMinHashLSH`` per record, with kalm's bands (when rensa is installed).
 
-Reported per side: records/s (wall time of the side, reading and writing included; and of the
+Reported per side (``start_rss_mib``: the side's process before it starts work): records/s (wall time of the side, reading and writing included; and of the
 MinHash + LSH calls alone), peak RSS,
 recall of planted pairs (the later copy dropped; pairs with exact Jaccard >= threshold), and
 precision (dropped records that are planted copies) / false drops.
@@ -243,17 +243,26 @@ def main():
     p.add_argument("--workdir", help="keep files here (default: a temporary folder)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--run-side", help=argparse.SUPPRESS)
+    p.add_argument("--run-generate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run_side:
         return run_side(args)
+    if args.run_generate:
+        planted = generate(Path(args.data), args.records, args.dup_rate, args.seed, args.shingle)
+        (Path(args.data).parent / "planted.json").write_text(json.dumps(planted))
+        return None
 
     base = Path(args.workdir or tempfile.mkdtemp(prefix="bench_dedup."))
     base.mkdir(parents=True, exist_ok=True)
     data = base / "data.jsonl"
     t0 = time.perf_counter()
-    planted = generate(data, args.records, args.dup_rate, args.seed, args.shingle)
+    # generated in a subprocess: a child inherits its parent's peak RSS (ru_maxrss survives fork
+    # and exec on Linux), so the driver must stay small for the sides' peaks to be their own
+    subprocess.run([sys.executable, __file__, "--run-generate", "--data", str(data), "--records", str(args.records),
+                    "--dup-rate", str(args.dup_rate), "--seed", str(args.seed), "--shingle", str(args.shingle)], check=True)
+    planted = json.loads((base / "planted.json").read_text())
     n_above = sum(1 for _, j in planted.values() if j >= args.threshold)
     jac = sorted(j for _, j in planted.values())
     print(f"generated {args.records} records ({data.stat().st_size / 2**20:.0f} MiB) with {len(planted)} planted "
