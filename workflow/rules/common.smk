@@ -5,6 +5,8 @@ import json
 import shlex
 import sys
 
+from kalm.instructions import is_symmetric  # one definition of 'symmetric' for data and trainer
+
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
 FINETUNE_RUNS = list(range(config["finetune"]["runs"]))
@@ -35,11 +37,11 @@ def decontaminate_settings():
 def mine_tasks_json():
     """{task: symmetric} for the fine-tuning tasks whose negatives are mined."""
     tasks = config["data"]["finetune"]
-    return json.dumps({t: spec.get("type") == "sts" for t, spec in sorted(tasks.items()) if spec.get("mine", True)})
+    return json.dumps({t: is_symmetric(spec.get("type")) for t, spec in sorted(tasks.items()) if spec.get("mine", True)})
 
 
 def symmetric_json(stage):
-    return json.dumps({t: spec.get("type") == "sts" for t, spec in sorted(config["data"][stage].items())})
+    return json.dumps({t: is_symmetric(spec.get("type")) for t, spec in sorted(config["data"][stage].items())})
 
 
 def _expand_benchmark(name):
