@@ -39,8 +39,6 @@ def dedup_exact(inputs: list[str], out_path: str | None, stats_path: str, shard_
                 seen.add(key)
                 outs[stats.kept % len(outs)].write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats.keep(task=task)
-        for f in outs:
-            f.flush()
     stats.write(stats_path)
     return stats
 

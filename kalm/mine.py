@@ -52,8 +52,8 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
     task = records[0]["task"]
     pool: list[str] = []  # encoder-side texts (formatted)
     raw_of: dict[str, str] = {}  # formatted -> raw passage text
-    for rec in records:
-        _, passages = mining_texts(rec, symmetric)
+    texts = [mining_texts(rec, symmetric) for rec in records]  # (query, passages) as the encoder saw them
+    for rec, (_, passages) in zip(records, texts):
         for formatted, raw in zip(passages, rec["pos"] + rec.get("neg", [])):
             if formatted not in raw_of:
                 raw_of[formatted] = raw
@@ -62,8 +62,7 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
     index = build_index(pool_vecs)
     lo, hi = window
     k = min(len(pool), max(hi, filter_topk or 0))
-    queries = [mining_texts(rec, symmetric)[0] for rec in records]
-    query_vecs = matrix[[row[q] for q in queries]]
+    query_vecs = matrix[[row[query] for query, _ in texts]]
     out = []
     for start in range(0, len(records), query_batch):
         scores, ids = index.search(np.ascontiguousarray(query_vecs[start:start + query_batch]), k)
@@ -71,7 +70,7 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
             i = start + j
             rng = random.Random(f"{seed}:{task}:{i}")
             pos_keys = {dedup_key(p) for p in rec["pos"]}
-            pos_score = max(float(query_vecs[i] @ matrix[row[t]]) for t in mining_texts(rec, symmetric)[1][:len(rec["pos"])])
+            pos_score = max(float(query_vecs[i] @ matrix[row[t]]) for t in texts[i][1][:len(rec["pos"])])
             if filter_topk and len(pool) >= filter_topk and pos_score < scores[j, filter_topk - 1]:
                 stats.drop("ranking_inconsistent", task=task)
                 continue
@@ -105,9 +104,9 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
 def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
          window: tuple[int, int] = (50, 100), negative_number: int = 7, filter_topk: int | None = 50,
          pad: str = "random", seed: int = 0, sampling: str = "random") -> StageStats:
-    matrix, row = load_shards(shard_paths)
     if sampling not in ("random", "top"):
         raise ValueError(f"sampling must be 'random' or 'top', not {sampling!r}")
+    matrix, row = load_shards(shard_paths)
     stats = StageStats("mine", window=list(window), negative_number=negative_number, filter_topk=filter_topk,
                        pad=pad, sampling=sampling, negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
     by_task: dict[str, list[dict]] = defaultdict(list)
