@@ -79,8 +79,8 @@ def token_budget_batches(lengths: list[int], token_budget: int, max_batch: int) 
     return batches
 
 
-def autocast_dtype(precision: str, device) -> "torch.dtype | None":
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
+def autocast_dtype(precision: str, device):
+    """The ``torch`` autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
     import torch
 
     if precision == "fp32" or device.type != "cuda":
@@ -154,9 +154,8 @@ def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, s
     t0 = time.time()
     vectors = encode_texts(model, texts[lo:hi], token_budget, max_batch, precision).astype(dtype)
     log.info("encoded %d texts in %.1f s", hi - lo, time.time() - t0)
-    with atomic_path(npy) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, vectors)
+    with atomic_path(npy) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors)
     write_json(ids, texts[lo:hi])
     return npy
 

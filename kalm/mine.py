@@ -73,11 +73,12 @@ def _num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig = IndexConfig(), texts=None,
+def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None = None, texts=None,
                 k: int = 100, add_chunk: int = 65536):
     """An inner-product index over ``vectors`` (or over ``texts`` of a sharded store), added in chunks."""
     import faiss
 
+    cfg = cfg or IndexConfig()
     if cfg.type not in INDEX_TYPES:
         raise ValueError(f"index type must be one of {INDEX_TYPES}, not {cfg.type!r}")
     n = len(texts) if texts is not None else len(vectors)

@@ -7,7 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm.embed import ShardedEmbeddings, encode_texts, mining_texts, token_budget_batches
+from kalm.embed import (
+    ShardedEmbeddings,
+    encode_texts,
+    mining_texts,
+    token_budget_batches,
+)
 
 
 @settings(max_examples=100, deadline=None)

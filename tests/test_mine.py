@@ -44,8 +44,8 @@ def reference_ranking(vec, query, pool):
 
 def test_negatives_come_from_the_rank_window(tmp_path, corpus):
     src, paths, vec = corpus
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(2, 10), negative_number=3, filter_topk=None, pad="none", seed=1)
+    mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+         window=(2, 10), negative_number=3, filter_topk=None, pad="none", seed=1)
     out = {r["query"]: r for r in read_jsonl(tmp_path / "o.jsonl")}
     pool = [f"p{i}" for i in range(40)]
     for i in range(40):
@@ -162,7 +162,7 @@ def test_pool_per_task_or_global(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     paths, _ = fake_shards(tmp_path, texts_to_embed(recs, {"a": False, "b": False}))
-    kw = dict(window=(0, 30), negative_number=12, filter_topk=None, pad="none")
+    kw = {"window": (0, 30), "negative_number": 12, "filter_topk": None, "pad": "none"}
     mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "t.jsonl"), str(tmp_path / "t.json"), **kw)
     mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "g.jsonl"), str(tmp_path / "g.json"), pool="global", **kw)
     per_task = list(read_jsonl(tmp_path / "t.jsonl"))
