@@ -3,14 +3,25 @@
 - ``pretrain``: weak pairs, in-batch negatives only.
 - ``finetune``: mined hard negatives, ``group_size`` = 1 positive + (group_size - 1) negatives.
 
-Batches are task-homogeneous: every batch is drawn from one task, so in-batch negatives are
-of the same kind as the positive (KaLM). Queries carry their task instruction; symmetric
-tasks (STS-like) carry it on both sides. Metrics go to a JSON Lines file, one line per step.
+One step, top to bottom (``train``):
+
+1. the batch of global step t is a pure function of (seed, t) (``BatchSchedule``): task-homogeneous
+   (KaLM), or semi-homogeneous with ``homogeneous_ratio`` < 1;
+2. its texts (``batch_texts``): queries carry their task instruction, symmetric tasks (STS-like) carry
+   it on both sides; a record short of hard negatives is dropped, padded with random passages of its
+   task, or kept ragged (``few_negatives``), and counted;
+3. with torchrun (WORLD_SIZE > 1) each rank encodes its slice of the global batch; embeddings are
+   all-gathered so every query sees every rank's passages (cross-device negatives);
+4. encoding runs under bf16 autocast (``precision``), with gradient checkpointing if asked, and in
+   GradCache chunks of ``mini_batch_size`` texts (``forward_backward``);
+5. the loss (``contrastive_loss``: InfoNCE + focal + mixed negatives + Matryoshka) and its terms go to
+   the metrics JSON Lines file, one line per step; counts go to a stats JSON at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -18,22 +29,25 @@ import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from kalm.instructions import format_passage, format_query
-from kalm.io import atomic_path, read_jsonl, write_jsonl
-from kalm.losses import info_nce, matryoshka, mix_hard_negatives
+from kalm.io import StageStats, atomic_path, read_jsonl, write_jsonl
+from kalm.losses import focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
 
 log = logging.getLogger(__name__)
+
+FEW_NEGATIVES = ("drop", "pad_random", "keep")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
 class TrainConfig:
     stage: str = "finetune"
-    batch_size: int = 32
+    batch_size: int = 32  # the GLOBAL batch: with torchrun each rank encodes its slice of it
     group_size: int = 8
     lr: float = 1e-5
     temperature: float = 0.01
@@ -49,10 +63,21 @@ class TrainConfig:
     mix_negatives: int = 0  # synthetic negatives per query; -1 = as many as its mined negatives
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()
+    homogeneous_ratio: float = 1.0  # share of a batch's slots from its own task (1.0: task-homogeneous)
+    few_negatives: str = "pad_random"  # drop | pad_random | keep, for records short of group_size - 1 negatives
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on a CUDA device that supports it)
+    gradient_checkpointing: bool = False
+    mini_batch_size: int = 0  # GradCache chunk (texts per forward); 0 = the whole batch at once
 
 
-def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
-    """Shuffle within each task, cut into batches, shuffle the batch order.
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random,
+                             homogeneous_ratio: float = 1.0) -> list[list[dict]]:
+    """Shuffle within each task, cut into batches, shuffle the batch order; then, when
+    ``homogeneous_ratio`` < 1, make them semi-homogeneous (``_mix_tails``).
 
     A task's last partial batch is kept when it has at least two examples (a batch of one has
     no in-batch negatives).
@@ -66,52 +91,194 @@ def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.R
         rng.shuffle(recs)
         batches += [b for i in range(0, len(recs), batch_size) if len(b := recs[i:i + batch_size]) >= 2]
     rng.shuffle(batches)
+    if homogeneous_ratio < 1.0:
+        _mix_tails(batches, homogeneous_ratio, rng)
     return batches
 
 
-def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random) -> tuple[list[str], list[str]]:
-    """Query texts, then passages: one positive per query followed by every hard negative.
+def _mix_tails(batches: list[list[dict]], ratio: float, rng: random.Random) -> None:
+    """Semi-homogeneous task batches (KaLM-Embedding, arXiv 2501.01028).
 
-    A record with fewer than ``n_neg`` negatives contributes the ones it has (the batch then
-    has a ragged negative count and skips hard-negative mixing).
+    Each batch of n records keeps its first ``own = ⌊ratio·n + ½⌋`` (its own task); the other
+    n - own records of all batches are pooled, shuffled and dealt back. Fully homogeneous
+    batches give the hardest in-batch negatives but let the model learn task-specific shortcuts
+    and concentrate false negatives; a few slots from other tasks trade a little of the first
+    for less of the second. Drawing the foreign slots from one shuffled pool (as the reference
+    sampler ``DistributedInTaskSampler._shuffle_last_elements`` does) keeps every record used
+    exactly once per epoch; the pool holds the tails of every task, so the slots come mostly
+    from other tasks (and only from other tasks' share of the data).
     """
-    queries, positives, negatives = [], [], []
+    own = [math.floor(ratio * len(b) + 0.5) for b in batches]
+    pool = [rec for b, k in zip(batches, own) for rec in b[k:]]
+    rng.shuffle(pool)
+    start = 0
+    for i, (b, k) in enumerate(zip(batches, own)):
+        take = len(b) - k
+        batches[i] = b[:k] + pool[start:start + take]
+        start += take
+
+
+class BatchSchedule:
+    """The batch of every global step: a pure function of (seed, step), so resume is exact.
+
+    Epoch e's batches come from ``random.Random(f"{seed}:epoch:{e}")``; the current epoch's list is
+    cached, since rebuilding it (a shuffle of every record) at every step costs O(records).
+    """
+
+    def __init__(self, records: list[dict], cfg: TrainConfig):
+        self.records, self.cfg = records, cfg
+        self._epoch, self._batches = -1, []
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError("no task has two records: no batch with an in-batch negative can be made")
+
+    def _epoch_batches(self, epoch: int) -> list[list[dict]]:
+        if epoch != self._epoch:
+            rng = random.Random(f"{self.cfg.seed}:epoch:{epoch}")
+            self._batches = task_homogeneous_batches(self.records, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio)
+            self._epoch = epoch
+        return self._batches
+
+    def __call__(self, step: int) -> list[dict]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self._epoch_batches(epoch)[position]
+
+
+# --------------------------------------------------------------------------------------------
+# Texts and negatives
+# --------------------------------------------------------------------------------------------
+
+def apply_few_negatives(records: list[dict], n_neg: int, policy: str, stats: StageStats) -> tuple[list[dict], dict | None]:
+    """Apply ``few_negatives`` to records with fewer than ``n_neg`` hard negatives; count them.
+
+    - ``drop``: the record is left out (counted as dropped ``too_few_negatives``);
+    - ``pad_random``: at each use, the missing negatives are drawn from the passages (positives
+      and negatives) of the record's own task, never one of its own positives; returns those pools;
+    - ``keep``: the record keeps the negatives it has (a ragged batch: no hard-negative mixing).
+    """
+    if policy not in FEW_NEGATIVES:
+        raise ValueError(f"few_negatives must be one of {FEW_NEGATIVES}, got {policy!r}")
+    kept, short = [], 0
+    for rec in records:
+        stats.seen(task=rec["task"])
+        if len(rec.get("neg", [])) < n_neg:
+            short += 1
+            if policy == "drop":
+                stats.drop("too_few_negatives", task=rec["task"])
+                continue
+        stats.keep(task=rec["task"])
+        kept.append(rec)
+    stats.extra.update(few_negatives=policy, negatives_wanted=n_neg, records_short_of_negatives=short)
+    if short:
+        log.warning("%d of %d records have fewer than %d hard negatives: %s", short, len(records), n_neg,
+                    {"drop": "dropped", "pad_random": "padded with random passages of their task",
+                     "keep": "kept with fewer (ragged batches skip hard-negative mixing)"}[policy])
+    if policy != "pad_random" or not short:
+        return kept, None
+    pools: dict[str, dict[str, None]] = defaultdict(dict)  # insertion-ordered sets: deterministic
+    for rec in kept:
+        pools[rec["task"]].update(dict.fromkeys(rec["pos"] + rec.get("neg", [])))
+    return kept, {task: list(texts) for task, texts in pools.items()}
+
+
+def _random_passages(pool: list[str], k: int, exclude: set[str], rng: random.Random) -> list[str]:
+    """Up to ``k`` distinct passages of ``pool`` (distinct texts) that are not in ``exclude``."""
+    if len(pool) <= 2 * (k + len(exclude)) + 32:  # small pool: filter exactly
+        candidates = [p for p in pool if p not in exclude]
+        return rng.sample(candidates, min(k, len(candidates)))
+    picked, seen = [], set(exclude)  # large pool: rejection sampling, at most half the draws rejected
+    while len(picked) < k:
+        p = pool[rng.randrange(len(pool))]
+        if p not in seen:
+            seen.add(p)
+            picked.append(p)
+    return picked
+
+
+@dataclass
+class BatchTexts:
+    queries: list[str]
+    positives: list[str]  # one per query
+    negatives: list[list[str]]  # each query's hard negatives
+    padded: int = 0  # random negatives added to records short of negatives
+    short: int = 0  # records still short (ragged) after that
+
+    def passages(self, lo: int = 0, hi: int | None = None) -> list[str]:
+        """Positives of queries lo..hi, then their negatives in query order (``info_nce``'s layout)."""
+        return self.positives[lo:hi] + [n for negs in self.negatives[lo:hi] for n in negs]
+
+    def negs_per_query(self) -> int:
+        """The common number of negatives per query, or 0 when they differ (ragged batch)."""
+        counts = {len(n) for n in self.negatives}
+        return counts.pop() if len(counts) == 1 else 0
+
+
+def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random,
+                pools: dict[str, list[str]] | None = None) -> BatchTexts:
+    """Query texts, one positive per query, and ``n_neg`` hard negatives per query.
+
+    A record with fewer than ``n_neg`` negatives contributes the ones it has, plus, with ``pools``
+    (``few_negatives: pad_random``), random passages of its task's pool; if the pool has too few
+    distinct ones, they are repeated (as KaLM's reference data loader repeats negatives).
+    """
+    out = BatchTexts([], [], [])
     for rec in batch:
         instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
-        queries.append(format_query(rec["query"], instr))
-        positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
+        out.queries.append(format_query(rec["query"], instr))
+        out.positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
         negs = rec.get("neg", [])
-        chosen = rng.sample(negs, n_neg) if len(negs) >= n_neg else negs
-        negatives += [format_passage(n, instr, sym) for n in chosen]
-    return queries, positives + negatives
+        if len(negs) >= n_neg:
+            chosen = rng.sample(negs, n_neg)
+        else:
+            chosen = list(negs)
+            if pools is not None:
+                chosen += _random_passages(pools[rec["task"]], n_neg - len(chosen), set(rec["pos"]) | set(negs), rng)
+                while chosen and len(chosen) < n_neg:
+                    chosen.append(rng.choice(chosen))
+                out.padded += len(chosen) - len(negs)
+            out.short += len(chosen) < n_neg
+        out.negatives.append([format_passage(n, instr, sym) for n in chosen])
+    return out
 
 
-def embed(model, texts: list[str]) -> tuple[torch.Tensor, int]:
-    """Embeddings of ``texts`` (with gradients) and the number of non-padding tokens encoded."""
-    features = model.preprocess(texts)
-    features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-    return model(features)["sentence_embedding"], int(features["attention_mask"].sum())
-
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_per_query: int = 0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, terms: dict[str, float] | None = None) -> torch.Tensor:
     """InfoNCE (+ focal weights, + mixed negatives, + Matryoshka prefixes) as configured.
 
     ``p`` is laid out as the B positives, then ``negs_per_query`` negatives per query in query
     order (0 when the batch's queries do not all have the same number: no mixing then).
+
+    With ``terms`` given, it receives the values of this same forward pass: ``loss_infonce``
+    (plain -log p_i mean at the full dimension, or the first Matryoshka one), ``loss_focal`` (its
+    (1 - p_i)^γ-weighted value, when γ > 0) and ``loss_dim{d}`` (each Matryoshka prefix's term,
+    before its weight).
     """
     b = q.shape[0]
     k = negs_per_query if cfg.mix_negatives < 0 else cfg.mix_negatives
+    first: dict[str, torch.Tensor] = {}
 
     def nce(a, c):
         extra = None
         if k and negs_per_query >= 2:
             extra = mix_hard_negatives(c[b:].reshape(b, negs_per_query, -1), k, generator)
-        return info_nce(a, c, cfg.temperature, focal_gamma=cfg.focal_gamma, extra_negatives=extra)
+        log_p = positive_log_probs(a, c, cfg.temperature, extra_negatives=extra)
+        value = -log_p.mean() if cfg.focal_gamma == 0.0 else (focal_weights(log_p, cfg.focal_gamma) * -log_p).mean()
+        if not first:
+            first.update(loss_infonce=-log_p.mean().detach(), loss_focal=value.detach())
+        return value
 
-    if cfg.matryoshka_dims:
-        return matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights)
-    return nce(q, p)
+    per_dim: dict[int, torch.Tensor] = {}
+    loss = matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights, per_dim) if cfg.matryoshka_dims else nce(q, p)
+    if terms is not None:
+        terms["loss_infonce"] = first["loss_infonce"].item()
+        if cfg.focal_gamma:
+            terms["loss_focal"] = first["loss_focal"].item()
+        terms.update({f"loss_dim{d}": v.item() for d, v in per_dim.items()})
+    return loss
 
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
@@ -121,11 +288,212 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     return base_lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def batch_at(records: list[dict], cfg: TrainConfig, step: int, steps_per_epoch: int) -> list[dict]:
-    """The batch of global step ``step``: a pure function of (seed, step), so resume is exact."""
-    epoch, position = divmod(step, steps_per_epoch)
-    return task_homogeneous_batches(records, cfg.batch_size, random.Random(f"{cfg.seed}:epoch:{epoch}"))[position]
+# --------------------------------------------------------------------------------------------
+# Encoding: precision, gradient checkpointing, GradCache
+# --------------------------------------------------------------------------------------------
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast or none. ``auto``: bf16 on a CUDA device that supports it, else fp32.
+
+    Weights, optimizer state and the loss stay fp32 (autocast runs the matmuls in bf16); bf16 has
+    fp32's exponent range, so unlike fp16 no loss scaling is needed.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward instead of storing them (memory for time).
+
+    Non-reentrant checkpointing restores the RNG state for the recomputation, so dropout masks
+    (and hence gradients) are those of a plain run.
+    """
+    from kalm.modeling import _backbone
+
+    _backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def tokenize(model, texts: list[str]) -> dict:
+    features = model.preprocess(texts)
+    return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def encode(model, features: dict, amp: torch.dtype | None) -> torch.Tensor:
+    """Sentence embeddings (fp32) of tokenized ``features``, with gradients if enabled."""
+    ctx = torch.autocast(model.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ctx:
+        emb = model(features)["sentence_embedding"]
+    return emb.float()  # the loss is computed in fp32: at τ = 0.01, bf16 rounding would move logits by ~0.4
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def forward_backward(model, queries: list[str], passages: list[str], loss_on, mini_batch_size: int = 0,
+                     amp: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """Encode this process's texts, compute ``loss_on(q_emb, p_emb)`` and backpropagate into the model.
+
+    Returns the (detached) loss and the number of non-padding tokens encoded.
+
+    With ``mini_batch_size`` m > 0: gradient caching (GradCache; Gao et al. 2021, "Scaling Deep
+    Contrastive Learning Batch Size under Memory Limited Setup", arXiv 2101.06983). The contrastive
+    loss couples every text of the batch, so the batch cannot simply be split into accumulation
+    steps. Instead:
+
+    1. encode the texts in chunks of m without a graph, saving the RNG state before each chunk;
+    2. compute the loss on the full batch of embeddings and backpropagate to the embeddings only:
+       g = ∂L/∂e (cheap: the model is not in this graph);
+    3. re-encode each chunk with a graph, the RNG state restored (same dropout masks as in 1), and
+       backpropagate g's rows of that chunk: Σ_chunks (∂e/∂θ)ᵀ g = ∂L/∂θ.
+
+    Peak activation memory is that of one chunk, at the cost of one extra forward pass; the
+    parameter gradients equal those of the whole batch at once (a test checks it).
+    """
+    device = model.device
+    dim = model.get_embedding_dimension()
+    empty = torch.zeros((0, dim), device=device)  # a torchrun rank can get no query of a small batch
+    if not mini_batch_size:
+        feats = [tokenize(model, t) if t else None for t in (queries, passages)]
+        q, p = (encode(model, f, amp) if f else empty for f in feats)
+        loss = loss_on(q, p)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach(), sum(int(f["attention_mask"].sum()) for f in feats if f)
+
+    m = mini_batch_size
+    chunks = [[tokenize(model, t[i:i + m]) for i in range(0, len(t), m)] for t in (queries, passages)]
+    states, embs = [[], []], [[], []]
+    with torch.no_grad():
+        for side in (0, 1):
+            for f in chunks[side]:
+                states[side].append(_rng_state(device))
+                embs[side].append(encode(model, f, amp))
+    q, p = (torch.cat(e).requires_grad_() if e else empty.clone().requires_grad_() for e in embs)
+    loss = loss_on(q, p)
+    if loss.requires_grad:
+        loss.backward()
+    for side, leaf in ((0, q), (1, p)):
+        if leaf.grad is None:
+            continue
+        for f, state, g in zip(chunks[side], states[side], leaf.grad.split(m)):
+            _set_rng_state(state, device)
+            encode(model, f, amp).backward(g)
+    return loss.detach(), sum(int(f["attention_mask"].sum()) for side in chunks for f in side)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# --------------------------------------------------------------------------------------------
+
+def rank_slices(n: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous slices of n records over ``world`` ranks, sizes differing by at most one."""
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return [(s, s + k) for s, k in zip(starts, sizes)]
+
+
+@dataclass
+class Distributed:
+    """torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK), or a single process (world 1).
+
+    Data parallel with cross-device negatives, written out rather than wrapped in
+    ``DistributedDataParallel``: every rank computes the loss of the WHOLE global batch from the
+    all-gathered embeddings, in which only its own rows carry a graph. Its parameter gradient is
+    then the part of the full-batch gradient that flows through its own texts, and the SUM over
+    ranks is the full-batch gradient (DDP would average; with GradCache it would also all-reduce
+    after each of the several backward passes of a step).
+    """
+
+    world: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
+    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0")))
+    local_rank: int = field(default_factory=lambda: int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def start(self, device: torch.device) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self._device = device
+
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """All ranks' rows, rank after rank (rank r has ``sizes[r]``); this rank's rows keep their graph."""
+        if not self.enabled or max(sizes) == 0:
+            return x
+        import torch.distributed as dist
+
+        buf = x.detach().new_zeros((max(sizes), x.shape[1]))  # all_gather needs equal shapes
+        buf[:x.shape[0]] = x.detach()
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf)
+        parts[self.rank] = x
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum gradients over ranks (see the class docstring for why a sum)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        # A parameter no rank touched (e.g. BERT's unused pooler) keeps grad None, as in one process,
+        # so AdamW skips it there too; one a rank did not touch (no query in its slice) counts as 0.
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self._device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        pending = []
+        for p, h in zip(params, has.tolist()):
+            if h:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                pending.append(dist.all_reduce(p.grad, async_op=True))
+        for work in pending:
+            work.wait()
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self._device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
 
 class Checkpoint:
     """Resumable training state, kept OUTSIDE the rule's declared output.
@@ -149,12 +517,12 @@ class Checkpoint:
             return None
         return state
 
-    def save(self, model, optimizer, step: int, metrics: list[dict]) -> None:
+    def save(self, model, optimizer, step: int, metrics: list[dict], padded: int) -> None:
         if not self.path:
             return
         with atomic_path(self.path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "step": step, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "metrics": metrics}, tmp)
+                        "optimizer": optimizer.state_dict(), "metrics": metrics, "padded": padded}, tmp)
 
     def remove(self) -> None:
         if self.path:
@@ -167,78 +535,130 @@ def _fingerprint(model_spec: str, data_path: str, cfg: TrainConfig) -> dict:
             "data_mtime_ns": data.st_mtime_ns, "config": {k: v for k, v in asdict(cfg).items() if k != "threads"}}
 
 
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
 def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
           metrics_path: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, stats_path: str | None = None) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
     With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
     kill resumes from it, ending (on CPU) with the same weights as an uninterrupted run.
     ``stop_after_steps`` simulates a kill (tests): the process exits abruptly after that step.
+    Under torchrun only rank 0 writes (model, metrics, stats, checkpoints).
     """
     from kalm.modeling import load_embedding_model, save_model
 
+    ddp = Distributed()
+    if ddp.rank:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length)
-    model.train()
-    records = list(read_jsonl(data_path))
-    if not records:
-        raise ValueError(f"{data_path}: no training records")
-    n_neg = 0 if cfg.stage == "pretrain" else cfg.group_size - 1
-    steps_per_epoch = len(task_homogeneous_batches(records, cfg.batch_size, random.Random(0)))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, data_path, cfg))
-    step, metrics = 0, []
-    if (state := checkpoint.load()) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, metrics = state["step"], state["metrics"]
-        log.info("resuming %s from step %d (%s)", cfg.stage, step, checkpoint.path)
-    log.info("%s: %d records, %d steps (%d per epoch), batch %d, group %d", cfg.stage, len(records), total,
-             steps_per_epoch, cfg.batch_size, n_neg + 1)
-    t_start = time.time()
-    while step < total:
-        t0 = time.time()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: a function of the step
-        sample_rng = random.Random(f"{cfg.seed}:step:{step}")
-        mix_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = batch_at(records, cfg, step, steps_per_epoch)
-        lr = lr_at(step, total, warmup, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        queries, passages = batch_texts(batch, n_neg, symmetric, sample_rng)
-        per_query = (len(passages) - len(queries)) // len(queries)
-        uniform = per_query * len(queries) == len(passages) - len(queries)
-        (q_emb, q_tok), (p_emb, p_tok) = embed(model, queries), embed(model, passages)
-        loss = contrastive_loss(q_emb, p_emb, cfg, per_query if uniform else 0, mix_gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        step += 1
-        dt = time.time() - t0
-        metrics.append({"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
-                        "lr": lr, "batch": len(batch), "passages": len(passages),
-                        "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round((q_tok + p_tok) / dt, 1),
-                        "elapsed_s": round(time.time() - t_start, 3)})
-        if step == 1 or step % 10 == 0 or step == total:
-            log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
-        if checkpoint_every and step % checkpoint_every == 0 and step < total:
-            checkpoint.save(model, optimizer, step, metrics)
-        if stop_after_steps is not None and step >= stop_after_steps:
-            log.warning("stopping abruptly after step %d (simulated kill)", step)
-            os._exit(137)
-    model.eval()
-    save_model(model, out_dir)
-    write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
-    checkpoint.remove()
-    return {"steps": total, "seconds": round(time.time() - t_start, 3)}
+    device = ddp.device()
+    ddp.start(device)
+    try:
+        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=str(device))
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        amp = autocast_dtype(cfg.precision, device)
+        n_neg = 0 if cfg.stage == "pretrain" else cfg.group_size - 1
+        stats = StageStats(f"train_{cfg.stage}")
+        records = list(read_jsonl(data_path))
+        records, pools = apply_few_negatives(records, n_neg, cfg.few_negatives, stats)
+        if not records:
+            raise ValueError(f"{data_path}: no training records")
+        schedule = BatchSchedule(records, cfg)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
+        warmup = int(cfg.warmup_ratio * total)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, data_path, cfg))
+        step, metrics, padded_total = 0, [], 0
+        if (state := checkpoint.load()) is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, metrics, padded_total = state["step"], state["metrics"], state.get("padded", 0)
+            log.info("resuming %s from step %d (%s)", cfg.stage, step, checkpoint.path)
+        first_step = step
+        log.info("%s: %d records, %d steps (%d per epoch), batch %d over %d process(es), group %d, %s, "
+                 "homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage, len(records), total,
+                 schedule.steps_per_epoch, cfg.batch_size, ddp.world, n_neg + 1, amp or torch.float32,
+                 cfg.homogeneous_ratio, cfg.mini_batch_size or "-", cfg.gradient_checkpointing)
+        t_start = time.time()
+        while step < total:
+            t0 = time.time()
+            # dropout masks: a function of (step, rank); seed * 1_000_003 + step in one process, as before
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * ddp.world + ddp.rank)
+            sample_rng = random.Random(f"{cfg.seed}:step:{step}")
+            mix_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch = schedule(step)
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Every rank builds the texts of the whole global batch (same RNG: same texts as one
+            # process) and encodes its own slice of queries, with their positives and negatives.
+            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pools)
+            slices = rank_slices(len(batch), ddp.world)
+            lo, hi = slices[ddp.rank]
+            q_sizes = [b - a for a, b in slices]
+            neg_sizes = [sum(len(n) for n in texts.negatives[a:b]) for a, b in slices]
+            per_query = texts.negs_per_query()
+            terms: dict[str, float] = {}
+
+            def loss_on(q_local, p_local):
+                q = ddp.gather_rows(q_local, q_sizes)
+                p = torch.cat([ddp.gather_rows(p_local[:hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo:], neg_sizes)])
+                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss, tokens = forward_backward(model, texts.queries[lo:hi], texts.passages(lo, hi), loss_on,
+                                            cfg.mini_batch_size, amp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})")
+            ddp.all_reduce_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            tokens = ddp.sum(tokens)
+            step += 1
+            padded_total += texts.padded
+            dt = time.time() - t0
+            metrics.append({"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
+                            **{k: round(v, 6) for k, v in terms.items()}, "lr": lr, "batch": len(batch),
+                            "passages": len(texts.positives) + sum(map(len, texts.negatives)),
+                            "padded_negatives": texts.padded, "short_records": texts.short,
+                            "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round(tokens / dt, 1),
+                            "elapsed_s": round(time.time() - t_start, 3)})
+            if step == 1 or step % 10 == 0 or step == total:
+                log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
+            if ddp.rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < total:
+                checkpoint.save(model, optimizer, step, metrics, padded_total)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                log.warning("stopping abruptly after step %d (simulated kill)", step)
+                os._exit(137)
+        seconds = time.time() - t_start
+        if ddp.rank == 0:
+            model.eval()
+            if cfg.gradient_checkpointing:
+                from kalm.modeling import _backbone
+
+                _backbone(model).gradient_checkpointing_disable()
+            save_model(model, out_dir)
+            write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
+            stats.extra.update(
+                negatives_padded_random=padded_total, steps=total, world_size=ddp.world,
+                precision=str(amp or torch.float32).replace("torch.", ""), gradient_checkpointing=cfg.gradient_checkpointing,
+                mini_batch_size=cfg.mini_batch_size, homogeneous_ratio=cfg.homogeneous_ratio,
+                loss_first=metrics[0]["loss"] if metrics else None, loss_last=metrics[-1]["loss"] if metrics else None,
+                samples_per_s=round(sum(m["batch"] for m in metrics[first_step:]) / max(seconds, 1e-9), 3))
+            stats.write(stats_path or f"{out_dir}.stats.json")
+            checkpoint.remove()
+        ddp.barrier()  # every rank returns once the model is on disk
+        return {"steps": total, "seconds": round(seconds, 3)}
+    finally:
+        ddp.close()
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -247,21 +667,32 @@ def _run(args: argparse.Namespace) -> None:
                       warmup_ratio=args.warmup_ratio, seed=args.seed, max_seq_length=args.max_seq_length,
                       threads=args.threads, focal_gamma=args.focal_gamma, mix_negatives=args.mix_negatives,
                       matryoshka_dims=tuple(args.matryoshka_dims or ()),
-                      matryoshka_weights=tuple(args.matryoshka_weights or ()))
+                      matryoshka_weights=tuple(args.matryoshka_weights or ()),
+                      homogeneous_ratio=args.homogeneous_ratio, few_negatives=args.few_negatives,
+                      precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+                      mini_batch_size=args.mini_batch_size)
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-          stop_after_steps=args.stop_after_steps)
+          stop_after_steps=args.stop_after_steps, stats_path=args.stats)
+
+
+def _ratio(value: str) -> float:
+    r = float(value)
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError("must lie in [0, 1]")
+    return r
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="contrastive pretraining or fine-tuning")
+    p = sub.add_parser("train", help="contrastive pretraining or fine-tuning (torchrun: data parallel)")
     p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
     p.add_argument("--model", required=True, help="model spec to start from")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--metrics", help="per-step metrics JSONL")
+    p.add_argument("--metrics", help="per-step metrics JSONL (default: OUT.metrics.jsonl)")
+    p.add_argument("--stats", help="counts JSON (default: OUT.stats.json)")
     p.add_argument("--symmetric", default="{}", help='JSON {"task": bool}: instruction on both sides')
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun ranks)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.01)
@@ -279,4 +710,11 @@ def register(sub) -> None:
                    help="synthetic mixed negatives per query (-1: as many as its hard negatives)")
     p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
     p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
+    p.add_argument("--homogeneous-ratio", type=_ratio, default=1.0,
+                   help="share of a batch's slots from its own task; the rest from other tasks (1: task-homogeneous)")
+    p.add_argument("--few-negatives", choices=FEW_NEGATIVES, default="pad_random",
+                   help="records with fewer than group-size - 1 negatives: drop, pad with random same-task passages, or keep")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast (auto: on CUDA when supported)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--mini-batch-size", type=int, default=0, help="GradCache chunk in texts (0: whole batch at once)")
     p.set_defaults(func=_run)

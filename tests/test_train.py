@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kalm.io import read_jsonl
-from kalm.train import TrainConfig, batch_texts, lr_at, task_homogeneous_batches, train
+from kalm.train import TrainConfig, apply_few_negatives, batch_texts, lr_at, task_homogeneous_batches, train
 
 
 @settings(max_examples=50, deadline=None)
@@ -23,15 +23,74 @@ def test_batches_are_task_homogeneous_and_cover_the_data(sizes, batch_size, seed
     assert len(seen) == expected
 
 
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9),
+       ratio=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_semi_homogeneous_batches_keep_their_task_share_and_cover_the_data(sizes, batch_size, ratio, seed):
+    records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t, n in enumerate(sizes) for i in range(n)]
+    homogeneous = task_homogeneous_batches(records, batch_size, random.Random(seed))
+    batches = task_homogeneous_batches(records, batch_size, random.Random(seed), ratio)
+    # the same batch sizes and the same records as the homogeneous batches: only slots move
+    assert [len(b) for b in batches] == [len(b) for b in homogeneous]
+    assert sorted(r["query"] for b in batches for r in b) == sorted(r["query"] for b in homogeneous for r in b)
+    for b in batches:  # at least round(ratio * n) records of one task: the batch's own, which leads it
+        assert sum(r["task"] == b[0]["task"] for r in b) >= round(ratio * len(b))
+    # a pure function of the seed (resume depends on it); ratio 1 is the task-homogeneous batching
+    assert batches == task_homogeneous_batches(records, batch_size, random.Random(seed), ratio)
+    assert task_homogeneous_batches(records, batch_size, random.Random(seed), 1.0) == homogeneous
+
+
+def test_semi_homogeneous_batches_do_mix_tasks():
+    records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t in range(4) for i in range(64)]
+    mixed = task_homogeneous_batches(records, 16, random.Random(0), 0.75)
+    foreign = [sum(r["task"] != b[0]["task"] for r in b) for b in mixed]
+    assert all(f <= 4 for f in foreign) and sum(foreign) > 2 * len(mixed)  # 4 pooled slots, ~3/4 of them foreign
+    assert all(len({r["task"] for r in b}) == 1 for b in task_homogeneous_batches(records, 16, random.Random(0), 1.0))
+
+
+def _short_records():
+    from kalm.io import StageStats
+
+    recs = [{"task": "cls", "query": f"q{i}", "pos": [f"label{i % 3}"], "neg": [f"label{(i + 1) % 3}"]} for i in range(6)]
+    recs += [{"task": "ret", "query": f"r{i}", "pos": [f"doc{i}"], "neg": [f"doc{i + 1}", f"doc{i + 2}", f"doc{i + 3}"]}
+             for i in range(4)]
+    return recs, StageStats("train_finetune")
+
+
+def test_few_negatives_drop_counts_what_it_drops():
+    recs, stats = _short_records()
+    kept, pools = apply_few_negatives(recs, 3, "drop", stats)
+    assert [r["task"] for r in kept] == ["ret"] * 4 and pools is None
+    d = stats.as_dict()
+    assert d["dropped"] == {"too_few_negatives": 6} and d["records_short_of_negatives"] == 6 and d["in"] == 10
+
+
+def test_few_negatives_pad_with_same_task_passages_never_an_own_positive():
+    recs, stats = _short_records()
+    kept, pools = apply_few_negatives(recs, 3, "pad_random", stats)
+    assert len(kept) == 10 and stats.as_dict()["records_short_of_negatives"] == 6
+    assert set(pools["cls"]) == {"label0", "label1", "label2"}
+    texts = batch_texts(kept[:6], 3, {}, random.Random(1), pools)
+    for rec, negs in zip(kept[:6], texts.negatives):
+        # own negative first, then the one other label of the task; a task this small repeats to fill
+        assert len(negs) == 3 and negs[0] == rec["neg"][0] and set(negs) == {"label0", "label1", "label2"} - set(rec["pos"])
+    assert texts.padded == 12 and texts.short == 0 and texts.negs_per_query() == 3
+    assert batch_texts(kept[:6], 3, {}, random.Random(1), pools) == texts  # a function of the step's RNG
+    kept_, _ = apply_few_negatives(recs, 3, "keep", stats)
+    short = batch_texts(kept_[:6] + kept_[6:7], 3, {}, random.Random(1))  # keep: as many as they have
+    assert [len(n) for n in short.negatives] == [1] * 6 + [3] and short.short == 6 and short.negs_per_query() == 0
+
+
 def test_instructions_on_queries_and_on_both_sides_for_symmetric_tasks():
     batch = [{"task": "ret", "query": "q", "pos": ["p"], "neg": ["n1", "n2"], "instruction": "Find"},
              {"task": "ret", "query": "q2", "pos": ["p2"], "neg": ["n3", "n4"], "instruction": "Find"}]
-    queries, passages = batch_texts(batch, 1, {"ret": False}, random.Random(0))
-    assert queries == ["Instruct: Find \n Query: q", "Instruct: Find \n Query: q2"]
+    texts = batch_texts(batch, 1, {"ret": False}, random.Random(0))
+    assert texts.queries == ["Instruct: Find \n Query: q", "Instruct: Find \n Query: q2"]
+    passages = texts.passages()
     assert passages[:2] == ["p", "p2"] and len(passages) == 4 and passages[2] in ("n1", "n2")
     sts = [dict(r, task="sts") for r in batch]
-    _, passages = batch_texts(sts, 0, {"sts": True}, random.Random(0))
-    assert passages == ["Instruct: Find \n Query: p", "Instruct: Find \n Query: p2"]
+    assert batch_texts(sts, 0, {"sts": True}, random.Random(0)).passages() == ["Instruct: Find \n Query: p",
+                                                                               "Instruct: Find \n Query: p2"]
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -74,8 +133,40 @@ def test_contrastive_loss_combines_focal_mixing_and_matryoshka():
     focal = TrainConfig(temperature=0.05, focal_gamma=0.5)
     assert torch.allclose(contrastive_loss(q, p, focal, 3), info_nce(q, p, 0.05, focal_gamma=0.5))
     mrl = TrainConfig(temperature=0.05, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.5))
-    want = info_nce(q, p, 0.05) + 0.5 * info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 0.05)
+    small = info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1), 0.05)
+    want = info_nce(q, p, 0.05) + 0.5 * small
     assert torch.allclose(contrastive_loss(q, p, mrl, 3), want)
+    # the per-term values come from the same forward pass
+    terms = {}
+    both = TrainConfig(temperature=0.05, focal_gamma=0.5, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.5))
+    total = contrastive_loss(q, p, both, 3, terms=terms)
+    assert set(terms) == {"loss_infonce", "loss_focal", "loss_dim16", "loss_dim4"}
+    assert abs(terms["loss_infonce"] - info_nce(q, p, 0.05).item()) < 1e-6
+    assert abs(terms["loss_focal"] - info_nce(q, p, 0.05, focal_gamma=0.5).item()) < 1e-6
+    assert terms["loss_dim16"] == terms["loss_focal"]  # the full dim's optimised term is the focal one
+    assert abs(total.item() - terms["loss_dim16"] - 0.5 * terms["loss_dim4"]) < 1e-6
+
+
+def test_metrics_carry_every_loss_term_and_the_stats_count_padding(tmp_path, tiny_qwen_dir):
+    recs = [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"],
+             "neg": [f"the {v} is south" for v in ("river", "bridge", "tower", "mill") if v != w][:3]}
+            for w in ("river", "bridge", "tower", "mill", "well", "gate")]
+    recs[4]["neg"] = recs[4]["neg"][:1]  # short of negatives: padded from the task's passages
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    cfg = TrainConfig(stage="finetune", batch_size=6, group_size=4, lr=1e-3, max_steps=2, threads=1, focal_gamma=0.5,
+                      mix_negatives=2, matryoshka_dims=(64, 16), matryoshka_weights=(1.0, 0.3))
+    train(tiny_qwen_dir, str(data), str(tmp_path / "m"), cfg, {}, str(tmp_path / "metrics.jsonl"))
+    lines = list(read_jsonl(tmp_path / "metrics.jsonl"))
+    assert len(lines) == 2
+    for m in lines:
+        for key in ("loss", "loss_infonce", "loss_focal", "loss_dim64", "loss_dim16", "lr", "samples_per_s", "tokens_per_s"):
+            assert isinstance(m[key], float) and m[key] > 0, key
+        assert abs(m["loss"] - m["loss_dim64"] - 0.3 * m["loss_dim16"]) < 1e-5 and m["loss_focal"] < m["loss_infonce"]
+        assert m["padded_negatives"] == 2 and m["short_records"] == 0
+    stats = json.loads((tmp_path / "m.stats.json").read_text())
+    assert stats["in"] == stats["kept"] == 6 and stats["records_short_of_negatives"] == 1
+    assert stats["negatives_padded_random"] == 4 and stats["few_negatives"] == "pad_random" and stats["steps"] == 2
 
 
 def _toy_data(tmp_path):

@@ -15,6 +15,9 @@ its own denominator holds (the synthetic negatives of ``kalm.losses.mixing``).
 - γ > 0: focal-style reweighting (KaLM-Embedding-V2, arXiv 2506.20923, after Lin et al. 2017,
   "Focal Loss", arXiv 1708.02002): examples the model already gets right (p_i → 1) weigh less.
 
+``positive_log_probs`` returns the log p_i themselves, so a caller can report the plain and
+the focal-weighted value of one forward pass (the trainer logs both).
+
 References: van den Oord et al. 2018 (arXiv 1807.03748); Karpukhin et al. 2020 (DPR);
 KaLM-Embedding (arXiv 2501.01028) uses τ = 0.01.
 """
@@ -25,6 +28,25 @@ import torch
 import torch.nn.functional as F
 
 
+def positive_log_probs(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
+                       extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_i for every query (shape (B,)); the layout is that of :func:`info_nce`."""
+    if passages.shape[0] < queries.shape[0]:
+        raise ValueError("passages must start with one positive per query")
+    logits = queries @ passages.T / temperature
+    if extra_negatives is not None and extra_negatives.shape[1] > 0:
+        logits = torch.cat([logits, torch.einsum("bd,bkd->bk", queries, extra_negatives) / temperature], dim=1)
+    labels = torch.arange(queries.shape[0], device=queries.device)
+    return F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def focal_weights(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - p_i)^γ, computed from log p_i."""
+    # 1 - p via expm1 (exact near p = 1), floored: d/dp (1 - p)^γ is infinite at p = 1 for γ < 1,
+    # which would turn an already-solved example into NaN gradients.
+    return (-torch.expm1(log_p)).clamp_min(1e-6) ** gamma
+
+
 def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
              focal_gamma: float = 0.0, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
     """``passages`` holds the B positives first (row i belongs to query i), then the negatives.
@@ -32,16 +54,7 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float =
     ``extra_negatives`` has shape (B, K, d): K negatives for each query's denominator only.
     Embeddings are expected L2-normalised, so the dot product is the cosine similarity.
     """
-    if passages.shape[0] < queries.shape[0]:
-        raise ValueError("passages must start with one positive per query")
-    logits = queries @ passages.T / temperature
-    if extra_negatives is not None and extra_negatives.shape[1] > 0:
-        logits = torch.cat([logits, torch.einsum("bd,bkd->bk", queries, extra_negatives) / temperature], dim=1)
-    labels = torch.arange(queries.shape[0], device=queries.device)
+    log_p = positive_log_probs(queries, passages, temperature, extra_negatives)
     if focal_gamma == 0.0:
-        return F.cross_entropy(logits, labels)
-    log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    # 1 - p via expm1 (exact near p = 1), floored: d/dp (1 - p)^γ is infinite at p = 1 for γ < 1,
-    # which would turn an already-solved example into NaN gradients.
-    one_minus_p = (-torch.expm1(log_p)).clamp_min(1e-6)
-    return (one_minus_p**focal_gamma * -log_p).mean()
+        return -log_p.mean()
+    return (focal_weights(log_p, focal_gamma) * -log_p).mean()
