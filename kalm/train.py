@@ -311,9 +311,22 @@ def enable_gradient_checkpointing(model) -> None:
     Non-reentrant checkpointing restores the RNG state for the recomputation, so dropout masks
     (and hence gradients) are those of a plain run.
     """
+    backbone = _hf_backbone(model)
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+        backbone.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model) -> None:
+    backbone = _hf_backbone(model)
+    (getattr(backbone, "activation_checkpointing_disable", None) or backbone.gradient_checkpointing_disable)()
+
+
+def _hf_backbone(model):
     from kalm.modeling import _backbone
 
-    _backbone(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _backbone(model)
 
 
 def tokenize(model, texts: list[str]) -> dict:
@@ -619,14 +632,15 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})")
             ddp.all_reduce_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping
             optimizer.step()
             tokens = ddp.sum(tokens)
             step += 1
             padded_total += texts.padded
             dt = time.time() - t0
             metrics.append({"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
-                            **{k: round(v, 6) for k, v in terms.items()}, "lr": lr, "batch": len(batch),
+                            **{k: round(v, 6) for k, v in terms.items()}, "grad_norm": round(grad_norm.item(), 6),
+                            "lr": lr, "batch": len(batch),
                             "passages": len(texts.positives) + sum(map(len, texts.negatives)),
                             "padded_negatives": texts.padded, "short_records": texts.short,
                             "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round(tokens / dt, 1),
@@ -642,9 +656,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         if ddp.rank == 0:
             model.eval()
             if cfg.gradient_checkpointing:
-                from kalm.modeling import _backbone
-
-                _backbone(model).gradient_checkpointing_disable()
+                disable_gradient_checkpointing(model)
             save_model(model, out_dir)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
             stats.extra.update(

@@ -2,6 +2,8 @@
 # data orders) with mined hard negatives, then a uniform soup of the runs.
 # Resumable state goes to work/checkpoints/, outside the declared outputs: Snakemake deletes a
 # rule's outputs before re-running it, so a killed training job resumes from there.
+# Each job writes the model, per-step metrics (loss and its terms, lr, samples/s, tokens/s) and a
+# stats JSON (records in/kept, records short of negatives and what was done with them).
 
 
 def train_args(stage):
@@ -18,6 +20,13 @@ def train_args(stage):
     if stage == "finetune":
         args += f" --group-size {c['group_size']}"
         args += f" --focal-gamma {c.get('focal_gamma', 0.0)} --mix-negatives {c.get('mix_negatives', 0)}"
+    # Batching, negatives and memory options: only the keys the config sets reach the command (the
+    # trainer's defaults are the old behaviour), so existing configs keep their command lines.
+    for key in ("homogeneous_ratio", "few_negatives", "precision", "mini_batch_size"):
+        if key in c:
+            args += f" --{key.replace('_', '-')} {c[key]}"
+    if c.get("gradient_checkpointing"):
+        args += " --gradient-checkpointing"
     return args
 
 
@@ -27,6 +36,7 @@ rule pretrain:
     output:
         model=directory("models/pretrain"),
         metrics="models/pretrain.metrics.jsonl",
+        stats="models/pretrain.stats.json",
     params:
         model=config["base_model"],
         args=train_args("pretrain"),
@@ -42,7 +52,8 @@ rule pretrain:
         gpu=gpus("pretrain"),
     shell:
         "{KALM} train --stage pretrain --model {params.model} --data {input} --out {output.model} "
-        "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
+        "--seed {params.seed} "
         "--checkpoint-dir work/checkpoints/pretrain "
         "--threads {threads} > {log} 2>&1"
 
@@ -54,6 +65,7 @@ rule finetune:
     output:
         model=directory("models/finetune/run{run}"),
         metrics="models/finetune/run{run}.metrics.jsonl",
+        stats="models/finetune/run{run}.stats.json",
     params:
         model=finetune_start(),
         args=train_args("finetune"),
@@ -69,7 +81,8 @@ rule finetune:
         gpu=gpus("finetune"),
     shell:
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
-        "--metrics {output.metrics} --symmetric {params.symmetric} {params.args} --seed {params.seed} "
+        "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
+        "--seed {params.seed} "
         "--checkpoint-dir work/checkpoints/finetune_run{wildcards.run} "
         "--threads {threads} > {log} 2>&1"
 
