@@ -107,7 +107,7 @@ def peer_main(records: str, out: str, cache: str, max_len: int) -> None:
 
     from kalm.modeling import load_embedding_model
 
-    recs = [json.loads(line) for line in open(records, encoding="utf-8")]
+    recs = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines()]
     corpus = [p for r in recs for p in r["pos"] + r["neg"]]
     data = Dataset.from_dict({"query": [r["query"] for r in recs], "pos": [r["pos"][0] for r in recs]})
     model = load_embedding_model(MODEL, max_seq_length=max_len)
@@ -142,9 +142,8 @@ def memory_bound(work: Path, n: int = 1_000_000, dim: int = 896, n_queries: int 
     (emb / "shard0.ids.json").write_text(json.dumps(texts), encoding="utf-8")
     per = n // n_queries
     with open(work / "records.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n_queries):
-            f.write(json.dumps({"query": f"q{i}", "pos": [f"p{i * per}"],
-                                "neg": passages[i * per + 1:(i + 1) * per], "task": "big"}) + "\n")
+        f.writelines(json.dumps({"query": f"q{i}", "pos": [f"p{i * per}"], "neg": passages[i * per + 1:(i + 1) * per],
+                                 "task": "big"}) + "\n" for i in range(n_queries))
     print(f"memory bound: {n:,} passages x {dim} (float16 store {len(texts) * dim * 2 / 2**30:.2f} GiB), "
           f"{n_queries:,} queries, window 50-100, 7 negatives")
     for index in ("flat", "flat_fp16"):
