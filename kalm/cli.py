@@ -24,6 +24,7 @@ STAGE_MODULES = [
     "kalm.evaluate",
     "kalm.aggregate",
     "kalm.tiny_qwen",
+    "kalm.gpu_slots",
 ]
 
 

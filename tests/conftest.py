@@ -5,14 +5,22 @@ Model hubs are unreachable: every test runs offline (set before transformers is 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,3 +67,44 @@ def tiny_qwen_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny_qwen") / "model"
     build_tiny_qwen2(out, make_bilingual_sentences(300), seed=0)
     return str(out)
+
+
+def slice_jsonl(src: Path, dst: Path, n: int) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_qwen_dir):
+    """The real DAG run locally on a tiny config, once per session: (working directory, config).
+
+    `snakemake results/mteb_zh.json results/mteb_en.json` bare, as a user would after
+    `source .venv/bin/activate` (SNAKEMAKE_PROFILE points at profiles/local). tests/test_e2e.py
+    checks its outputs; tests/test_slurm.py re-runs part of it on a SLURM cluster and compares.
+    """
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
+    cfg["base_model"] = tiny_qwen_dir
+    cfg["threads"] = 1
+    for stage, n in (("pretrain", 40), ("finetune", 60)):
+        for task, spec in cfg["data"][stage].items():
+            spec["path"] = slice_jsonl(ROOT / spec["path"], work / "in" / stage / f"{task}.jsonl", n)
+    # plant a leak and a duplicate so that the funnel has something to count
+    leak = json.loads((DEMO / "eval/DemoRetrievalEn/queries.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    with open(cfg["data"]["finetune"]["retrieval_en"]["path"], "a", encoding="utf-8") as f:
+        f.write(json.dumps({"query": leak, "pos": ["a leaked example"]}) + "\n")
+        f.write(json.dumps({"query": leak.upper() + "  ", "pos": ["a  leaked example"]}) + "\n")
+    for task in cfg["eval"]["tasks"].values():
+        task["path"] = str(ROOT / task["path"])
+    cfg["embed"].update(shards=2, batch_size=32)
+    cfg["pretrain"].update(max_steps=3, batch_size=16)
+    cfg["finetune"].update(max_steps=4, batch_size=8, runs=2)
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "results/mteb_zh.json", "results/mteb_en.json",
+                          "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(work / "tiny.yaml")],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-5000:]
+    return work, cfg

@@ -102,8 +102,35 @@ def finetune_start():
     return "models/pretrain" if config["pretrain"]["enabled"] else config["base_model"]
 
 
+# GPUs. A rule's `gpu` resource is its GPU count (config resources.gpus, per node): Snakemake caps
+# concurrent GPU jobs with it (profiles/local: the machine's device count) and the SLURM plugin turns
+# it into `sbatch --gpus=N` (`--gpus=<model>:N` with the profile's gpu_model). Snakemake does not say
+# *which* devices a job gets, so every GPU rule's command starts with GPU_RUN (kalm gpu-slots): it
+# locks that many free devices, sets CUDA_VISIBLE_DEVICES and, for training with --torchrun, starts
+# torchrun on them (srun + torchrun per node for a multi-node job).
+GPU_RUN = f"{shlex.quote(sys.executable)} -m kalm gpu-slots"
+
+
 def gpus(rule_name):
     return config["resources"]["gpus"].get(rule_name, 0)
+
+
+def nodes(rule_name):
+    return config["resources"].get("nodes", {}).get(rule_name, 1)
+
+
+def gpu_resources(rule_name):
+    """The GPU resources of a rule, in the SLURM plugin's canonical form.
+
+    One node: `gpu` (sbatch --gpus). Several nodes (training only): `gpu` is the total over the
+    nodes, `tasks` = one task per node, `mpi` makes the plugin run the job's shell in the batch step
+    instead of wrapping it in a one-node `srun -n1` (the launcher calls srun itself), and
+    `tasks_per_gpu=0` stops the plugin from also turning `tasks` into --ntasks-per-gpu."""
+    n = nodes(rule_name)
+    res = {"gpu": gpus(rule_name) * n, "nodes": n}
+    if n > 1:
+        res.update(tasks=n, tasks_per_gpu=0, mpi="srun")
+    return res
 
 
 wildcard_constraints:

@@ -23,6 +23,7 @@ rule evaluate:
         mem_mb=8000,
         gpu=gpus("evaluate"),
     shell:
+        "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} evaluate --model {params.model} --task-json {params.task} "
         "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
 

@@ -22,6 +22,7 @@ rule embed:
         mem_mb=8000,
         gpu=gpus("embed"),
     shell:
+        "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} embed --input {input} --mine-tasks {params.mine_tasks} "
         "--model {params.model} --shard {wildcards.shard} --num-shards {NUM_SHARDS} "
         "--out-dir work/embed --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
@@ -51,6 +52,7 @@ rule mine:
         mem_mb=8000,
         gpu=gpus("mine"),
     shell:
+        "{GPU_RUN} --gpus {resources.gpu} -- "
         "{KALM} mine --input {input.data} --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
         "--out {output.data} --stats {output.stats} --range {params.lo} {params.hi} "
         "--negative-number {params.n} --filter-topk {params.topk} --pad {params.pad} --seed {params.seed} "

@@ -49,8 +49,9 @@ rule pretrain:
         "benchmarks/train/pretrain.tsv"
     resources:
         mem_mb=16000,
-        gpu=gpus("pretrain"),
+        **gpu_resources("pretrain"),
     shell:
+        "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage pretrain --model {params.model} --data {input} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
         "--seed {params.seed} "
@@ -78,8 +79,9 @@ rule finetune:
         "benchmarks/train/finetune_run{run}.tsv"
     resources:
         mem_mb=16000,
-        gpu=gpus("finetune"),
+        **gpu_resources("finetune"),
     shell:
+        "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
         "--seed {params.seed} "
