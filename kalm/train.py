@@ -281,6 +281,16 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_pe
     return loss
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters) where this torch build has it, as
+    transformers' Trainer defaults to: on CPU the per-tensor loop costs about as much as a
+    MiniLM forward pass of the whole batch (measured for scripts/bench_train.py)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / torch
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
 def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     """Linear warm-up, then linear decay to zero."""
     if step < warmup:
@@ -587,7 +597,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
         warmup = int(cfg.warmup_ratio * total)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(params, cfg)
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, data_path, cfg))
         step, metrics, padded_total = 0, [], 0
         if (state := checkpoint.load()) is not None:
