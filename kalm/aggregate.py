@@ -8,7 +8,10 @@ Output::
 
     {"model", "mteb_version", "tasks": {name: {"type", "main_score", "metric"}},
      "by_type": {type: mean main_score}, "mean_task", "mean_type",
-     "max_seq_length", "dtype", "instructions": {task: instruction}, "lang", "n_tasks",
+     "model_spec" (the model path the jobs loaded), "max_seq_length", "dtype", "lang", "n_tasks",
+     "instruction_set" (kalm / none: kalm.task_instructions), "instructions": {task: instruction},
+     "instruction_sources": {task: config | kalm:task | kalm:alias | kalm:type | none},
+     "data_sources": {task: local | mirror | hub},
      # with a baseline aggregate (the base model's output of this same stage):
      "baseline": {"model", "mean_task", "mean_type", "tasks": {name: main_score}},
      "gain": {"mean_task", "mean_type", "tasks": {name: final - base}}}
@@ -39,7 +42,7 @@ class AggregateError(ValueError):
 def _sidecar_for(path: Path) -> Path:
     if path.name.endswith(SIDECAR_SUFFIX):
         return path
-    stem = path.name[: -len(".json")] if path.name.endswith(".json") else path.name
+    stem = path.name.removesuffix(".json")
     return path.with_name(stem + SIDECAR_SUFFIX)
 
 
@@ -50,7 +53,7 @@ def _from_raw(path: Path) -> dict:
 
     try:
         result = TaskResult.from_disk(path)
-    except Exception as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
         raise AggregateError(f"{path}: not an mteb result file ({type(e).__name__}: {e})") from None
     try:
         meta = mteb.get_task(result.task_name).metadata
@@ -126,6 +129,8 @@ def aggregate(result_paths: list[str], model: str, out_path: str, baseline_path:
 
     tasks: dict[str, dict] = {}
     instructions: dict[str, str | None] = {}
+    instruction_sources: dict[str, str | None] = {}
+    data_sources: dict[str, str | None] = {}
     sources: dict[str, str] = {}
     for rec in records:
         name = rec["task"]
@@ -133,6 +138,8 @@ def aggregate(result_paths: list[str], model: str, out_path: str, baseline_path:
             raise AggregateError(f"task {name!r} appears twice: {sources[name]} and {rec['_source']}")
         tasks[name] = {"type": rec["type"], "main_score": float(rec["main_score"]), "metric": rec["metric"]}
         instructions[name] = rec.get("instruction")
+        instruction_sources[name] = rec.get("instruction_source")
+        data_sources[name] = rec.get("source")
         sources[name] = rec["_source"]
 
     models = {r["model"] for r in records if r.get("model")}
@@ -152,7 +159,10 @@ def aggregate(result_paths: list[str], model: str, out_path: str, baseline_path:
         "model_spec": next(iter(models), None),
         "max_seq_length": _common(records, "max_seq_length"),
         "dtype": _common(records, "dtype"),
+        "instruction_set": _common(records, "instruction_set"),
         "instructions": instructions,
+        "instruction_sources": instruction_sources,
+        "data_sources": data_sources,
     }
 
     if baseline_path:
@@ -169,6 +179,7 @@ def aggregate(result_paths: list[str], model: str, out_path: str, baseline_path:
             "mean_task": base["mean_task"],
             "mean_type": base["mean_type"],
             "tasks": base_scores,
+            "instruction_set": base.get("instruction_set"),
         }
         common = [n for n in tasks if n in base_scores]
         missing = sorted(set(tasks) - set(base_scores))
@@ -176,6 +187,12 @@ def aggregate(result_paths: list[str], model: str, out_path: str, baseline_path:
         if missing or extra:
             logger.warning("baseline task set differs: missing in baseline %s, only in baseline %s", missing, extra)
         gain: dict[str, Any] = {"tasks": {n: tasks[n]["main_score"] - base_scores[n] for n in common}}
+        # a gain is only the model's if both were evaluated with the same instructions
+        base_instructions = base.get("instructions") or {}
+        differ = sorted(n for n in common if n in base_instructions and base_instructions[n] != instructions[n])
+        if differ:
+            logger.warning("final and baseline were evaluated with different instructions on %s", differ)
+        gain["instructions_differ"] = differ
         if not missing and not extra:
             gain["mean_task"] = mean_task - base["mean_task"]
             gain["mean_type"] = mean_type - base["mean_type"]
@@ -219,7 +236,8 @@ def markdown_table(agg: dict) -> str:
     lines = [
         f"# MTEB{lang}: {agg['model']} vs {base['model']}",
         "",
-        f"Scores are mteb main scores x100; mteb {agg.get('mteb_version')}.",
+        (f"Scores are mteb main scores x100; mteb {agg.get('mteb_version')}; instruction set "
+         f"{agg.get('instruction_set')}; max length {agg.get('max_seq_length')}, dtype {agg.get('dtype')}."),
         "",
         "| Task | Type | Metric | Base | Final | Δ |",
         "|---|---|---|---:|---:|---:|",

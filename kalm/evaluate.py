@@ -1,20 +1,31 @@
 """Evaluate one embedding model on one MTEB task (one Snakemake job per task).
 
-A task spec comes from the workflow config::
+A task spec comes from the workflow config (``eval_task_spec`` in workflow/rules/common.smk)::
 
     {"name": "T2Retrieval", "type": "Retrieval", "lang": "zh",
-     "path": "data/eval/T2Retrieval",          # optional: local folder (kalm.local_tasks)
-     "instruction": "Given a query, ...",      # optional
-     "symmetric": false}                       # optional
+     "path": "data/eval/T2Retrieval",     # optional: a local task folder (kalm.local_tasks)
+     "mirror": "mirror/mteb/T2Retrieval", # optional: local mirror of the registered task's dataset
+     "mirror_root": "mirror",             # optional: eval.mirror; the task's folder is <root>/<dataset path>
+     "benchmark": "MTEB(cmn, v1)",        # optional: take the task as that mteb benchmark defines it
+     "subsets": ["zh"],                   # optional: hf subsets to keep (multilingual tasks)
+     "splits": ["validation"],            # optional: evaluation splits instead of mteb's
+     "instruction": "Given a query, ...", # optional: overrides the instruction set
+     "instruction_set": "kalm",           # kalm (default) or none; see kalm.task_instructions
+     "symmetric": false}                  # optional: override of kalm.instructions.is_symmetric
 
-Without ``path`` the task is the registered MTEB task of that name; its data must be
-reachable (network, or a pre-populated Hugging Face datasets cache when offline).
+Without ``path`` the task is the registered MTEB task of that name; its data comes from its mirror
+(kalm.mteb_mirror), else from the Hugging Face hub or datasets cache. With no network and no data the
+job fails at once, before the model is loaded, naming the task and how to mirror it.
 
 Instructions follow KaLM-Embedding: the query side is prefixed with
-``Instruct: {instruction} \\n Query: ``; symmetric tasks (STS, pair classification,
-classification, clustering) put the same prefix on both sides; asymmetric tasks (retrieval,
-reranking) leave documents without prefix. The prefixes reach mteb as the model's
-``prompts`` dict (keys are task types, optionally with ``-query``), so mteb applies them itself.
+``Instruct: {instruction} \\n Query: ``; symmetric tasks (STS, pair classification, clustering)
+put the same prefix on both sides; asymmetric tasks (retrieval, reranking) leave documents without
+prefix; single-input tasks (classification, clustering) prefix every input. The prefixes reach mteb
+as the model's ``prompts`` dict (keys are task types, optionally with ``-query``), so mteb applies them.
+
+A reranking task is only evaluated with its candidate lists: if they did not load (an offline
+datasets cache can lose the 'top_ranked' config, and mteb then ranks the whole corpus instead,
+silently), the job stops (:class:`RerankingWithoutCandidates`).
 
 Outputs: ``out_path`` is mteb's own TaskResult JSON (``TaskResult.to_disk``), and
 ``<out_path without .json>.kalm.json`` is a small sidecar the aggregate stage reads.
@@ -23,22 +34,25 @@ Outputs: ``out_path`` is mteb's own TaskResult JSON (``TaskResult.to_disk``), an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from kalm.instructions import query_prefix
+from kalm.instructions import is_symmetric, query_prefix
 from kalm.io import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
 # Task types whose two sides are queries and documents.
-ASYMMETRIC_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
+QUERY_DOCUMENT_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
 # Task types encoding two texts of the same kind (mteb passes no prompt type for either side).
 PAIR_TYPES = {"STS", "PairClassification"}
+# Task types that rank given candidate lists (mteb: AbsTaskRetrieval with 'top_ranked').
+RERANKING_TYPES = {"Reranking", "InstructionReranking"}
 
 
 class TaskSpecError(ValueError):
@@ -46,14 +60,17 @@ class TaskSpecError(ValueError):
 
 
 class TaskDataUnavailable(RuntimeError):
-    """A registered MTEB task whose dataset cannot be loaded (typically: offline and not cached)."""
+    """A registered MTEB task whose dataset cannot be loaded (typically: offline and not mirrored)."""
 
 
-def is_symmetric(task_spec: dict, task_type: str) -> bool:
+class RerankingWithoutCandidates(TaskDataUnavailable):
+    """A reranking task whose candidate lists are missing: mteb would score it as full-corpus retrieval."""
+
+
+def task_symmetric(task_spec: dict, task_type: str) -> bool:
+    """The spec's ``symmetric`` if given, else kalm.instructions.is_symmetric of the MTEB type."""
     sym = task_spec.get("symmetric")
-    if sym is None:
-        return task_type not in ASYMMETRIC_TYPES
-    return bool(sym)
+    return is_symmetric(task_type) if sym is None else bool(sym)
 
 
 def build_prompts(task_type: str, instruction: str | None, symmetric: bool) -> dict[str, str]:
@@ -67,13 +84,37 @@ def build_prompts(task_type: str, instruction: str | None, symmetric: bool) -> d
     if not instruction:
         return {}
     prefix = query_prefix(instruction)
-    if symmetric or (task_type not in ASYMMETRIC_TYPES and task_type not in PAIR_TYPES):
+    if symmetric or (task_type not in QUERY_DOCUMENT_TYPES and task_type not in PAIR_TYPES):
         return {task_type: prefix}
     return {f"{task_type}-query": prefix}
 
 
 def _lang_codes(lang: str) -> list[str]:
-    return {"zh": ["cmn", "zho"], "en": ["eng"]}.get(lang, [lang])
+    # cmo: mteb tags MASSIVE's Chinese subsets as cmo-Hans; they are C-MTEB tasks too
+    return {"zh": ["cmn", "zho", "cmo"], "en": ["eng"]}.get(lang, [lang])
+
+
+def _registered_task(name: str, benchmark: str | None):
+    import mteb
+
+    if benchmark:
+        # the task object of the benchmark carries its subset and split choices (e.g. MTEB(eng, v2)
+        # scores AmazonCounterfactualClassification on 'en' only), the published leaderboard's
+        try:
+            bench = mteb.get_benchmark(benchmark)
+        except (KeyError, ValueError) as e:
+            raise TaskSpecError(f"task {name!r}: unknown mteb benchmark {benchmark!r} ({e})") from None
+        for t in bench.tasks:
+            if t.metadata.name == name:
+                return copy.deepcopy(t), True
+        raise TaskSpecError(f"task {name!r} is not in mteb benchmark {benchmark!r}")
+    try:
+        return mteb.get_task(name), False
+    except KeyError as e:
+        raise TaskSpecError(
+            f"task {name!r} is not a registered MTEB task ({e.args[0] if e.args else e}); "
+            "give it a 'path' to evaluate it from a local folder"
+        ) from None
 
 
 def resolve_task(task_spec: dict):
@@ -85,47 +126,131 @@ def resolve_task(task_spec: dict):
 
         return make_task(task_spec)
 
-    import mteb
-
     name = task_spec["name"]
-    try:
-        task = mteb.get_task(name)
-    except KeyError as e:
-        raise TaskSpecError(
-            f"task {name!r} is not a registered MTEB task ({e.args[0] if e.args else e}); "
-            "give it a 'path' to evaluate it from a local folder"
-        ) from None
+    task, from_benchmark = _registered_task(name, task_spec.get("benchmark"))
     if task_spec.get("type") and task_spec["type"] != task.metadata.type:
         raise TaskSpecError(
             f"task {name!r}: config says type {task_spec['type']!r} but MTEB's task is {task.metadata.type!r}"
         )
-    if task_spec.get("lang"):
+    subsets = task_spec.get("subsets")
+    if subsets:
+        unknown = sorted(set(subsets) - set(task.metadata.hf_subsets))
+        if unknown:
+            raise TaskSpecError(f"task {name!r} has no subsets {unknown} (it has {sorted(task.metadata.hf_subsets)})")
+        task = task.filter_languages(None, hf_subsets=list(subsets))
+    elif task_spec.get("lang") and not from_benchmark:
         # keep only the subsets in the configured language (multilingual tasks such as STS22)
         try:
             task = task.filter_languages(_lang_codes(task_spec["lang"]), exclusive_language_filter=True)
         except ValueError as e:
             raise TaskSpecError(f"task {name!r} has no subset in language {task_spec['lang']!r}: {e}") from None
+    if task_spec.get("splits"):
+        # e.g. a dev split for model selection, or the split a paper reported (KaLM: MSMARCO 'dev')
+        task = task.filter_eval_splits(list(task_spec["splits"]))
+    # Its own metadata: mteb's is a class attribute, and a mirror rewrites the dataset path.
+    from kalm.mteb_mirror import dataset_tasks
+
+    for sub in dataset_tasks(task):
+        sub.metadata = sub.metadata.model_copy(deep=True)
     return task
 
 
-def load_task_data(task, task_spec: dict) -> None:
-    """Load the task's data now, before the model, so missing data fails at once with a useful message."""
+def _mirror_target(task, task_spec: dict) -> Path | None:
+    """The mirror folder to read the task from: the spec's ``mirror``, else ``<mirror_root>/<dataset
+    path>`` when that folder exists (an aggregated task gets the root: each subtask has its folder)."""
+    from kalm.mteb_mirror import MirrorError, dataset_tasks, mirror_folder
+
+    if task_spec.get("mirror"):
+        folder = Path(task_spec["mirror"])
+        if not folder.is_dir():
+            raise MirrorError(f"MTEB task {task.metadata.name!r}: its mirror folder {folder} (eval.tasks."
+                              f"{task.metadata.name}.mirror) not found")
+        return folder
+    root = task_spec.get("mirror_root")
+    if not root:
+        return None
+    subs = dataset_tasks(task)
+    if len(subs) > 1:
+        return Path(root) if all(mirror_folder(root, s.metadata.dataset["path"]).is_dir() for s in subs) else None
+    folder = mirror_folder(root, task.metadata.dataset["path"])
+    return folder if folder.is_dir() else None
+
+
+def load_task_data(task, task_spec: dict) -> dict[str, Any]:
+    """Load the task's data now, before the model, so missing data fails at once with a useful message.
+
+    Returns where the data came from: ``{"source": "local" | "mirror" | "hub", "mirror": {...}}``.
+    """
+    from kalm.mteb_mirror import MirrorError, how_to_mirror, use_mirror
+
     if task_spec.get("path"):
         task.load_data()  # LocalTaskError names file, line and field
-        return
+        check_reranking_candidates(task)
+        return {"source": "local"}
     name = task.metadata.name
     ds = task.metadata.dataset
+    info: dict[str, Any] = {"source": "hub"}
+    try:
+        folder = _mirror_target(task, task_spec)
+        if folder is not None:
+            info = {"source": "mirror", "mirror": use_mirror(task, folder)}
+    except MirrorError as e:
+        raise TaskDataUnavailable(f"{e}. {how_to_mirror(name, ds.get('path'), task_spec.get('mirror_root'), ds.get('revision'))}") from None
     try:
         task.load_data()
     except Exception as e:  # datasets/huggingface_hub raise ConnectionError, OSError, FileNotFoundError, ...
+        where = (f"from its mirror {folder}" if info["source"] == "mirror"
+                 else f"(dataset {ds.get('path')}@{ds.get('revision')}, no mirror"
+                      + (f" at {Path(task_spec['mirror_root']) / ds.get('path', '')}" if task_spec.get("mirror_root") else "")
+                      + ")")
         raise TaskDataUnavailable(
-            f"MTEB task {name!r}: its dataset {ds.get('path')}@{ds.get('revision')} could not be loaded "
-            f"({type(e).__name__}: {e}). With no network (HF_HUB_OFFLINE=1) it must be mirrored first: "
-            f"either point the task's \"path\" in the config at a local folder in kalm's local-task format "
-            f"(see kalm/local_tasks.py), or pre-populate the Hugging Face datasets cache on a machine with "
-            f"network (python -c \"import mteb; mteb.get_task('{name}').load_data()\") and copy HF_HOME "
-            f"(or HF_DATASETS_CACHE) here."
+            f"MTEB task {name!r}: its data could not be loaded {where}: {type(e).__name__}: {e}. "
+            f"{how_to_mirror(name, ds.get('path'), task_spec.get('mirror_root'), ds.get('revision'))}"
         ) from e
+    check_reranking_candidates(task)
+    return info
+
+
+def check_reranking_candidates(task) -> None:
+    """Stop if a reranking task would run as full-corpus retrieval.
+
+    mteb's retrieval loader reads a reranking dataset's candidate lists from its 'top_ranked'
+    config only if that config is listed; when it is not (an offline datasets cache that kept the
+    corpus but not the list of configs, a partial mirror), ``top_ranked`` is None and mteb ranks
+    every document of the corpus for every query, without a word: a different, harder benchmark
+    whose numbers look plausible. Every evaluated query (one with a positive judgement) must have a
+    non-empty candidate list.
+    """
+    from kalm.mteb_mirror import dataset_tasks
+
+    for sub in dataset_tasks(task):
+        meta = sub.metadata
+        if meta.type not in RERANKING_TYPES or not getattr(sub, "dataset", None):
+            continue
+        for subset in sub.hf_subsets:
+            for split in sub.eval_splits:
+                data = sub.dataset.get(subset, {}).get(split)
+                if data is None:
+                    continue  # mteb itself reports a missing split
+                judged = [q for q, docs in data["relevant_docs"].items() if any(s > 0 for s in docs.values())]
+                top = data.get("top_ranked")
+                where = f"MTEB task {meta.name!r} (subset {subset!r}, split {split!r})"
+                if not top:
+                    raise RerankingWithoutCandidates(
+                        f"{where} is a reranking task but its candidate lists (the dataset's 'top_ranked' config) "
+                        f"did not load: mteb would rank all {len(data['corpus'])} corpus documents for each of its "
+                        f"{len(judged)} queries, i.e. score it as retrieval, not as the published reranking task. "
+                        f"This happens when the data comes from an offline Hugging Face cache without the "
+                        f"'top_ranked' config; evaluate it from a complete mirror "
+                        f"(python -m kalm.mteb_mirror {meta.name} --root <mirror root>; see kalm/mteb_mirror.py)."
+                    )
+                missing = [q for q in judged if not top.get(q)]
+                if missing:
+                    raise RerankingWithoutCandidates(
+                        f"{where}: {len(missing)} of {len(judged)} evaluated queries have no candidate list "
+                        f"(first: {missing[0]!r}); their documents would be searched in the whole corpus. "
+                        f"The mirror or cache of its 'top_ranked' config is incomplete."
+                    )
 
 
 def _dtype(model) -> str:
@@ -137,50 +262,98 @@ def _dtype(model) -> str:
 
 def sidecar_path(out_path: str | Path) -> Path:
     out_path = Path(out_path)
-    stem = out_path.name[: -len(".json")] if out_path.name.endswith(".json") else out_path.name
+    stem = out_path.name.removesuffix(".json")
     return out_path.with_name(stem + ".kalm.json")
 
 
-def prepare_task(task: dict):
+class PreparedTask(NamedTuple):
+    """A loaded mteb task with the prompts implementing its instruction, and where both came from."""
+
+    task: Any
+    prompts: dict[str, str]
+    instruction: str | None
+    symmetric: bool
+    instruction_set: str
+    instruction_source: str
+    data: dict[str, Any]
+
+
+def prepare_task(task: dict) -> PreparedTask:
     """Resolve a task spec to a loaded mteb task and the exact prompts dict that implements its instruction."""
     from mteb.types import PromptType
 
+    from kalm.task_instructions import InstructionError, resolve_instruction
+
     mteb_task = resolve_task(task)
     task_type = mteb_task.metadata.type
-    instruction = task.get("instruction") or None
-    symmetric = is_symmetric(task, task_type)
+    instruction_set = task.get("instruction_set") or "kalm"
+    try:
+        instruction, source = resolve_instruction({**task, "name": mteb_task.metadata.name}, task_type, instruction_set)
+    except InstructionError as e:
+        raise TaskSpecError(str(e)) from None
+    symmetric = task_symmetric(task, task_type)
     prompts = build_prompts(task_type, instruction, symmetric)
     if prompts and not symmetric and task_type in PAIR_TYPES:
         # asymmetric pair task: first input is the query side, second the document side
         mteb_task.input1_prompt_type = PromptType.query
         mteb_task.input2_prompt_type = PromptType.document
-    load_task_data(mteb_task, task)
-    return mteb_task, prompts, instruction, symmetric
+    data = load_task_data(mteb_task, task)
+    return PreparedTask(mteb_task, prompts, instruction, symmetric, instruction_set, source, data)
 
 
-def run_mteb(model, mteb_task, prompts: dict[str, str], batch_size: int = 64):
-    """mteb's own evaluation of an in-memory model on one prepared task; returns the TaskResult."""
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_mteb(model, mteb_task, prompts: dict[str, str], batch_size: int = 64, min_batch_size: int = 1):
+    """mteb's own evaluation of an in-memory model on one prepared task; returns the TaskResult.
+
+    ``batch_size`` is the first batch size tried: on a GPU out-of-memory error the task is run again
+    with half of it (down to ``min_batch_size``), so the configured size can be the largest that
+    might fit. The size that ran is ``run_mteb.last_batch_size``. Texts are encoded in one
+    sentence-transformers ``encode`` call per side, which sorts them by length.
+    """
     import mteb
 
+    check_reranking_candidates(mteb_task)  # also for callers that load data themselves (soup dev task)
     # Exactly these prompts and nothing else: drop the model's own (e.g. {"query": "", ...}).
     saved = model.prompts, model.default_prompt_name
     model.prompts = dict(prompts)
     model.default_prompt_name = None
     try:
-        with warnings.catch_warnings():
-            # mteb nags when a prompts dict lacks generic "query"/"document" keys; ours are deliberate
-            warnings.filterwarnings("ignore", message="SentenceTransformers that use prompts most often")
-            result = mteb.evaluate(
-                model,
-                [mteb_task],
-                cache=None,
-                encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
-                show_progress_bar=False,
-            )
+        while True:
+            try:
+                with warnings.catch_warnings():
+                    # mteb nags when a prompts dict lacks generic "query"/"document" keys; ours are deliberate
+                    warnings.filterwarnings("ignore", message="SentenceTransformers that use prompts most often")
+                    result = mteb.evaluate(
+                        model,
+                        [mteb_task],
+                        cache=None,
+                        encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+                        show_progress_bar=False,
+                    )
+                break
+            except Exception as e:
+                if not _is_oom(e) or batch_size // 2 < min_batch_size:
+                    raise
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("%s: out of memory at batch size %d; retrying with %d", mteb_task.metadata.name,
+                               batch_size, batch_size // 2)
+                batch_size //= 2
     finally:
         model.prompts, model.default_prompt_name = saved
+    run_mteb.last_batch_size = batch_size
     (task_result,) = result.task_results
     return task_result
+
+
+run_mteb.last_batch_size = None
 
 
 def evaluate_task(
@@ -197,7 +370,8 @@ def evaluate_task(
     from kalm.modeling import load_embedding_model
 
     t0 = time.time()
-    mteb_task, prompts, instruction, symmetric = prepare_task(task)
+    prep = prepare_task(task)
+    mteb_task, prompts = prep.task, prep.prompts
     task_type, name = mteb_task.metadata.type, mteb_task.metadata.name
     model = load_embedding_model(model_spec, max_seq_length=max_seq_length, device=device)
     logger.info("evaluating %s on %s (%s) with prompts %s", model_spec, name, task_type, prompts)
@@ -213,15 +387,22 @@ def evaluate_task(
         "main_score": float(task_result.get_score()),
         "metric": mteb_task.metadata.main_score,
         "model": model_spec,
-        "instruction": instruction,
-        "symmetric": symmetric,
+        "instruction": prep.instruction,
+        "instruction_set": prep.instruction_set,
+        "instruction_source": prep.instruction_source,
+        "symmetric": prep.symmetric,
         "prompts": prompts,
         "max_seq_length": model.max_seq_length,
         "dtype": _dtype(model),
+        "batch_size": run_mteb.last_batch_size,
         "mteb_version": task_result.mteb_version or mteb.__version__,
         "dataset_revision": task_result.dataset_revision,
-        "source": "local" if task.get("path") else "mteb",
+        "subsets": sorted(mteb_task.hf_subsets),
+        "splits": list(mteb_task.eval_splits),
+        "source": prep.data["source"],
         "path": task.get("path"),
+        "mirror": prep.data.get("mirror"),
+        "benchmark": task.get("benchmark"),
         "seconds": round(time.time() - t0, 3),
     }
     write_json(sidecar_path(out_path), sidecar)
@@ -256,9 +437,11 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a model on one MTEB task (local folder or registered task)")
     p.add_argument("--model", required=True, help="model path or package:<name>")
-    p.add_argument("--task-json", required=True, help="task spec as JSON: name, type, lang, [path, instruction, symmetric]")
+    p.add_argument("--task-json", required=True,
+                   help="task spec as JSON: name, type, lang, [path, mirror, mirror_root, benchmark, subsets, splits, "
+                        "instruction, instruction_set, symmetric]")
     p.add_argument("--out", required=True, help="mteb result JSON to write; the sidecar goes to <out minus .json>.kalm.json")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="first batch size tried; halved on GPU out-of-memory")
     p.add_argument("--max-seq-length", type=int, default=None)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=_run)

@@ -12,6 +12,14 @@ configured task name); its data is read from a folder and validated line by line
 - ``PairClassification``: ``test.jsonl`` with ``{"sentence1", "sentence2", "label"}``, label 0 or 1.
 - ``Classification``: ``train.jsonl`` and ``test.jsonl`` with ``{"text", "label"}`` (label a
   string or an integer); mteb trains a logistic regression on few-shot samples of ``train``.
+- ``Reranking``: the retrieval files plus ``top_ranked.jsonl`` with ``{"query-id", "corpus-ids":
+  [...]}``, the candidate list of each query; every judged query must have one (a reranking task
+  without candidates would be scored as full-corpus retrieval). Main score MAP@1000, as mteb's
+  reranking tasks.
+- ``Clustering``: ``test.jsonl`` with ``{"text", "label"}``; mteb's clustering evaluation (k-means
+  with as many clusters as labels, V-measure) over ``n_experiments`` samples (default 10) of
+  ``cluster_size`` texts drawn with replacement (default: as many as the task has, at most
+  mteb's 16,384); every text is embedded (mteb's registered tasks embed a fraction of theirs).
 
 Bad input raises :class:`LocalTaskError` naming the file, the line and the field.
 """
@@ -34,6 +42,8 @@ TASK_FILES: dict[str, list[str]] = {
     "STS": ["test.jsonl"],
     "PairClassification": ["test.jsonl"],
     "Classification": ["train.jsonl", "test.jsonl"],
+    "Reranking": ["corpus.jsonl", "queries.jsonl", "qrels.tsv", "top_ranked.jsonl"],
+    "Clustering": ["test.jsonl"],
 }
 SUPPORTED_TYPES = tuple(TASK_FILES)
 
@@ -171,6 +181,50 @@ def read_retrieval(folder: str | Path) -> tuple[list[dict], list[dict], dict[str
     return judged, corpus, relevant
 
 
+def read_top_ranked(folder: str | Path, queries: list[dict], corpus: list[dict]) -> dict[str, list[str]]:
+    """Read ``top_ranked.jsonl``: the candidate documents of each judged query (reranking)."""
+    path = Path(folder) / "top_ranked.jsonl"
+    query_ids = {q["id"] for q in queries}
+    doc_ids = {d["id"] for d in corpus}
+    top_ranked: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
+    for lineno, rec in _iter_jsonl(path):
+        qid = str(_field(path, lineno, rec, "query-id", (str, int)))
+        if qid in seen:
+            raise LocalTaskError(f"{path}:{lineno}: field 'query-id' {qid!r} is a duplicate of line {seen[qid]}")
+        seen[qid] = lineno
+        cands = _field(path, lineno, rec, "corpus-ids", (list,))
+        if not cands:
+            raise LocalTaskError(f"{path}:{lineno}: field 'corpus-ids' is empty")
+        ids = []
+        for i, c in enumerate(cands):
+            if isinstance(c, bool) or not isinstance(c, (str, int)) or str(c) not in doc_ids:
+                raise LocalTaskError(f"{path}:{lineno}: field 'corpus-ids[{i}]' {c!r} is not a document of corpus.jsonl")
+            ids.append(str(c))
+        if qid in query_ids:  # candidates of unjudged queries are not evaluated (like their queries)
+            top_ranked[qid] = ids
+    missing = sorted(query_ids - set(top_ranked))
+    if missing:
+        raise LocalTaskError(
+            f"{path}: {len(missing)} judged queries have no candidate list (first: {missing[0]!r}); a reranking "
+            "task must give each its candidates, or it would be scored as retrieval over the whole corpus"
+        )
+    return top_ranked
+
+
+def read_clustering(folder: str | Path) -> dict[str, list]:
+    """Read ``test.jsonl`` of a clustering task as mteb's columns ``sentences`` and ``labels`` (strings)."""
+    path = Path(folder) / "test.jsonl"
+    cols: dict[str, list] = {"sentences": [], "labels": []}
+    for lineno, rec in _iter_jsonl(path):
+        cols["sentences"].append(_field(path, lineno, rec, "text", (str,)))
+        # v-measure only compares the partition, so labels can be strings whatever their type in the file
+        cols["labels"].append(str(_field(path, lineno, rec, "label", (str, int))))
+    if len(set(cols["labels"])) < 2:
+        raise LocalTaskError(f"{path}: need at least 2 distinct labels to cluster, got {len(set(cols['labels']))}")
+    return cols
+
+
 def read_sts(folder: str | Path, min_score: float = 0, max_score: float = 5) -> dict[str, list]:
     path = Path(folder) / "test.jsonl"
     cols: dict[str, list] = {"sentence1": [], "sentence2": [], "score": []}
@@ -282,6 +336,41 @@ def _load_retrieval(self, num_proc=None, **kwargs) -> None:
     self.data_loaded = True
 
 
+def _load_reranking(self, num_proc=None, **kwargs) -> None:
+    if self.data_loaded:
+        return
+    from datasets import Dataset
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+    queries, corpus, relevant = read_retrieval(self.local_path)
+    top_ranked = read_top_ranked(self.local_path, queries, corpus)
+    self.dataset = {
+        "default": {
+            "test": RetrievalSplitData(
+                queries=Dataset.from_list(queries),
+                corpus=Dataset.from_list(corpus),
+                relevant_docs=relevant,
+                top_ranked=top_ranked,
+            )
+        }
+    }
+    self.data_loaded = True
+
+
+def _load_clustering(self, num_proc=None, **kwargs) -> None:
+    if self.data_loaded:
+        return
+    from datasets import Dataset, DatasetDict
+
+    cols = read_clustering(self.local_path)
+    if self.max_documents_per_cluster is None:
+        # mteb samples cluster_size texts with replacement; its 16,384 default means "all of them"
+        # for its registered tasks, so a small local task takes as many as it has
+        self.max_documents_per_cluster = min(len(cols["sentences"]), 16_384)
+    self.dataset = DatasetDict({"test": Dataset.from_dict(cols)})
+    self.data_loaded = True
+
+
 def _load_sts(self, num_proc=None, **kwargs) -> None:
     if self.data_loaded:
         return
@@ -329,6 +418,14 @@ def _base_class(task_type: str):
         from mteb.abstasks.classification import AbsTaskClassification
 
         return AbsTaskClassification, "accuracy", _load_classification
+    if task_type == "Reranking":
+        from mteb.abstasks.retrieval import AbsTaskRetrieval
+
+        return AbsTaskRetrieval, "map_at_1000", _load_reranking
+    if task_type == "Clustering":
+        from mteb.abstasks.clustering import AbsTaskClustering
+
+        return AbsTaskClustering, "v_measure", _load_clustering
     raise LocalTaskError(f"local tasks of type {task_type!r} are not supported (supported: {', '.join(SUPPORTED_TYPES)})")
 
 
@@ -351,6 +448,10 @@ def make_task_class(spec: dict) -> type:
     if task_type == "STS":
         attrs["min_score"] = spec.get("min_score", 0)
         attrs["max_score"] = spec.get("max_score", 5)
+    if task_type == "Clustering":
+        attrs["max_fraction_of_documents_to_embed"] = None  # embed every text of the file
+        attrs["max_documents_per_cluster"] = spec.get("cluster_size")  # None: set from the data on load
+        attrs["n_clusters"] = spec.get("n_experiments", 10)
     return type(name, (base,), attrs)
 
 

@@ -1,14 +1,18 @@
 """Model soups: average the parameters of fine-tuned checkpoints of one architecture.
 
-- uniform: θ = 1/R Σ_r θ_r (Wortsman et al. 2022, "Model soups", arXiv 2203.05482; KaLM merges
+- uniform: θ = 1/N Σ_i θ_i (Wortsman et al. 2022, "Model soups", arXiv 2203.05482; KaLM merges
   its fine-tune runs this way);
-- weighted: θ = Σ_r w_r θ_r with Σ w_r = 1, the weights given, or derived from each ingredient's
+- weighted: θ = Σ_i w_i θ_i with Σ w_i = 1, the weights given, or derived from each ingredient's
   dev-set loss as w = softmax(-loss / T) (LM-Cocktail, Xiao et al. 2023, arXiv 2311.13534);
 - greedy: ingredients sorted by dev score, each added to the soup only if the dev score of the
   uniform average does not drop (Wortsman et al. 2022, Recipe 1), so the soup never scores
   below its best ingredient on the dev task.
 
-All ingredients must share architecture and tokenizer (checked, with a clear error).
+Ingredients are the R fine-tune runs (their final models) and, with ``last_k`` > 1, the k-1
+snapshots each run kept before its end (:class:`SnapshotKeeper`, written by the trainer), i.e. the
+last k checkpoints of every run. All must share architecture and tokenizer (checked, with an error
+naming the ingredient). Models are loaded one at a time (the average is a running float64 sum), so
+memory is one model plus the sum, whatever the number of ingredients.
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
-from kalm.io import write_json
+from kalm.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+SNAPSHOT_MANIFEST = "snapshots.json"
 
 
 def _tokenizer_fingerprint(model_dir: str) -> str:
@@ -36,36 +42,206 @@ def _tokenizer_fingerprint(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def load_ingredients(model_dirs: list[str]):
-    """Load the models; refuse mixed tokenizers or architectures. Returns (models, state dicts)."""
-    from kalm.modeling import load_embedding_model
+def _architecture(model_dir: str) -> dict:
+    """What must match between ingredients besides parameter names and shapes: the module stack and
+    the backbone's model type (two backbones can share shapes and names yet compute differently)."""
+    root = Path(model_dir)
+    arch: dict = {}
+    if (root / "modules.json").is_file():
+        arch["modules"] = [m.get("type") for m in read_json(root / "modules.json")]
+    if (root / "config.json").is_file():
+        cfg = read_json(root / "config.json")
+        arch["model_type"] = cfg.get("model_type")
+        arch["architectures"] = cfg.get("architectures")
+    return arch
 
+
+def check_compatible(model_dirs: list[str]) -> None:
+    """Refuse ingredients whose tokenizers or architectures (module stack, model type) differ."""
     if not model_dirs:
         raise ValueError("soup needs at least one model")
-    fingerprints = {d: _tokenizer_fingerprint(d) for d in model_dirs}
-    if len(set(fingerprints.values())) > 1:
-        raise ValueError(f"soup ingredients have different tokenizers: {sorted(fingerprints)}")
+    first = model_dirs[0]
+    tok, arch = _tokenizer_fingerprint(first), _architecture(first)
+    for d in model_dirs[1:]:
+        if _tokenizer_fingerprint(d) != tok:
+            raise ValueError(f"soup ingredients have different tokenizers: {d} differs from {first}")
+        other = _architecture(d)
+        for key in sorted(set(arch) | set(other)):
+            if arch.get(key) != other.get(key):
+                raise ValueError(f"soup ingredient {d} has a different architecture than {first}: "
+                                 f"{key} {other.get(key)!r} vs {arch.get(key)!r}")
+
+
+def _check_state(d: str, state: dict, ref: dict, ref_dir: str) -> None:
+    if state.keys() != ref.keys():
+        diff = sorted(set(state) ^ set(ref))[:3]
+        raise ValueError(f"soup ingredient {d} has a different architecture than {ref_dir}: parameters {diff} differ")
+    for k, v in state.items():
+        if v.shape != ref[k].shape:
+            raise ValueError(f"soup ingredient {d} has a different architecture than {ref_dir}: "
+                             f"{k} has shape {tuple(v.shape)} vs {tuple(ref[k].shape)}")
+
+
+def load_ingredients(model_dirs: list[str]):
+    """Load all models at once (small soups, tests); refuse mixed tokenizers or architectures.
+    Returns (models, state dicts). ``make_soup`` itself loads one model at a time."""
+    from kalm.modeling import load_embedding_model
+
+    check_compatible(model_dirs)
     models = [load_embedding_model(d) for d in model_dirs]
-    # copies: state_dict() shares storage with the model, which the greedy soup overwrites while it tries
+    # copies: state_dict() shares storage with the model
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
     for d, state in zip(model_dirs[1:], states[1:]):
-        if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):
-            raise ValueError(f"soup ingredient {d} has a different architecture than {model_dirs[0]}")
+        _check_state(d, state, states[0], model_dirs[0])
     return models, states
 
 
 def average(states: list[dict], weights: list[float] | None = None) -> dict:
     """Weighted parameter average (float64 accumulation); non-float buffers come from the first."""
-    weights = weights or [1.0 / len(states)] * len(states)
-    if len(weights) != len(states) or abs(sum(weights) - 1) > 1e-6 or min(weights) < 0:
-        raise ValueError(f"soup weights must be {len(states)} non-negative numbers summing to 1, got {weights}")
-    out = {}
-    for k, ref in states[0].items():
-        if ref.is_floating_point():
-            out[k] = sum(w * s[k].double() for w, s in zip(weights, states)).to(ref.dtype)
-        else:
-            out[k] = ref
-    return out
+    weights = _check_weights(weights, len(states))
+    acc = _Accumulator()
+    for w, s in zip(weights, states):
+        acc.add(s, w)
+    return acc.result()
+
+
+def _check_weights(weights: list[float] | None, n: int) -> list[float]:
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    if len(weights) != n or abs(sum(weights) - 1) > 1e-6 or min(weights) < 0:
+        raise ValueError(f"soup weights must be {n} non-negative numbers summing to 1, got {weights}")
+    return weights
+
+
+class _Accumulator:
+    """Running Σ w_i θ_i in float64; ``result(scale)`` casts back to each parameter's dtype."""
+
+    def __init__(self) -> None:
+        self.sum: dict | None = None
+        self.dtypes: dict = {}
+
+    def add(self, state: dict, weight: float = 1.0) -> None:
+        if self.sum is None:
+            self.sum, self.dtypes = {}, {k: v.dtype for k, v in state.items()}
+            for k, v in state.items():
+                # non-float buffers (position ids) are not averaged: the first ingredient's are kept
+                self.sum[k] = weight * v.detach().double() if v.is_floating_point() else v.detach().clone()
+            return
+        for k, v in state.items():
+            if v.is_floating_point():
+                self.sum[k] += weight * v.detach().double()
+
+    def result(self, scale: float = 1.0, extra: dict | None = None) -> dict:
+        """``scale * (sum [+ extra])`` as a state dict (``extra``: a trial ingredient, not kept)."""
+        out = {}
+        for k, v in self.sum.items():
+            if not v.is_floating_point():
+                out[k] = v
+                continue
+            total = v + extra[k].detach().double() if extra is not None else v
+            out[k] = (total * scale if scale != 1.0 else total).to(self.dtypes[k])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The last k checkpoints of a run: snapshots the trainer keeps, read back here
+# --------------------------------------------------------------------------------------------
+
+
+def snapshot_dir(checkpoint_dir: str | Path) -> Path:
+    """Where a run keeps its soup snapshots: beside its resumable checkpoint (outside Snakemake's
+    outputs, which Snakemake deletes before a re-run)."""
+    return Path(checkpoint_dir) / "snapshots"
+
+
+def _weights_digest(model_dir: str | Path) -> str:
+    """sha256 over the weight files of a saved model: identifies the final model a run produced."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for path in sorted(root.rglob("*.safetensors")):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class SnapshotKeeper:
+    """Keeps the last ``keep`` sentence-transformers snapshots of one training run, for the soup.
+
+    The trainer (rank 0) calls :meth:`save` every N steps and :meth:`finish` after writing its final
+    model; the soup then takes the final model and the ``k - 1`` newest snapshots before it
+    (:func:`last_k_ingredients`). Snapshots are ``<folder>/step-00000100/`` (saved atomically), and
+    ``<folder>/snapshots.json`` records the run's fingerprint, the kept steps and, once finished,
+    the digest of the final model's weights, so the soup never mixes in snapshots of another run.
+    Snapshots made under another fingerprint (start model, data, hyper-parameters) are deleted
+    when a keeper with a new fingerprint is created; a resumed run (same fingerprint) keeps them and
+    rewrites any step it recomputes with the same weights (training is deterministic per step).
+    """
+
+    def __init__(self, folder: str | Path, keep: int, fingerprint: dict | None = None):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.fingerprint = hashlib.sha256(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        manifest = self._manifest()
+        if manifest is not None and manifest.get("fingerprint") != self.fingerprint:
+            log.info("removing soup snapshots of another run configuration in %s", self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _manifest(self) -> dict | None:
+        path = self.folder / SNAPSHOT_MANIFEST
+        return read_json(path) if path.is_file() else None
+
+    def steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def save(self, model, step: int) -> Path | None:
+        """Save ``model`` as the snapshot of ``step``; delete snapshots beyond the last ``keep``."""
+        from kalm.modeling import save_model
+
+        if self.keep <= 0:
+            return None
+        path = self.folder / f"step-{step:08d}"
+        save_model(model, path)
+        steps = self.steps()
+        for old in steps[:-self.keep]:
+            shutil.rmtree(self.folder / f"step-{old:08d}", ignore_errors=True)
+        write_json(self.folder / SNAPSHOT_MANIFEST,
+                   {"fingerprint": self.fingerprint, "keep": self.keep, "steps": steps[-self.keep:], "finished": False})
+        return path
+
+    def finish(self, final_dir: str | Path, final_step: int) -> None:
+        """Record the run's final model (after it is written): only then are the snapshots usable."""
+        write_json(self.folder / SNAPSHOT_MANIFEST,
+                   {"fingerprint": self.fingerprint, "keep": self.keep, "steps": self.steps(), "finished": True,
+                    "final": str(final_dir), "final_step": final_step, "final_weights": _weights_digest(final_dir)})
+
+
+def last_k_ingredients(final_dir: str, snapshots: str | Path | None, k: int) -> list[str]:
+    """The last ``k`` checkpoints of one run, oldest first: ``k - 1`` snapshots and the final model."""
+    if k < 1:
+        raise ValueError(f"last_k must be at least 1, got {k}")
+    if k == 1:
+        return [str(final_dir)]
+    folder = Path(snapshots) if snapshots else None
+    manifest_path = folder / SNAPSHOT_MANIFEST if folder else None
+    if manifest_path is None or not manifest_path.is_file():
+        raise ValueError(f"soup last_k={k}: run {final_dir} has no snapshots ({manifest_path} not found); the "
+                         f"trainer keeps them when started with --keep-snapshots and --snapshot-every")
+    manifest = read_json(manifest_path)
+    if not manifest.get("finished"):
+        raise ValueError(f"soup: the snapshots in {folder} belong to a run that did not finish ({manifest_path})")
+    if manifest.get("final_weights") != _weights_digest(final_dir):
+        raise ValueError(f"soup: the snapshots in {folder} belong to another training run than {final_dir} "
+                         f"(its weights differ from those recorded in {manifest_path}); re-run the fine-tuning")
+    steps = [s for s in manifest.get("steps", []) if s < manifest.get("final_step", float("inf"))]
+    dirs = [folder / f"step-{s:08d}" for s in steps]
+    dirs = [d for d in dirs if d.is_dir()]
+    if len(dirs) < k - 1:
+        raise ValueError(f"soup last_k={k}: run {final_dir} kept {len(dirs)} snapshots before its final model in "
+                         f"{folder}, {k - 1} needed (lower soup.last_k or snapshot more often)")
+    return [str(d) for d in dirs[len(dirs) - (k - 1):]] + [str(final_dir)]
 
 
 def loss_weights(losses: list[float], temperature: float) -> list[float]:
@@ -90,52 +266,99 @@ def dev_loss(model, task: dict, temperature: float = 0.05, max_pairs: int = 256)
         return float(info_nce(q, p, temperature))
 
 
-def dev_score(model, task: dict, batch_size: int = 64) -> float:
-    """mteb's main score of the model on the dev task (same path as `kalm evaluate`)."""
-    from kalm.evaluate import prepare_task, run_mteb
+def dev_score(model, task, batch_size: int = 64) -> float:
+    """mteb's main score of the model on the dev task (same path as `kalm evaluate`).
 
-    mteb_task, prompts, _, _ = prepare_task(task)
-    return float(run_mteb(model, mteb_task, prompts, batch_size).get_score())
+    ``task`` is a task spec, or a :class:`kalm.evaluate.PreparedTask` to score several models
+    without loading the task's data again."""
+    from kalm.evaluate import PreparedTask, prepare_task, run_mteb
+
+    prep = task if isinstance(task, PreparedTask) else prepare_task(task)
+    return float(run_mteb(model, prep.task, prep.prompts, batch_size).get_score())
+
+
+def _expand_weights(weights: list[float] | None, runs: int, k: int) -> list[float] | None:
+    """Weights per ingredient: given per ingredient (R*k), or per run (R) and split evenly over its k."""
+    if weights is None or len(weights) == runs * k:
+        return weights
+    if len(weights) == runs:
+        return [w / k for w in weights for _ in range(k)]
+    raise ValueError(f"soup weights: got {len(weights)}, need one per run ({runs}) or per ingredient ({runs * k})")
 
 
 def make_soup(model_dirs: list[str], out_dir: str, method: str = "uniform", weights: list[float] | None = None,
-              dev_task: dict | None = None, temperature: float = 5.0, report_path: str | None = None) -> dict:
-    from kalm.modeling import save_model
+              dev_task: dict | None = None, temperature: float = 5.0, report_path: str | None = None,
+              last_k: int = 1, snapshot_dirs: list[str] | None = None) -> dict:
+    """Soup the runs ``model_dirs`` (their final models and, with ``last_k`` > 1, the ``last_k - 1``
+    snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model."""
+    from kalm.modeling import load_embedding_model, save_model
 
-    models, states = load_ingredients(model_dirs)
-    report: dict = {"method": method, "ingredients": list(model_dirs)}
-    base = models[0]
-    if method == "uniform":
-        soup = average(states)
-    elif method == "weighted":
-        if weights is None:
-            if dev_task is None:
-                raise ValueError("weighted soup needs weights or a dev task to derive them from")
-            report["dev_losses"] = [dev_loss(m, dev_task) for m in models]
-            weights = loss_weights(report["dev_losses"], temperature)
-        report["weights"] = weights
-        soup = average(states, weights)
-    elif method == "greedy":
+    if method not in ("uniform", "weighted", "greedy"):
+        raise ValueError(f"unknown soup method {method!r} (uniform, weighted, greedy)")
+    if last_k > 1 and (snapshot_dirs is None or len(snapshot_dirs) != len(model_dirs)):
+        raise ValueError(f"soup last_k={last_k} needs one snapshot folder per run ({len(model_dirs)}), "
+                         f"got {0 if snapshot_dirs is None else len(snapshot_dirs)}")
+    ingredients = [d for i, run in enumerate(model_dirs)
+                   for d in last_k_ingredients(run, snapshot_dirs[i] if snapshot_dirs else None, last_k)]
+    check_compatible(ingredients)
+    report: dict = {"method": method, "runs": list(model_dirs), "last_k": last_k, "ingredients": ingredients}
+
+    base = load_embedding_model(ingredients[0])
+    ref = {k: v.detach().clone() for k, v in base.state_dict().items()}
+
+    def state_of(i: int) -> dict:
+        """Ingredient i's parameters (the first is kept as ``ref``: ``base`` is overwritten while trying)."""
+        if i == 0:
+            return ref
+        state = load_embedding_model(ingredients[i]).state_dict()
+        _check_state(ingredients[i], state, ref, ingredients[0])
+        return state
+
+    def with_model(i: int, fn):
+        model = base if i == 0 else load_embedding_model(ingredients[i])
+        if i == 0:
+            base.load_state_dict(ref)
+        return fn(model)
+
+    acc = _Accumulator()
+    if method in ("uniform", "weighted"):
+        if method == "weighted":
+            weights = _expand_weights(weights, len(model_dirs), last_k)
+            if weights is None:
+                if dev_task is None:
+                    raise ValueError("weighted soup needs weights or a dev task to derive them from")
+                report["dev_losses"] = [with_model(i, lambda m: dev_loss(m, dev_task)) for i in range(len(ingredients))]
+                weights = loss_weights(report["dev_losses"], temperature)
+            report["weights"] = weights
+        weights = _check_weights(weights if method == "weighted" else None, len(ingredients))
+        for i, w in enumerate(weights):
+            acc.add(state_of(i), w)
+        soup = acc.result()
+    else:
         if dev_task is None:
             raise ValueError("greedy soup needs a dev task")
-        scores = [dev_score(m, dev_task) for m in models]
-        order = sorted(range(len(models)), key=lambda i: -scores[i])
+        from kalm.evaluate import prepare_task
+
+        prepared = prepare_task(dev_task)
+        scores = [with_model(i, lambda m: dev_score(m, prepared)) for i in range(len(ingredients))]
+        order = sorted(range(len(ingredients)), key=lambda i: -scores[i])
         chosen, best = [order[0]], scores[order[0]]
+        acc.add(state_of(order[0]))
         for i in order[1:]:
-            base.load_state_dict(average([states[j] for j in chosen + [i]]))
-            score = dev_score(base, dev_task)
-            log.info("greedy soup: + %s -> %.4f (best %.4f)", model_dirs[i], score, best)
+            state = state_of(i)
+            base.load_state_dict(acc.result(1.0 / (len(chosen) + 1), extra=state))
+            score = dev_score(base, prepared)
+            log.info("greedy soup: + %s -> %.4f (best %.4f)", ingredients[i], score, best)
             if score >= best:
+                acc.add(state)
                 chosen, best = chosen + [i], score
-        report.update(dev_scores=scores, chosen=[model_dirs[i] for i in chosen], soup_dev_score=best)
-        soup = average([states[j] for j in chosen])
-    else:
-        raise ValueError(f"unknown soup method {method!r} (uniform, weighted, greedy)")
+        report.update(dev_scores=scores, chosen=[ingredients[i] for i in chosen], soup_dev_score=best)
+        soup = acc.result(1.0 / len(chosen))
     base.load_state_dict(soup)
     save_model(base, out_dir)
     if report_path:
         write_json(report_path, report)
-    log.info("souped %d models into %s (%s)", len(model_dirs), out_dir, method)
+    log.info("souped %d checkpoints of %d runs into %s (%s)", len(ingredients), len(model_dirs), out_dir, method)
     return report
 
 
@@ -145,16 +368,21 @@ def uniform_soup(model_dirs: list[str], out_dir: str) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     dev = json.loads(args.dev_task_json) if args.dev_task_json else None
-    make_soup(args.models, args.out, args.method, args.weights, dev, args.temperature, args.report)
+    make_soup(args.models, args.out, args.method, args.weights, dev, args.temperature, args.report,
+              last_k=args.last_k, snapshot_dirs=args.snapshots)
 
 
 def register(sub) -> None:
     p = sub.add_parser("soup", help="average fine-tuned models (uniform, weighted or greedy soup)")
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="+", help="the fine-tune runs' final models")
     p.add_argument("--out", required=True)
     p.add_argument("--method", choices=["uniform", "weighted", "greedy"], default="uniform")
-    p.add_argument("--weights", type=float, nargs="+", help="weighted soup: one weight per model, summing to 1")
+    p.add_argument("--weights", type=float, nargs="+",
+                   help="weighted soup: one weight per run (split evenly over its last k) or per ingredient, summing to 1")
     p.add_argument("--dev-task-json", help="dev task spec (a local task) for greedy / loss-weighted soups")
     p.add_argument("--temperature", type=float, default=5.0, help="loss-weighted soup: softmax temperature")
-    p.add_argument("--report", help="JSON with the weights / dev scores / chosen ingredients")
+    p.add_argument("--last-k", type=int, default=1,
+                   help="ingredients per run: its final model and the last-k - 1 snapshots before it")
+    p.add_argument("--snapshots", nargs="+", help="with --last-k > 1: each run's snapshot folder, in the order of the models")
+    p.add_argument("--report", help="JSON with the ingredients, weights / dev scores / chosen ingredients")
     p.set_defaults(func=_run)

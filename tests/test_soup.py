@@ -99,3 +99,66 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(two_models, tmp_path
     assert report["soup_dev_score"] >= best
     assert dev_score(load(str(tmp_path / "s")), dev_task) == pytest.approx(report["soup_dev_score"], abs=1e-6)
     assert report["chosen"][0] == dirs[report["dev_scores"].index(best)]
+
+
+def test_soup_refuses_different_architectures(two_models, tmp_path):
+    """Same tokenizer, one layer fewer: refused, naming the ingredient and the parameters."""
+    from conftest import make_bilingual_sentences
+
+    from kalm.tiny_qwen import build_tiny_qwen2
+
+    build_tiny_qwen2(tmp_path / "shallow_hf", make_bilingual_sentences(300), num_layers=1, seed=0)
+    save_model(load_embedding_model(str(tmp_path / "shallow_hf")), str(tmp_path / "shallow"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(two_models / "a" / name, tmp_path / "shallow" / name)
+    with pytest.raises(ValueError, match=r"shallow has a different architecture than .*a: parameters \[.*layers\.1"):
+        uniform_soup([str(two_models / "a"), str(tmp_path / "shallow")], str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_last_k_checkpoints_as_ingredients(two_models, tmp_path):
+    """The trainer's side (SnapshotKeeper) and the soup's (last_k): the last k checkpoints of a run."""
+    from kalm.soup import SnapshotKeeper, last_k_ingredients, make_soup, snapshot_dir
+
+    a = load_embedding_model(str(two_models / "a"))
+    b = load_embedding_model(str(two_models / "b"))
+    snaps = snapshot_dir(tmp_path / "checkpoints" / "finetune_run0")
+    keeper = SnapshotKeeper(snaps, keep=2, fingerprint={"model": "m", "lr": 1e-5})
+    for step, model in ((10, a), (20, b), (30, a)):
+        keeper.save(model, step)
+    assert keeper.steps() == [20, 30]  # only the last `keep` stay
+    final = tmp_path / "models" / "run0"
+    save_model(b, str(final))
+    keeper.finish(final, final_step=40)
+
+    assert last_k_ingredients(str(final), snaps, 1) == [str(final)]
+    assert last_k_ingredients(str(final), snaps, 3) == [str(snaps / "step-00000020"), str(snaps / "step-00000030"),
+                                                        str(final)]
+    report = make_soup([str(final)], str(tmp_path / "soup"), last_k=3, snapshot_dirs=[str(snaps)])
+    assert report["ingredients"][-1] == str(final) and len(report["ingredients"]) == 3
+    sa, sb = a.state_dict(), b.state_dict()
+    s = load_embedding_model(str(tmp_path / "soup")).state_dict()
+    for k in sa:
+        if sa[k].is_floating_point():
+            assert torch.allclose(s[k], (2 * sb[k] + sa[k]) / 3, atol=1e-6), k
+    # per-run weights are spread over the run's k ingredients
+    report = make_soup([str(final), str(final)], str(tmp_path / "w"), "weighted", [0.25, 0.75], last_k=2,
+                       snapshot_dirs=[str(snaps), str(snaps)])
+    assert report["weights"] == [0.125, 0.125, 0.375, 0.375]
+
+    with pytest.raises(ValueError, match=r"kept 2 snapshots before its final model .* 3 needed"):
+        last_k_ingredients(str(final), snaps, 4)
+    with pytest.raises(ValueError, match="one snapshot folder per run"):
+        make_soup([str(final)], str(tmp_path / "x"), last_k=2)
+    with pytest.raises(ValueError, match="has no snapshots"):
+        last_k_ingredients(str(final), tmp_path / "nothing", 2)
+    # the final model of another run: its snapshots are not this run's
+    save_model(a, str(final))
+    with pytest.raises(ValueError, match="belong to another training run"):
+        last_k_ingredients(str(final), snaps, 2)
+    # a run restarted with another configuration drops the old snapshots; unfinished ones are refused
+    keeper = SnapshotKeeper(snaps, keep=2, fingerprint={"model": "m", "lr": 2e-5})
+    assert keeper.steps() == []
+    keeper.save(a, 5)
+    with pytest.raises(ValueError, match="did not finish"):
+        last_k_ingredients(str(final), snaps, 2)

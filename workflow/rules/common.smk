@@ -44,30 +44,39 @@ def symmetric_json(stage):
     return json.dumps({t: is_symmetric(spec.get("type")) for t, spec in sorted(config["data"][stage].items())})
 
 
-def _expand_benchmark(name):
-    # Only imported when the config names an MTEB benchmark (mteb is slow to import).
-    import mteb
-
-    return [t.metadata.name for t in mteb.get_benchmark(name).tasks]
-
-
 def _language_tasks(lang):
+    """{task: benchmark it was listed by, or None} for one language, in config order."""
+    from kalm.task_instructions import benchmark_tasks  # imports mteb only for mteb benchmark names
+
     entry = config["eval"]["languages"][lang]
     if isinstance(entry, dict):
-        return _expand_benchmark(entry["benchmark"]) + list(entry.get("tasks", []))
-    return list(entry)
+        tasks = {t: entry["benchmark"] for t in benchmark_tasks(entry["benchmark"])}
+        tasks.update({t: None for t in entry.get("tasks", []) if t not in tasks})
+        return tasks
+    return {t: None for t in entry}
 
 
 LANGUAGES = sorted(config["eval"]["languages"])
-EVAL_TASKS = {lang: _language_tasks(lang) for lang in LANGUAGES}
+EVAL_TASK_SOURCES = {lang: _language_tasks(lang) for lang in LANGUAGES}
+EVAL_TASKS = {lang: list(tasks) for lang, tasks in EVAL_TASK_SOURCES.items()}
 
 
 def eval_task_spec(lang, task):
-    spec = dict(config["eval"].get("tasks", {}).get(task, {}))
+    """The task spec `kalm evaluate --task-json` gets (see kalm/evaluate.py): the benchmark's defaults
+    for the task, then the config's eval.tasks entry, instruction, instruction set and mirror root."""
+    from kalm.task_instructions import benchmark_task_defaults
+
+    bench = EVAL_TASK_SOURCES.get(lang, {}).get(task)
+    spec = benchmark_task_defaults(bench, task) if bench else {}
+    spec.update(config["eval"].get("tasks", {}).get(task, {}))
     spec.setdefault("name", task)
     spec.setdefault("lang", lang)
     if task in config["eval"].get("instructions", {}):
         spec.setdefault("instruction", config["eval"]["instructions"][task])
+    if config["eval"].get("instruction_set"):
+        spec.setdefault("instruction_set", config["eval"]["instruction_set"])
+    if config["eval"].get("mirror") and not spec.get("path"):
+        spec.setdefault("mirror_root", config["eval"]["mirror"])
     return spec
 
 
@@ -94,8 +103,10 @@ def eval_model_input(wildcards):
 
 
 def eval_task_input(wildcards):
-    path = eval_task_spec(wildcards.lang, wildcards.task).get("path")
-    return [path] if path else []
+    """A local task's folder, or a task's own mirror folder (a missing one is then a missing input);
+    a mirror root is not an input: tasks without a folder there fall back to the datasets cache."""
+    spec = eval_task_spec(wildcards.lang, wildcards.task)
+    return [spec[k] for k in ("path", "mirror") if spec.get(k)]
 
 
 def finetune_start():

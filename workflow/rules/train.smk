@@ -89,6 +89,11 @@ rule finetune:
         "--threads {threads} > {log} 2>&1"
 
 
+def soup_snapshot_dirs():
+    """The snapshot folders of the fine-tune runs (kalm.soup.snapshot_dir of each run's --checkpoint-dir)."""
+    return [f"work/checkpoints/finetune_run{r}/snapshots" for r in FINETUNE_RUNS]
+
+
 def soup_args():
     c = config["soup"]
     args = f"--method {c['method']}"
@@ -99,6 +104,10 @@ def soup_args():
         args += " --dev-task-json " + shlex.quote(json.dumps(spec, ensure_ascii=False))
     if c.get("temperature"):
         args += f" --temperature {c['temperature']}"
+    if c.get("last_k", 1) > 1:
+        # the last k checkpoints of each run: its final model and the k-1 snapshots the trainer kept
+        # beside its resumable checkpoint (not Snakemake outputs: their manifest ties them to the run)
+        args += f" --last-k {c['last_k']} --snapshots " + " ".join(soup_snapshot_dirs())
     return args
 
 

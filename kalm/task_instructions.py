@@ -1,0 +1,222 @@
+"""Per-task instructions for MTEB tasks and KaLM's task lists.
+
+Instruction sets (config ``eval.instruction_set``):
+
+- ``kalm``: the table published with KaLM-Embedding, ``evaluate/utils.py`` of
+  github.com/HITsz-TMG/KaLM-Embedding (commit b54b1a1, the code behind the paper's C-MTEB and
+  MTEB(eng) numbers). Its rules: Classification and Clustering tasks have one instruction each
+  (table below), applied to every input; every Retrieval and Reranking task uses one generic
+  instruction on the query side only, documents get none; STS, PairClassification and
+  Summarization get no instruction at all. The strings are KaLM's, byte for byte, typos included
+  ("iPhoneinto", "reviewinto", "Given a online banking query"): they were the inputs of the
+  published scores, and changing them changes the embeddings. (mteb's registry entry for the
+  KaLM models, ``KaLM_task_prompts`` in mteb/models/model_implementations/kalm_models.py, has the
+  same table with those typos fixed; a test compares the two.)
+- ``none``: no instruction for any task.
+
+A task's instruction in the config (``eval.tasks.<name>.instruction`` or ``eval.instructions``)
+always wins over the set; local tasks (with a ``path``) take only the config's.
+
+Task lists (config ``eval.languages.<lang>: {benchmark: NAME}``): mteb's benchmarks
+(``MTEB(cmn, v1)``: 31 tasks, ``MTEB(eng, v2)``: 41) and ``KaLM-C-MTEB``: the 35 C-MTEB tasks of
+KaLM's ``evaluate/tasks/zh.py`` (MTEB(cmn, v1) plus AmazonReviewsClassification,
+MassiveIntentClassification, MassiveScenarioClassification and STS22, whose Chinese subsets are
+the C-MTEB leaderboard's columns).
+"""
+
+from __future__ import annotations
+
+INSTRUCTION_SETS = ("kalm", "none")
+
+# The generic query instruction KaLM gives every Retrieval and Reranking task (trailing period included).
+KALM_RETRIEVAL_INSTRUCTION = "Given a query, retrieve documents that answer the query."
+
+# Classification and clustering instructions, per task (KaLM evaluate/utils.py: English MTEB, C-MTEB,
+# and the French, Polish and Russian tasks of the same table).
+KALM_TASK_INSTRUCTIONS: dict[str, str] = {
+    # classification, MTEB(eng)
+    "AmazonCounterfactualClassification": "Given an Amazon review, judge whether it is counterfactual.",
+    "AmazonPolarityClassification": "Classifying Amazon reviews into positive or negative sentiment",
+    "AmazonReviewsClassification": "Classifying the given Amazon review into its appropriate rating category",
+    "Banking77Classification": "Given a online banking query, find the corresponding intents",
+    "EmotionClassification": "Classifying the emotion expressed in the given Twitter message into one of the six "
+                             "emotions: anger, fear, joy, love, sadness, and surprise",
+    "ImdbClassification": "Classifying the sentiment expressed in the given movie review text from the IMDB dataset",
+    "MassiveIntentClassification": "Given a user utterance as query, find the user intents",
+    "MassiveScenarioClassification": "Given a user utterance as query, find the user scenarios",
+    "MTOPDomainClassification": "Classifying the intent domain of the given utterance in task-oriented conversation",
+    "MTOPIntentClassification": "Classifying the intent of the given utterance in task-oriented conversation",
+    "ToxicConversationsClassification": "Classifying the given comments as either toxic or not toxic",
+    "TweetSentimentExtractionClassification": "Classifying the sentiment of a given tweet as either positive, "
+                                              "negative, or neutral",
+    # classification, C-MTEB
+    "TNews": "Categorizing the given news title",
+    "IFlyTek": "Given an App description text, find the appropriate fine-grained category",
+    "MultilingualSentiment": "Classifying sentiment of the customer review into positive, or negative",
+    "JDReview": "Classifying sentiment of the customer review for iPhoneinto positive or negative",
+    "OnlineShopping": "Classifying sentiment of the customer reviewinto positive or negative",
+    "Waimai": "Classify the customer review from a food takeaway platform into positive or negative",
+    # classification, MTEB(fra), MTEB(pol), MTEB(rus)
+    "MasakhaNEWSClassification": "Classifying the category of french news.",
+    "CBD": "Classifying the sentiment of polish tweet reviews",
+    "PolEmo2.0-IN": "Classifying the sentiment of in-domain (medicine and hotels) online reviews",
+    "PolEmo2.0-OUT": "Classifying the sentiment of out-of-domain (products and school) online reviews",
+    "AllegroReviews": "Classifying the sentiment of reviews from e-commerce marketplace Allegro",
+    "PAC": 'Classifying the sentence into one of the two types: "BEZPIECZNE_POSTANOWIENIE_UMOWNE" and "KLAUZULA_ABUZYWNA"',
+    "GeoreviewClassification": "Classifying the sentiment of Russian reviews.",
+    "HeadlineClassification": "Classifying the topic of Russian headlines.",
+    "InappropriatenessClassification": "Detecting inappropriate messages on sensitive topics",
+    "KinopoiskClassification": "Classifying the sentiment of Kinopoisk reviews.",
+    "RuReviewsClassification": "Classifying the sentiment of Russian product reviews.",
+    "RuSciBenchGRNTIClassification": "Classifying the topic of Russian scientific papers.",
+    "RuSciBenchOECDClassification": "Classifying the topic of Russian scientific papers.",
+    "CEDRClassification": "Classification of sentences by emotions.",
+    "SensitiveTopicsClassification": "Detecting inappropriate messages on sensitive topics.",
+    # clustering, MTEB(eng)
+    "ArxivClusteringP2P": "Identify the main and secondary category of Arxiv papers based on the titles and abstracts",
+    "ArxivClusteringS2S": "Identify the main and secondary category of Arxiv papers based on the titles",
+    "BiorxivClusteringP2P": "Identify the main category of Biorxiv papers based on the titles and abstracts",
+    "BiorxivClusteringS2S": "Identify the main category of Biorxiv papers based on the titles",
+    "MedrxivClusteringP2P": "Identify the main category of Medrxiv papers based on the titles and abstracts",
+    "MedrxivClusteringS2S": "Identify the main category of Medrxiv papers based on the titles",
+    "RedditClustering": "Identify the topic or theme of Reddit posts based on the titles",
+    "RedditClusteringP2P": "Identify the topic or theme of Reddit posts based on the titles and posts",
+    "StackExchangeClustering": "Identify the topic or theme of StackExchange posts based on the titles",
+    "StackExchangeClusteringP2P": "Identify the topic or theme of StackExchange posts based on the given paragraphs",
+    "TwentyNewsgroupsClustering": "Identify the topic or theme of the given news articles",
+    # clustering, C-MTEB
+    "CLSClusteringS2S": "Identify the main category of scholar papers based on the titles",
+    "CLSClusteringP2P": "Identify the main category of scholar papers based on the titles and abstracts",
+    "ThuNewsClusteringS2S": "Identify the topic or theme of the given news articles based on the titles",
+    "ThuNewsClusteringP2P": "Identify the topic or theme of the given news articles based on the titles and contents",
+    # clustering, MTEB(fra), MTEB(pol), MTEB(rus)
+    "AlloProfClusteringP2P": "Identify the main category of Allo Prof document based on the titles and descriptions",
+    "AlloProfClusteringS2S": "Identify the main category of Allo Prof document based on the titles",
+    "HALClusteringS2S": "Identify the main category of academic passage based on the titles and contents",
+    "MasakhaNEWSClusteringP2P": "Identify the topic or theme of the given news articles based on the titles and contents",
+    "MasakhaNEWSClusteringS2S": "Identify the topic or theme of the given news articles based on the titles",
+    "MLSUMClusteringP2P": "Identify the topic or theme of the given articles based on the titles and contents",
+    "MLSUMClusteringS2S": "Identify the topic or theme of the given articles based on the titles",
+    "EightTagsClustering": "Identify of headlines from social media posts in Polish  into 8 categories: film, history, "
+                           "food, medicine, motorization, work, sport and technology",
+    "GeoreviewClusteringP2P": "Identify the topic or theme of the Russian reviews.",
+    "RuSciBenchGRNTIClusteringP2P": "Identify the topic or theme of the Russian articles.",
+    "RuSciBenchOECDClusteringP2P": "Identify the topic or theme of the Russian articles.",
+}
+
+# Newer versions of tasks in the table, which MTEB(eng, v2) uses instead of them: same data source and
+# label set (ArXivHierarchical*: the main and secondary arXiv categories that the ArxivClustering
+# instruction already names), so the table's instruction carries over. This mapping is kalm's, not
+# KaLM's (their table predates these tasks); results record such an instruction as 'kalm:alias'.
+KALM_TASK_ALIASES: dict[str, str] = {
+    "BiorxivClusteringP2P.v2": "BiorxivClusteringP2P",
+    "BiorxivClusteringS2S.v2": "BiorxivClusteringS2S",
+    "MedrxivClusteringP2P.v2": "MedrxivClusteringP2P",
+    "MedrxivClusteringS2S.v2": "MedrxivClusteringS2S",
+    "StackExchangeClustering.v2": "StackExchangeClustering",
+    "StackExchangeClusteringP2P.v2": "StackExchangeClusteringP2P",
+    "TwentyNewsgroupsClustering.v2": "TwentyNewsgroupsClustering",
+    "ArXivHierarchicalClusteringP2P": "ArxivClusteringP2P",
+    "ArXivHierarchicalClusteringS2S": "ArxivClusteringS2S",
+}
+
+# Task types whose every task gets the generic retrieval instruction (query side), and types KaLM
+# evaluates without instruction.
+KALM_RETRIEVAL_TYPES = frozenset({"Retrieval", "Reranking"})
+KALM_NO_INSTRUCTION_TYPES = frozenset({"STS", "PairClassification", "Summarization", "BitextMining"})
+
+
+class InstructionError(ValueError):
+    """No instruction can be given for a task under the configured instruction set."""
+
+
+def kalm_instruction(name: str, task_type: str) -> tuple[str | None, str]:
+    """KaLM's instruction for an MTEB task and where it came from: ``(instruction, source)``.
+
+    ``source`` is ``kalm:task`` (the per-task table), ``kalm:alias`` (the table's entry for the older
+    version of the task, see ``KALM_TASK_ALIASES``) or ``kalm:type`` (the rule for the task's type).
+    A Classification or Clustering task missing from the table has no KaLM instruction: that is an
+    error rather than a silent guess, since KaLM's own script fails on it too (KeyError).
+    """
+    if task_type in ("Classification", "Clustering"):
+        if name in KALM_TASK_INSTRUCTIONS:
+            return KALM_TASK_INSTRUCTIONS[name], "kalm:task"
+        if KALM_TASK_ALIASES.get(name) in KALM_TASK_INSTRUCTIONS:
+            return KALM_TASK_INSTRUCTIONS[KALM_TASK_ALIASES[name]], "kalm:alias"
+    if task_type in KALM_RETRIEVAL_TYPES:
+        return KALM_RETRIEVAL_INSTRUCTION, "kalm:type"
+    if task_type in KALM_NO_INSTRUCTION_TYPES:
+        return None, "kalm:type"
+    raise InstructionError(
+        f"task {name!r} ({task_type}) has no instruction in KaLM's published table; give it one in the config "
+        f"(eval.tasks.{name}.instruction or eval.instructions.{name}) or use eval.instruction_set: none"
+    )
+
+
+def resolve_instruction(spec: dict, task_type: str, instruction_set: str = "kalm") -> tuple[str | None, str]:
+    """The instruction of one task and its source: ``config``, ``kalm:task``, ``kalm:type`` or ``none``.
+
+    The config's instruction (the key present in the spec, even empty) wins; a local task (with a
+    ``path``) takes only the config's; otherwise the instruction set decides.
+    """
+    if instruction_set not in INSTRUCTION_SETS:
+        raise InstructionError(f"unknown instruction set {instruction_set!r} (known: {', '.join(INSTRUCTION_SETS)})")
+    if "instruction" in spec:
+        return spec["instruction"] or None, "config"
+    if spec.get("path") or instruction_set == "none":
+        return None, "none"
+    return kalm_instruction(spec["name"], task_type)
+
+
+# --------------------------------------------------------------------------------------------
+# Task lists
+# --------------------------------------------------------------------------------------------
+
+# KaLM evaluate/tasks/zh.py, in its order: retrieval, reranking, STS, pair classification,
+# clustering, classification (8 + 4 + 8 + 2 + 4 + 9 = 35).
+KALM_CMTEB_TASKS: list[str] = [
+    "CmedqaRetrieval", "CovidRetrieval", "DuRetrieval", "EcomRetrieval", "MedicalRetrieval", "MMarcoRetrieval",
+    "T2Retrieval", "VideoRetrieval",
+    "CMedQAv1-reranking", "CMedQAv2-reranking", "MMarcoReranking", "T2Reranking",
+    "AFQMC", "ATEC", "BQ", "LCQMC", "PAWSX", "QBQTC", "STS22", "STSB",
+    "Cmnli", "Ocnli",
+    "CLSClusteringP2P", "CLSClusteringS2S", "ThuNewsClusteringP2P", "ThuNewsClusteringS2S",
+    "AmazonReviewsClassification", "IFlyTek", "JDReview", "MassiveIntentClassification",
+    "MassiveScenarioClassification", "MultilingualSentiment", "OnlineShopping", "TNews", "Waimai",
+]
+
+# Multilingual tasks of the list: the subset C-MTEB reports. Without it the language filter would also
+# keep STS22's 'zh-en' pairs and MASSIVE's traditional-Chinese 'zh-TW' (tagged cmo-Hans by mteb).
+KALM_CMTEB_SUBSETS: dict[str, list[str]] = {
+    "STS22": ["zh"],
+    "AmazonReviewsClassification": ["zh"],
+    "MassiveIntentClassification": ["zh-CN"],
+    "MassiveScenarioClassification": ["zh-CN"],
+}
+
+KALM_BENCHMARKS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
+    "KaLM-C-MTEB": (KALM_CMTEB_TASKS, KALM_CMTEB_SUBSETS),
+}
+
+
+def benchmark_tasks(name: str) -> list[str]:
+    """Task names of a benchmark: KaLM's lists first, then mteb's registry (``MTEB(cmn, v1)``, ...)."""
+    if name in KALM_BENCHMARKS:
+        return list(KALM_BENCHMARKS[name][0])
+    import mteb
+
+    try:
+        bench = mteb.get_benchmark(name)
+    except (KeyError, ValueError) as e:
+        raise InstructionError(f"unknown benchmark {name!r} (KaLM lists: {', '.join(KALM_BENCHMARKS)}; "
+                               f"otherwise an mteb benchmark name): {e}") from None
+    return [t.metadata.name for t in bench.tasks]
+
+
+def benchmark_task_defaults(benchmark: str, task: str) -> dict:
+    """Spec defaults a task gets from the benchmark it was listed by (the subsets it is scored on)."""
+    if benchmark in KALM_BENCHMARKS:
+        subsets = KALM_BENCHMARKS[benchmark][1].get(task)
+        return {"subsets": list(subsets)} if subsets else {}
+    # an mteb benchmark: kalm.evaluate takes the task object from the benchmark (its subsets and splits)
+    return {"benchmark": benchmark}
