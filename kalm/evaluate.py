@@ -181,32 +181,36 @@ def load_task_data(task, task_spec: dict) -> dict[str, Any]:
 
     Returns where the data came from: ``{"source": "local" | "mirror" | "hub", "mirror": {...}}``.
     """
-    from kalm.mteb_mirror import MirrorError, how_to_mirror, use_mirror
+    from kalm.mteb_mirror import MirrorError, dataset_tasks, how_to_mirror, use_mirror
 
     if task_spec.get("path"):
         task.load_data()  # LocalTaskError names file, line and field
         check_reranking_candidates(task)
         return {"source": "local"}
     name = task.metadata.name
-    ds = task.metadata.dataset
+    root = task_spec.get("mirror_root")
     info: dict[str, Any] = {"source": "hub"}
     try:
         folder = _mirror_target(task, task_spec)
         if folder is not None:
             info = {"source": "mirror", "mirror": use_mirror(task, folder)}
     except MirrorError as e:
-        raise TaskDataUnavailable(f"{e}. {how_to_mirror(name, ds.get('path'), task_spec.get('mirror_root'), ds.get('revision'))}") from None
-    try:
-        task.load_data()
-    except Exception as e:  # datasets/huggingface_hub raise ConnectionError, OSError, FileNotFoundError, ...
-        where = (f"from its mirror {folder}" if info["source"] == "mirror"
-                 else f"(dataset {ds.get('path')}@{ds.get('revision')}, no mirror"
-                      + (f" at {Path(task_spec['mirror_root']) / ds.get('path', '')}" if task_spec.get("mirror_root") else "")
-                      + ")")
-        raise TaskDataUnavailable(
-            f"MTEB task {name!r}: its data could not be loaded {where}: {type(e).__name__}: {e}. "
-            f"{how_to_mirror(name, ds.get('path'), task_spec.get('mirror_root'), ds.get('revision'))}"
-        ) from e
+        ds = task.metadata.dataset
+        raise TaskDataUnavailable(f"{e}. {how_to_mirror(name, ds.get('path'), root, ds.get('revision'))}") from None
+    # an aggregated task (CQADupstackRetrieval) has no data of its own: mteb evaluates its subtasks
+    for sub in dataset_tasks(task):
+        ds = sub.metadata.dataset
+        what = f"MTEB task {name!r}" + (f" (subtask {sub.metadata.name!r})" if sub is not task else "")
+        try:
+            sub.load_data()
+        except Exception as e:  # datasets/huggingface_hub raise ConnectionError, OSError, FileNotFoundError, ...
+            where = (f"from its mirror {ds.get('path')}" if info["source"] == "mirror"
+                     else f"(dataset {ds.get('path')}@{ds.get('revision')}, no mirror"
+                          + (f" at {Path(root) / ds.get('path', '')}" if root else "") + ")")
+            raise TaskDataUnavailable(
+                f"{what}: its data could not be loaded {where}: {type(e).__name__}: {e}. "
+                f"{how_to_mirror(name, ds.get('path'), root, ds.get('revision'))}"
+            ) from e
     check_reranking_candidates(task)
     return info
 
