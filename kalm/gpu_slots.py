@@ -67,7 +67,8 @@ def device_pool(env: dict[str, str] | None = None) -> list[str]:
     if shutil.which("nvidia-smi"):
         res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
         if res.returncode == 0:
-            return [str(i) for i, line in enumerate(l for l in res.stdout.splitlines() if l.startswith("GPU "))]
+            gpus = [line for line in res.stdout.splitlines() if line.startswith("GPU ")]
+            return [str(i) for i in range(len(gpus))]
     return []
 
 
@@ -129,7 +130,7 @@ def acquire(n: int, pool: list[str], folder: Path, poll: float = 0.5, log_every:
             return got
         now = time.monotonic()
         if timeout is not None and now - start > timeout:
-            raise TimeoutError(f"no {n} free GPU(s) of {pool} after {timeout:.0f} s")
+            raise SystemExit(f"kalm gpu-slots: no {n} free GPU(s) of {','.join(pool)} after {timeout:.0f} s")
         if now == start or now - last_note >= log_every:
             log.info("waiting for %d free GPU(s) of %s (locks in %s)", n, ",".join(pool), folder)
             last_note = now

@@ -202,6 +202,7 @@ class SlurmCluster:
                 subprocess.run(["mknod", str(dev), "c", "1", "3"], check=True)
             devices.append(dev)
         munge_socket = self.root / "munge" / "munge.socket.2"
+        gres = f"Gres=gpu:{self.gpu_type}:{self.gpus}"
         parts = "\n".join(
             f"PartitionName={p} Nodes={self.node} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
             for i, p in enumerate(self.partitions))
@@ -238,7 +239,7 @@ SlurmdParameters=config_overrides
 InactiveLimit=0
 MailProg=/bin/true
 KillWait=5
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} Gres=gpu:{self.gpu_type}:{self.gpus} State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} {gres} State=UNKNOWN
 {parts}
 """)
         dev_range = f"{devices[0].parent}/fakegpu[0-{self.gpus - 1}]" if self.gpus > 1 else str(devices[0])
@@ -252,11 +253,16 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
         strips every SLURM_* variable (SLURM_CONF included) before its `srun`, which then reads the
         default path, as on a real cluster. A system file that we did not write is never touched:
         the cluster is unavailable then."""
-        marker = "# written by kalm tests/slurm_cluster.py; removed when that cluster stops\n"
-        if SYSTEM_CONF.exists() and not SYSTEM_CONF.read_text(errors="replace").startswith(marker):
-            raise ClusterUnavailable(f"{SYSTEM_CONF} exists (a real Slurm installation?); not replacing it")
+        marker = "# written by kalm tests/slurm_cluster.py (pid {}); removed when that cluster stops\n"
+        if SYSTEM_CONF.exists():
+            m = re.match(re.escape(marker).replace(r"\{\}", r"(\d+)"), SYSTEM_CONF.read_text(errors="replace"))
+            if not m:
+                raise ClusterUnavailable(f"{SYSTEM_CONF} exists (a real Slurm installation?); not replacing it")
+            if int(m[1]) != os.getpid() and Path(f"/proc/{m[1]}").exists():
+                raise ClusterUnavailable(f"another test cluster (pid {m[1]}) is running on this machine")
+            # else: left by a test process that died; ours to replace
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SYSTEM_CONF.write_text(marker + self.conf.read_text())
+        SYSTEM_CONF.write_text(marker.format(os.getpid()) + self.conf.read_text())
         self._owns_system_conf = True
 
     def _start_munge(self) -> None:

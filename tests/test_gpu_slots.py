@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from kalm.gpu_slots import device_pool, split_env, try_acquire
@@ -187,7 +186,8 @@ rule job:
     log: "logs/{i}.log"
     benchmark: "benchmarks/{i}.tsv"
     resources: gpu=lambda w: 2 if w.i == "3" else 1
-    shell: "{sys.executable} -m kalm gpu-slots --gpus {resources.gpu} -- {sys.executable} -c {RECORD:q} {output} 1 2> {log}"
+    shell: "{sys.executable} -m kalm gpu-slots --gpus {resources.gpu} -- "
+           "{sys.executable} -c {RECORD:q} {output} 1 2> {log}"
 """
 
 
@@ -225,7 +225,8 @@ def test_every_gpu_rule_runs_behind_the_launcher_and_is_capped_at_the_pool(tmp_p
     commands = [line for line in (res.stdout + res.stderr).splitlines() if " -m kalm " in line]
     by_rule = {}
     for line in commands:
-        m = re.search(r" -m kalm (?:gpu-slots (--gpus \d+(?: --nodes \d+)?(?: --torchrun)?) -- .*?-m kalm )?([\w-]+)", line)
+        launcher = r"gpu-slots (--gpus \d+(?: --nodes \d+)?(?: --torchrun)?) -- .*?-m kalm "
+        m = re.search(rf" -m kalm (?:{launcher})?([\w-]+)", line)
         by_rule.setdefault(m[2], set()).add(m[1])
     assert by_rule["embed"] == by_rule["mine"] == by_rule["evaluate"] == {"--gpus 1"}
     assert by_rule["train"] == {"--gpus 2 --nodes 1 --torchrun"}

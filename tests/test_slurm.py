@@ -8,13 +8,16 @@ Then Snakemake runs the workflow with `--profile profiles/slurm`: every job goes
 the plugin's jobstep, srun and the rule's command. It needs root (slurmd, munged as `munge`):
 elsewhere it skips with the reason.
 
-To stay within CI time it re-runs part of the session's local tiny run (`tiny_run`, conftest.py)
-in a copy of its working directory: `--forcerun embed pretrain` for `results/mteb_en.json` makes
-SLURM run both embed shards, mining, pretraining, both fine-tuning runs, the soup, both English
-MTEB jobs and the aggregate (all GPU rules and two CPU rules); the outputs must equal the local
-run's. Plugin facts it relies on (snakemake 9.27, plugin 2.8, measured): without slurmdbd `sacct`
-answers nothing, so it uses `--slurm-status-command squeue` with MinJobAge=600; the first status
-check is 1 s after submission instead of 40 (the plugin then backs off by 10 s per idle check).
+To stay within CI time it re-runs a slice of the session's local tiny run (`tiny_run`,
+conftest.py) in a copy of its working directory, chosen to cover every GPU rule with the fewest
+rounds of jobs (each round costs 12-33 s of the plugin's polling): `--forcerun embed pretrain
+evaluate` for both fine-tuned models and the English baseline report makes SLURM run both embed
+shards, pretraining, mining, both fine-tuning runs, both English MTEB jobs of the base model and
+their aggregate (a CPU rule); the outputs must equal the local run's. Five GPU jobs are ready at
+the start for two GPUs. Plugin facts it relies on (snakemake 9.27, plugin 2.8, measured): without
+slurmdbd `sacct` answers nothing, so it uses `--slurm-status-command squeue` with MinJobAge=600;
+the first status check is 1 s after submission instead of 40 (the plugin then backs off by 10 s
+per idle check, up to 180).
 """
 
 import json
@@ -155,7 +158,9 @@ def cluster():
 
 
 def _has_real_gpus() -> bool:
-    return bool(shutil.which("nvidia-smi")) and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    if not shutil.which("nvidia-smi"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
 def _time(stamp: str) -> float:
@@ -174,23 +179,24 @@ rule pretrain:
 """
 
 
-def test_multi_gpu_training_job_starts_torchrun_on_the_gpus_slurm_gave_it(cluster, tmp_path):
-    """A 2-GPU job of a training rule, through the profile: sbatch --gpus=a100:2, and inside the job
-    torchrun starts one rank per GPU SLURM allocated, each seeing both (the trainer picks LOCAL_RANK)."""
-    (tmp_path / "Snakefile").write_text(TORCHRUN_SNAKEFILE)
-    profile = site_profile(tmp_path / "profile", gpu_model="a100")
+@pytest.fixture(scope="module")
+def torchrun_job(cluster, tmp_path_factory):
+    """A 2-GPU job of a training rule submitted through the profile, started in the background when
+    the workflow test starts (it overlaps that run instead of adding its own minute of polling)."""
+    work = tmp_path_factory.mktemp("torchrun")
+    (work / "Snakefile").write_text(TORCHRUN_SNAKEFILE)
+    profile = site_profile(work / "profile", gpu_model="a100")
     env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--profile", str(profile), "--slurm-status-command",
-                          "squeue", "--slurm-init-seconds-before-status-checks", "1"], cwd=tmp_path,
-                         env={**env, "SLURM_CONF": str(cluster.conf)}, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:] + (tmp_path / "logs/pretrain.log").read_text(errors="replace")
-    job = next(j for j in cluster.jobs() if j.get("Comment") == "rule_pretrain" and j["WorkDir"] == str(tmp_path))
-    assert job["TresPerJob"] == "gres:gpu:a100:2" and job["Partition"] == "gpu"
-    ranks = sorted((tmp_path / "ranks.txt").read_text().split("\n")[:-1])
-    assert ranks == ["0 2 0,1", "1 2 0,1"]
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", str(profile), "--slurm-status-command",
+                             "squeue", "--slurm-init-seconds-before-status-checks", "1"], cwd=work,
+                            env={**env, "SLURM_CONF": str(cluster.conf)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    yield work, proc
+    if proc.poll() is None:
+        proc.kill()
 
 
-def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, tmp_path):
+def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, tmp_path):
     local, cfg = tiny_run
     work = tmp_path / "slurm_run"
     shutil.copytree(local, work, symlinks=True)  # the local run's outputs, mtimes and metadata
@@ -198,16 +204,17 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, tmp_path):
     (work / "slurm.yaml").write_text(yaml.safe_dump(with_gpus(cfg, 1), allow_unicode=True), encoding="utf-8")
     profile = site_profile(tmp_path / "profile", gpu_model="a100")  # the site edit: its GPU type
 
-    res = snakemake("results/mteb_en.json", "--profile", str(profile), "--configfile", str(work / "slurm.yaml"),
-                    "--forcerun", "embed", "pretrain", "--slurm-status-command", "squeue",
+    targets = ["models/finetune/run0", "models/finetune/run1", "results/baseline/mteb_en.json"]
+    res = snakemake(*targets, "--profile", str(profile), "--configfile", str(work / "slurm.yaml"),
+                    "--forcerun", "embed", "pretrain", "evaluate", "--slurm-status-command", "squeue",
                     "--slurm-init-seconds-before-status-checks", "1",
                     cwd=work, env={"SLURM_CONF": str(cluster.conf)}, timeout=1200)
     assert res.returncode == 0, (res.stderr[-6000:] + "\n--- slurmctld:\n" + cluster.log("slurmctld")[-3000:])
 
     jobs = [j for j in cluster.jobs() if j.get("Comment", "").startswith("rule_") and j["WorkDir"] == str(work)]
     rules = {j["JobId"]: re.match(r"rule_([a-z_]+?)(?:_wildcards_.*)?$", j["Comment"])[1] for j in jobs}
-    assert sorted(rules.values()) == sorted(["embed", "embed", "pretrain", "mine", "finetune", "finetune", "soup",
-                                             "evaluate", "evaluate", "aggregate"])
+    assert sorted(rules.values()) == sorted(["embed", "embed", "pretrain", "mine", "finetune", "finetune",
+                                             "evaluate", "evaluate", "aggregate_baseline"])
     gpu_jobs = []
     for j in jobs:
         rule = rules[j["JobId"]]
@@ -229,13 +236,17 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, tmp_path):
     assert overlaps, "two GPU jobs should have run at once (embed shards, finetune runs)"
     for a, b in overlaps:
         assert a[2] != b[2], f"GPU jobs shared a device: {a} {b}"
-    # never more than the two GPUs' worth of jobs at once (embed x2 + pretrain were ready together)
-    for start, *_ in spans:
-        assert sum(s <= start < e for s, e, *_ in spans) <= 2
+    # never more than two GPUs in use (embed x2, pretrain and evaluate x2 were ready together; the
+    # 2-GPU torchrun job of the other test ran during this workflow too)
+    all_gpu = [(_time(j["StartTime"]), _time(j["EndTime"]), int(j["TresPerJob"].rsplit(":", 1)[1]))
+               for j in cluster.jobs() if "gres:gpu" in j.get("TresPerJob", "") and j["JobState"] == "COMPLETED"]
+    for start, *_ in all_gpu:
+        assert sum(n for s, e, n in all_gpu if s <= start < e) <= 2
 
     # The results equal the local run's (same config apart from GPU counts; CPU numerics both times).
-    ours, theirs = (json.loads((d / "results/mteb_en.json").read_text()) for d in (work, local))
-    assert (work / "results/mteb_en.json").stat().st_mtime > (local / "results/mteb_en.json").stat().st_mtime
+    report = "results/baseline/mteb_en.json"
+    ours, theirs = (json.loads((d / report).read_text()) for d in (work, local))
+    assert (work / report).stat().st_mtime > (local / report).stat().st_mtime
     if _has_real_gpus():  # device 0 is a real GPU there: bf16 numerics, so equal up to rounding
         for name, entry in theirs["tasks"].items():
             assert ours["tasks"][name]["main_score"] == pytest.approx(entry["main_score"], abs=0.05)
@@ -243,7 +254,19 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, tmp_path):
     for rel in ["work/embed/shard0.npy", "work/embed/shard1.npy"]:
         assert np.array_equal(np.load(local / rel), np.load(work / rel)), rel
     for rel in ["work/data/finetune/mined.jsonl", "models/pretrain/model.safetensors",
-                "models/finetune/run0/model.safetensors", "models/finetune/run1/model.safetensors",
-                "models/soup/model.safetensors"]:
+                "models/finetune/run0/model.safetensors", "models/finetune/run1/model.safetensors"]:
         assert (local / rel).read_bytes() == (work / rel).read_bytes(), rel
     assert ours["tasks"] == theirs["tasks"] and ours["mean_task"] == theirs["mean_task"]
+
+
+def test_multi_gpu_training_job_starts_torchrun_on_the_gpus_slurm_gave_it(cluster, torchrun_job):
+    """sbatch --gpus=a100:2 for the training rule, and inside the job torchrun starts one rank per GPU
+    SLURM allocated, each seeing both (the trainer picks its device by LOCAL_RANK)."""
+    work, proc = torchrun_job
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:] + (work / "logs/pretrain.log").read_text(errors="replace")
+    job = next(j for j in cluster.jobs() if j.get("Comment") == "rule_pretrain" and j["WorkDir"] == str(work))
+    assert job["TresPerJob"] == "gres:gpu:a100:2" and job["Partition"] == "gpu"
+    assert "CUDA_VISIBLE_DEVICES=0,1 (2 of pool 0,1 on SLURM job" in (work / "logs/pretrain.log").read_text()
+    ranks = sorted((work / "ranks.txt").read_text().split("\n")[:-1])
+    assert ranks == ["0 2 0,1", "1 2 0,1"]
