@@ -12,15 +12,18 @@ CPU with the same number of threads:
   (anchor, positive, negative_1..n), AdamW, linear schedule with the same warm-up.
 
 The data is the demo corpus's English retrieval questions and passages (``data/demo``), each record
-given ``group_size - 1`` negatives drawn from the other records' passages (same for both sides).
+given ``group_size - 1`` negatives drawn from the other records' passages. ST is fed kalm's batches
+in kalm's order (a sequential batch sampler over them), so both sides encode the same texts at every
+step and their first losses agree up to dropout.
 
 Each side runs in its own subprocess, started by a parent that imports nothing heavy (a child's
 ``ru_maxrss`` starts from its parent's); its peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` at its end.
 Training throughput is samples (queries) per second of the training loop only: kalm's loop time
 (``train()``'s ``seconds``, model loading and saving excluded) and ST's ``train_runtime`` (its
 ``trainer.train()``, model loading excluded; it includes ST's dataloader set-up, a fraction of a
-second). Sides alternate (kalm, st, kalm, st, ...) so that load from other processes on a shared
-machine hits both alike; the best run of each side is reported, and every run is in the JSON.
+second). Sides alternate as kalm, st, st, kalm, ... so that a trend in the load from other processes
+on a shared machine hits both alike; the best run of each side is reported, every run is printed and
+written to ``--json``.
 """
 
 from __future__ import annotations
@@ -54,14 +57,19 @@ def make_data(path: Path, records: int, group_size: int, seed: int = 0) -> None:
             f.write(json.dumps({"task": "bench", "query": q, "pos": [p], "neg": negs}, ensure_ascii=False) + "\n")
 
 
-def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
-    from kalm.train import TrainConfig, train
+def kalm_config(args: argparse.Namespace):
+    from kalm.train import TrainConfig
 
-    cfg = TrainConfig(stage="finetune", batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                      temperature=1 / args.scale, max_steps=args.steps, warmup_ratio=args.warmup_ratio,
-                      weight_decay=0.01, max_grad_norm=1.0, seed=0, max_seq_length=args.max_seq_length,
-                      threads=args.threads)
-    result = train(MODEL, str(data), str(work / "kalm_model"), cfg, {}, str(work / "kalm.metrics.jsonl"))
+    return TrainConfig(stage="finetune", batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
+                       temperature=1 / args.scale, max_steps=args.steps, warmup_ratio=args.warmup_ratio,
+                       weight_decay=0.01, max_grad_norm=1.0, seed=0, max_seq_length=args.max_seq_length,
+                       threads=args.threads)
+
+
+def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    from kalm.train import train
+
+    result = train(MODEL, str(data), str(work / "kalm_model"), kalm_config(args), {}, str(work / "kalm.metrics.jsonl"))
     losses = [json.loads(line)["loss"] for line in (work / "kalm.metrics.jsonl").open()]
     return {"loop_seconds": result["seconds"], "loss_first": losses[0], "loss_last": losses[-1]}
 
@@ -74,8 +82,15 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     from kalm.modeling import resolve_model_path
 
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from kalm.train import BatchSchedule
+
     torch.set_num_threads(args.threads)
-    rows = [json.loads(line) for line in data.open(encoding="utf-8")]
+    # The batches kalm's trainer draws, in its order, so that both sides encode the very same texts
+    # (and pad them alike); ST then reads them sequentially.
+    schedule = BatchSchedule([json.loads(line) for line in data.open(encoding="utf-8")], kalm_config(args))
+    rows = [rec for step in range(args.steps) for rec in schedule(step)]
     columns = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
     for k in range(args.group_size - 1):
         columns[f"negative_{k + 1}"] = [r["neg"][k] for r in rows]
@@ -85,7 +100,8 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
         output_dir=str(work / "st_out"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=0.01, max_grad_norm=1.0,
         lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_drop_last=True, seed=0, disable_tqdm=True)
+        dataloader_drop_last=True, seed=0, disable_tqdm=True,
+        batch_sampler=lambda dataset, batch_size, drop_last, **_: BatchSampler(SequentialSampler(dataset), batch_size, drop_last))
     losses = []
 
     from transformers import TrainerCallback
@@ -158,7 +174,8 @@ def main() -> None:
         data = Path(tmp) / "data.jsonl"
         make_data(data, args.records, args.group_size)
         for r in range(args.repeats):
-            for side in ("kalm", "st"):
+            # kalm, st, st, kalm, ...: a load trend from other processes on the machine hits both alike
+            for side in (("kalm", "st") if r % 2 == 0 else ("st", "kalm")):
                 work = Path(tmp) / f"{side}{r}"
                 work.mkdir()
                 res = spawn(side, args, data, work)
