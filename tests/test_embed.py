@@ -16,13 +16,14 @@ from kalm.embed import (
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=st.lists(st.integers(1, 600), max_size=300), budget=st.integers(1, 4096), max_batch=st.integers(1, 64))
-def test_token_budget_batches_cover_every_text_once_within_budget(lengths, budget, max_batch):
-    batches = token_budget_batches(lengths, budget, max_batch)
+@given(lengths=st.lists(st.integers(1, 600), max_size=300), budget=st.integers(1, 4096), max_batch=st.integers(1, 64),
+       multiple=st.sampled_from([1, 8, 16]))
+def test_token_budget_batches_cover_every_text_once_within_budget(lengths, budget, max_batch, multiple):
+    batches = token_budget_batches(lengths, budget, max_batch, multiple)
     flat = np.concatenate(batches) if batches else np.array([], dtype=int)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     for b in batches:
-        longest = max(lengths[i] for i in b)
+        longest = -(-max(lengths[i] for i in b) // multiple) * multiple
         assert len(b) <= max_batch
         assert len(b) == 1 or len(b) * longest <= budget  # a text over budget goes alone
     # longest first: padded lengths only decrease from batch to batch
