@@ -445,14 +445,17 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world > 1
 
-    def device(self) -> torch.device:
+    def device(self) -> torch.device | None:
+        """This rank's GPU (LOCAL_RANK) under torchrun; None (sentence-transformers' choice) otherwise."""
+        if not self.enabled:
+            return None
         if torch.cuda.is_available():
-            device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+            device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
             return device
         return torch.device("cpu")
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device | None) -> None:
         if self.enabled:
             import torch.distributed as dist
 
@@ -582,7 +585,8 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
     device = ddp.device()
     ddp.start(device)
     try:
-        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=str(device))
+        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device))
+        device = model.device
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
@@ -610,7 +614,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                  "homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage, len(records), total,
                  schedule.steps_per_epoch, cfg.batch_size, ddp.world, n_neg + 1, amp or torch.float32,
                  cfg.homogeneous_ratio, cfg.mini_batch_size or "-", cfg.gradient_checkpointing)
-        t_start = time.time()
+        t_start, cpu_start = time.time(), time.process_time()
         while step < total:
             t0 = time.time()
             # dropout masks: a function of (step, rank); seed * 1_000_003 + step in one process, as before
@@ -662,7 +666,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             if stop_after_steps is not None and step >= stop_after_steps:
                 log.warning("stopping abruptly after step %d (simulated kill)", step)
                 os._exit(137)
-        seconds = time.time() - t_start
+        seconds, cpu_seconds = time.time() - t_start, time.process_time() - cpu_start
         if ddp.rank == 0:
             model.eval()
             if cfg.gradient_checkpointing:
@@ -678,7 +682,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             stats.write(stats_path or f"{out_dir}.stats.json")
             checkpoint.remove()
         ddp.barrier()  # every rank returns once the model is on disk
-        return {"steps": total, "seconds": round(seconds, 3)}
+        return {"steps": total, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
     finally:
         ddp.close()
 

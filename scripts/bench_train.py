@@ -18,7 +18,8 @@ step and their first losses agree up to dropout.
 
 Each side runs in its own subprocess, started by a parent that imports nothing heavy (a child's
 ``ru_maxrss`` starts from its parent's); its peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` at its end.
-Training throughput is samples (queries) per second of the training loop only: kalm's loop time
+Training throughput is samples (queries) per second of the training loop only (its CPU time, which
+other processes' load disturbs less than wall time, is printed beside it): kalm's loop time
 (``train()``'s ``seconds``, model loading and saving excluded) and ST's ``train_runtime`` (its
 ``trainer.train()``, model loading excluded; it includes ST's dataloader set-up, a fraction of a
 second). Sides alternate as kalm, st, st, kalm, ... so that a trend in the load from other processes
@@ -71,10 +72,15 @@ def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     result = train(MODEL, str(data), str(work / "kalm_model"), kalm_config(args), {}, str(work / "kalm.metrics.jsonl"))
     losses = [json.loads(line)["loss"] for line in (work / "kalm.metrics.jsonl").open()]
-    return {"loop_seconds": result["seconds"], "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"loop_seconds": result["seconds"], "loop_cpu_seconds": result["cpu_seconds"], "loss_first": losses[0],
+            "loss_last": losses[-1]}
 
 
 def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    try:
+        import accelerate  # noqa: F401  (transformers' Trainer needs it; the pipeline does not)
+    except ImportError:
+        raise SystemExit("the sentence-transformers side needs accelerate>=1.1: pip install 'accelerate>=1.1'") from None
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -113,8 +119,10 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(columns),
                                          loss=MultipleNegativesRankingLoss(model, scale=args.scale), callbacks=[Losses()])
+    cpu = time.process_time()
     out = trainer.train()
-    return {"loop_seconds": out.metrics["train_runtime"], "loss_first": losses[0] if losses else None,
+    return {"loop_seconds": out.metrics["train_runtime"], "loop_cpu_seconds": round(time.process_time() - cpu, 3),
+            "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}
 
 
@@ -125,7 +133,10 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.time()
     work = Path(args.work)
     result = (run_kalm if args.side == "kalm" else run_st)(args, Path(args.data), work)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 1024  # KiB on Linux
+    result.update(process_user_s=round(usage.ru_utime, 2), process_sys_s=round(usage.ru_stime, 2),
+                  minor_faults=usage.ru_minflt)
     result.update(side=args.side, wall_seconds=round(time.time() - t0, 3), start_rss_mib=round(start_rss, 1),
                   peak_rss_mib=round(peak, 1), samples_per_s=round(args.steps * args.batch_size / result["loop_seconds"], 2))
     print("RESULT " + json.dumps(result), flush=True)
@@ -181,13 +192,14 @@ def main() -> None:
                 res = spawn(side, args, data, work)
                 runs.append(res)
                 print(f"{side:5s} run {r + 1}: {res['samples_per_s']:8.2f} samples/s  loop {res['loop_seconds']:7.2f} s"
-                      f"  peak RSS {res['peak_rss_mib']:7.1f} MiB  loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}",
-                      flush=True)
+                      f" (CPU {res['loop_cpu_seconds']:7.2f} s)  peak RSS {res['peak_rss_mib']:7.1f} MiB"
+                      f"  loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}", flush=True)
     best = {side: max((r for r in runs if r["side"] == side), key=lambda r: r["samples_per_s"]) for side in ("kalm", "st")}
     print(f"\nbest of {args.repeats} (MiniLM-L6, batch {args.batch_size}, group {args.group_size}, max_seq_length "
           f"{args.max_seq_length}, {args.steps} steps, {args.threads} threads, {platform.processor() or platform.machine()}):")
     for side, r in best.items():
-        print(f"  {side:5s} {r['samples_per_s']:8.2f} samples/s   peak RSS {r['peak_rss_mib']:7.1f} MiB")
+        print(f"  {side:5s} {r['samples_per_s']:8.2f} samples/s   loop CPU {r['loop_cpu_seconds']:7.2f} s"
+              f"   peak RSS {r['peak_rss_mib']:7.1f} MiB")
     print(f"  kalm / st speed: {best['kalm']['samples_per_s'] / best['st']['samples_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "best": best}, indent=1))

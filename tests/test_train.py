@@ -1,4 +1,5 @@
-"""Training loop: task-homogeneous batching, instruction placement, learning on a tiny model."""
+"""Training loop: (semi-)homogeneous batching, too few negatives, instruction placement, loss terms,
+learning on a tiny model, resume."""
 
 import json
 import random
@@ -79,6 +80,17 @@ def test_few_negatives_pad_with_same_task_passages_never_an_own_positive():
     kept_, _ = apply_few_negatives(recs, 3, "keep", stats)
     short = batch_texts(kept_[:6] + kept_[6:7], 3, {}, random.Random(1))  # keep: as many as they have
     assert [len(n) for n in short.negatives] == [1] * 6 + [3] and short.short == 6 and short.negs_per_query() == 0
+
+
+def test_random_padding_from_a_large_pool_is_distinct_and_avoids_the_excluded():
+    from kalm.train import _random_passages
+
+    pool = [f"p{i}" for i in range(1000)]
+    exclude = {f"p{i}" for i in range(0, 1000, 4)}  # a quarter of a large pool: the rejection-sampling branch
+    picked = _random_passages(pool, 7, exclude, random.Random(3))
+    assert len(set(picked)) == 7 and not set(picked) & exclude
+    assert picked == _random_passages(pool, 7, exclude, random.Random(3))
+    assert sorted(_random_passages(pool[:10], 20, {"p0"}, random.Random(3))) == pool[1:10]  # small: all it has
 
 
 def test_instructions_on_queries_and_on_both_sides_for_symmetric_tasks():
