@@ -98,6 +98,8 @@ def test_slurm_profile_places_gpu_and_cpu_rules(tmp_path):
         if job["rule"] in GPU_RULES:
             assert r["gpu"] == "1" and r["slurm_partition"] == "gpu", job
             assert "gpu-slots --gpus 1" in job["shell"]
+            # host memory: the profile's, except mine, whose rule sizes it from the shards
+            assert (r["mem_mb"] == "64000") == (job["rule"] in ("embed", "evaluate")), job
         else:
             assert r.get("gpu", "0") == "0" and r["slurm_partition"] == "cpu", job
             assert "gpu-slots" not in job["shell"]
