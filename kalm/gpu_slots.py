@@ -80,10 +80,11 @@ def lock_dir(env: dict[str, str] | None = None) -> Path:
 
 
 def _open_lock(folder: Path, device: str) -> int:
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        try:  # shared by every user of the machine, like /tmp itself
-            os.chmod(folder, 0o1777)
+    missing = [d for d in (folder, *folder.parents) if not d.exists()]
+    for d in reversed(missing):  # folders we create are shared by every user of the machine, like /tmp
+        d.mkdir(exist_ok=True)
+        try:
+            os.chmod(d, 0o1777)
         except PermissionError:
             pass
     path = folder / ("gpu-" + re.sub(r"[^A-Za-z0-9_.-]", "_", device) + ".lock")

@@ -64,6 +64,11 @@ def test_split_env_reads_leading_assignments_like_env():
 
 def test_a_request_locks_all_its_devices_or_none(tmp_path):
     pool = ["0", "1"]
+    held = try_acquire(1, pool, tmp_path / "locks" / "slurm-7")
+    # every folder the launcher creates is usable by other users (sticky, world-writable)
+    assert all((tmp_path / d).stat().st_mode & 0o7777 == 0o1777 for d in ("locks", "locks/slurm-7"))
+    for fd in held[1]:
+        os.close(fd)
     held = try_acquire(1, pool, tmp_path)
     assert held and held[0] == ["0"]
     # two devices wanted, one busy: nothing is kept, so device 1 stays free for someone else
