@@ -567,15 +567,22 @@ def _fingerprint(model_spec: str, data_path: str, cfg: TrainConfig) -> dict:
 
 def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
           metrics_path: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-          stop_after_steps: int | None = None, stats_path: str | None = None) -> dict:
+          stop_after_steps: int | None = None, stats_path: str | None = None,
+          keep_snapshots: int = 0, snapshot_every: int = 0) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
     With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
     kill resumes from it, ending (on CPU) with the same weights as an uninterrupted run.
     ``stop_after_steps`` simulates a kill (tests): the process exits abruptly after that step.
+    With ``keep_snapshots`` K and ``snapshot_every`` N, the model is also saved every N steps into
+    ``<checkpoint_dir>/snapshots`` (the last K kept): the soup's last-k ingredients.
     Under torchrun only rank 0 writes (model, metrics, stats, checkpoints).
     """
     from kalm.modeling import load_embedding_model, save_model
+    from kalm.soup import SnapshotKeeper, snapshot_dir
+
+    if keep_snapshots > 0 and (not checkpoint_dir or snapshot_every <= 0):
+        raise ValueError("keeping snapshots for the soup needs a checkpoint folder and snapshot_every > 0")
 
     ddp = Distributed()
     if ddp.rank:
@@ -610,6 +617,10 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             step, metrics, padded_total = state["step"], state["metrics"], state.get("padded", 0)
             log.info("resuming %s from step %d (%s)", cfg.stage, step, checkpoint.path)
         first_step = step
+        keeper = None
+        if ddp.rank == 0 and keep_snapshots > 0:
+            keeper = SnapshotKeeper(snapshot_dir(checkpoint_dir), keep=keep_snapshots,
+                                    fingerprint=_fingerprint(model_spec, data_path, cfg))
         log.info("%s: %d records, %d steps (%d per epoch), batch %d over %d process(es), group %d, %s, "
                  "homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage, len(records), total,
                  schedule.steps_per_epoch, cfg.batch_size, ddp.world, n_neg + 1, amp or torch.float32,
@@ -661,6 +672,8 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                             "elapsed_s": round(time.time() - t_start, 3)})
             if step == 1 or step % 10 == 0 or step == total:
                 log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
+            if keeper is not None and step % snapshot_every == 0 and step < total:
+                keeper.save(model, step)
             if ddp.rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < total:
                 checkpoint.save(model, optimizer, step, metrics, padded_total)
             if stop_after_steps is not None and step >= stop_after_steps:
@@ -672,6 +685,8 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             if cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
             save_model(model, out_dir)
+            if keeper is not None:
+                keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
             stats.extra.update(
                 negatives_padded_random=padded_total, steps=total, world_size=ddp.world,
@@ -699,7 +714,8 @@ def _run(args: argparse.Namespace) -> None:
                       mini_batch_size=args.mini_batch_size)
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-          stop_after_steps=args.stop_after_steps, stats_path=args.stats)
+          stop_after_steps=args.stop_after_steps, stats_path=args.stats,
+          keep_snapshots=args.keep_snapshots, snapshot_every=args.snapshot_every)
 
 
 def _ratio(value: str) -> float:
@@ -730,6 +746,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--keep-snapshots", type=int, default=0,
+                   help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots")
+    p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
     p.add_argument("--mix-negatives", type=int, default=0,

@@ -19,7 +19,8 @@ def demo_config_with(tmp_path, **sections) -> str:
 
 
 def test_kalm_cmteb_list_instruction_set_and_mirror_reach_the_evaluate_jobs(tmp_path):
-    cfg = demo_config_with(tmp_path, soup={"method": "uniform", "last_k": 3},
+    finetune = {**yaml.safe_load((ROOT / "config/config.yaml").read_text())["finetune"], "snapshot_every": 5}
+    cfg = demo_config_with(tmp_path, soup={"method": "uniform", "last_k": 3}, finetune=finetune,
                            eval={"batch_size": 8, "instruction_set": "kalm", "mirror": "mirrors",
                                  "languages": {"zh": {"benchmark": "KaLM-C-MTEB"}}})
     res = snakemake("results/mteb_zh.json", "-n", "-p", "--forceall", "--configfile", cfg)
@@ -37,6 +38,8 @@ def test_kalm_cmteb_list_instruction_set_and_mirror_reach_the_evaluate_jobs(tmp_
                                                      "mirror_root": "mirrors"}
     soup = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
     assert "--last-k 3 --snapshots work/checkpoints/finetune_run0/snapshots work/checkpoints/finetune_run1/snapshots" in soup
+    finetune = [line for line in res.stdout.splitlines() if "train --stage finetune" in line]
+    assert len(finetune) == 2 and all("--keep-snapshots 2 --snapshot-every 5" in line for line in finetune)
 
 
 def test_schema_refuses_an_unknown_instruction_set(tmp_path):

@@ -209,11 +209,14 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
     ref = _train_cli(*common, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     ckpt = tmp_path / "ckpt"
+    # soup snapshots every 3 steps, the last 2 kept: steps 3 (before the kill) and 6 (after the resume)
+    snapshots = ["--keep-snapshots", 2, "--snapshot-every", 3]
     killed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2,
-                        "--stop-after-steps", 5)
+                        "--stop-after-steps", 5, *snapshots)
     assert killed.returncode == 137 and not (tmp_path / "resumed").exists()
     assert (ckpt / "checkpoint.pt").exists()
-    resumed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2)
+    resumed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2,
+                         *snapshots)
     assert resumed.returncode == 0 and "resuming finetune from step 4" in resumed.stderr, resumed.stderr
     a = load_file(next((tmp_path / "ref").rglob("model.safetensors")))
     b = load_file(next((tmp_path / "resumed").rglob("model.safetensors")))
@@ -222,6 +225,14 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
     res_metrics = list(read_jsonl(tmp_path / "resumed.metrics.jsonl"))
     assert [m["loss"] for m in ref_metrics] == [m["loss"] for m in res_metrics] and len(res_metrics) == 7
     assert not (ckpt / "checkpoint.pt").exists()  # removed once the model is saved
+    # the soup takes the final model and the snapshots the run kept (they survived the kill)
+    from kalm.soup import last_k_ingredients, snapshot_dir
+
+    snaps = snapshot_dir(ckpt)
+    assert last_k_ingredients(str(tmp_path / "resumed"), snaps, 3) == [
+        str(snaps / "step-00000003"), str(snaps / "step-00000006"), str(tmp_path / "resumed")]
+    six = load_file(next((snaps / "step-00000006").rglob("model.safetensors")))
+    assert six.keys() == a.keys() and not all(torch.equal(six[k], a[k]) for k in a)
 
 
 def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, tiny_qwen_dir):

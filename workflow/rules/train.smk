@@ -27,6 +27,13 @@ def train_args(stage):
             args += f" --{key.replace('_', '-')} {c[key]}"
     if c.get("gradient_checkpointing"):
         args += " --gradient-checkpointing"
+    last_k = config["soup"].get("last_k", 1)
+    if stage == "finetune" and last_k > 1:
+        # the soup's last-k ingredients: the final model and the k-1 snapshots kept before it
+        every = c.get("snapshot_every") or c.get("checkpoint_every")
+        if not every:
+            raise ValueError("config: soup.last_k > 1 needs finetune.snapshot_every (steps between the snapshots the soup averages)")
+        args += f" --keep-snapshots {last_k - 1} --snapshot-every {every}"
     return args
 
 
