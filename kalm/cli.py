@@ -25,6 +25,7 @@ STAGE_MODULES = [
     "kalm.aggregate",
     "kalm.tiny_qwen",
     "kalm.gpu_slots",
+    "kalm.mteb_mirror",
 ]
 
 

@@ -18,8 +18,8 @@ much longer training text (containment, low Jaccard).
 
 Evaluation texts: queries and corpus of retrieval tasks, both sentences of STS / pair tasks, texts
 of classification tasks, read from local task folders; MTEB tasks without a folder are loaded
-with mteb when their data is available offline (the HF cache), and otherwise skipped with a
-logged note and ``"skipped"`` in the report. The report lists, per evaluation task, how many
+with mteb from their local mirror (``eval.mirror``, as ``kalm evaluate`` does) or the offline HF
+cache, and otherwise skipped with a logged note and ``"skipped"`` in the report. The report lists, per evaluation task, how many
 training records overlapped (exactly / near) and a few examples.
 """
 
@@ -86,19 +86,30 @@ def _walk(obj, keys: set[str], depth: int = 0) -> None:
             _walk(value, keys, depth + 1)
 
 
-def mteb_eval_texts(name: str) -> tuple[set[str] | None, str]:
-    """Texts of a registered MTEB task from the offline cache, or (None, why it was skipped)."""
-    try:
-        import mteb
+def mteb_eval_texts(spec: dict | str) -> tuple[set[str] | None, str]:
+    """Texts of a registered MTEB task, or (None, why it was skipped).
 
-        task = mteb.get_task(name)
-        task.load_data()
-        keys: set[str] = set()
-        _walk(getattr(task, "dataset", None), keys)
-        for attr in ("corpus", "queries"):
-            _walk(getattr(task, attr, None), keys)
+    ``spec`` is the task spec ``kalm evaluate`` gets (name, subsets, splits, ``mirror_root`` or
+    ``mirror``): the data comes from the same place as the evaluation's, the task's local mirror
+    when there is one, else the offline Hugging Face cache. A spec mistake (unknown task or
+    benchmark, a subset the task lacks) stops the stage; data that cannot be loaded is a skip.
+    """
+    from kalm.evaluate import TaskSpecError, load_task_data, resolve_task
+    from kalm.mteb_mirror import dataset_tasks
+
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    try:
+        task = resolve_task(spec)
+        load_task_data(task, spec)
+    except TaskSpecError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to load offline means: skip, with a note
-        return None, f"no offline data ({type(e).__name__}: {str(e)[:200]})"
+        return None, f"no offline data ({type(e).__name__}: {str(e)[:300]})"
+    keys: set[str] = set()
+    for sub in dataset_tasks(task):
+        _walk(getattr(sub, "dataset", None), keys)
+        for attr in ("corpus", "queries"):
+            _walk(getattr(sub, attr, None), keys)
     if not keys:
         return None, "no texts found in the loaded task"
     return keys, ""
@@ -165,13 +176,15 @@ class NearIndex:
 
 def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_path: str, report_path: str,
                   near: bool = False, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
-                  mteb_tasks: list[str] | None = None) -> StageStats:
-    """``eval_tasks`` maps task name -> local folder; ``mteb_tasks`` are registered MTEB task names
-    loaded from the offline cache when available (skipped with a note otherwise)."""
+                  mteb_tasks: list[str | dict] | None = None) -> StageStats:
+    """``eval_tasks`` maps task name -> local folder; ``mteb_tasks`` are registered MTEB tasks (names
+    or ``kalm evaluate`` task specs, with their mirror) loaded from their mirror or the offline cache
+    when available (skipped with a note otherwise)."""
     index = {name: eval_texts(path) for name, path in sorted(eval_tasks.items())}
     report: dict[str, dict] = {}
-    for name in sorted(set(mteb_tasks or ()) - set(index)):
-        keys, why = mteb_eval_texts(name)
+    specs = {s["name"]: s for s in ({"name": t} if isinstance(t, str) else t for t in mteb_tasks or ())}
+    for name in sorted(set(specs) - set(index)):
+        keys, why = mteb_eval_texts(specs[name])
         if keys is None:
             log.warning("decontaminate: skipping MTEB task %s: %s", name, why)
             report[name] = {"skipped": why}
@@ -245,7 +258,8 @@ def _decide(rec, keyed, near_hits, index, near_index, stats, report, out) -> Non
 def _run(args: argparse.Namespace) -> None:
     tasks = dict(spec.split("=", 1) for spec in args.eval_task)
     decontaminate(args.input, tasks, args.out, args.stats, args.report, near=args.near, threshold=args.threshold,
-                  num_perm=args.num_perm, shingle=args.shingle, mteb_tasks=args.mteb_task)
+                  num_perm=args.num_perm, shingle=args.shingle,
+                  mteb_tasks=args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json])
 
 
 def register(sub) -> None:
@@ -254,6 +268,8 @@ def register(sub) -> None:
     p.add_argument("--eval-task", action="append", default=[], metavar="NAME=DIR", help="a local evaluation task")
     p.add_argument("--mteb-task", action="append", default=[], metavar="NAME",
                    help="a registered MTEB task, used when its data is in the offline cache")
+    p.add_argument("--mteb-task-json", action="append", default=[], metavar="SPEC",
+                   help="a registered MTEB task as a `kalm evaluate` task spec (JSON: name, subsets, mirror_root, ...)")
     p.add_argument("--near", action="store_true", help="also drop near-copies (MinHash/LSH, exact Jaccard check)")
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of a near-copy")
     p.add_argument("--num-perm", type=int, default=128)

@@ -2,8 +2,6 @@
 
 import json
 import random
-import sys
-import types
 from collections import Counter
 
 import numpy as np
@@ -205,27 +203,31 @@ def test_decontamination_drops_a_near_copy_of_an_eval_text(tmp_path, eval_tasks)
     assert set(read_json(tmp_path / "r2.json")["EvalRetrieval"]) == {"texts", "overlapping_records", "examples"}
 
 
-def test_mteb_tasks_without_offline_data_are_skipped_with_a_note(tmp_path, eval_tasks, monkeypatch, caplog):
-    class Task:
-        dataset = {"default": {"test": [{"sentence1": "An offline cached sentence about the harbour at dawn.",
-                                          "sentence2": "Another one.", "score": 2}]}}
+def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_data(tmp_path, eval_tasks, monkeypatch,
+                                                                                     caplog):
+    """A registered MTEB task's texts come from its local mirror (as for kalm evaluate); a task with
+    neither mirror nor offline cache is skipped with a note, never silently."""
+    import datasets.config
+    from test_eval_mirror import DOCS, QUERIES, t2reranking_mirror
 
-        def load_data(self):
-            pass
-
-    def get_task(name):
-        if name == "CachedTask":
-            return Task()
-        raise ConnectionError("Couldn't reach the Hub (OfflineModeIsEnabled)")
-
-    monkeypatch.setitem(sys.modules, "mteb", types.SimpleNamespace(get_task=get_task))
-    src = _train(tmp_path / "train.jsonl", [("an offline cached sentence about the harbour at dawn.", ["p"]), ("ok", ["fine"])])
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "mirror"
+    t2reranking_mirror(root)
+    src = _train(tmp_path / "train.jsonl", [(QUERIES["q1"], ["p"]), ("ok", [DOCS[3]]), ("fine", ["kept"])])
+    mirrored = {"name": "T2Reranking", "lang": "zh", "mirror_root": str(root)}
     stats = decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
-                          mteb_tasks=["CachedTask", "UncachedTask"])
+                          mteb_tasks=[mirrored, {"name": "STS12", "lang": "en", "mirror_root": str(root)}])
     report = read_json(tmp_path / "r.json")
-    assert "OfflineModeIsEnabled" in report["UncachedTask"]["skipped"] and "UncachedTask" in caplog.text
-    assert report["CachedTask"]["overlapping_records"] == 1 and stats.kept == 1
-    assert read_json(tmp_path / "s.json")["skipped_eval_tasks"] == ["UncachedTask"]
+    assert report["T2Reranking"]["texts"] == len(set(DOCS) | set(QUERIES.values()))
+    assert report["T2Reranking"]["overlapping_records"] == 2 and stats.kept == 1
+    assert stats.dropped == {"overlaps_eval": 2}
+    assert "no mirror at" in report["STS12"]["skipped"] and "OfflineModeIsEnabled" in report["STS12"]["skipped"]
+    assert "STS12" in caplog.text and read_json(tmp_path / "s.json")["skipped_eval_tasks"] == ["STS12"]
+    # a mistake in the spec is not a skip
+    with pytest.raises(ValueError, match="not a registered MTEB task"):
+        decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
+                      mteb_tasks=["T2Rerankingg"])
 
 
 @pytest.mark.parametrize("section, bad", [("dedup", {"near_dup": True, "treshold": 0.8}), ("dedup", {"shards": 0}),

@@ -11,6 +11,9 @@ KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
 FINETUNE_RUNS = list(range(config["finetune"]["runs"]))
 NUM_SHARDS = config["embed"]["shards"]
+if config["pretrain"]["enabled"] and not config["data"]["pretrain"]:
+    raise ValueError("config: pretrain.enabled is true but data.pretrain lists no weak-pair tasks "
+                     "(add some, or set pretrain.enabled: false to fine-tune the base model directly)")
 
 
 def data_tasks(stage):
@@ -86,12 +89,13 @@ def local_eval_tasks():
 
 
 def mteb_eval_tasks():
-    """Evaluation tasks without local data (registered MTEB tasks): decontamination targets when
-    their data is cached offline (kalm.decontaminate skips the others with a note)."""
+    """(language, task) of the evaluation tasks without local data (registered MTEB tasks):
+    decontamination targets when their data is mirrored or cached offline (kalm.decontaminate skips
+    the others with a note)."""
     if not decontaminate_settings()["mteb"]:
         return []
     local = local_eval_tasks()
-    return sorted({t for tasks in EVAL_TASKS.values() for t in tasks if t not in local})
+    return sorted({(lang, t) for lang, tasks in EVAL_TASKS.items() for t in tasks if t not in local})
 
 
 def eval_model(which):

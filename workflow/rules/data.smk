@@ -115,7 +115,9 @@ rule decontaminate:
         report="work/data/{stage}/contamination_report.json",
     params:
         eval_tasks=" ".join(f"--eval-task {shlex.quote(f'{t}={p}')}" for t, p in local_eval_tasks().items()),
-        mteb_tasks=" ".join(f"--mteb-task {shlex.quote(t)}" for t in mteb_eval_tasks()),
+        # the same task specs (subsets, mirror) as the evaluate jobs: decontaminate against their data
+        mteb_tasks=" ".join(f"--mteb-task-json {shlex.quote(json.dumps(eval_task_spec(lang, t), ensure_ascii=False))}"
+                            for lang, t in mteb_eval_tasks()),
         near=(f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
               if DECON["near_dup"] else ""),
     log:
