@@ -26,6 +26,7 @@ STAGE_MODULES = [
     "kalm.tiny_qwen",
     "kalm.gpu_slots",
     "kalm.mteb_mirror",
+    "kalm.report",
 ]
 
 

@@ -1,0 +1,185 @@
+# The report's plots and tables (kalm report; kalm/report.py), drawn from the stats files the stages
+# wrote. They are targets of `rule all`, never inputs of results/mteb_<lang>.json: `snakemake` builds
+# them, then `snakemake --report report.html` gathers them with the captions of workflow/report/.
+# config report.eval_runs: also evaluate each fine-tune run's model (evaluate_run / aggregate_run), so
+# that the MTEB chart shows base vs every run vs soup (else base vs soup).
+
+REPORT_DIR = "results/report"
+REPORT_STAGES = [s for s in DATA_STAGES if s != "pretrain" or config["pretrain"]["enabled"]]
+EVAL_RUNS = config.get("report", {}).get("eval_runs", False)
+
+
+def report_funnel_stats(stage):
+    """The stats JSON of each data step of a stage, in pipeline order (the trainer's last: its few-negatives policy)."""
+    files = expand("work/data/{stage}/validated/{dtask}.stats.json", stage=stage, dtask=data_tasks(stage))
+    files += [f"work/data/{stage}/dedup.stats.json", f"work/data/{stage}/decontaminated.stats.json"]
+    if stage == "finetune":
+        files += ["work/data/finetune/mined.stats.json", "models/finetune/run0.stats.json"]
+    else:
+        files += ["models/pretrain.stats.json"]
+    return files
+
+
+def report_mteb_models(lang):
+    """{label: aggregate} of the models the MTEB chart compares."""
+    models = {"base": f"results/baseline/mteb_{lang}.json"}
+    if EVAL_RUNS:
+        models.update({f"run{r}": f"results/runs/run{r}/mteb_{lang}.json" for r in FINETUNE_RUNS})
+    models["soup"] = f"results/mteb_{lang}.json"
+    return models
+
+
+def report_mteb_args():
+    return " ".join(f"--lang {lang} " + " ".join(f"{label}={path}" for label, path in report_mteb_models(lang).items())
+                    for lang in LANGUAGES)
+
+
+def report_training_metrics(stage):
+    if stage == "pretrain":
+        return {"pretrain": "models/pretrain.metrics.jsonl"}
+    return {f"run{r}": f"models/finetune/run{r}.metrics.jsonl" for r in FINETUNE_RUNS}
+
+
+def rulegraph_targets():
+    return [p for lang in LANGUAGES for p in (f"results/mteb_{lang}.json", f"results/baseline/mteb_{lang}.json")]
+
+
+REPORT_PLOTS = [
+    f"{REPORT_DIR}/rulegraph.svg",
+    f"{REPORT_DIR}/funnel.svg",
+    f"{REPORT_DIR}/funnel.html",
+    *expand(f"{REPORT_DIR}/training_{{stage}}.svg", stage=REPORT_STAGES),
+    f"{REPORT_DIR}/mteb.svg",
+    f"{REPORT_DIR}/mteb.html",
+]
+
+localrules:
+    report_rulegraph,
+    report_funnel,
+    report_training,
+    report_mteb,
+
+
+rule report_rulegraph:
+    output:
+        report(f"{REPORT_DIR}/rulegraph.svg", caption="../report/rulegraph.rst", category="1. Pipeline",
+               labels={"figure": "rule graph"}),
+    params:
+        snakefile=workflow.main_snakefile,
+        config=lambda w: shlex.quote(json.dumps(config, ensure_ascii=False)),
+        targets=" ".join(rulegraph_targets()),
+    log:
+        "logs/report/rulegraph.log",
+    benchmark:
+        "benchmarks/report/rulegraph.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} report rulegraph --snakefile {params.snakefile} --config-json {params.config} --out {output} "
+        "{params.targets} > {log} 2>&1"
+
+
+rule report_funnel:
+    input:
+        stats=[f for stage in REPORT_STAGES for f in report_funnel_stats(stage)],
+        contamination=expand("work/data/{stage}/contamination_report.json", stage=REPORT_STAGES),
+    output:
+        plot=report(f"{REPORT_DIR}/funnel.svg", caption="../report/funnel.rst", category="2. Data funnel",
+                    labels={"figure": "funnel chart"}),
+        table=report(f"{REPORT_DIR}/funnel.html", caption="../report/funnel_table.rst", category="2. Data funnel",
+                     labels={"figure": "funnel table"}),
+    params:
+        stages=" ".join(f"--stage {stage} " + " ".join(report_funnel_stats(stage)) for stage in REPORT_STAGES),
+        contamination=" ".join(f"{stage}=work/data/{stage}/contamination_report.json" for stage in REPORT_STAGES),
+    log:
+        "logs/report/funnel.log",
+    benchmark:
+        "benchmarks/report/funnel.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} report funnel {params.stages} --contamination {params.contamination} "
+        "--out {output.plot} --table {output.table} > {log} 2>&1"
+
+
+rule report_training:
+    input:
+        lambda w: list(report_training_metrics(w.stage).values()),
+    output:
+        report(f"{REPORT_DIR}/training_{{stage}}.svg", caption="../report/training.rst", category="3. Training",
+               subcategory="{stage}", labels={"stage": "{stage}", "figure": "training curves"}),
+    params:
+        runs=lambda w: " ".join(f"{label}={path}" for label, path in report_training_metrics(w.stage).items()),
+    log:
+        "logs/report/training_{stage}.log",
+    benchmark:
+        "benchmarks/report/training_{stage}.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} report training --run {params.runs} --title '{wildcards.stage}' --out {output} > {log} 2>&1"
+
+
+rule report_mteb:
+    input:
+        [p for lang in LANGUAGES for p in report_mteb_models(lang).values()],
+    output:
+        plot=report(f"{REPORT_DIR}/mteb.svg", caption="../report/mteb.rst", category="4. MTEB",
+                    labels={"figure": "per-type chart"}),
+        table=report(f"{REPORT_DIR}/mteb.html", caption="../report/mteb_table.rst", category="4. MTEB",
+                     labels={"figure": "per-task table"}),
+    params:
+        langs=report_mteb_args(),
+    log:
+        "logs/report/mteb.log",
+    benchmark:
+        "benchmarks/report/mteb.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} report mteb {params.langs} --out {output.plot} --table {output.table} > {log} 2>&1"
+
+
+# report.eval_runs: each fine-tune run's model on the eval tasks, as the soup's (rule evaluate) but
+# under results/runs/run<r>/; aggregated against the base model like results/mteb_<lang>.json.
+rule evaluate_run:
+    input:
+        model="models/finetune/run{run}",
+        task=eval_task_input,
+    output:
+        raw="results/runs/run{run}/mteb/{lang}/{task}.json",
+        meta="results/runs/run{run}/mteb/{lang}/{task}.kalm.json",
+    params:
+        task=lambda w: shlex.quote(json.dumps(eval_task_spec(w.lang, w.task), ensure_ascii=False)),
+        batch_size=config["eval"]["batch_size"],
+        max_len=config["max_seq_length"],
+    threads: config["threads"]
+    log:
+        "logs/evaluate/runs/run{run}/{lang}/{task}.log",
+    benchmark:
+        "benchmarks/evaluate/runs/run{run}/{lang}/{task}.tsv"
+    resources:
+        mem_mb=8000,
+        gpu=gpus("evaluate"),
+    shell:
+        "{GPU_RUN} --gpus {resources.gpu} -- "
+        "OMP_NUM_THREADS={threads} {KALM} evaluate --model {input.model} --task-json {params.task} "
+        "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
+
+
+rule aggregate_run:
+    input:
+        results=lambda w: expand("results/runs/run{run}/mteb/{lang}/{task}.kalm.json", run=w.run, lang=w.lang,
+                                 task=EVAL_TASKS[w.lang]),
+        baseline="results/baseline/mteb_{lang}.json",
+    output:
+        "results/runs/run{run}/mteb_{lang}.json",
+    log:
+        "logs/aggregate/run{run}_{lang}.log",
+    benchmark:
+        "benchmarks/aggregate/run{run}_{lang}.tsv"
+    resources:
+        mem_mb=1000,
+    shell:
+        "{KALM} aggregate --model models/finetune/run{wildcards.run} --baseline {input.baseline} --out {output} "
+        "{input.results} > {log} 2>&1"
