@@ -342,7 +342,8 @@ def plot_mteb(results: dict[str, dict[str, dict]], out: str | os.PathLike) -> No
         ax.axvline(len(groups) - 2.5, color="#ccc", lw=0.8)
         ax.set_ylabel("main score x100")
         ax.set_title(f"MTEB {lang}: {sum(len(a['tasks']) for a in list(models.values())[:1])} tasks")
-        ax.legend(fontsize=7, frameon=False)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+        ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(models))
     fig.tight_layout()
     _save(fig, out)
 
