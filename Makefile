@@ -49,10 +49,10 @@ real: $(STAMP)
 	$(PY) scripts/prepare_real_data.py --shared ../shared/data --out real
 	$(SNAKEMAKE) $(REAL_TARGETS) -s $(CURDIR)/workflow/Snakefile --directory real --configfile real/config.yaml
 
-# Two pytest workers: most tests wait on subprocesses (snakemake, torchrun, slurmd) or use one thread.
-# Tests sharing the session's tiny DAG run (tiny_run) form one xdist group, so it runs once.
+# Two pytest workers, a test module each at a time (module fixtures such as the SLURM cluster start
+# once); the tiny DAG run is built once for both (tests/conftest.py). --durations: what to trim first.
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 dag: $(STAMP)
 	$(SNAKEMAKE) results/mteb_zh.json results/mteb_en.json --rulegraph | dot -Tsvg > docs/rulegraph.svg

@@ -104,7 +104,7 @@ def mteb_eval_texts(spec: dict | str) -> tuple[set[str] | None, str]:
     except TaskSpecError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to load offline means: skip, with a note
-        return None, f"no offline data ({type(e).__name__}: {str(e)[:300]})"
+        return None, f"no offline data ({type(e).__name__}: {str(e)[:1000]})"
     keys: set[str] = set()
     for sub in dataset_tasks(task):
         _walk(getattr(sub, "dataset", None), keys)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,6 +56,13 @@ def make_bilingual_sentences(n: int = 300, seed: int = 0) -> list[str]:
     return out
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder of this test run that every pytest-xdist worker sees (each worker has its own basetemp
+    below it); without xdist, the session's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> str:
     """A tiny random Qwen2 backbone (plain HF directory, causal config), built once per session.
@@ -64,8 +73,13 @@ def tiny_qwen_dir(tmp_path_factory) -> str:
     """
     from kalm.tiny_qwen import build_tiny_qwen2
 
-    out = tmp_path_factory.mktemp("tiny_qwen") / "model"
-    build_tiny_qwen2(out, make_bilingual_sentences(300), seed=0)
+    root = shared_tmp(tmp_path_factory)
+    out = root / "tiny_qwen" / "model"
+    with FileLock(str(root / "tiny_qwen.lock")):  # built once, whichever pytest-xdist worker asks first
+        if not (root / "tiny_qwen" / ".built").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build_tiny_qwen2(out, make_bilingual_sentences(300), seed=0)
+            (root / "tiny_qwen" / ".built").touch()
     return str(out)
 
 
@@ -75,15 +89,28 @@ def slice_jsonl(src: Path, dst: Path, n: int) -> str:
     return str(dst)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_run(tmp_path_factory, tiny_qwen_dir):
-    """The real DAG run locally on a tiny config, once per session: (working directory, config).
+    """The real DAG run locally on a tiny config, once per test run: (working directory, config).
 
     `snakemake results/mteb_zh.json results/mteb_en.json` bare, as a user would after
     `source .venv/bin/activate` (SNAKEMAKE_PROFILE points at profiles/local). tests/test_e2e.py
-    checks its outputs; tests/test_slurm.py re-runs part of it on a SLURM cluster and compares.
+    checks its outputs; tests/test_slurm.py re-runs part of it on a SLURM cluster and compares;
+    tests/test_report.py makes its report. The first test to ask builds it (under a lock shared by
+    the pytest-xdist workers); each test then holds it alone, because some re-run its jobs.
     """
-    work = tmp_path_factory.mktemp("e2e")
+    root = shared_tmp(tmp_path_factory)
+    with FileLock(str(root / "tiny_run.lock")):
+        work = root / "e2e"
+        if not (work / ".built").exists():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            _build_tiny_run(work, tiny_qwen_dir)
+            (work / ".built").touch()
+        yield work, yaml.safe_load((work / "tiny.yaml").read_text(encoding="utf-8"))
+
+
+def _build_tiny_run(work: Path, tiny_qwen_dir: str) -> None:
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
     cfg["base_model"] = tiny_qwen_dir
     cfg["threads"] = 1
@@ -107,4 +134,3 @@ def tiny_run(tmp_path_factory, tiny_qwen_dir):
                           "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(work / "tiny.yaml")],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-5000:]
-    return work, cfg

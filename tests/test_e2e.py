@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-# one pytest-xdist worker runs every test of the session's tiny DAG run (conftest.tiny_run)
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 
 def read(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -243,7 +243,6 @@ PLOTS = ["rulegraph.svg", "funnel.svg", "funnel.html", "training_pretrain.svg", 
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny_run")  # the pytest-xdist worker that holds the session's tiny DAG run
 def test_report_of_the_tiny_run_opens_in_chromium(tiny_run, tmp_path):
     exe = ensure_chromium()
     work, _ = tiny_run

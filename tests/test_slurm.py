@@ -37,9 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
 
-# one pytest-xdist worker runs every test of the session's tiny DAG run (conftest.tiny_run)
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 GPU_RULES = {"embed", "mine", "pretrain", "finetune", "evaluate"}
 
 
