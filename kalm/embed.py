@@ -26,6 +26,7 @@ import numpy as np
 
 from kalm.instructions import format_query
 from kalm.io import atomic_path, read_jsonl, write_json
+from kalm.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def encode_texts(model, texts: list[str], token_budget: int = 4096, max_batch: i
 def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, shard: int, num_shards: int,
                 out_dir: str, token_budget: int = 4096, max_batch: int = 64, max_seq_length: int | None = None,
                 dtype: str = "float16", precision: str = "auto", query_instruction: bool = True,
-                passage_instruction: str = "symmetric", threads: int | None = None) -> Path:
+                passage_instruction: str = "symmetric", threads: int | None = None, pooling: str = "mean") -> Path:
     texts = texts_to_embed(list(read_jsonl(input_path)), mine_tasks, query_instruction, passage_instruction)
     lo, hi = shard_bounds(len(texts), shard, num_shards)
     out_dir = Path(out_dir)
@@ -186,7 +187,7 @@ def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, s
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_embedding_model(model_spec, max_seq_length=max_seq_length)
+    model = load_embedding_model(model_spec, max_seq_length=max_seq_length, pooling=pooling)
     log.info("encoding shard %d/%d: texts %d..%d of %d on %s", shard, num_shards, lo, hi, len(texts), model.device)
     t0 = time.time()
     vectors = encode_texts(model, texts[lo:hi], token_budget, max_batch, precision, out_dtype=np.dtype(dtype))
@@ -243,7 +244,7 @@ class ShardedEmbeddings:
 def _run(args: argparse.Namespace) -> None:
     embed_shard(args.input, json.loads(args.mine_tasks), args.model, args.shard, args.num_shards,
                 args.out_dir, args.token_budget, args.batch_size, args.max_seq_length, args.dtype,
-                args.precision, args.query_instruction, args.passage_instruction, args.threads)
+                args.precision, args.query_instruction, args.passage_instruction, args.threads, args.pooling)
 
 
 def add_instruction_args(p) -> None:
@@ -270,4 +271,5 @@ def register(sub) -> None:
                    help="compute precision on GPU (auto: bf16 where supported); CPUs use fp32")
     p.add_argument("--threads", type=int)
     add_instruction_args(p)
+    add_pooling_argument(p)
     p.set_defaults(func=_run)

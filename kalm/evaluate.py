@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from kalm.instructions import is_symmetric, query_prefix
 from kalm.io import atomic_path, write_json
+from kalm.modeling import add_pooling_argument
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +368,7 @@ def evaluate_task(
     batch_size: int = 64,
     max_seq_length: int | None = None,
     device: str | None = None,
+    pooling: str = "mean",
 ) -> dict:
     """Evaluate ``model_spec`` on one task; write mteb's result JSON and the kalm sidecar; return the sidecar."""
     import mteb
@@ -377,7 +379,7 @@ def evaluate_task(
     prep = prepare_task(task)
     mteb_task, prompts = prep.task, prep.prompts
     task_type, name = mteb_task.metadata.type, mteb_task.metadata.name
-    model = load_embedding_model(model_spec, max_seq_length=max_seq_length, device=device)
+    model = load_embedding_model(model_spec, max_seq_length=max_seq_length, device=device, pooling=pooling)
     logger.info("evaluating %s on %s (%s) with prompts %s", model_spec, name, task_type, prompts)
     task_result = run_mteb(model, mteb_task, prompts, batch_size)
 
@@ -430,6 +432,7 @@ def _run(args: argparse.Namespace) -> int:
             args.out,
             batch_size=args.batch_size,
             max_seq_length=args.max_seq_length,
+            pooling=args.pooling,
             device=args.device,
         )
     except (LocalTaskError, TaskSpecError, TaskDataUnavailable) as e:
@@ -447,5 +450,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="mteb result JSON to write; the sidecar goes to <out minus .json>.kalm.json")
     p.add_argument("--batch-size", type=int, default=64, help="first batch size tried; halved on GPU out-of-memory")
     p.add_argument("--max-seq-length", type=int, default=None)
+    add_pooling_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=_run)

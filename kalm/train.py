@@ -37,6 +37,7 @@ import torch
 from kalm.instructions import format_passage, format_query
 from kalm.io import StageStats, atomic_path, read_jsonl, write_jsonl
 from kalm.losses import focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
+from kalm.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on a CUDA device that supports it)
     gradient_checkpointing: bool = False
     mini_batch_size: int = 0  # GradCache chunk (texts per forward); 0 = the whole batch at once
+    pooling: str = "mean"  # for a plain HF backbone (a sentence-transformers start model keeps its own)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,7 +594,8 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
     device = ddp.device()
     ddp.start(device)
     try:
-        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device))
+        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device),
+                                     pooling=cfg.pooling)
         device = model.device
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -711,7 +714,7 @@ def _run(args: argparse.Namespace) -> None:
                       matryoshka_weights=tuple(args.matryoshka_weights or ()),
                       homogeneous_ratio=args.homogeneous_ratio, few_negatives=args.few_negatives,
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                      mini_batch_size=args.mini_batch_size)
+                      mini_batch_size=args.mini_batch_size, pooling=args.pooling)
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
           stop_after_steps=args.stop_after_steps, stats_path=args.stats,
@@ -746,6 +749,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    add_pooling_argument(p)
     p.add_argument("--keep-snapshots", type=int, default=0,
                    help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots")
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")

@@ -242,3 +242,13 @@ def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, tiny_qwen_di
     assert _train_cli(*common, "--out", tmp_path / "a", "--stop-after-steps", 2).returncode == 137
     other = _train_cli(*common, "--out", tmp_path / "b", "--lr", "1e-3")
     assert other.returncode == 0 and "ignoring checkpoint" in other.stderr and "resuming" not in other.stderr
+
+
+def test_the_pooling_option_is_the_saved_models_pooling(tmp_path, tiny_qwen_dir):
+    from sentence_transformers import SentenceTransformer
+
+    data = _toy_data(tmp_path)
+    res = _train_cli("--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4,
+                     "--max-steps", 1, "--threads", 1, "--pooling", "cls", "--out", tmp_path / "m")
+    assert res.returncode == 0, res.stderr
+    assert SentenceTransformer(str(tmp_path / "m"))[1].pooling_mode == "cls"

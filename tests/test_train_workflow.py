@@ -37,3 +37,25 @@ def test_training_options_reach_the_commands_and_bad_values_are_refused(tmp_path
     cfg["finetune"]["few_negatives"] = "repeat"
     bad = _dry_run(cfg, tmp_path)
     assert bad.returncode != 0 and "few_negatives" in bad.stderr + bad.stdout
+
+
+def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
+    """`pooling` (cls / lasttoken instead of KaLM's mean) for a plain Hugging Face base model: the
+    mining encoder, both training stages and the baseline evaluation must pool alike."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["pooling"] = "lasttoken"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    snakemake = Path(sys.executable).parent / "snakemake"
+    res = subprocess.run([str(snakemake), "models/finetune/run0", "results/baseline/mteb_en.json", "-n", "-p",
+                          "--forceall", "--cores", "1", "--configfile", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if " -m kalm " in line]
+    for command in ("embed", "train --stage pretrain", "train --stage finetune", "evaluate"):
+        found = [line for line in lines if f"-m kalm {command}" in line]
+        assert found and all("--pooling lasttoken" in line for line in found), command
+    cfg["pooling"] = "max"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    bad = _dry_run(cfg, tmp_path)
+    assert bad.returncode != 0 and "pooling" in bad.stderr + bad.stdout

@@ -16,6 +16,12 @@ if config["pretrain"]["enabled"] and not config["data"]["pretrain"]:
                      "(add some, or set pretrain.enabled: false to fine-tune the base model directly)")
 
 
+def pooling_arg():
+    """`--pooling` for the commands that load the base model, when the config sets `pooling` (a plain
+    Hugging Face backbone gets it; a sentence-transformers model keeps its own)."""
+    return f" --pooling {config['pooling']}" if config.get("pooling") else ""
+
+
 def data_tasks(stage):
     return sorted(config["data"][stage])
 

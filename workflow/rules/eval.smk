@@ -14,6 +14,7 @@ rule evaluate:
         task=lambda w: shlex.quote(json.dumps(eval_task_spec(w.lang, w.task), ensure_ascii=False)),
         batch_size=config["eval"]["batch_size"],
         max_len=config["max_seq_length"],
+        pooling=pooling_arg(),
     threads: config["threads"]
     log:
         "logs/evaluate/{which}/{lang}/{task}.log",
@@ -25,7 +26,7 @@ rule evaluate:
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} evaluate --model {params.model} --task-json {params.task} "
-        "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
+        "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len}{params.pooling} > {log} 2>&1"
 
 
 rule aggregate_baseline:

@@ -45,6 +45,7 @@ rule embed:
         dtype=config["embed"].get("dtype", "float16"),
         instructions=instruction_args(),
         max_len=config["max_seq_length"],
+        pooling=pooling_arg(),
     threads: config["threads"]
     log:
         "logs/embed/shard{shard}.log",
@@ -58,7 +59,7 @@ rule embed:
         "OMP_NUM_THREADS={threads} {KALM} embed --input {input} --mine-tasks {params.mine_tasks} "
         "--model {params.model} --shard {wildcards.shard} --num-shards {NUM_SHARDS} "
         "--out-dir work/embed --batch-size {params.batch_size} --token-budget {params.token_budget} "
-        "--precision {params.precision} --dtype {params.dtype} --max-seq-length {params.max_len} "
+        "--precision {params.precision} --dtype {params.dtype} --max-seq-length {params.max_len}{params.pooling} "
         "{params.instructions} --threads {threads} > {log} 2>&1"
 
 

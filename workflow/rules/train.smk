@@ -9,7 +9,8 @@
 def train_args(stage):
     c = config[stage]
     args = (f"--batch-size {c['batch_size']} --lr {c['lr']} --temperature {c['temperature']} "
-            f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}")
+            f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}"
+            + pooling_arg())
     if c.get("max_steps"):
         args += f" --max-steps {c['max_steps']}"
     if c.get("checkpoint_every"):
