@@ -2,8 +2,10 @@
 and a pipeline config: the proof that fine-tuning through the DAG improves a real model.
 
     python scripts/prepare_real_data.py --shared ../shared/data --out real
-    snakemake -s workflow/Snakefile --directory real --configfile real/config.yaml \\
-        results/mteb_zh.json results/mteb_en.json           # or: make real
+    snakemake results/mteb_zh.json results/mteb_en.json results/baseline/mteb_zh.json \\
+        results/baseline/mteb_en.json -s workflow/Snakefile --directory real \\
+        --configfile real/config.yaml                       # or: make real (targets first:
+                                                            # --configfile takes several values)
 
 What is trained on and what is held out (nothing evaluated is ever trained on):
 
@@ -26,6 +28,8 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+
+from kalm.io import write_jsonl  # atomic, creates the folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,14 +66,6 @@ def read_csl_ts(path: Path) -> list[tuple[str, str]]:
 def held_out(text: str, share: float) -> bool:
     """A stable split: the same paper is on the same side whatever the file order."""
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF < share
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return len(rows)
 
 
 def prepare(shared: Path, out: Path, sts_min_score: float = 4.0, csl_eval_share: float = 0.3) -> dict:
