@@ -316,45 +316,27 @@ def _metadata(name: str, task_type: str, lang: str, folder: Path, main_score: st
     )
 
 
-def _load_retrieval(self, num_proc=None, **kwargs) -> None:
+def _retrieval_split(self, with_top_ranked: bool) -> None:
+    """The task's test split as mteb's RetrievalSplitData; reranking adds each query's candidate list."""
     if self.data_loaded:
         return
     from datasets import Dataset
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
     queries, corpus, relevant = read_retrieval(self.local_path)
-    self.dataset = {
-        "default": {
-            "test": RetrievalSplitData(
-                queries=Dataset.from_list(queries),
-                corpus=Dataset.from_list(corpus),
-                relevant_docs=relevant,
-                top_ranked=None,
-            )
-        }
-    }
+    top_ranked = read_top_ranked(self.local_path, queries, corpus) if with_top_ranked else None
+    split = RetrievalSplitData(queries=Dataset.from_list(queries), corpus=Dataset.from_list(corpus),
+                               relevant_docs=relevant, top_ranked=top_ranked)
+    self.dataset = {"default": {"test": split}}
     self.data_loaded = True
+
+
+def _load_retrieval(self, num_proc=None, **kwargs) -> None:
+    _retrieval_split(self, with_top_ranked=False)
 
 
 def _load_reranking(self, num_proc=None, **kwargs) -> None:
-    if self.data_loaded:
-        return
-    from datasets import Dataset
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-
-    queries, corpus, relevant = read_retrieval(self.local_path)
-    top_ranked = read_top_ranked(self.local_path, queries, corpus)
-    self.dataset = {
-        "default": {
-            "test": RetrievalSplitData(
-                queries=Dataset.from_list(queries),
-                corpus=Dataset.from_list(corpus),
-                relevant_docs=relevant,
-                top_ranked=top_ranked,
-            )
-        }
-    }
-    self.data_loaded = True
+    _retrieval_split(self, with_top_ranked=True)
 
 
 def _load_clustering(self, num_proc=None, **kwargs) -> None:

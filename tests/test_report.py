@@ -160,7 +160,8 @@ def test_default_target_builds_the_plots_and_eval_runs_adds_one_evaluation_per_r
     counts = dry_run()
     assert counts["report_funnel"] == counts["report_mteb"] == counts["report_rulegraph"] == 1
     assert counts["report_training"] == 2  # pretrain and finetune
-    assert "evaluate_run" not in counts and counts["evaluate"] == 2 * n_tasks
+    n_langs = len(cfg["eval"]["languages"])
+    assert counts["evaluate"] == 2 * n_tasks and counts["aggregate"] == n_langs  # base and soup
     cfg["report"] = {"eval_runs": True}
     for section in ("pretrain", "finetune"):  # absolute data paths: the config is read from tmp_path
         for spec in cfg["data"][section].values():
@@ -169,11 +170,22 @@ def test_default_target_builds_the_plots_and_eval_runs_adds_one_evaluation_per_r
         spec["path"] = str(ROOT / spec["path"])
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     counts = dry_run("--configfile", str(tmp_path / "runs.yaml"), cwd=tmp_path)
-    assert counts["evaluate_run"] == runs * n_tasks and counts["aggregate_run"] == runs * len(cfg["eval"]["languages"])
-    assert counts["evaluate"] == 2 * n_tasks
+    assert counts["evaluate"] == (2 + runs) * n_tasks and counts["aggregate"] == (1 + runs) * n_langs
     # the plots are never inputs of the results a user asks for
     counts = dry_run("results/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml"), cwd=tmp_path)
-    assert not any(rule.startswith(("report_", "evaluate_run", "aggregate_run")) for rule in counts)
+    assert not any(rule.startswith("report_") for rule in counts)
+    assert counts["evaluate"] == 2 * len(cfg["eval"]["languages"]["zh"]) and counts["aggregate"] == 1  # no run
+    # a run's jobs score that run's model, with the same command line as the soup's (pooling included)
+    cfg["pooling"] = "mean"
+    (tmp_path / "runs.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    env = {k: v for k, v in ENV.items() if k != "SNAKEMAKE_PROFILE"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "-s", SNAKEFILE,
+                          "results/runs/run0/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_evals = [line for line in res.stdout.splitlines() if "evaluate --model models/finetune/run0 " in line]
+    assert len(run_evals) == len(cfg["eval"]["languages"]["zh"]) and all("--pooling mean" in c for c in run_evals)
+    assert "aggregate --model models/finetune/run0 --baseline results/baseline/mteb_zh.json" in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------

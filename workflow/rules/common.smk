@@ -105,11 +105,18 @@ def mteb_eval_tasks():
 
 
 def eval_model(which):
-    return "models/soup" if which == "results" else config["base_model"]
+    """The model scored under a results folder: results -> the soup, results/runs/run<r> -> fine-tune
+    run r (config report.eval_runs), results/baseline -> the base model."""
+    if which == "results":
+        return "models/soup"
+    if which.startswith("results/runs/run"):
+        return "models/finetune/" + which.rsplit("/", 1)[1]
+    return config["base_model"]
 
 
 def eval_model_input(wildcards):
-    return ["models/soup"] if wildcards.which == "results" else []
+    model = eval_model(wildcards.which)
+    return [model] if model.startswith("models/") else []
 
 
 def eval_task_input(wildcards):
@@ -161,4 +168,4 @@ wildcard_constraints:
     task=r"(?!.*\.kalm$)[^/]+",
     run=r"\d+",
     shard=r"\d+",
-    which="results|results/baseline",
+    which=r"results|results/baseline|results/runs/run\d+",

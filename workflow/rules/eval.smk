@@ -46,17 +46,22 @@ rule aggregate_baseline:
         "{KALM} aggregate --model {params.model} --out {output} {input} > {log} 2>&1"
 
 
+# The soup's aggregate (results/mteb_<lang>.json) and, with report.eval_runs, each fine-tune run's
+# (results/runs/run<r>/mteb_<lang>.json): both report the gain over the base model.
 rule aggregate:
     input:
-        results=lambda w: expand("results/mteb/{lang}/{task}.kalm.json", lang=w.lang, task=EVAL_TASKS[w.lang]),
+        results=lambda w: expand("{which}/mteb/{lang}/{task}.kalm.json", which=w.which, lang=w.lang,
+                                 task=EVAL_TASKS[w.lang]),
         baseline="results/baseline/mteb_{lang}.json",
     output:
-        "results/mteb_{lang}.json",
+        r"{which,results|results/runs/run\d+}/mteb_{lang}.json",
+    params:
+        model=lambda w: eval_model(w.which),
     log:
-        "logs/aggregate/{lang}.log",
+        "logs/aggregate/{which}/{lang}.log",
     benchmark:
-        "benchmarks/aggregate/{lang}.tsv"
+        "benchmarks/aggregate/{which}/{lang}.tsv"
     resources:
         mem_mb=1000,
     shell:
-        "{KALM} aggregate --model models/soup --baseline {input.baseline} --out {output} {input.results} > {log} 2>&1"
+        "{KALM} aggregate --model {params.model} --baseline {input.baseline} --out {output} {input.results} > {log} 2>&1"

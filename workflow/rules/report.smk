@@ -1,8 +1,8 @@
 # The report's plots and tables (kalm report; kalm/report.py), drawn from the stats files the stages
 # wrote. They are targets of `rule all`, never inputs of results/mteb_<lang>.json: `snakemake` builds
 # them, then `snakemake --report report.html` gathers them with the captions of workflow/report/.
-# config report.eval_runs: also evaluate each fine-tune run's model (evaluate_run / aggregate_run), so
-# that the MTEB chart shows base vs every run vs soup (else base vs soup).
+# config report.eval_runs: also evaluate each fine-tune run's model (eval.smk's evaluate / aggregate
+# under results/runs/run<r>), so that the MTEB chart shows base vs every run vs soup (else base vs soup).
 
 REPORT_DIR = "results/report"
 REPORT_STAGES = [s for s in DATA_STAGES if s != "pretrain" or config["pretrain"]["enabled"]]
@@ -138,48 +138,3 @@ rule report_mteb:
         mem_mb=1000,
     shell:
         "{KALM} report mteb {params.langs} --out {output.plot} --table {output.table} > {log} 2>&1"
-
-
-# report.eval_runs: each fine-tune run's model on the eval tasks, as the soup's (rule evaluate) but
-# under results/runs/run<r>/; aggregated against the base model like results/mteb_<lang>.json.
-rule evaluate_run:
-    input:
-        model="models/finetune/run{run}",
-        task=eval_task_input,
-    output:
-        raw="results/runs/run{run}/mteb/{lang}/{task}.json",
-        meta="results/runs/run{run}/mteb/{lang}/{task}.kalm.json",
-    params:
-        task=lambda w: shlex.quote(json.dumps(eval_task_spec(w.lang, w.task), ensure_ascii=False)),
-        batch_size=config["eval"]["batch_size"],
-        max_len=config["max_seq_length"],
-    threads: config["threads"]
-    log:
-        "logs/evaluate/runs/run{run}/{lang}/{task}.log",
-    benchmark:
-        "benchmarks/evaluate/runs/run{run}/{lang}/{task}.tsv"
-    resources:
-        mem_mb=8000,
-        gpu=gpus("evaluate"),
-    shell:
-        "{GPU_RUN} --gpus {resources.gpu} -- "
-        "OMP_NUM_THREADS={threads} {KALM} evaluate --model {input.model} --task-json {params.task} "
-        "--out {output.raw} --batch-size {params.batch_size} --max-seq-length {params.max_len} > {log} 2>&1"
-
-
-rule aggregate_run:
-    input:
-        results=lambda w: expand("results/runs/run{run}/mteb/{lang}/{task}.kalm.json", run=w.run, lang=w.lang,
-                                 task=EVAL_TASKS[w.lang]),
-        baseline="results/baseline/mteb_{lang}.json",
-    output:
-        "results/runs/run{run}/mteb_{lang}.json",
-    log:
-        "logs/aggregate/run{run}_{lang}.log",
-    benchmark:
-        "benchmarks/aggregate/run{run}_{lang}.tsv"
-    resources:
-        mem_mb=1000,
-    shell:
-        "{KALM} aggregate --model models/finetune/run{wildcards.run} --baseline {input.baseline} --out {output} "
-        "{input.results} > {log} 2>&1"
