@@ -13,8 +13,11 @@ Why MinHash/LSH on character shingles rather than exact n-gram overlap (GPT-3 st
 word n-grams need a Chinese word segmenter, and a fixed n either misses short evaluation texts
 (queries are shorter than 13 words) or, when small, flags any shared phrase of a templated corpus.
 Jaccard on character shingles treats both languages alike and scores a copy with a word changed
-as similar in proportion to its length. What it does not catch: an evaluation text embedded in a
-much longer training text (containment, low Jaccard).
+as similar in proportion to its length. What it does not catch, an evaluation text embedded in a
+much longer training text (containment, low Jaccard), is caught exactly by ``contain_min_chars``:
+a query or positive that contains a whole evaluation text of at least that many characters is
+dropped as ``contains_eval`` (``kalm.containment``). Not caught: an evaluation text that appears
+inside a training text only in part, or with edits.
 
 Evaluation texts: queries and corpus of retrieval tasks, both sentences of STS / pair tasks, texts
 of classification tasks, read from local task folders; MTEB tasks without a folder are loaded
@@ -176,10 +179,11 @@ class NearIndex:
 
 def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_path: str, report_path: str,
                   near: bool = False, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
-                  mteb_tasks: list[str | dict] | None = None) -> StageStats:
+                  mteb_tasks: list[str | dict] | None = None, contain_min_chars: int = 0) -> StageStats:
     """``eval_tasks`` maps task name -> local folder; ``mteb_tasks`` are registered MTEB tasks (names
     or ``kalm evaluate`` task specs, with their mirror) loaded from their mirror or the offline cache
-    when available (skipped with a note otherwise)."""
+    when available (skipped with a note otherwise). ``contain_min_chars`` > 0 also drops records
+    containing a whole evaluation text of at least that many (normalised) characters."""
     index = {name: eval_texts(path) for name, path in sorted(eval_tasks.items())}
     report: dict[str, dict] = {}
     specs = {s["name"]: s for s in ({"name": t} if isinstance(t, str) else t for t in mteb_tasks or ())}
@@ -195,15 +199,20 @@ def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_
                        skipped_eval_tasks=sorted(n for n, r in report.items() if "skipped" in r))
     for name, keys in index.items():
         report[name] = {"texts": len(keys), "overlapping_records": 0, "examples": []}
-        if near:
-            report[name].update(exact_records=0, near_records=0)
-    near_index = None
+        if near or contain_min_chars:
+            report[name].update(exact_records=0, near_records=0, contained_records=0)
+    texts, owners = [], []
+    for name, keys in index.items():
+        for key in sorted(keys):
+            texts.append(key)
+            owners.append(name)
+    near_index = contain_index = None
+    if contain_min_chars:
+        from kalm.containment import ContainmentIndex
+
+        contain_index = ContainmentIndex(texts, owners, contain_min_chars)
+        stats.extra.update(contain_min_chars=contain_min_chars, eval_texts_long_enough=len(contain_index))
     if near:
-        texts, owners = [], []
-        for name, keys in index.items():
-            for key in sorted(keys):
-                texts.append(key)
-                owners.append(name)
         near_index = NearIndex(texts, owners, threshold, num_perm, shingle)
         stats.extra.update(threshold=threshold, num_perm=num_perm, shingle=shingle,
                            bands=near_index.bands, rows=near_index.rows)
@@ -212,20 +221,25 @@ def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_
         while batch := [rec for _, rec in zip(range(BATCH), it)]:
             fields = [{"query": r["query"], **{f"pos[{i}]": p for i, p in enumerate(r["pos"])}} for r in batch]
             keyed = [{f: dedup_key(t) for f, t in fs.items()} for fs in fields]
+            flat = [(i, f, k) for i, fs in enumerate(keyed) for f, k in fs.items()]
             near_hits: list[dict[str, list[tuple[int, float]]]] = [{} for _ in batch]
             if near_index is not None:
-                flat = [(i, f, k) for i, fs in enumerate(keyed) for f, k in fs.items()]
                 for (i, f, _), matches in zip(flat, near_index.query([k for _, _, k in flat])):
                     if matches:
                         near_hits[i][f] = matches
-            for rec, fs, nh in zip(batch, keyed, near_hits):
-                _decide(rec, fs, nh, index, near_index, stats, report, out)
+            contained: list[dict[str, list[int]]] = [{} for _ in batch]
+            if contain_index is not None:
+                for (i, f, _), matches in zip(flat, contain_index.query([k for _, _, k in flat])):
+                    if matches:
+                        contained[i][f] = matches
+            for rec, fs, nh, ct in zip(batch, keyed, near_hits, contained):
+                _decide(rec, fs, nh, ct, index, near_index, contain_index, stats, report, out)
     write_json(report_path, report)
     stats.write(stats_path)
     return stats
 
 
-def _decide(rec, keyed, near_hits, index, near_index, stats, report, out) -> None:
+def _decide(rec, keyed, near_hits, contained, index, near_index, contain_index, stats, report, out) -> None:
     task = rec.get("task")
     stats.seen(task=task)
     hits = [(name, field) for name, keys in index.items() for field, key in keyed.items() if key in keys]
@@ -237,28 +251,36 @@ def _decide(rec, keyed, near_hits, index, near_index, stats, report, out) -> Non
                 continue  # an exact hit of the same field and task is reported as exact
             near_by_task.setdefault(name, []).append({"field": field, "jaccard": round(jac, 3),
                                                       "eval_text": near_index.texts[e]})
-    if not hits and not near_by_task:
+    contained_by_task: dict[str, list[dict]] = {}
+    for field, matches in contained.items():
+        for e in matches:
+            contained_by_task.setdefault(contain_index.owners[e], []).append(
+                {"field": field, "eval_text": contain_index.texts[e]})
+    if not hits and not near_by_task and not contained_by_task:
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         stats.keep(task=task)
         return
-    stats.drop("overlaps_eval" if hits else "near_overlaps_eval", task=task)
-    for name in sorted({h[0] for h in hits} | set(near_by_task)):
+    stats.drop("overlaps_eval" if hits else "near_overlaps_eval" if near_by_task else "contains_eval", task=task)
+    for name in sorted({h[0] for h in hits} | set(near_by_task) | set(contained_by_task)):
         entry = report[name]
         entry["overlapping_records"] += 1
         exact_fields = [f for n, f in hits if n == name]
         if "exact_records" in entry:
-            entry["exact_records" if exact_fields else "near_records"] += 1
+            kind = "exact_records" if exact_fields else "near_records" if name in near_by_task else "contained_records"
+            entry[kind] += 1
         if len(entry["examples"]) < N_EXAMPLES:
             example = {"train_task": task, "fields": exact_fields, "query": rec["query"]}
             if name in near_by_task:
                 example["near"] = near_by_task[name][:3]
+            if name in contained_by_task:
+                example["contains"] = contained_by_task[name][:3]
             entry["examples"].append(example)
 
 
 def _run(args: argparse.Namespace) -> None:
     tasks = dict(spec.split("=", 1) for spec in args.eval_task)
     decontaminate(args.input, tasks, args.out, args.stats, args.report, near=args.near, threshold=args.threshold,
-                  num_perm=args.num_perm, shingle=args.shingle,
+                  num_perm=args.num_perm, shingle=args.shingle, contain_min_chars=args.contain_min_chars,
                   mteb_tasks=args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json])
 
 
@@ -274,6 +296,9 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of a near-copy")
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--shingle", type=int, default=5)
+    p.add_argument("--contain-min-chars", type=int, default=0, metavar="N",
+                   help="also drop records whose query or a positive contains a whole evaluation text of >= N "
+                        "normalised characters (0: off)")
     p.add_argument("--out", required=True)
     p.add_argument("--stats", required=True)
     p.add_argument("--report", required=True)

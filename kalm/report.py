@@ -227,13 +227,13 @@ def funnel_table(fun: dict[str, list[dict]], contamination: dict[str, dict] | No
         rows = []
         for name, r in sorted(report.items()):
             if "skipped" in r:
-                rows.append([name, "skipped", "", "", "", r["skipped"]])
+                rows.append([name, "skipped", "", "", "", "", r["skipped"]])
             else:
                 ex = "; ".join(e.get("query", "")[:60] for e in r.get("examples", [])[:2])
                 rows.append([name, r.get("texts", ""), r.get("overlapping_records", 0), r.get("exact_records", ""),
-                             r.get("near_records", ""), ex])
+                             r.get("near_records", ""), r.get("contained_records", ""), ex])
         body.append(_table(f"{stage} data vs the evaluation tasks (decontamination)",
-                           ["eval task", "eval texts", "overlapping records", "exact", "near", "examples"], rows,
+                           ["eval task", "eval texts", "overlapping records", "exact", "near", "contained", "examples"], rows,
                            table_id=f"contamination-{stage}"))
     return _page("Data funnel: records in, kept and dropped at each step", "".join(body))
 

@@ -31,7 +31,8 @@ def data_task(stage, task):
 
 
 DEDUP_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1}
-DECONTAMINATE_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "mteb": True}
+DECONTAMINATE_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "mteb": True,
+                          "contain_min_chars": 50}
 
 
 def dedup_settings():

@@ -1,7 +1,7 @@
 # Data stage: validate + normalise each task (a .jsonl/.parquet file or a folder of shards),
 # exact dedup across a stage, near-dup removal (data.dedup.near_dup: scatter `minhash` per shard,
-# gather `near_dedup`), decontaminate against the evaluation tasks (exact, and near with
-# data.decontaminate.near_dup).
+# gather `near_dedup`), decontaminate against the evaluation tasks (exact, containment with
+# data.decontaminate.contain_min_chars, near with data.decontaminate.near_dup).
 
 DEDUP = dedup_settings()
 DECON = decontaminate_settings()
@@ -119,7 +119,7 @@ rule decontaminate:
         mteb_tasks=" ".join(f"--mteb-task-json {shlex.quote(json.dumps(eval_task_spec(lang, t), ensure_ascii=False))}"
                             for lang, t in mteb_eval_tasks()),
         near=(f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
-              if DECON["near_dup"] else ""),
+              if DECON["near_dup"] else "") + f" --contain-min-chars {DECON['contain_min_chars']}",
     log:
         "logs/decontaminate/{stage}.log",
     benchmark:
