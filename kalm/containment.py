@@ -37,7 +37,8 @@ def _powers(base: int, n: int) -> np.ndarray:
 
 
 def _codes(texts: list[str]) -> np.ndarray:
-    return np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    """Code points of the texts, concatenated (a lone surrogate, which JSON allows, is a code point too)."""
+    return np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
 
 
 def window_hashes(codes: np.ndarray, width: int) -> np.ndarray:
@@ -60,8 +61,8 @@ class ContainmentIndex:
         self.width = min_chars
         long_ = [i for i, t in enumerate(texts) if len(t) >= min_chars]
         self.texts, self.owners = [texts[i] for i in long_], [owners[i] for i in long_]
-        anchors = np.array([window_hashes(_codes([texts[i][:min_chars]]), min_chars)[0] for i in long_],
-                           dtype=np.uint64)
+        # the prefixes are all min_chars long: hash them in one pass, every min_chars-th window
+        anchors = window_hashes(_codes([texts[i][:min_chars] for i in long_]), min_chars)[::min_chars]
         self.order = np.argsort(anchors, kind="stable")
         self.anchors = anchors[self.order]
 
@@ -74,7 +75,8 @@ class ContainmentIndex:
         out: list[list[int]] = [[] for _ in texts]
         if not len(self.texts) or not texts:
             return out
-        ends = np.cumsum([len(t) for t in texts])
+        lengths = np.array([len(t) for t in texts], dtype=np.int64)
+        ends = np.cumsum(lengths)
         hashes = window_hashes(_codes(texts), self.width)
         if not len(hashes):
             return out
@@ -82,14 +84,13 @@ class ContainmentIndex:
         found = np.flatnonzero(self.anchors[np.minimum(lo, len(self.anchors) - 1)] == hashes)
         hi = np.zeros_like(lo)
         hi[found] = np.searchsorted(self.anchors, hashes[found], side="right")
-        for pos in found.tolist():
-            t = int(np.searchsorted(ends, pos, side="right"))
-            start = pos - (int(ends[t - 1]) if t else 0)
+        owner = np.searchsorted(ends, found, side="right")  # the text each window starts in
+        start = found - (ends - lengths)[owner]
+        inside = start + self.width <= lengths[owner]  # not running into the next text
+        for pos, t, s in zip(found[inside].tolist(), owner[inside].tolist(), start[inside].tolist()):
             text = texts[t]
-            if start + self.width > len(text):
-                continue  # the window runs into the next text
             for e in self.order[lo[pos]:hi[pos]].tolist():
                 ev = self.texts[e]
-                if len(text) > len(ev) and text.startswith(ev, start) and e not in out[t]:
+                if len(text) > len(ev) and text.startswith(ev, s) and e not in out[t]:
                     out[t].append(e)
         return out

@@ -42,6 +42,12 @@ class ValidationError(ValueError):
 def _text(value, path: str, line: int, field: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(path, line, field, f"expected a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:  # JSON's \ud800-style escapes can encode half a surrogate pair: not text, and unwritable as UTF-8
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValidationError(path, line, field, f"lone surrogate U+{ord(value[e.start]):04X} at character "
+                                  f"{e.start} (half of a UTF-16 pair, not text)") from None
     text = normalize_text(value)
     if not text:
         raise ValidationError(path, line, field, "empty text")

@@ -12,8 +12,9 @@ from kalm.containment import ContainmentIndex, window_hashes, _codes
 from kalm.decontaminate import decontaminate
 from kalm.io import read_json, read_jsonl
 
-# a small alphabet (Latin, CJK, an astral-plane emoji) so that texts contain each other often
-TEXT = st.text(alphabet="ab 桥河😀", min_size=0, max_size=30)
+# a small alphabet (Latin, CJK, an astral-plane emoji, a lone surrogate as JSON allows) so that
+# texts contain each other often
+TEXT = st.text(alphabet="ab 桥河😀\ud800", min_size=0, max_size=30)
 
 
 def brute_force(eval_texts, texts, min_chars):

@@ -31,6 +31,7 @@ def write_lines(path, lines):
         ('{"query": "q", "pos": ["a"]', "<line>", "not JSON"),
         ('["q", "a"]', "<line>", "JSON object"),
         (b'{"query": "\xff", "pos": ["a"]}', "<line>", "invalid UTF-8"),
+        ('{"query": "q", "pos": ["a \\ud800 b"]}', "pos[0]", "lone surrogate U+D800 at character 2"),
     ],
 )
 def test_bad_record_stops_with_file_line_and_field(tmp_path, line, field, reason):
