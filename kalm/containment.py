@@ -58,22 +58,22 @@ class ContainmentIndex:
     def __init__(self, texts: list[str], owners: list[str], min_chars: int):
         if min_chars < 1:
             raise ValueError(f"min_chars must be >= 1, got {min_chars}")
-        self.width = min_chars
-        long_ = [i for i, t in enumerate(texts) if len(t) >= min_chars]
-        self.texts, self.owners = [texts[i] for i in long_], [owners[i] for i in long_]
+        self.width, self.texts, self.owners = min_chars, texts, owners
+        long_ = np.array([i for i, t in enumerate(texts) if len(t) >= min_chars], dtype=np.int64)
         # the prefixes are all min_chars long: hash them in one pass, every min_chars-th window
-        anchors = window_hashes(_codes([texts[i][:min_chars] for i in long_]), min_chars)[::min_chars]
-        self.order = np.argsort(anchors, kind="stable")
-        self.anchors = anchors[self.order]
+        anchors = window_hashes(_codes([texts[i][:min_chars] for i in long_.tolist()]), min_chars)[::min_chars]
+        order = np.argsort(anchors, kind="stable")
+        self.anchors, self.anchor_ids = anchors[order], long_[order]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        """How many evaluation texts are long enough to be searched."""
+        return len(self.anchors)
 
     def query(self, texts: list[str]) -> list[list[int]]:
-        """For each text, the indices (into ``self.texts``) of the evaluation texts it contains and
-        is longer than (a text equal to an evaluation text is the exact check's business)."""
+        """For each text, the indices (into the evaluation texts given to the constructor) of those it
+        contains and is longer than (a text equal to an evaluation text is the exact check's business)."""
         out: list[list[int]] = [[] for _ in texts]
-        if not len(self.texts) or not texts:
+        if not len(self.anchors) or not texts:
             return out
         lengths = np.array([len(t) for t in texts], dtype=np.int64)
         ends = np.cumsum(lengths)
@@ -89,7 +89,7 @@ class ContainmentIndex:
         inside = start + self.width <= lengths[owner]  # not running into the next text
         for pos, t, s in zip(found[inside].tolist(), owner[inside].tolist(), start[inside].tolist()):
             text = texts[t]
-            for e in self.order[lo[pos]:hi[pos]].tolist():
+            for e in self.anchor_ids[lo[pos]:hi[pos]].tolist():
                 ev = self.texts[e]
                 if len(text) > len(ev) and text.startswith(ev, s) and e not in out[t]:
                     out[t].append(e)

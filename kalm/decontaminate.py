@@ -222,40 +222,43 @@ def decontaminate(inputs: str, eval_tasks: dict[str, str], out_path: str, stats_
             fields = [{"query": r["query"], **{f"pos[{i}]": p for i, p in enumerate(r["pos"])}} for r in batch]
             keyed = [{f: dedup_key(t) for f, t in fs.items()} for fs in fields]
             flat = [(i, f, k) for i, fs in enumerate(keyed) for f, k in fs.items()]
-            near_hits: list[dict[str, list[tuple[int, float]]]] = [{} for _ in batch]
-            if near_index is not None:
-                for (i, f, _), matches in zip(flat, near_index.query([k for _, _, k in flat])):
-                    if matches:
-                        near_hits[i][f] = matches
-            contained: list[dict[str, list[int]]] = [{} for _ in batch]
-            if contain_index is not None:
-                for (i, f, _), matches in zip(flat, contain_index.query([k for _, _, k in flat])):
-                    if matches:
-                        contained[i][f] = matches
+            near_hits = _matches_by_field(near_index, flat, len(batch))
+            contained = _matches_by_field(contain_index, flat, len(batch))
             for rec, fs, nh, ct in zip(batch, keyed, near_hits, contained):
-                _decide(rec, fs, nh, ct, index, near_index, contain_index, stats, report, out)
+                _decide(rec, fs, nh, ct, index, texts, owners, stats, report, out)
     write_json(report_path, report)
     stats.write(stats_path)
     return stats
 
 
-def _decide(rec, keyed, near_hits, contained, index, near_index, contain_index, stats, report, out) -> None:
+def _matches_by_field(index, flat: list[tuple[int, str, str]], n_records: int) -> list[dict[str, list]]:
+    """Per record of a batch, {field: matches} from one ``index.query`` over all (record, field, text)
+    of the batch (NearIndex or ContainmentIndex; none: no matches)."""
+    out: list[dict[str, list]] = [{} for _ in range(n_records)]
+    if index is not None:
+        for (i, field, _), matches in zip(flat, index.query([text for _, _, text in flat])):
+            if matches:
+                out[i][field] = matches
+    return out
+
+
+def _decide(rec, keyed, near_hits, contained, index, texts, owners, stats, report, out) -> None:
+    """Keep or drop one record; near_hits/contained hold indices into ``texts`` (owned by ``owners``)."""
     task = rec.get("task")
     stats.seen(task=task)
     hits = [(name, field) for name, keys in index.items() for field, key in keyed.items() if key in keys]
     near_by_task: dict[str, list[dict]] = {}
     for field, matches in near_hits.items():
         for e, jac in matches:
-            name = near_index.owners[e]
+            name = owners[e]
             if (name, field) in hits:
                 continue  # an exact hit of the same field and task is reported as exact
             near_by_task.setdefault(name, []).append({"field": field, "jaccard": round(jac, 3),
-                                                      "eval_text": near_index.texts[e]})
+                                                      "eval_text": texts[e]})
     contained_by_task: dict[str, list[dict]] = {}
     for field, matches in contained.items():
         for e in matches:
-            contained_by_task.setdefault(contain_index.owners[e], []).append(
-                {"field": field, "eval_text": contain_index.texts[e]})
+            contained_by_task.setdefault(owners[e], []).append({"field": field, "eval_text": texts[e]})
     if not hits and not near_by_task and not contained_by_task:
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         stats.keep(task=task)

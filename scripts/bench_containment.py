@@ -43,9 +43,8 @@ def side(name: str, n_eval: int, n_train: int, min_chars: int) -> None:
         from kalm.containment import ContainmentIndex
 
         index = ContainmentIndex(evals, ["t"] * len(evals), min_chars)
-        long_ = [i for i, e in enumerate(evals) if len(e) >= min_chars]
         t1 = time.perf_counter()
-        pairs = [(s + t, long_[e]) for s in range(0, len(train), BATCH)
+        pairs = [(s + t, e) for s in range(0, len(train), BATCH)
                  for t, hits in enumerate(index.query(train[s:s + BATCH])) for e in hits]
     else:
         import ahocorasick

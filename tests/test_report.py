@@ -143,12 +143,18 @@ def test_rulegraph_from_snakemake_dot(tmp_path):
     assert all(name in svg for name in nodes.values()) and "3 rules" in svg
 
 
-def dry_run(*args, cwd=ROOT):
+def dry_run_output(*args, cwd=ROOT) -> str:
+    """stdout of `snakemake -n --forceall` (add -p for the shell commands)."""
     env = {k: v for k, v in ENV.items() if k != "SNAKEMAKE_PROFILE"}
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "-s", SNAKEFILE, *args], cwd=cwd,
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = res.stdout.split("Job stats:")[1].split("total")[0]
+    return res.stdout
+
+
+def dry_run(*args, cwd=ROOT):
+    """{rule: job count} of a dry run."""
+    table = dry_run_output(*args, cwd=cwd).split("Job stats:")[1].split("total")[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
@@ -178,14 +184,10 @@ def test_default_target_builds_the_plots_and_eval_runs_adds_one_evaluation_per_r
     # a run's jobs score that run's model, with the same command line as the soup's (pooling included)
     cfg["pooling"] = "mean"
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    env = {k: v for k, v in ENV.items() if k != "SNAKEMAKE_PROFILE"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "-s", SNAKEFILE,
-                          "results/runs/run0/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_evals = [line for line in res.stdout.splitlines() if "evaluate --model models/finetune/run0 " in line]
+    out = dry_run_output("-p", "results/runs/run0/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml"), cwd=tmp_path)
+    run_evals = [line for line in out.splitlines() if "evaluate --model models/finetune/run0 " in line]
     assert len(run_evals) == len(cfg["eval"]["languages"]["zh"]) and all("--pooling mean" in c for c in run_evals)
-    assert "aggregate --model models/finetune/run0 --baseline results/baseline/mteb_zh.json" in res.stdout
+    assert "aggregate --model models/finetune/run0 --baseline results/baseline/mteb_zh.json" in out
 
 
 # ---------------------------------------------------------------------------------------------
