@@ -33,16 +33,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from kalm.instructions import format_passage, format_query
 from kalm.io import StageStats, atomic_path, read_jsonl, write_jsonl
-from kalm.losses import focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
+from kalm.losses import ColumnMask, false_negative_mask, focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
 from kalm.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
 
 FEW_NEGATIVES = ("drop", "pad_random", "keep")
 PRECISIONS = ("fp32", "bf16", "auto")
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0  # AdamW decay of weight matrices; norms and biases never decay
     max_grad_norm: float = 1.0
     seed: int = 0
     max_seq_length: int | None = None
@@ -70,6 +72,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mini_batch_size: int = 0  # GradCache chunk (texts per forward); 0 = the whole batch at once
     pooling: str = "mean"  # for a plain HF backbone (a sentence-transformers start model keeps its own)
+    save_dtype: str = "float32"  # dtype of the saved model: float32 | bfloat16 (training is always fp32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,24 +81,39 @@ class TrainConfig:
 
 def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random,
                              homogeneous_ratio: float = 1.0) -> list[list[dict]]:
-    """Shuffle within each task, cut into batches, shuffle the batch order; then, when
-    ``homogeneous_ratio`` < 1, make them semi-homogeneous (``_mix_tails``).
+    """Shuffle within each task, cut into full batches, pool every task's leftover tail into
+    mixed full batches, shuffle the batch order; then, when ``homogeneous_ratio`` < 1, make them
+    semi-homogeneous (``_mix_tails``).
 
-    A task's last partial batch is kept when it has at least two examples (a batch of one has
-    no in-batch negatives).
+    Pooling the tails (as the reference sampler, KaLM's ``DistributedInTaskSampler``, does) keeps
+    every step at the full batch size: a task's tail as its own batch would be a step of as few as
+    2 queries at the full learning rate. Of the pooled tails' last partial batch (fewer than
+    ``batch_size`` records: one per epoch at most) a batch is made when it has two records or
+    more; a single record left over is the only one not used that epoch
+    (:func:`records_left_out_per_epoch` counts it).
     """
     by_task: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_task[rec["task"]].append(rec)
-    batches = []
+    batches, tails = [], []
     for task in sorted(by_task):
         recs = by_task[task][:]
         rng.shuffle(recs)
-        batches += [b for i in range(0, len(recs), batch_size) if len(b := recs[i:i + batch_size]) >= 2]
+        full = len(recs) - len(recs) % batch_size
+        batches += [recs[i:i + batch_size] for i in range(0, full, batch_size)]
+        tails += recs[full:]
+    rng.shuffle(tails)
+    batches += [b for i in range(0, len(tails), batch_size) if len(b := tails[i:i + batch_size]) >= 2]
     rng.shuffle(batches)
     if homogeneous_ratio < 1.0:
         _mix_tails(batches, homogeneous_ratio, rng)
     return batches
+
+
+def records_left_out_per_epoch(task_sizes: dict[str, int], batch_size: int) -> int:
+    """Records of an epoch in no batch (:func:`task_homogeneous_batches`): 1 when the pooled tails
+    leave a single record over, else 0."""
+    return int(sum(n % batch_size for n in task_sizes.values()) % batch_size == 1)
 
 
 def _mix_tails(batches: list[list[dict]], ratio: float, rng: random.Random) -> None:
@@ -132,7 +150,11 @@ class BatchSchedule:
         self._epoch, self._batches = -1, []
         self.steps_per_epoch = len(self._epoch_batches(0))
         if self.steps_per_epoch == 0:
-            raise ValueError("no task has two records: no batch with an in-batch negative can be made")
+            raise ValueError("fewer than two records: no batch with an in-batch negative can be made")
+        sizes = defaultdict(int)
+        for rec in records:
+            sizes[rec["task"]] += 1
+        self.left_out_per_epoch = records_left_out_per_epoch(sizes, cfg.batch_size)
 
     def _epoch_batches(self, epoch: int) -> list[list[dict]]:
         if epoch != self._epoch:
@@ -202,6 +224,7 @@ class BatchTexts:
     queries: list[str]
     positives: list[str]  # one per query
     negatives: list[list[str]]  # each query's hard negatives
+    in_batch: list[bool] = field(default_factory=list)  # per query: False = its own negatives only
     padded: int = 0  # random negatives added to records short of negatives
     short: int = 0  # records still short (ragged) after that
 
@@ -214,10 +237,21 @@ class BatchTexts:
         counts = {len(n) for n in self.negatives}
         return counts.pop() if len(counts) == 1 else 0
 
+    def column_mask(self) -> ColumnMask:
+        """Which passages leave each query's denominator (``kalm.losses.false_negatives``)."""
+        starts = [len(self.positives)]
+        for negs in self.negatives:
+            starts.append(starts[-1] + len(negs))
+        own = [range(a, b) for a, b in zip(starts, starts[1:])]
+        return false_negative_mask(self.queries, self.passages(), own, self.in_batch)
+
 
 def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random,
-                pools: dict[str, list[str]] | None = None) -> BatchTexts:
+                pools: dict[str, list[str]] | None = None, in_batch: dict[str, bool] | None = None) -> BatchTexts:
     """Query texts, one positive per query, and ``n_neg`` hard negatives per query.
+
+    ``in_batch``: {task: False} for tasks whose queries see only their own hard negatives (the
+    task's ``in_batch_negatives: false``); default True.
 
     A record with fewer than ``n_neg`` negatives contributes the ones it has, plus, with ``pools``
     (``few_negatives: pad_random``), random passages of its task's pool; if the pool has too few
@@ -226,6 +260,7 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
     out = BatchTexts([], [], [])
     for rec in batch:
         instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
+        out.in_batch.append((in_batch or {}).get(rec["task"], True))
         out.queries.append(format_query(rec["query"], instr))
         out.positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
         negs = rec.get("neg", [])
@@ -248,17 +283,23 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
 # --------------------------------------------------------------------------------------------
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_per_query: int = 0,
-                     generator: torch.Generator | None = None, terms: dict[str, float] | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, terms: dict[str, float] | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE (+ focal weights, + mixed negatives, + Matryoshka prefixes) as configured.
 
     ``p`` is laid out as the B positives, then ``negs_per_query`` negatives per query in query
     order (0 when the batch's queries do not all have the same number: no mixing then).
+    Embeddings are L2-normalised here, whatever the model's last module: the temperature is
+    meant for cosine similarities, and a start model without a ``Normalize`` module would
+    otherwise train on raw dot products at τ = 0.01. ``mask``: columns left out of each row's
+    denominator (``BatchTexts.column_mask``).
 
     With ``terms`` given, it receives the values of this same forward pass: ``loss_infonce``
     (plain -log p_i mean at the full dimension, or the first Matryoshka one), ``loss_focal`` (its
     (1 - p_i)^γ-weighted value, when γ > 0) and ``loss_dim{d}`` (each Matryoshka prefix's term,
     before its weight).
     """
+    q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
     b = q.shape[0]
     k = negs_per_query if cfg.mix_negatives < 0 else cfg.mix_negatives
     first: dict[str, torch.Tensor] = {}
@@ -267,7 +308,7 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_pe
         extra = None
         if k and negs_per_query >= 2:
             extra = mix_hard_negatives(c[b:].reshape(b, negs_per_query, -1), k, generator)
-        log_p = positive_log_probs(a, c, cfg.temperature, extra_negatives=extra)
+        log_p = positive_log_probs(a, c, cfg.temperature, extra_negatives=extra, mask=mask)
         value = -log_p.mean() if cfg.focal_gamma == 0.0 else (focal_weights(log_p, cfg.focal_gamma) * -log_p).mean()
         if not first:
             first.update(loss_infonce=-log_p.mean().detach(), loss_focal=value.detach())
@@ -283,14 +324,22 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_pe
     return loss
 
 
+def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight matrices (and embeddings) decay; biases and norm weights (1-d tensors) never do, as
+    in transformers' Trainer. KaLM's reference trains with weight decay 0 (the default)."""
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, fused (one kernel over all parameters) where this torch build has it, as
     transformers' Trainer defaults to: on CPU the per-tensor loop costs about as much as a
     MiniLM forward pass of the whole batch (measured for scripts/bench_train.py)."""
+    groups = param_groups(params, cfg.weight_decay)
     try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / torch
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
 
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
@@ -567,10 +616,27 @@ def _fingerprint(model_spec: str, data_path: str, cfg: TrainConfig) -> dict:
 # The loop
 # --------------------------------------------------------------------------------------------
 
+def fp32_master_weights(model) -> torch.dtype | None:
+    """Cast the model's floating-point weights to fp32 when the checkpoint stored another dtype.
+
+    transformers loads a checkpoint in the dtype its config names (Qwen2-0.5B: bfloat16). AdamW on
+    bf16 weights loses most updates: an update of lr 1e-5 on a weight of 0.02 is below half a bf16
+    ulp (2^-8 relative), so it rounds to nothing. Training keeps fp32 master weights and optimizer
+    state; bf16 enters only through autocast (``precision``). Returns the dtype found, if not fp32.
+    """
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return None
+    model.float()
+    found = sorted(dtypes - {torch.float32}, key=str)[0]
+    log.info("checkpoint weights are %s: training on fp32 master weights", str(found).replace("torch.", ""))
+    return found
+
+
 def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
           metrics_path: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
           stop_after_steps: int | None = None, stats_path: str | None = None,
-          keep_snapshots: int = 0, snapshot_every: int = 0) -> dict:
+          keep_snapshots: int = 0, snapshot_every: int = 0, in_batch: dict[str, bool] | None = None) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
     With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
@@ -578,11 +644,14 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
     ``stop_after_steps`` simulates a kill (tests): the process exits abruptly after that step.
     With ``keep_snapshots`` K and ``snapshot_every`` N, the model is also saved every N steps into
     ``<checkpoint_dir>/snapshots`` (the last K kept): the soup's last-k ingredients.
+    ``in_batch``: {task: False} for tasks trained without in-batch negatives.
     Under torchrun only rank 0 writes (model, metrics, stats, checkpoints).
     """
     from kalm.modeling import load_embedding_model, save_model
     from kalm.soup import SnapshotKeeper, snapshot_dir
 
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {cfg.save_dtype!r}")
     if keep_snapshots > 0 and (not checkpoint_dir or snapshot_every <= 0):
         raise ValueError("keeping snapshots for the soup needs a checkpoint folder and snapshot_every > 0")
 
@@ -597,6 +666,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device),
                                      pooling=cfg.pooling)
         device = model.device
+        loaded_dtype = fp32_master_weights(model)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
@@ -607,6 +677,9 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         records, pools = apply_few_negatives(records, n_neg, cfg.few_negatives, stats)
         if not records:
             raise ValueError(f"{data_path}: no training records")
+        if n_neg == 0 and in_batch and not all(in_batch.values()):
+            raise ValueError(f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
+                             "leaves those queries no negative (this stage has no hard negatives)")
         schedule = BatchSchedule(records, cfg)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
         warmup = int(cfg.warmup_ratio * total)
@@ -641,7 +714,8 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                 group["lr"] = lr
             # Every rank builds the texts of the whole global batch (same RNG: same texts as one
             # process) and encodes its own slice of queries, with their positives and negatives.
-            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pools)
+            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pools, in_batch)
+            masked = texts.column_mask()  # the same on every rank: built from the global batch's texts
             slices = rank_slices(len(batch), ddp.world)
             lo, hi = slices[ddp.rank]
             q_sizes = [b - a for a, b in slices]
@@ -652,7 +726,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             def loss_on(q_local, p_local):
                 q = ddp.gather_rows(q_local, q_sizes)
                 p = torch.cat([ddp.gather_rows(p_local[:hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo:], neg_sizes)])
-                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms)
+                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms, masked.mask)
 
             optimizer.zero_grad(set_to_none=True)
             loss, tokens = forward_backward(model, texts.queries[lo:hi], texts.passages(lo, hi), loss_on,
@@ -671,6 +745,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
                             "lr": lr, "batch": len(batch),
                             "passages": len(texts.positives) + sum(map(len, texts.negatives)),
                             "padded_negatives": texts.padded, "short_records": texts.short,
+                            "false_negatives_masked": masked.false_negatives, "duplicates_masked": masked.duplicates,
                             "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round(tokens / dt, 1),
                             "elapsed_s": round(time.time() - t_start, 3)})
             if step == 1 or step % 10 == 0 or step == total:
@@ -687,12 +762,15 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             model.eval()
             if cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
-            save_model(model, out_dir)
+            save_model(model.to(SAVE_DTYPES[cfg.save_dtype]), out_dir)
             if keeper is not None:
                 keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
             stats.extra.update(
                 negatives_padded_random=padded_total, steps=total, world_size=ddp.world,
+                records_left_out_per_epoch=schedule.left_out_per_epoch,
+                loaded_dtype=str(loaded_dtype or torch.float32).replace("torch.", ""), save_dtype=cfg.save_dtype,
+                false_negatives_masked=sum(m["false_negatives_masked"] for m in metrics),
                 precision=str(amp or torch.float32).replace("torch.", ""), gradient_checkpointing=cfg.gradient_checkpointing,
                 mini_batch_size=cfg.mini_batch_size, homogeneous_ratio=cfg.homogeneous_ratio,
                 loss_first=metrics[0]["loss"] if metrics else None, loss_last=metrics[-1]["loss"] if metrics else None,
@@ -714,11 +792,13 @@ def _run(args: argparse.Namespace) -> None:
                       matryoshka_weights=tuple(args.matryoshka_weights or ()),
                       homogeneous_ratio=args.homogeneous_ratio, few_negatives=args.few_negatives,
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                      mini_batch_size=args.mini_batch_size, pooling=args.pooling)
+                      mini_batch_size=args.mini_batch_size, pooling=args.pooling, weight_decay=args.weight_decay,
+                      save_dtype=args.save_dtype)
     train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
           stop_after_steps=args.stop_after_steps, stats_path=args.stats,
-          keep_snapshots=args.keep_snapshots, snapshot_every=args.snapshot_every)
+          keep_snapshots=args.keep_snapshots, snapshot_every=args.snapshot_every,
+          in_batch=json.loads(args.in_batch_negatives))
 
 
 def _ratio(value: str) -> float:
@@ -737,6 +817,8 @@ def register(sub) -> None:
     p.add_argument("--metrics", help="per-step metrics JSONL (default: OUT.metrics.jsonl)")
     p.add_argument("--stats", help="counts JSON (default: OUT.stats.json)")
     p.add_argument("--symmetric", default="{}", help='JSON {"task": bool}: instruction on both sides')
+    p.add_argument("--in-batch-negatives", default="{}",
+                   help='JSON {"task": false}: those tasks\' queries see only their own hard negatives')
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun ranks)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -744,6 +826,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices (never norms, biases)")
+    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",
+                   help="dtype of the saved model (training always keeps fp32 master weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--threads", type=int)

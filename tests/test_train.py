@@ -11,17 +11,26 @@ from kalm.io import read_jsonl
 from kalm.train import TrainConfig, apply_few_negatives, batch_texts, lr_at, task_homogeneous_batches, train
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9), seed=st.integers(0, 99))
-def test_batches_are_task_homogeneous_and_cover_the_data(sizes, batch_size, seed):
+def test_batches_are_full_task_homogeneous_ones_and_the_pooled_tails(sizes, batch_size, seed):
+    from kalm.train import records_left_out_per_epoch
+
     records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t, n in enumerate(sizes) for i in range(n)]
     batches = task_homogeneous_batches(records, batch_size, random.Random(seed))
-    assert all(len({r["task"] for r in b}) == 1 and 2 <= len(b) <= batch_size for b in batches)
     seen = [r["query"] for b in batches for r in b]
     assert len(seen) == len(set(seen))
-    # only a task's final singleton can be left out (no in-batch negative for it)
-    expected = sum(n - (1 if n % batch_size == 1 else 0) for n in sizes)
-    assert len(seen) == expected
+    # every record is used, but for a single one left over when the pooled tails leave one
+    left_out = records_left_out_per_epoch({f"t{t}": n for t, n in enumerate(sizes)}, batch_size)
+    assert len(seen) == sum(sizes) - left_out and left_out == (sum(n % batch_size for n in sizes) % batch_size == 1)
+    # every batch but (at most) one is full; a task's tail never makes a short batch of its own
+    short = [b for b in batches if len(b) < batch_size]
+    assert len(short) <= 1 and all(len(b) >= 2 for b in short)
+    assert len(short) == (sum(n % batch_size for n in sizes) % batch_size >= 2)
+    # full homogeneous batches: floor(n / batch_size) per task; the rest are the pooled tails
+    homogeneous = [b for b in batches if len(b) == batch_size and len({r["task"] for r in b}) == 1]
+    assert len(homogeneous) >= sum(n // batch_size for n in sizes)
+    assert len(batches) == sum(n // batch_size for n in sizes) + -(-(sum(n % batch_size for n in sizes) - left_out) // batch_size)
 
 
 @settings(max_examples=80, deadline=None)
@@ -34,8 +43,9 @@ def test_semi_homogeneous_batches_keep_their_task_share_and_cover_the_data(sizes
     # the same batch sizes and the same records as the homogeneous batches: only slots move
     assert [len(b) for b in batches] == [len(b) for b in homogeneous]
     assert sorted(r["query"] for b in batches for r in b) == sorted(r["query"] for b in homogeneous for r in b)
-    for b in batches:  # at least round(ratio * n) records of one task: the batch's own, which leads it
-        assert sum(r["task"] == b[0]["task"] for r in b) >= round(ratio * len(b))
+    for b, h in zip(batches, homogeneous):  # at least round(ratio * n) records of one task: the batch's own, which
+        if len({r["task"] for r in h}) == 1:  # leads it (the pooled tails' batch has no task of its own)
+            assert sum(r["task"] == b[0]["task"] for r in b) >= round(ratio * len(b))
     # a pure function of the seed (resume depends on it); ratio 1 is the task-homogeneous batching
     assert batches == task_homogeneous_batches(records, batch_size, random.Random(seed), ratio)
     assert task_homogeneous_batches(records, batch_size, random.Random(seed), 1.0) == homogeneous

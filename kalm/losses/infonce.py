@@ -29,11 +29,17 @@ import torch.nn.functional as F
 
 
 def positive_log_probs(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
-                       extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
-    """log p_i for every query (shape (B,)); the layout is that of :func:`info_nce`."""
+                       extra_negatives: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_i for every query (shape (B,)); the layout is that of :func:`info_nce`.
+
+    ``mask`` (bool, (B, P)): columns left out of query i's denominator where True (false negatives,
+    see ``kalm.losses.false_negatives``); its own positive (column i) must not be masked.
+    """
     if passages.shape[0] < queries.shape[0]:
         raise ValueError("passages must start with one positive per query")
     logits = queries @ passages.T / temperature
+    if mask is not None:
+        logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
     if extra_negatives is not None and extra_negatives.shape[1] > 0:
         logits = torch.cat([logits, torch.einsum("bd,bkd->bk", queries, extra_negatives) / temperature], dim=1)
     labels = torch.arange(queries.shape[0], device=queries.device)
@@ -48,13 +54,14 @@ def focal_weights(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
-             focal_gamma: float = 0.0, extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
+             focal_gamma: float = 0.0, extra_negatives: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
     """``passages`` holds the B positives first (row i belongs to query i), then the negatives.
 
     ``extra_negatives`` has shape (B, K, d): K negatives for each query's denominator only.
     Embeddings are expected L2-normalised, so the dot product is the cosine similarity.
     """
-    log_p = positive_log_probs(queries, passages, temperature, extra_negatives)
+    log_p = positive_log_probs(queries, passages, temperature, extra_negatives, mask)
     if focal_gamma == 0.0:
         return -log_p.mean()
     return (focal_weights(log_p, focal_gamma) * -log_p).mean()
