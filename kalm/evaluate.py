@@ -9,19 +9,22 @@ A task spec comes from the workflow config (``eval_task_spec`` in workflow/rules
      "benchmark": "MTEB(cmn, v1)",        # optional: take the task as that mteb benchmark defines it
      "subsets": ["zh"],                   # optional: hf subsets to keep (multilingual tasks)
      "splits": ["validation"],            # optional: evaluation splits instead of mteb's
-     "instruction": "Given a query, ...", # optional: overrides the instruction set
-     "instruction_set": "kalm",           # kalm (default) or none; see kalm.task_instructions
-     "symmetric": false}                  # optional: override of kalm.instructions.is_symmetric
+     "instruction": "Given a query, ...", # optional: overrides the instruction set's text
+     "instruction_set": "kalm",           # kalm (default), kalm_v2 or none; see kalm.task_instructions
+     "symmetric": false}                  # optional: override of kalm.instructions.instruction_sides
 
 Without ``path`` the task is the registered MTEB task of that name; its data comes from its mirror
 (kalm.mteb_mirror), else from the Hugging Face hub or datasets cache. With no network and no data the
 job fails at once, before the model is loaded, naming the task and how to mirror it.
 
 Instructions follow KaLM-Embedding: the query side is prefixed with
-``Instruct: {instruction} \\n Query: ``; symmetric tasks (STS, pair classification, clustering)
-put the same prefix on both sides; asymmetric tasks (retrieval, reranking) leave documents without
-prefix; single-input tasks (classification, clustering) prefix every input. The prefixes reach mteb
-as the model's ``prompts`` dict (keys are task types, optionally with ``-query``), so mteb applies them.
+``Instruct: {instruction} \\n Query: ``, the passage side too where the rule says so;
+single-input tasks (classification, clustering) prefix every input. The rule is
+``kalm.instructions.instruction_sides`` of the instruction set and the task (type, and name for
+``kalm_v2``'s per-task entries), the same the DAG applies to the training data: under ``kalm`` (V1)
+STS and pair classification get no instruction, under ``kalm_v2`` one on both sides; retrieval and
+reranking queries get one, their documents none. The prefixes reach mteb as the model's ``prompts``
+dict (keys are task types, optionally with ``-query``), so mteb applies them.
 
 A reranking task is only evaluated with its candidate lists: if they did not load (an offline
 datasets cache can lose the 'top_ranked' config, and mteb then ranks the whole corpus instead,
@@ -42,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kalm.instructions import is_symmetric, query_prefix
+from kalm.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides, query_prefix
 from kalm.io import atomic_path, write_json
 from kalm.modeling import add_pooling_argument
 
@@ -68,10 +71,14 @@ class RerankingWithoutCandidates(TaskDataUnavailable):
     """A reranking task whose candidate lists are missing: mteb would score it as full-corpus retrieval."""
 
 
-def task_symmetric(task_spec: dict, task_type: str) -> bool:
-    """The spec's ``symmetric`` if given, else kalm.instructions.is_symmetric of the MTEB type."""
-    sym = task_spec.get("symmetric")
-    return is_symmetric(task_type) if sym is None else bool(sym)
+def task_sides(task_spec: dict, task_type: str, instruction_set: str | None = None,
+               name: str | None = None) -> tuple[bool, bool]:
+    """(query side, passage side) of a task's instruction: kalm.instructions.instruction_sides of the
+    spec's instruction set (default ``kalm``) and the task's type and name (a local task: its type
+    only), or the spec's ``symmetric`` override."""
+    instruction_set = instruction_set or task_spec.get("instruction_set") or DEFAULT_INSTRUCTION_SET
+    registered = None if task_spec.get("path") else (name or task_spec.get("name"))
+    return instruction_sides(instruction_set, task_type, registered, task_spec.get("symmetric"))
 
 
 def build_prompts(task_type: str, instruction: str | None, symmetric: bool) -> dict[str, str]:
@@ -290,13 +297,15 @@ def prepare_task(task: dict) -> PreparedTask:
     from kalm.task_instructions import InstructionError, resolve_instruction
 
     mteb_task = resolve_task(task)
-    task_type = mteb_task.metadata.type
-    instruction_set = task.get("instruction_set") or "kalm"
+    task_type, name = mteb_task.metadata.type, mteb_task.metadata.name
+    instruction_set = task.get("instruction_set") or DEFAULT_INSTRUCTION_SET
     try:
-        instruction, source = resolve_instruction({**task, "name": mteb_task.metadata.name}, task_type, instruction_set)
-    except InstructionError as e:
+        instruction, source = resolve_instruction({**task, "name": name}, task_type, instruction_set)
+        query_side, symmetric = task_sides(task, task_type, instruction_set, name)
+    except (InstructionError, ValueError) as e:
         raise TaskSpecError(str(e)) from None
-    symmetric = task_symmetric(task, task_type)
+    if not query_side:  # (resolve_instruction already gives none there)
+        instruction = None
     prompts = build_prompts(task_type, instruction, symmetric)
     if prompts and not symmetric and task_type in PAIR_TYPES:
         # asymmetric pair task: first input is the query side, second the document side

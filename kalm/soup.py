@@ -12,7 +12,9 @@ Ingredients are the R fine-tune runs (their final models) and, with ``last_k`` >
 snapshots each run kept before its end (:class:`SnapshotKeeper`, written by the trainer), i.e. the
 last k checkpoints of every run. All must share architecture and tokenizer (checked, with an error
 naming the ingredient). Models are loaded one at a time (the average is a running float64 sum), so
-memory is one model plus the sum, whatever the number of ingredients.
+memory is one model plus the sum, whatever the number of ingredients. Only floating-point tensors
+are averaged; integer and bool ones (position ids, masks) are copied from the first ingredient
+added (greedy: the best), with their dtype.
 """
 
 from __future__ import annotations

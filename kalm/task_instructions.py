@@ -1,24 +1,39 @@
 """Per-task instructions for MTEB tasks and KaLM's task lists.
 
-Instruction sets (config ``eval.instruction_set``):
+Instruction sets (config ``eval.instruction_set``; which sides of a task carry the instruction is
+``kalm.instructions.instruction_sides``, the one rule for evaluation and training):
 
-- ``kalm``: the table published with KaLM-Embedding, ``evaluate/utils.py`` of
+- ``kalm`` (the default): the table published with KaLM-Embedding (V1), ``evaluate/utils.py`` of
   github.com/HITsz-TMG/KaLM-Embedding (commit b54b1a1, the code behind the paper's C-MTEB and
   MTEB(eng) numbers). Its rules: Classification and Clustering tasks have one instruction each
   (table below), applied to every input; every Retrieval and Reranking task uses one generic
   instruction on the query side only, documents get none; STS, PairClassification and
-  Summarization get no instruction at all. The strings are KaLM's, byte for byte, typos included
+  Summarization get no instruction at all (and so, under this set, neither do the training records
+  of those types). The strings are KaLM's, byte for byte, typos included
   ("iPhoneinto", "reviewinto", "Given a online banking query"): they were the inputs of the
   published scores, and changing them changes the embeddings. (mteb's registry entry for the
   KaLM models, ``KaLM_task_prompts`` in mteb/models/model_implementations/kalm_models.py, has the
   same table with those typos fixed; a test compares the two.)
-- ``none``: no instruction for any task.
+- ``kalm_v2``: KaLM-Embedding V2's table, mteb's ``KaLM_v2_task_prompts`` (same module; the prompts
+  of the KaLM-embedding-multilingual-mini-instruct-v2 / v2.5 entries), read from the installed mteb.
+  Its keys are ``<task>`` (the query side, or every input of a single-input task) and
+  ``<task>-query`` + ``<task>-document`` (both sides): every STS, PairClassification and
+  Summarization task is instructed on both sides, as are a few duplicate-question retrieval and
+  reranking tasks (QuoraRetrieval, CQADupstack*, SCIDOCS, AskUbuntuDupQuestions, SciDocsRR,
+  StackOverflowDupQuestions); other retrieval and reranking tasks on the query side only. Tasks
+  of the benchmarks that the table predates take the entry of their older version
+  (``KALM_V2_TASK_ALIASES``: e.g. STS22.v2 -> STS22, FEVERHardNegatives -> FEVER), and a
+  Retrieval, Reranking, STS or PairClassification task missing from it the table's generic
+  instruction of its type (``KALM_V2_TYPE_INSTRUCTIONS``).
+- ``none``: no table; a task has an instruction only if the config gives it one.
 
 A task's instruction in the config (``eval.tasks.<name>.instruction`` or ``eval.instructions``)
-always wins over the set; local tasks (with a ``path``) take only the config's.
+always wins over the set's text; local tasks (with a ``path``) take only the config's. Where it goes
+is still the set's rule: under ``kalm`` an STS task gets none, even one of the config.
 
 Task lists (config ``eval.languages.<lang>: {benchmark: NAME}``): mteb's benchmarks
-(``MTEB(cmn, v1)``: 31 tasks, ``MTEB(eng, v2)``: 41) and ``KaLM-C-MTEB``: the 35 C-MTEB tasks of
+(``MTEB(cmn, v1)``: 31 tasks, ``MTEB(eng, v2)``: 41, ``MTEB(eng, v1)``: the 56 tasks of the original
+English MTEB, which the KaLM-Embedding papers report) and ``KaLM-C-MTEB``: the 35 C-MTEB tasks of
 KaLM's ``evaluate/tasks/zh.py`` (MTEB(cmn, v1) plus AmazonReviewsClassification,
 MassiveIntentClassification, MassiveScenarioClassification and STS22, whose Chinese subsets are
 the C-MTEB leaderboard's columns).
@@ -26,7 +41,17 @@ the C-MTEB leaderboard's columns).
 
 from __future__ import annotations
 
-INSTRUCTION_SETS = ("kalm", "none")
+import logging
+from functools import lru_cache
+
+from kalm.instructions import (
+    DEFAULT_INSTRUCTION_SET,
+    INSTRUCTION_SETS,
+    KALM_V1_UNINSTRUCTED_TYPES,
+    instruction_sides,
+)
+
+logger = logging.getLogger(__name__)
 
 # The generic query instruction KaLM gives every Retrieval and Reranking task (trailing period included).
 KALM_RETRIEVAL_INSTRUCTION = "Given a query, retrieve documents that answer the query."
@@ -123,7 +148,7 @@ KALM_TASK_ALIASES: dict[str, str] = {
 # Task types whose every task gets the generic retrieval instruction (query side), and types KaLM
 # evaluates without instruction.
 KALM_RETRIEVAL_TYPES = frozenset({"Retrieval", "Reranking"})
-KALM_NO_INSTRUCTION_TYPES = frozenset({"STS", "PairClassification", "Summarization", "BitextMining"})
+KALM_NO_INSTRUCTION_TYPES = KALM_V1_UNINSTRUCTED_TYPES
 
 
 class InstructionError(ValueError):
@@ -153,18 +178,119 @@ def kalm_instruction(name: str, task_type: str) -> tuple[str | None, str]:
     )
 
 
-def resolve_instruction(spec: dict, task_type: str, instruction_set: str = "kalm") -> tuple[str | None, str]:
-    """The instruction of one task and its source: ``config``, ``kalm:task``, ``kalm:type`` or ``none``.
+# --------------------------------------------------------------------------------------------
+# KaLM V2 (mteb's KaLM_v2_task_prompts)
+# --------------------------------------------------------------------------------------------
 
-    The config's instruction (the key present in the spec, even empty) wins; a local task (with a
-    ``path``) takes only the config's; otherwise the instruction set decides.
+# Tasks of MTEB(eng, v2) / MTEB(eng, v1) newer than the V2 table, or aggregates of tasks in it: the
+# entry of the task they replace (same data source and labels, see KALM_TASK_ALIASES) or, for
+# CQADupstackRetrieval (mteb's aggregate of the 12 CQADupstack*Retrieval subtasks), of a subtask:
+# the table gives all 12 the same instruction on both sides (a test checks it). kalm's mapping.
+KALM_V2_TASK_ALIASES: dict[str, str] = {
+    **KALM_TASK_ALIASES,
+    "FEVERHardNegatives": "FEVER",
+    "ClimateFEVERHardNegatives": "ClimateFEVER",
+    "HotpotQAHardNegatives": "HotpotQA",
+    "Touche2020Retrieval.v3": "Touche2020",
+    "STS22.v2": "STS22",
+    "SummEvalSummarization.v2": "SummEval",
+    "CQADupstackRetrieval": "CQADupstackAndroidRetrieval",
+}
+
+# A task of these types missing from the V2 table gets the instruction the table gives most tasks of
+# the type (query side only for retrieval / reranking, both sides for the pair types).
+KALM_V2_TYPE_INSTRUCTIONS: dict[str, str] = {
+    "Retrieval": "Given a query, retrieve documents that answer the query",
+    "Reranking": "Given a query, retrieve documents that answer the query",
+    "STS": "Retrieve semantically similar text",
+    "PairClassification": "Retrieve semantically similar text",
+}
+
+
+@lru_cache(maxsize=1)
+def kalm_v2_task_prompts() -> dict[str, str]:
+    """mteb's ``KaLM_v2_task_prompts`` (keys ``<task>``, ``<task>-query``, ``<task>-document``)."""
+    try:
+        from mteb.models.model_implementations.kalm_models import KaLM_v2_task_prompts
+    except ImportError as e:  # pragma: no cover - another mteb layout
+        raise InstructionError(f"instruction set kalm_v2 reads mteb's KaLM_v2_task_prompts, which this mteb does "
+                               f"not have ({e}); use eval.instruction_set kalm or none") from None
+    return dict(KaLM_v2_task_prompts)
+
+
+def _v2_entry(name: str | None) -> tuple[str, bool] | None:
+    """(instruction, both sides) of a task name in the V2 table, or None."""
+    table = kalm_v2_task_prompts()
+    if not name:
+        return None
+    if f"{name}-query" in table:
+        return table[f"{name}-query"], f"{name}-document" in table
+    if name in table:
+        return table[name], False
+    return None
+
+
+def _v2_lookup(name: str) -> tuple[tuple[str, bool] | None, str]:
+    entry = _v2_entry(name)
+    if entry is not None:
+        return entry, "kalm_v2:task"
+    entry = _v2_entry(KALM_V2_TASK_ALIASES.get(name))
+    return entry, "kalm_v2:alias"
+
+
+def kalm_v2_both_sides(name: str) -> bool:
+    """True when the V2 table instructs both sides of the registered task ``name`` (its ``-query`` and
+    ``-document`` keys, or those of its alias)."""
+    entry, _ = _v2_lookup(name)
+    return bool(entry and entry[1])
+
+
+def kalm_v2_instruction(name: str, task_type: str) -> tuple[str | None, str]:
+    """KaLM V2's instruction for an MTEB task and its source: ``kalm_v2:task``, ``kalm_v2:alias`` or
+    ``kalm_v2:type`` (``KALM_V2_TYPE_INSTRUCTIONS``). Other tasks missing from the table (a
+    classification or clustering task) are an error, as under ``kalm``."""
+    entry, source = _v2_lookup(name)
+    if entry is not None:
+        return entry[0], source
+    if task_type in KALM_V2_TYPE_INSTRUCTIONS:
+        return KALM_V2_TYPE_INSTRUCTIONS[task_type], "kalm_v2:type"
+    raise InstructionError(
+        f"task {name!r} ({task_type}) has no instruction in KaLM V2's table (mteb's KaLM_v2_task_prompts); give it "
+        f"one in the config (eval.tasks.{name}.instruction or eval.instructions.{name}) or use another instruction set"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One task's instruction
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_instruction(spec: dict, task_type: str, instruction_set: str = DEFAULT_INSTRUCTION_SET
+                        ) -> tuple[str | None, str]:
+    """The instruction of one task and its source: ``config``, ``kalm:task`` / ``kalm_v2:task``,
+    ``kalm:alias`` / ``kalm_v2:alias``, ``kalm:type`` / ``kalm_v2:type`` or ``none``.
+
+    First the rule (``kalm.instructions.instruction_sides``): a task whose type the set instructs on
+    no side (``kalm``: STS, PairClassification, ...) gets none, even one of the config (logged as not
+    used; the training records of such a type get none either) unless the spec's ``symmetric`` asks for
+    one. Then the config's instruction (the key present in the spec, even empty) wins; a local task
+    (with a ``path``) takes only the config's; otherwise the instruction set's table decides.
     """
     if instruction_set not in INSTRUCTION_SETS:
         raise InstructionError(f"unknown instruction set {instruction_set!r} (known: {', '.join(INSTRUCTION_SETS)})")
+    query_side, _ = instruction_sides(instruction_set, task_type, symmetric=spec.get("symmetric"))
+    if not query_side:
+        if spec.get("instruction"):
+            logger.warning("task %s (%s): instruction set %s gives %s tasks no instruction; the configured one "
+                           "(%r) is not used", spec.get("name"), task_type, instruction_set, task_type,
+                           spec["instruction"])
+        return None, f"{instruction_set}:type"
     if "instruction" in spec:
         return spec["instruction"] or None, "config"
     if spec.get("path") or instruction_set == "none":
         return None, "none"
+    if instruction_set == "kalm_v2":
+        return kalm_v2_instruction(spec["name"], task_type)
     return kalm_instruction(spec["name"], task_type)
 
 

@@ -2,10 +2,11 @@
 folder of such shards.
 
 A record is ``{"query": str, "pos": [str, ...], "neg": [str, ...] (optional),
-"instruction": str (optional)}``. Bad records either stop the run with an error naming
-file, line (JSONL) or row (Parquet, counted from 1) and field (``on_error="stop"``, the
-default) or go to a rejects file with their reason (``on_error="quarantine"``); either way
-the stats JSON accounts for every line and row.
+"instruction": str (optional)}``; ``--instruction`` fills in records without one,
+``--drop-instructions`` removes them all (see :func:`validate_file`). Bad records either stop
+the run with an error naming file, line (JSONL) or row (Parquet, counted from 1) and field
+(``on_error="stop"``, the default) or go to a rejects file with their reason
+(``on_error="quarantine"``); either way the stats JSON accounts for every line and row.
 
 A task folder is read shard by shard in sorted path order (``*.jsonl`` and ``*.parquet``,
 recursively); files with other suffixes are ignored (hidden files too), and a folder without
@@ -186,12 +187,21 @@ def validate_file(
     on_error: str = "stop",
     rejects_path: str | None = None,
     instruction: str | None = None,
+    drop_instructions: bool = False,
 ) -> StageStats:
     """Validate ``path`` (a file or a folder of shards) into ``out_path`` (records gain a ``task`` field).
+
+    ``instruction`` goes to the records that carry none. ``drop_instructions``: the records get no
+    instruction at all, their own removed (counted as ``instructions_dropped`` in the stats): the
+    workflow asks for it where the instruction set evaluates the task's type without instruction
+    (kalm.instructions.instruction_sides, e.g. STS under KaLM V1), so training matches evaluation.
 
     An unreadable file (missing, unsupported suffix, not Parquet) stops the run in both modes."""
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
+    if drop_instructions and instruction:
+        raise ValueError("validate: give an instruction or drop_instructions, not both")
+    dropped = 0
     stats = StageStats("validate", source=str(path), task=task)
     rejects = []
     shards = task_files(path)
@@ -210,7 +220,9 @@ def validate_file(
                     rejects.append({"file": str(shard), e.unit: where, "field": e.field, "reason": e.reason,
                                     "raw": _raw_repr(item)})
                     continue
-                if instruction and "instruction" not in rec:
+                if drop_instructions:
+                    dropped += rec.pop("instruction", None) is not None
+                elif instruction and "instruction" not in rec:
                     rec["instruction"] = instruction
                 rec["task"] = task
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -218,6 +230,8 @@ def validate_file(
     if rejects_path is not None:
         with atomic_path(rejects_path) as tmp:
             Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
+    if drop_instructions:
+        stats.extra["instructions_dropped"] = dropped
     stats.write(stats_path)
     log.info("validated %s: %d in, %d kept", path, stats.n_in, stats.kept)
     return stats
@@ -225,7 +239,8 @@ def validate_file(
 
 def _run(args: argparse.Namespace) -> None:
     try:
-        validate_file(args.input, args.task, args.out, args.stats, args.on_error, args.rejects, args.instruction)
+        validate_file(args.input, args.task, args.out, args.stats, args.on_error, args.rejects, args.instruction,
+                      args.drop_instructions)
     except ValidationError as e:
         raise SystemExit(f"kalm validate: {e}") from None
 
@@ -238,5 +253,8 @@ def register(sub) -> None:
     p.add_argument("--stats", required=True)
     p.add_argument("--rejects", help="quarantine file (written with --on-error quarantine)")
     p.add_argument("--on-error", choices=["stop", "quarantine"], default="stop")
-    p.add_argument("--instruction", help="task instruction for records that carry none")
+    instr = p.add_mutually_exclusive_group()
+    instr.add_argument("--instruction", help="task instruction for records that carry none")
+    instr.add_argument("--drop-instructions", action="store_true",
+                       help="records get no instruction, their own removed (a task type evaluated without one)")
     p.set_defaults(func=_run)

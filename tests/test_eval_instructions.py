@@ -1,4 +1,5 @@
-"""Per-task instructions (KaLM's published table), task lists, and the one definition of 'symmetric'."""
+"""Per-task instructions (KaLM V1's published table, V2's from mteb), task lists, and the one rule
+saying which sides of a task carry its instruction (kalm.instructions.instruction_sides)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,25 @@ from kalm.evaluate import (
     build_prompts,
     prepare_task,
     resolve_task,
-    task_symmetric,
+    task_sides,
 )
-from kalm.instructions import SYMMETRIC_MTEB_TYPES, is_symmetric, mteb_type
+from kalm.instructions import SYMMETRIC_MTEB_TYPES, instruction_sides, is_symmetric, mteb_type
+
+PREFIX = "Instruct: {} \n Query: "
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """prepare_task without loading data (nothing is cached here): only the prompts are checked."""
+    import kalm.evaluate
+
+    monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "hub"})
+
+
+def v2_table():
+    from mteb.models.model_implementations.kalm_models import KaLM_v2_task_prompts
+
+    return KaLM_v2_task_prompts
 
 
 def test_table_is_kalms_and_matches_mtebs_copy_up_to_known_edits():
@@ -92,12 +109,9 @@ def test_config_instruction_wins_and_local_tasks_take_only_the_configs():
         ti.resolve_instruction({"name": "TNews"}, "Classification", "e5")
 
 
-def test_prepared_mteb_task_gets_kalm_prompts_without_data(monkeypatch):
+def test_prepared_mteb_task_gets_kalm_prompts_without_data(no_data):
     """The prompts mteb receives for registered tasks (data loading stubbed: nothing is cached here)."""
-    import kalm.evaluate
-
-    monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "hub"})
-    prefix = "Instruct: {} \n Query: "
+    prefix = PREFIX
     rr = prepare_task({"name": "T2Reranking", "lang": "zh"})
     assert rr.prompts == {"Reranking-query": prefix.format(ti.KALM_RETRIEVAL_INSTRUCTION)}
     assert (rr.instruction_set, rr.instruction_source) == ("kalm", "kalm:type")
@@ -117,9 +131,101 @@ def test_one_definition_of_symmetric():
                                  ("reranking", "Reranking"), ("weak", "Retrieval")]:
         assert mteb_type(data_type) == mteb_name
         assert is_symmetric(data_type) == is_symmetric(mteb_name) == (mteb_name in SYMMETRIC_MTEB_TYPES)
+        for instruction_set in ("kalm", "kalm_v2", "none"):
+            assert instruction_sides(instruction_set, data_type) == instruction_sides(instruction_set, mteb_name)
     assert not is_symmetric(None) and not is_symmetric("Retrieval") and is_symmetric("STS")
-    # kalm.evaluate decides with it, unless the spec says otherwise
-    assert task_symmetric({}, "STS") and not task_symmetric({}, "Reranking")
-    assert task_symmetric({"symmetric": True}, "Retrieval") and not task_symmetric({"symmetric": False}, "STS")
-    p = build_prompts("Clustering", "Group", task_symmetric({}, "Clustering"))
+    # kalm.evaluate decides with the rule, unless the spec says otherwise
+    assert task_sides({}, "STS", "kalm_v2") == (True, True) and task_sides({}, "Reranking") == (True, False)
+    assert task_sides({"symmetric": True}, "Retrieval") == (True, True)
+    assert task_sides({"symmetric": False}, "STS", "kalm_v2") == (True, False)
+    p = build_prompts("Clustering", "Group", task_sides({}, "Clustering")[1])
     assert p == {"Clustering": "Instruct: Group \n Query: "}
+
+
+def test_the_rule_per_instruction_set_and_type():
+    """kalm.instructions.instruction_sides: (query side, passage side), the module docstring's table."""
+    expected = {
+        # type: (kalm V1, kalm_v2, none)
+        "STS": ((False, False), (True, True), (True, True)),
+        "PairClassification": ((False, False), (True, True), (True, True)),
+        "Summarization": ((False, False), (True, True), (True, True)),
+        "BitextMining": ((False, False), (True, True), (True, True)),
+        "Clustering": ((True, True), (True, True), (True, True)),
+        "Retrieval": ((True, False), (True, False), (True, False)),
+        "Reranking": ((True, False), (True, False), (True, False)),
+        "Classification": ((True, False), (True, False), (True, False)),
+        None: ((True, False), (True, False), (True, False)),  # weak pairs
+    }
+    for task_type, sides in expected.items():
+        for instruction_set, want in zip(("kalm", "kalm_v2", "none"), sides):
+            assert instruction_sides(instruction_set, task_type) == want, (instruction_set, task_type)
+    assert instruction_sides(None, "STS") == (False, False)  # the default set is kalm
+    # kalm_v2's per-task entries (evaluation knows the task's name): duplicate-question search on both sides
+    assert instruction_sides("kalm_v2", "Retrieval", "QuoraRetrieval") == (True, True)
+    assert instruction_sides("kalm_v2", "Retrieval", "T2Retrieval") == (True, False)
+    assert instruction_sides("kalm", "Retrieval", "QuoraRetrieval") == (True, False)
+    assert instruction_sides("kalm", "STS", symmetric=True) == (True, True)  # an explicit override
+    with pytest.raises(ValueError, match="unknown instruction set 'e5'"):
+        instruction_sides("e5", "STS")
+
+
+@pytest.mark.parametrize("benchmark", ["MTEB(cmn, v1)", "MTEB(eng, v2)", "MTEB(eng, v1)", "KaLM-C-MTEB"])
+def test_kalm_v2_gives_every_task_mtebs_v2_instruction(benchmark):
+    """Under kalm_v2 every task of the lists has KaLM V2's instruction, the entry of mteb's
+    KaLM_v2_task_prompts (of its alias for tasks newer than the table), on both sides exactly where the
+    table has '-query' and '-document' keys: every STS, PairClassification and Summarization task."""
+    import mteb
+
+    table = v2_table()
+    for name in ti.benchmark_tasks(benchmark):
+        task_type = mteb.get_task(name).metadata.type
+        instruction, source = ti.resolve_instruction({"name": name}, task_type, "kalm_v2")
+        key = name if source == "kalm_v2:task" else ti.KALM_V2_TASK_ALIASES[name]
+        assert source in ("kalm_v2:task", "kalm_v2:alias"), name
+        both = f"{key}-query" in table
+        assert instruction == table[f"{key}-query" if both else key], name
+        # (a clustering task has one input: its type is symmetric, its table key single)
+        assert instruction_sides("kalm_v2", task_type, name) == (True, both or task_type == "Clustering"), name
+        if task_type in ("STS", "PairClassification", "Summarization"):
+            assert both and table[f"{key}-document"] == instruction, name
+
+
+def test_kalm_v2_instructs_sts_on_both_sides_and_kalm_v1_not_at_all(no_data):
+    table = v2_table()
+    sts = prepare_task({"name": "STSB", "lang": "zh", "instruction_set": "kalm_v2"})
+    # both sides: the type key, which mteb applies to every input of the task
+    assert sts.prompts == {"STS": PREFIX.format(table["STSB-query"])} and table["STSB-document"] == table["STSB-query"]
+    assert (sts.instruction, sts.symmetric, sts.instruction_source) == (table["STSB-query"], True, "kalm_v2:task")
+    pc = prepare_task({"name": "Cmnli", "lang": "zh", "instruction_set": "kalm_v2"})
+    assert pc.prompts == {"PairClassification": PREFIX.format(table["Cmnli-query"])}
+    assert prepare_task({"name": "STSB", "lang": "zh", "instruction_set": "kalm"}).prompts == {}
+    # retrieval: queries only (V2's own string), except the tasks whose table entry has both sides
+    assert prepare_task({"name": "T2Retrieval", "lang": "zh", "instruction_set": "kalm_v2"}).prompts == {
+        "Retrieval-query": PREFIX.format(table["T2Retrieval"])}
+    assert prepare_task({"name": "QuoraRetrieval", "lang": "en", "instruction_set": "kalm_v2"}).prompts == {
+        "Retrieval": PREFIX.format(table["QuoraRetrieval-query"])}
+    assert prepare_task({"name": "TNews", "lang": "zh", "instruction_set": "kalm_v2"}).prompts == {
+        "Classification": PREFIX.format(table["TNews"])}
+    # the aggregate CQADupstackRetrieval (MTEB(eng, v1)) takes its subtasks' one instruction, on both sides
+    subtasks = {k: v for k, v in table.items() if k.startswith("CQADupstack")}
+    assert len(subtasks) == 24 and len(set(subtasks.values())) == 1
+    assert ti.resolve_instruction({"name": "CQADupstackRetrieval"}, "Retrieval", "kalm_v2") == (
+        next(iter(subtasks.values())), "kalm_v2:alias")
+
+
+def test_a_configured_instruction_follows_the_rule_too(no_data, tmp_path, caplog):
+    """A local STS task with its instruction in the config: none under kalm (V1 evaluates STS without
+    instruction; training drops it too), both sides under kalm_v2 and none; a spec's symmetric overrides."""
+    folder = tmp_path / "sts"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n', encoding="utf-8")
+    spec = {"name": "LocalSTS", "type": "STS", "lang": "en", "path": str(folder), "instruction": "Same meaning"}
+    v1 = prepare_task({**spec, "instruction_set": "kalm"})
+    assert (v1.prompts, v1.instruction, v1.instruction_source) == ({}, None, "kalm:type")
+    assert "not used" in caplog.text
+    for instruction_set in ("kalm_v2", "none"):
+        p = prepare_task({**spec, "instruction_set": instruction_set})
+        assert p.prompts == {"STS": PREFIX.format("Same meaning")}
+        assert (p.instruction_source, p.symmetric) == ("config", True)
+    forced = prepare_task({**spec, "instruction_set": "kalm", "symmetric": True})
+    assert forced.prompts == {"STS": PREFIX.format("Same meaning")}

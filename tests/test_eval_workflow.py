@@ -1,4 +1,4 @@
-"""Evaluation and soup settings reach the job command lines (Snakemake dry runs)."""
+"""Evaluation and soup settings reach the job command lines, or are refused (Snakemake dry runs)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,52 @@ def test_schema_refuses_an_unknown_instruction_set(tmp_path):
     cfg = demo_config_with(tmp_path, eval={"batch_size": 8, "instruction_set": "e5", "languages": {"zh": ["X"]}})
     res = snakemake("-n", "--configfile", cfg)
     assert res.returncode != 0 and "instruction_set" in res.stderr + res.stdout
+
+
+def test_mteb_eng_v1_is_selectable_and_kalm_full_uses_kalm_v2(tmp_path):
+    """MTEB(eng, v1), the 56 English tasks the KaLM papers report, beside v2; the full recipe evaluates
+    (and so trains) with KaLM V2's instructions."""
+    assert yaml.safe_load((ROOT / "config/kalm_full.yaml").read_text())["eval"]["instruction_set"] == "kalm_v2"
+    cfg = demo_config_with(tmp_path, eval={"batch_size": 8, "instruction_set": "kalm_v2",
+                                           "languages": {"en": {"benchmark": "MTEB(eng, v1)"}}})
+    res = snakemake("results/mteb_en.json", "-n", "-p", "--forceall", "--configfile", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert job_counts(res.stdout)["evaluate"] == 2 * 56
+    specs = [json.loads(m[1]) for m in re.finditer(r"evaluate --model models/soup --task-json '(\{.*?\})'", res.stdout)]
+    assert {s["benchmark"] for s in specs} == {"MTEB(eng, v1)"} and {s["instruction_set"] for s in specs} == {"kalm_v2"}
+    assert "CQADupstackRetrieval" in {s["name"] for s in specs} and "MSMARCO" in {s["name"] for s in specs}
+
+
+def _soup_dry_run(tmp_path, soup: dict, extra_tasks: dict | None = None):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["soup"] = soup
+    cfg["eval"]["tasks"].update(extra_tasks or {})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    res = snakemake("models/soup", "-n", "-p", "--forceall", "--configfile", str(path))
+    return res, res.stdout + res.stderr
+
+
+def test_soup_dev_task_must_not_be_a_reported_task(tmp_path):
+    """Greedy / loss-weighted soups pick ingredients on the dev task: a reported task (or a copy of its
+    data under another name) would be selection on the test set, refused when the config is read."""
+    res, log = _soup_dry_run(tmp_path, {"method": "greedy", "dev_task": "DemoRetrievalEn"})
+    assert res.returncode != 0
+    assert "soup.dev_task 'DemoRetrievalEn' is a reported evaluation task (eval.languages.en)" in log
+    assert "chosen on the test set" in log
+    copy = {"DevCopy": {"type": "Retrieval", "path": "data/demo/eval/DemoRetrievalZh/"}}
+    res, log = _soup_dry_run(tmp_path, {"method": "weighted", "dev_task": "DevCopy"}, copy)
+    assert res.returncode != 0 and "has the data of 'DemoRetrievalZh', which is a reported" in log
+    res, log = _soup_dry_run(tmp_path, {"method": "greedy", "dev_task": "Nowhere"})
+    assert res.returncode != 0 and "soup.dev_task 'Nowhere' must be a local task of eval.tasks" in log
+    res, log = _soup_dry_run(tmp_path, {"method": "greedy"})
+    assert res.returncode != 0 and "soup.method greedy needs soup.dev_task" in log
+
+    # a held-out local task, listed in no language: accepted, and its spec reaches the soup job
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    res, _ = _soup_dry_run(tmp_path, {"method": "greedy", "dev_task": "HeldOut"},
+                           {"HeldOut": {"type": "Retrieval", "path": str(dev), "instruction": "Find it"}})
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
+    assert "--method greedy --dev-task-json" in cmd and f'"path": "{dev}"' in cmd and '"name": "HeldOut"' in cmd

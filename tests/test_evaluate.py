@@ -175,8 +175,9 @@ def test_sts_via_cli_matches_mteb_reference(tmp_path, capsys):
 
 
 def test_sts_instruction_on_both_sides(tmp_path):
+    # KaLM V2's rule (under V1's, the default, STS gets no instruction: tests/test_eval_instructions.py)
     spec = {"name": "TinySTSi", "type": "STS", "lang": "zh", "path": str(make_sts(tmp_path / "sts")),
-            "instruction": "Retrieve semantically similar text"}
+            "instruction": "Retrieve semantically similar text", "instruction_set": "kalm_v2"}
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / "TinySTSi.json"), batch_size=8, max_seq_length=64)
     assert sidecar["prompts"] == {"STS": kalm_prefix("Retrieve semantically similar text")}
     assert sidecar["symmetric"] is True and sidecar["max_seq_length"] == 64 and sidecar["lang"] == "zh"

@@ -61,9 +61,12 @@ def test_negatives_come_from_the_rank_window(tmp_path, corpus):
 
 
 def test_ranking_consistency_filter_drops_and_counts(tmp_path, corpus):
+    """KaLM's hn_mine: drop when the positive scores below the candidate at 0-based rank filter_topk."""
     src, paths, vec = corpus
     pool = [f"p{i}" for i in range(40)]
-    expected_drop = sum(vec[f"q{i}"] @ vec[f"p{i}"] < reference_ranking(vec, f"q{i}", pool)[1][4] for i in range(40))
+    expected_drop = sum(vec[f"q{i}"] @ vec[f"p{i}"] < reference_ranking(vec, f"q{i}", pool)[1][5] for i in range(40))
+    one_off = sum(vec[f"q{i}"] @ vec[f"p{i}"] < reference_ranking(vec, f"q{i}", pool)[1][4] for i in range(40))
+    assert one_off != expected_drop  # the data tells rank filter_topk from rank filter_topk - 1
     assert 0 < expected_drop < 40  # random vectors: the test exercises both outcomes
     stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
                  window=(0, 10), negative_number=2, filter_topk=5, pad="none")
@@ -141,7 +144,8 @@ def test_margin_filter_keeps_negatives_below_ratio_of_positive_score(tmp_path, c
     assert stats.extra["candidates_equal_to_positive_or_query"] == 40  # the positive is always in the pool
 
 
-def test_candidates_equal_to_a_positive_or_the_query_after_normalisation_are_removed(tmp_path):
+@pytest.mark.parametrize("given", ["keep", "replace"])
+def test_candidates_equal_to_a_positive_or_the_query_after_normalisation_are_removed(tmp_path, given):
     recs = [{"query": f"q{i}", "pos": [f"P{i}"], "task": "r"} for i in range(12)]
     recs[0]["neg"] = ["  p0 ", "Q0", "other"]  # same normalised text as the positive / the query
     src = tmp_path / "in.jsonl"
@@ -149,12 +153,21 @@ def test_candidates_equal_to_a_positive_or_the_query_after_normalisation_are_rem
     texts = texts_to_embed(recs, {"r": False})
     paths, _ = fake_shards(tmp_path, texts, num_shards=1)
     stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, 20), negative_number=11, filter_topk=None, pad="none")
+                 window=(0, 20), negative_number=11, filter_topk=None, pad="none", given_negatives=given)
     first = next(r for r in read_jsonl(tmp_path / "o.jsonl") if r["query"] == "q0")
     assert not {"  p0 ", "Q0", "P0"} & set(first["neg"]) and "other" in first["neg"]
     # record 0 loses its positive and the two look-alikes; records 1..11 lose their positive only
     assert stats.extra["candidates_equal_to_positive_or_query"] == 3 + 11
-    assert stats.extra["records_short_of_negatives"] == 0 and stats.extra["negatives_from_window"] == 12 * 11
+    assert stats.extra["records_short_of_negatives"] == 0
+    if given == "keep":  # "other" is kept as given (first, rank -2), the look-alikes are label errors
+        assert first["neg"][0] == "other" and first["neg_ranks"][0] == -2 and first["neg"].count("other") == 1
+        assert stats.extra["given_negatives_kept"] == 1
+        assert stats.extra["given_negatives_equal_to_positive_or_query"] == 2
+        assert stats.extra["candidates_equal_to_given_negative"] == 1
+        assert stats.extra["negatives_from_window"] == 11 * 11 + 10
+    else:  # "other" is only mined back from the pool (all 11 survivors are taken)
+        assert -2 not in first["neg_ranks"] and stats.extra["given_negatives_replaced"] == 3
+        assert stats.extra["negatives_from_window"] == 12 * 11
 
 
 def test_pool_per_task_or_global(tmp_path):
@@ -202,3 +215,102 @@ def test_mining_runs_with_approximate_indexes(tmp_path, corpus, kind):
                  index=IndexConfig(kind, nlist=4, nprobe=4))
     assert stats.kept == 41 and stats.extra["index"] == kind
     assert all(len(r["neg"]) == 3 for r in read_jsonl(tmp_path / "o.jsonl") if r["task"] == "r")
+
+
+def explicit_shards(tmp_path, vec: dict[str, np.ndarray]):
+    texts = sorted(vec)
+    np.save(tmp_path / "shard0.npy", np.stack([vec[t] for t in texts]).astype(np.float16))
+    (tmp_path / "shard0.ids.json").write_text(json.dumps(texts), encoding="utf-8")
+    return [str(tmp_path / "shard0.npy")]
+
+
+@pytest.fixture
+def given_corpus(tmp_path):
+    """6 queries; record 0 comes with G0 and '  p1 ' (record 1's positive up to case and spaces),
+    record 1 with G1. Given negatives point away from their query: retrieval ranks them last."""
+    recs = [{"query": f"q{i}", "pos": [f"P{i}"], "task": "r"} for i in range(6)]
+    recs[0]["neg"], recs[1]["neg"] = ["G0", "  p1 "], ["G1"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    texts = texts_to_embed(recs, {"r": False})
+    rng = np.random.default_rng(3)
+    vec = {t: rng.normal(size=8) for t in texts}
+    vec["G0"], vec["  p1 "], vec["G1"] = -vec["q0"] + 0.1 * rng.normal(size=8), -vec["q0"], -vec["q1"]
+    vec = {t: (v / np.linalg.norm(v)).astype(np.float32) for t, v in vec.items()}
+    return src, explicit_shards(tmp_path, vec), recs, vec
+
+
+def run_given(tmp_path, src, paths, given):
+    mode = {} if given == "keep" else {"given_negatives": given}  # keep is the default
+    stats = mine(str(src), paths, {"r": False}, str(tmp_path / f"{given}.jsonl"), str(tmp_path / f"{given}.json"),
+                 window=(0, 30), negative_number=5, filter_topk=None, pad="none", sampling="top", **mode)
+    return stats, {r["query"]: r for r in read_jsonl(tmp_path / f"{given}.jsonl")}
+
+
+def test_given_negatives_are_kept_first_and_mining_fills_up(tmp_path, given_corpus):
+    from kalm.text import dedup_key
+
+    src, paths, recs, vec = given_corpus
+    stats, out = run_given(tmp_path, src, paths, "keep")
+    for rec in recs:
+        got, given = out[rec["query"]], rec.get("neg", [])
+        assert len(got["neg"]) == len(got["neg_ranks"]) == len(got["neg_scores"]) == 5
+        assert got["neg"][:len(given)] == given and got["neg_ranks"][:len(given)] == [-2] * len(given)
+        assert got["neg_scores"][:len(given)] == pytest.approx([vec[rec["query"]] @ vec[g] for g in given], abs=2e-3)
+        mined = got["neg"][len(given):]
+        assert all(r >= 0 for r in got["neg_ranks"][len(given):])
+        # no mined negative repeats a given one, even written differently ("P1" vs "  p1 ")
+        assert not {dedup_key(m) for m in mined} & {dedup_key(g) for g in given}
+        assert len({dedup_key(n) for n in got["neg"]}) == 5
+    assert "P1" not in out["q0"]["neg"]  # the window (whole pool, top ranks) would offer it
+    e = stats.extra
+    assert e["given_negatives_seen"] == e["given_negatives_kept"] == 3 and e["given_negatives_replaced"] == 0
+    assert e["candidates_equal_to_given_negative"] == 3 + 1  # q0: G0, '  p1 ', P1; q1: G1
+    assert e["negatives_from_window"] == 6 * 5 - 3 and e["negatives_padded_random"] == 0
+    assert e["given_negatives_kept"] + e["negatives_from_window"] == sum(len(r["neg"]) for r in out.values())
+
+
+def test_replace_mode_drops_given_negatives(tmp_path, given_corpus):
+    src, paths, recs, _ = given_corpus
+    stats, out = run_given(tmp_path, src, paths, "replace")
+    for rec in recs:
+        got = out[rec["query"]]
+        assert len(got["neg"]) == 5 and -2 not in got["neg_ranks"]
+        assert not set(rec.get("neg", [])) & set(got["neg"])  # ranked last for their query: not mined back
+    e = stats.extra
+    assert e["given_negatives_replaced"] == e["given_negatives_seen"] == 3 and e["given_negatives_kept"] == 0
+    assert e["negatives_from_window"] == 6 * 5 and e["candidates_equal_to_given_negative"] == 0
+
+
+def test_given_negatives_deduplicated_and_truncated_with_counts(tmp_path):
+    recs = [{"query": f"q{i}", "pos": [f"P{i}"], "task": "r"} for i in range(8)]
+    recs[0]["neg"] = ["A", "a ", "B", "C", "q0", "D"]  # a duplicate, a copy of the query, one over the cap
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    paths, _ = fake_shards(tmp_path, texts_to_embed(recs, {"r": False}), num_shards=1)
+    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
+                 window=(0, 20), negative_number=3, filter_topk=None, pad="random")
+    first = next(r for r in read_jsonl(tmp_path / "o.jsonl") if r["query"] == "q0")
+    assert first["neg"] == ["A", "B", "C"] and first["neg_ranks"] == [-2, -2, -2]
+    e = stats.extra
+    assert (e["given_negatives_kept"], e["given_negatives_duplicate"], e["given_negatives_equal_to_positive_or_query"],
+            e["given_negatives_truncated"]) == (3, 1, 1, 1)
+    assert e["given_negatives_seen"] == 6 == 3 + 1 + 1 + 1
+    assert e["given_negatives_kept"] + e["negatives_from_window"] + e["negatives_padded_random"] == 8 * 3
+
+
+def test_given_negatives_flag_reaches_mine(tmp_path, given_corpus, monkeypatch):
+    import argparse
+
+    import kalm.mine as kmine
+
+    seen = {}
+    monkeypatch.setattr(kmine, "mine", lambda *a, **kw: seen.update(kw))
+    parser = argparse.ArgumentParser()
+    kmine.register(parser.add_subparsers())
+    base = ["mine", "--input", "i", "--embeddings", "e", "--mine-tasks", "{}", "--out", "o", "--stats", "s"]
+    parser.parse_args(base).func(parser.parse_args(base))
+    assert seen["given_negatives"] == "keep"
+    args = parser.parse_args(base + ["--given-negatives", "replace"])
+    args.func(args)
+    assert seen["given_negatives"] == "replace"

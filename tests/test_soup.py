@@ -1,6 +1,8 @@
-"""Uniform soup: of identical models equals the model; in general equals the parameter mean."""
+"""Model soups: uniform (the parameter mean), weighted, greedy (checked against scores worked out by
+hand), the last k checkpoints, non-float tensors (copied, not averaged), refused ingredients."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,15 +92,133 @@ def test_loss_weights_favour_the_lower_dev_loss(two_models, tmp_path, dev_task):
 
 
 def test_greedy_soup_never_scores_below_its_best_ingredient(two_models, tmp_path, dev_task):
+    """The real dev score (mteb on a local task), checked independently of the soup's own bookkeeping:
+    each ingredient's score, the saved soup's score and parameters (the mean of the chosen ones)."""
     from kalm.modeling import load_embedding_model as load
     from kalm.soup import dev_score, make_soup
 
     dirs = [str(two_models / "a"), str(two_models / "b"), str(two_models / "a")]
     report = make_soup(dirs, str(tmp_path / "s"), "greedy", dev_task=dev_task, report_path=str(tmp_path / "r.json"))
-    best = max(report["dev_scores"])
-    assert report["soup_dev_score"] >= best
-    assert dev_score(load(str(tmp_path / "s")), dev_task) == pytest.approx(report["soup_dev_score"], abs=1e-6)
-    assert report["chosen"][0] == dirs[report["dev_scores"].index(best)]
+    own = {d: dev_score(load(d), dev_task) for d in set(dirs)}
+    assert report["dev_scores"] == pytest.approx([own[d] for d in dirs], abs=1e-6)
+    soup_score = dev_score(load(str(tmp_path / "s")), dev_task)
+    assert soup_score == pytest.approx(report["soup_dev_score"], abs=1e-6)
+    assert soup_score >= max(own.values()) - 1e-6  # the saved soup, scored afresh
+    assert report["chosen"][0] == max(dirs, key=own.get)
+    chosen = [load(d).state_dict() for d in report["chosen"]]
+    s = load(str(tmp_path / "s")).state_dict()
+    for k, v in s.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(c[k] for c in chosen) / len(chosen), atol=1e-6), k
+
+
+def test_greedy_soup_selects_as_worked_out_by_hand(two_models, tmp_path, monkeypatch):
+    """A dev score with a known optimum: score(θ) = -|θ - t|², t = 0.4 a + 0.6 b, over the ingredients
+    a, b and c = 2b - a (d = |a - b|). By hand: the scores are -0.36 d², -0.16 d², -1.96 d², so the
+    order is b, a, c; b + a averages to 0.5 (a + b), at -0.01 d² (kept); adding c makes the mean b
+    again, -0.16 d² (dropped). The soup is (a + b) / 2, scoring -0.01 d²."""
+    import kalm.evaluate
+    import kalm.soup
+    from kalm.soup import make_soup
+
+    a = load_embedding_model(str(two_models / "a")).state_dict()
+    b = load_embedding_model(str(two_models / "b")).state_dict()
+    keys = [k for k in a if a[k].is_floating_point()]
+    c_model = load_embedding_model(str(two_models / "b"))
+    with torch.no_grad():
+        c_model.load_state_dict({k: (2 * b[k] - a[k]) if k in keys else b[k] for k in b})
+    save_model(c_model, str(tmp_path / "c"))
+    target = {k: 0.4 * a[k].double() + 0.6 * b[k].double() for k in keys}
+    d2 = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in keys)
+
+    def score(model, prepared):
+        state = model.state_dict()
+        return -sum(float(((state[k].double() - target[k]) ** 2).sum()) for k in keys) / d2
+
+    monkeypatch.setattr(kalm.soup, "dev_score", score)
+    monkeypatch.setattr(kalm.evaluate, "prepare_task", lambda spec: "prepared")
+    dirs = [str(two_models / "a"), str(two_models / "b"), str(tmp_path / "c")]
+    report = make_soup(dirs, str(tmp_path / "s"), "greedy", dev_task={"name": "Dev"})
+    assert report["dev_scores"] == pytest.approx([-0.36, -0.16, -1.96], rel=1e-3)
+    assert report["chosen"] == [dirs[1], dirs[0]]
+    assert report["soup_dev_score"] == pytest.approx(-0.01, rel=1e-2)
+    s = load_embedding_model(str(tmp_path / "s")).state_dict()
+    for k in keys:
+        assert torch.allclose(s[k], (a[k] + b[k]) / 2, atol=1e-6), k
+
+
+class _TinyModule(torch.nn.Module):
+    """A stand-in model with float parameters and buffers, an int64 buffer (like BERT's position_ids)
+    and a bool buffer (an attention mask)."""
+
+    def __init__(self, w: float = 0.0, offset: int = 0, flag: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((4, 3), w))
+        self.bf16 = torch.nn.Parameter(torch.full((5,), w, dtype=torch.bfloat16))
+        self.register_buffer("scale", torch.full((2,), 2 * w))
+        self.register_buffer("position_ids", torch.arange(8).unsqueeze(0) + offset)
+        self.register_buffer("mask", torch.full((6,), flag))
+
+
+@pytest.fixture
+def tiny_modules(tmp_path, monkeypatch):
+    """Three saved _TinyModule ingredients (weights 1, 3, 8; their int and bool buffers differ), with
+    kalm.modeling's loader and saver swapped for torch.save of the state dict."""
+    import kalm.modeling
+
+    def save(model, out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), Path(out) / "state.pt")
+
+    def load(path, **kwargs):
+        m = _TinyModule()
+        m.load_state_dict(torch.load(Path(path) / "state.pt"))
+        return m
+
+    monkeypatch.setattr(kalm.modeling, "save_model", save)
+    monkeypatch.setattr(kalm.modeling, "load_embedding_model", load)
+    dirs = []
+    for name, w, offset, flag in (("x", 1.0, 0, False), ("y", 3.0, 10, True), ("z", 8.0, 20, True)):
+        save(_TinyModule(w, offset, flag), tmp_path / name)
+        dirs.append(str(tmp_path / name))
+    return dirs, load
+
+
+def test_non_float_tensors_are_copied_not_averaged(tiny_modules, tmp_path, monkeypatch):
+    """Integer and bool tensors come from the first ingredient added (for greedy: the best one), with
+    their dtype; float ones (parameters, buffers, bf16) are averaged."""
+    import kalm.evaluate
+    import kalm.soup
+    from kalm.soup import _Accumulator, average, make_soup
+
+    dirs, load = tiny_modules
+    states = [load(d).state_dict() for d in dirs]
+    x, y, z = states
+
+    def check(state, weight, first):
+        assert torch.allclose(state["weight"], torch.full((4, 3), weight)) and state["weight"].dtype == torch.float32
+        assert torch.allclose(state["scale"], torch.full((2,), 2 * weight))
+        assert state["bf16"].dtype == torch.bfloat16
+        assert torch.allclose(state["bf16"].float(), torch.full((5,), weight), rtol=1e-2)
+        assert state["position_ids"].dtype == torch.int64 and torch.equal(state["position_ids"], first["position_ids"])
+        assert state["mask"].dtype == torch.bool and torch.equal(state["mask"], first["mask"])
+
+    check(average([x, y]), 2.0, x)
+    check(average([x, y, z], [0.5, 0.25, 0.25]), 3.25, x)
+    acc = _Accumulator()
+    acc.add(y)
+    check(acc.result(0.5, extra=x), 2.0, y)  # greedy's trial soup: the ingredient being tried is not first
+
+    make_soup(dirs[:2], str(tmp_path / "u"))
+    check(load(str(tmp_path / "u")).state_dict(), 2.0, x)
+    make_soup(dirs[:2], str(tmp_path / "w"), "weighted", [0.25, 0.75])
+    check(load(str(tmp_path / "w")).state_dict(), 2.5, x)
+    # greedy: the dev score favours weight 3 (y first), then accepts x (mean 2), rejects z (mean 4)
+    monkeypatch.setattr(kalm.soup, "dev_score", lambda model, prepared: -abs(float(model.weight.mean()) - 2.5))
+    monkeypatch.setattr(kalm.evaluate, "prepare_task", lambda spec: "prepared")
+    report = make_soup(dirs, str(tmp_path / "g"), "greedy", dev_task={"name": "Dev"})
+    assert report["chosen"] == [dirs[1], dirs[0]]
+    check(load(str(tmp_path / "g")).state_dict(), 2.0, y)
 
 
 def test_soup_refuses_different_architectures(two_models, tmp_path):

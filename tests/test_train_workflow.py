@@ -1,10 +1,12 @@
-"""The trainer's batching, negatives and memory options travel from the config to the command line."""
+"""The trainer's batching, negatives and memory options travel from the config to the command line, and
+the training data's instructions follow the evaluation's rule (kalm.instructions.instruction_sides)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +61,78 @@ def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     bad = _dry_run(cfg, tmp_path)
     assert bad.returncode != 0 and "pooling" in bad.stderr + bad.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Instructions: training places them by the evaluation's rule (kalm.instructions.instruction_sides)
+# --------------------------------------------------------------------------------------------
+
+
+def _sides_of_prompts(prompts: dict) -> tuple[bool, bool]:
+    """(query side, passage side) of an evaluate job's prompts: '<type>-query' keys prefix queries
+    only, a '<type>' key every input."""
+    return bool(prompts), any(not k.endswith("-query") for k in prompts)
+
+
+@pytest.mark.parametrize("instruction_set, sts_sides", [("kalm", (False, False)), ("kalm_v2", (True, True))])
+def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, instruction_set, sts_sides):
+    """Under KaLM V1's set (kalm) STS is evaluated without instruction, so its training records get none
+    (validate --drop-instructions) and no passage side; under kalm_v2 both sides, in both. The sides
+    of the DAG's validate / mine / train commands equal those of its evaluate jobs and of the rule."""
+    import json
+    import re
+
+    import kalm.evaluate
+    from kalm.evaluate import prepare_task
+    from kalm.instructions import instruction_sides
+
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["eval"]["instruction_set"] = instruction_set
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    snakemake = Path(sys.executable).parent / "snakemake"
+    res = subprocess.run([str(snakemake), "models/finetune/run0", "results/mteb_en.json", "-n", "-p", "--forceall",
+                          "--cores", "1", "--configfile", str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    validate = {m[1]: m[2] for m in
+                re.finditer(r"kalm validate --input \S+ --task (\S+) .*?--on-error \w+ (.*?) > ", out)}
+    symmetric = json.loads(re.search(r"train --stage finetune .*?--symmetric '(\{.*?\})'", out)[1])
+    mined = json.loads(re.search(r"kalm mine .*?--mine-tasks '(\{.*?\})'", out)[1])
+    specs = {json.loads(m[1])["name"]: json.loads(m[1]) for m in
+             re.finditer(r"evaluate --model models/soup --task-json '(\{.*?\})'", out)}
+
+    monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "local"})
+
+    def eval_sides(spec):
+        return _sides_of_prompts(prepare_task({**spec, "path": str(ROOT / spec["path"])} if "path" in spec
+                                              else spec).prompts)
+
+    for train_task, eval_task, task_type in (("sts_en", "DemoSTSEn", "sts"), ("retrieval_en", "DemoRetrievalEn",
+                                                                            "retrieval")):
+        want = instruction_sides(instruction_set, task_type)
+        data_instruction = cfg["data"]["finetune"][train_task]["instruction"]
+        query = validate[train_task] == f"--instruction '{data_instruction}'"
+        assert query or validate[train_task] == "--drop-instructions"
+        train = (query, query and symmetric[train_task])
+        assert train == want == eval_sides(specs[eval_task]), (train_task, validate[train_task], symmetric)
+        assert mined[train_task] == want[1]
+    assert instruction_sides(instruction_set, "sts") == sts_sides
+    # a registered STS task of the set's table is evaluated the same way
+    assert eval_sides({"name": "STSB", "lang": "zh", "instruction_set": instruction_set}) == sts_sides
+
+
+def test_validate_drops_every_instruction_when_asked(tmp_path):
+    from kalm.io import read_json, read_jsonl
+    from kalm.validate import validate_file
+
+    src = tmp_path / "sts.jsonl"
+    src.write_text('{"query": "a", "pos": ["b"], "instruction": "own"}\n{"query": "c", "pos": ["d"]}\n',
+                   encoding="utf-8")
+    stats = tmp_path / "s.json"
+    validate_file(str(src), "sts", str(tmp_path / "out.jsonl"), str(stats), drop_instructions=True)
+    assert [r.get("instruction") for r in read_jsonl(tmp_path / "out.jsonl")] == [None, None]
+    assert read_json(stats)["instructions_dropped"] == 1
+    validate_file(str(src), "sts", str(tmp_path / "kept.jsonl"), str(stats), instruction="config's")
+    assert [r["instruction"] for r in read_jsonl(tmp_path / "kept.jsonl")] == ["own", "config's"]

@@ -93,11 +93,54 @@ def test_local_profile_gives_a_bare_run_its_cores_and_slurm_profile_replaces_it(
     assert none.returncode != 0 and "cores" in (none.stderr + none.stdout)
 
 
-def test_greedy_soup_config_reaches_the_soup_job():
-    res = snakemake("models/soup", "-n", "-p", "--forceall", "--config",
-                    "soup={'method': 'greedy', 'dev_task': 'DemoRetrievalEn'}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
-    assert "--method greedy" in cmd and '"path": "data/demo/eval/DemoRetrievalEn"' in cmd
+def test_an_unknown_soup_method_is_refused():
+    # (a greedy soup's config reaching its job, on a held-out dev task: tests/test_eval_workflow.py)
     bad = snakemake("models/soup", "-n", "--config", "soup={'method': 'best'}")
     assert bad.returncode != 0 and "best" in bad.stderr + bad.stdout
+
+
+def embed_jobs(dry_run_output: str) -> list[str]:
+    """The `rule embed:` blocks of a `snakemake -n -p` listing (header, input/output lines, command)."""
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output)
+    return [b for b in blocks if re.match(r"(?:local)?rule embed:", b)]
+
+
+def test_embed_model_pretrain_mines_with_the_pretrained_model():
+    res = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall", "--config",
+                    "embed={'model': 'pretrain'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout)
+    assert counts["pretrain"] == 1 and counts["embed"] == counts["mine"] * 2  # config.yaml: 2 shards
+    jobs = embed_jobs(res.stdout)
+    assert len(jobs) == 2
+    for job in jobs:
+        inputs = re.search(r"^\s*input: (.*)$", job, re.M)[1]
+        assert "models/pretrain" in inputs.split(", ")  # runs after rule pretrain
+        cmd = next(line for line in job.splitlines() if " embed --input" in line)
+        assert "--model models/pretrain " in cmd and "--pooling" not in cmd  # a saved ST model keeps its pooling
+    # the default (null): the base model, no dependency on pretrain
+    base = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall")
+    assert base.returncode == 0, base.stderr[-3000:]
+    assert "pretrain" not in job_counts(base.stdout)
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    assert all(f"--model {cfg['base_model']} " in b and "models/pretrain" not in b for b in embed_jobs(base.stdout))
+
+
+def test_embed_model_pretrain_without_pretraining_is_a_config_error(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["embed"]["model"], cfg["pretrain"]["enabled"] = "pretrain", False  # (--config passes 'False' as a string)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "--configfile", str(tmp_path / "c.yaml"))
+    assert res.returncode != 0
+    out = res.stderr + res.stdout
+    assert "embed.model" in out and "pretrain.enabled" in out
+
+
+@pytest.mark.parametrize("override, flag", [(None, "--given-negatives keep"),
+                                            ("mine={'given_negatives': 'replace'}", "--given-negatives replace")])
+def test_given_negatives_setting_reaches_the_mine_command(override, flag):
+    res = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall",
+                    *(["--config", override] if override else []))
+    assert res.returncode == 0, res.stderr[-3000:]
+    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --input" in line)
+    assert flag in mine_cmd

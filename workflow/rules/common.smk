@@ -2,10 +2,12 @@
 # rule runs one `kalm` subcommand; this file turns the config into file names.
 
 import json
+import os
 import shlex
 import sys
 
-from kalm.instructions import is_symmetric  # one definition of 'symmetric' for data and trainer
+# one rule for which side of a task carries its instruction, in training and evaluation alike
+from kalm.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
@@ -20,6 +22,36 @@ def pooling_arg():
     """`--pooling` for the commands that load the base model, when the config sets `pooling` (a plain
     Hugging Face backbone gets it; a sentence-transformers model keeps its own)."""
     return f" --pooling {config['pooling']}" if config.get("pooling") else ""
+
+
+EMBED_PRETRAIN = "pretrain"  # embed.model value: mine with the output of rule pretrain
+
+
+def embed_model():
+    """The retriever that embeds the mining texts: embed.model (a path or model name), `pretrain`
+    (models/pretrain, the weakly supervised model: KaLM mines with a trained retriever) or null (the
+    base model). The word `pretrain` is reserved; write `./pretrain` for a folder of that name."""
+    model = config["embed"]["model"]
+    if model == EMBED_PRETRAIN:
+        return "models/pretrain"
+    return model or config["base_model"]
+
+
+def embed_model_input():
+    """models/pretrain when the embed jobs use it: they then run after rule pretrain."""
+    return ["models/pretrain"] if config["embed"]["model"] == EMBED_PRETRAIN else []
+
+
+def embed_pooling_arg():
+    """models/pretrain is a saved sentence-transformers model: it keeps its own pooling (load_embedding_model
+    ignores --pooling for it), so only a base model or a configured path gets `--pooling`."""
+    return "" if config["embed"]["model"] == EMBED_PRETRAIN else pooling_arg()
+
+
+if config["embed"]["model"] == EMBED_PRETRAIN and not config["pretrain"]["enabled"]:
+    raise ValueError("config: embed.model is 'pretrain' (mine with models/pretrain) but pretrain.enabled is false, "
+                     "so rule pretrain never runs (set pretrain.enabled: true, or embed.model: null to mine with "
+                     "base_model, or a model path)")
 
 
 def data_tasks(stage):
@@ -44,14 +76,35 @@ def decontaminate_settings():
     return {**DECONTAMINATE_DEFAULTS, **config["data"].get("decontaminate", {})}
 
 
+# The instruction set of the evaluation (kalm.task_instructions) also decides where the training data's
+# instructions go: one table, one rule (kalm.instructions.instruction_sides) for both.
+INSTRUCTION_SET = config["eval"].get("instruction_set") or DEFAULT_INSTRUCTION_SET
+
+
+def train_instruction_sides(stage, task):
+    """(query side, passage side) of a training task's instruction: the rule evaluation applies to its type
+    under eval.instruction_set (e.g. `sts`: none under kalm, both sides under kalm_v2)."""
+    return instruction_sides(INSTRUCTION_SET, data_task(stage, task).get("type"))
+
+
+def validate_instruction_args(stage, task):
+    """`kalm validate`'s instruction option: the config's instruction for the records that carry none; or,
+    for a type the rule gives no instruction, --drop-instructions (the records' own are dropped too)."""
+    if not train_instruction_sides(stage, task)[0]:
+        return "--drop-instructions"
+    return "--instruction " + shlex.quote(data_task(stage, task).get("instruction", ""))
+
+
 def mine_tasks_json():
-    """{task: symmetric} for the fine-tuning tasks whose negatives are mined."""
+    """{task: instruction on passages too} for the fine-tuning tasks whose negatives are mined."""
     tasks = config["data"]["finetune"]
-    return json.dumps({t: is_symmetric(spec.get("type")) for t, spec in sorted(tasks.items()) if spec.get("mine", True)})
+    return json.dumps({t: train_instruction_sides("finetune", t)[1] for t, spec in sorted(tasks.items())
+                       if spec.get("mine", True)})
 
 
 def symmetric_json(stage):
-    return json.dumps({t: is_symmetric(spec.get("type")) for t, spec in sorted(config["data"][stage].items())})
+    """The trainer's --symmetric: {task: instruction on both sides} (train_instruction_sides)."""
+    return json.dumps({t: train_instruction_sides(stage, t)[1] for t in data_tasks(stage)})
 
 
 def _language_tasks(lang):
@@ -69,6 +122,36 @@ def _language_tasks(lang):
 LANGUAGES = sorted(config["eval"]["languages"])
 EVAL_TASK_SOURCES = {lang: _language_tasks(lang) for lang in LANGUAGES}
 EVAL_TASKS = {lang: list(tasks) for lang, tasks in EVAL_TASK_SOURCES.items()}
+
+
+def check_soup_dev_task():
+    """soup.dev_task: a local task of eval.tasks that is not reported. The greedy soup keeps the ingredients
+    that raise its score and the loss-weighted soup weights them by its loss: on a reported task, that
+    would be model selection on the test set."""
+    soup = config["soup"]
+    dev = soup.get("dev_task")
+    if not dev:
+        if soup["method"] == "greedy" or (soup["method"] == "weighted" and not soup.get("weights")):
+            raise ValueError(f"config: soup.method {soup['method']} needs soup.dev_task (a held-out local task of "
+                             "eval.tasks)" + ("" if soup["method"] == "greedy" else " or soup.weights"))
+        return
+    tasks = config["eval"].get("tasks", {})
+    if dev not in tasks or not tasks[dev].get("path"):
+        raise ValueError(f"config: soup.dev_task {dev!r} must be a local task of eval.tasks (one with a 'path')")
+    dev_path = os.path.realpath(tasks[dev]["path"])
+    for lang in LANGUAGES:
+        for task in EVAL_TASKS[lang]:
+            path = tasks.get(task, {}).get("path")
+            if task == dev or (path and os.path.realpath(path) == dev_path):
+                same = "is" if task == dev else f"has the data of {task!r}, which is"
+                raise ValueError(
+                    f"config: soup.dev_task {dev!r} {same} a reported evaluation task (eval.languages.{lang}): "
+                    "the greedy soup selects, and the loss-weighted soup weights, its ingredients by their score on "
+                    "the dev task, i.e. they would be chosen on the test set. Use a held-out local task of "
+                    "eval.tasks (e.g. a folder of dev data) that eval.languages does not list")
+
+
+check_soup_dev_task()
 
 
 def eval_task_spec(lang, task):

@@ -1,4 +1,5 @@
-# Data stage: validate + normalise each task (a .jsonl/.parquet file or a folder of shards),
+# Data stage: validate + normalise each task (a .jsonl/.parquet file or a folder of shards) and give
+# its records their instruction (or none, by the instruction rule: common.smk validate_instruction_args),
 # exact dedup across a stage, near-dup removal (data.dedup.near_dup: scatter `minhash` per shard,
 # gather `near_dedup`), decontaminate against the evaluation tasks (exact, containment with
 # data.decontaminate.contain_min_chars, near with data.decontaminate.near_dup).
@@ -16,7 +17,9 @@ rule validate:
         stats="work/data/{stage}/validated/{dtask}.stats.json",
         rejects="work/data/{stage}/validated/{dtask}.rejects.jsonl",
     params:
-        instruction=lambda w: shlex.quote(data_task(w.stage, w.dtask).get("instruction", "")),
+        # the task's instruction, or --drop-instructions where eval.instruction_set's rule gives its type
+        # none (the same rule as the evaluation: common.smk train_instruction_sides)
+        instruction=lambda w: validate_instruction_args(w.stage, w.dtask),
         on_error=config["data"]["on_error"],
     log:
         "logs/validate/{stage}/{dtask}.log",
@@ -27,7 +30,7 @@ rule validate:
     shell:
         "{KALM} validate --input {input} --task {wildcards.dtask} --out {output.data} "
         "--stats {output.stats} --rejects {output.rejects} --on-error {params.on_error} "
-        "--instruction {params.instruction} > {log} 2>&1"
+        "{params.instruction} > {log} 2>&1"
 
 
 if not DEDUP["near_dup"]:

@@ -14,7 +14,8 @@ def mine_args():
     lo, hi = m["range_for_sampling"]
     args = (f"--range {lo} {hi} --negative-number {m['negative_number']} --filter-topk {m['filter_topk']} "
             f"--pad {m['pad']} --sampling {m.get('sampling', 'random')} --pool {m.get('pool', 'task')} "
-            f"--query-batch {m.get('query_batch', 4096)} --index {index.get('type', 'flat')}")
+            f"--query-batch {m.get('query_batch', 4096)} --index {index.get('type', 'flat')} "
+            f"--given-negatives {m.get('given_negatives', 'keep')}")
     if m.get("margin_ratio") is not None:
         args += f" --margin-ratio {m['margin_ratio']}"
     for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):
@@ -32,12 +33,13 @@ def mine_mem_mb(wildcards, input):
 
 rule embed:
     input:
-        "work/data/finetune/decontaminated.jsonl",
+        data="work/data/finetune/decontaminated.jsonl",
+        model=embed_model_input(),  # models/pretrain with embed.model: pretrain
     output:
         npy="work/embed/shard{shard}.npy",
         ids="work/embed/shard{shard}.ids.json",
     params:
-        model=config["embed"]["model"] or config["base_model"],
+        model=embed_model(),
         mine_tasks=shlex.quote(mine_tasks_json()),
         batch_size=config["embed"]["batch_size"],
         token_budget=config["embed"].get("token_budget", 4096),
@@ -45,7 +47,7 @@ rule embed:
         dtype=config["embed"].get("dtype", "float16"),
         instructions=instruction_args(),
         max_len=config["max_seq_length"],
-        pooling=pooling_arg(),
+        pooling=embed_pooling_arg(),
     threads: config["threads"]
     log:
         "logs/embed/shard{shard}.log",
@@ -56,7 +58,7 @@ rule embed:
         gpu=gpus("embed"),
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
-        "OMP_NUM_THREADS={threads} {KALM} embed --input {input} --mine-tasks {params.mine_tasks} "
+        "OMP_NUM_THREADS={threads} {KALM} embed --input {input.data} --mine-tasks {params.mine_tasks} "
         "--model {params.model} --shard {wildcards.shard} --num-shards {NUM_SHARDS} "
         "--out-dir work/embed --batch-size {params.batch_size} --token-budget {params.token_budget} "
         "--precision {params.precision} --dtype {params.dtype} --max-seq-length {params.max_len}{params.pooling} "

@@ -23,7 +23,7 @@ def train_args(stage):
         args += f" --focal-gamma {c.get('focal_gamma', 0.0)} --mix-negatives {c.get('mix_negatives', 0)}"
     # Batching, negatives and memory options: only the keys the config sets reach the command (the
     # trainer's defaults are the old behaviour), so existing configs keep their command lines.
-    for key in ("homogeneous_ratio", "few_negatives", "precision", "mini_batch_size"):
+    for key in ("homogeneous_ratio", "few_negatives", "precision", "mini_batch_size", "weight_decay", "save_dtype"):
         if key in c:
             args += f" --{key.replace('_', '-')} {c[key]}"
     if c.get("gradient_checkpointing"):
@@ -36,6 +36,13 @@ def train_args(stage):
             raise ValueError("config: soup.last_k > 1 needs finetune.snapshot_every (steps between the snapshots the soup averages)")
         args += f" --keep-snapshots {last_k - 1} --snapshot-every {every}"
     return args
+
+
+def in_batch_arg(stage):
+    """`--in-batch-negatives` for the tasks whose config sets `in_batch_negatives: false` (their queries
+    see only their own hard negatives; FlagEmbedding's no_in_batch_neg), or nothing."""
+    off = {t: False for t, spec in sorted(config["data"][stage].items()) if spec.get("in_batch_negatives") is False}
+    return f" --in-batch-negatives {shlex.quote(json.dumps(off))}" if off else ""
 
 
 rule pretrain:
@@ -79,6 +86,7 @@ rule finetune:
         model=finetune_start(),
         args=train_args("finetune"),
         symmetric=shlex.quote(symmetric_json("finetune")),
+        in_batch=in_batch_arg("finetune"),
         seed=lambda w: config["seed"] + 1000 * (int(w.run) + 1),
     threads: config["threads"]
     log:
@@ -92,7 +100,7 @@ rule finetune:
         "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
-        "--seed {params.seed} "
+        "--seed {params.seed}{params.in_batch} "
         "--checkpoint-dir work/checkpoints/finetune_run{wildcards.run} "
         "--threads {threads} > {log} 2>&1"
 
