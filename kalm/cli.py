@@ -27,6 +27,7 @@ STAGE_MODULES = [
     "kalm.gpu_slots",
     "kalm.mteb_mirror",
     "kalm.report",
+    "kalm.shards",
 ]
 
 

@@ -125,3 +125,42 @@ class StageStats:
     def write(self, path: str | os.PathLike) -> None:
         self.check()
         write_json(path, self.as_dict())
+
+
+def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The stats of one stage run as shard jobs, added up: ``in``, ``kept``, ``dropped`` and
+    ``per_task`` are summed (so the funnel still adds up), numeric extras are summed too (so a
+    shard's identifier belongs in a string extra, never a number), other extras are kept when
+    every shard agrees; ``shards`` counts the inputs, ``seconds`` is the sum.
+    """
+    dicts = [read_json(p) for p in paths]
+    if not dicts:
+        raise ValueError("merge_stats: no shard stats to merge")
+    total = StageStats(stage or dicts[0]["stage"])
+    skip = {"stage", "in", "kept", "dropped", "per_task", "seconds"}
+    merged_extra: dict[str, Any] = {}
+    for d in dicts:
+        total.n_in += d["in"]
+        total.kept += d["kept"]
+        for reason, n in d["dropped"].items():
+            total.dropped[reason] = total.dropped.get(reason, 0) + n
+        for task, t in d.get("per_task", {}).items():
+            mine = total.per_task.setdefault(task, {"in": 0, "kept": 0, "dropped": {}})
+            mine["in"] += t["in"]
+            mine["kept"] += t["kept"]
+            for reason, n in t["dropped"].items():
+                mine["dropped"][reason] = mine["dropped"].get(reason, 0) + n
+        for key, value in d.items():
+            if key in skip:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged_extra[key] = merged_extra.get(key, 0) + value
+            elif key not in merged_extra:
+                merged_extra[key] = value
+            elif merged_extra[key] != value:
+                merged_extra[key] = None  # shards disagree: not a property of the whole stage
+    total.check()
+    out = total.as_dict()
+    out.update({k: v for k, v in merged_extra.items() if v is not None}, **extra, shards=len(dicts),
+               seconds=round(sum(d.get("seconds", 0.0) for d in dicts), 3))
+    return out
