@@ -53,17 +53,28 @@ def window_hashes(codes: np.ndarray, width: int) -> np.ndarray:
 
 
 class ContainmentIndex:
-    """Evaluation texts of at least ``min_chars`` characters, searchable inside longer texts."""
+    """Evaluation texts of at least ``min_chars`` characters, searchable inside longer texts.
 
-    def __init__(self, texts: list[str], owners: list[str], min_chars: int):
+    ``texts`` is any sequence of strings (a list, or kalm.decontaminate's memory-mapped texts);
+    ``arrays``: the ``anchors`` and ``anchor_ids`` of :meth:`arrays`, saved by an earlier build (so
+    a shard job memory-maps them instead of hashing every evaluation text again)."""
+
+    def __init__(self, texts, owners, min_chars: int, arrays: dict[str, np.ndarray] | None = None):
         if min_chars < 1:
             raise ValueError(f"min_chars must be >= 1, got {min_chars}")
         self.width, self.texts, self.owners = min_chars, texts, owners
-        long_ = np.array([i for i, t in enumerate(texts) if len(t) >= min_chars], dtype=np.int64)
+        if arrays is not None:
+            self.anchors, self.anchor_ids = arrays["anchors"], arrays["anchor_ids"]
+            return
+        long_ = np.array([i for i in range(len(texts)) if len(texts[i]) >= min_chars], dtype=np.int64)
         # the prefixes are all min_chars long: hash them in one pass, every min_chars-th window
         anchors = window_hashes(_codes([texts[i][:min_chars] for i in long_.tolist()]), min_chars)[::min_chars]
         order = np.argsort(anchors, kind="stable")
         self.anchors, self.anchor_ids = anchors[order], long_[order]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a rebuild from the same texts would compute: save these, pass them back as ``arrays``."""
+        return {"anchors": self.anchors, "anchor_ids": self.anchor_ids}
 
     def __len__(self) -> int:
         """How many evaluation texts are long enough to be searched."""

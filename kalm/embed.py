@@ -1,10 +1,11 @@
 """Encode the texts that hard-negative mining needs, one shard per job.
 
 The texts of a mining run are the formatted queries and the candidate passages of every
-task that is mined (``texts_to_embed``), de-duplicated and sorted so that every shard job
-derives the same list from the same input. Shard ``i`` of ``n`` encodes a contiguous slice
-and writes ``shard{i}.npy`` (float16 by default, memory-mappable) with ``shard{i}.ids.json``
-(the texts, in row order); a re-run reuses a shard whose texts are unchanged.
+task that is mined (``texts_to_embed``), de-duplicated. Shard ``i`` of ``n`` encodes the texts whose
+64-bit hash is ``i`` modulo ``n`` (:func:`text_shard`), sorted, and writes ``shard{i}.npy`` (float16 by
+default, memory-mappable) with ``shard{i}.ids.json`` (the texts, in row order); a re-run reuses a
+shard whose texts are unchanged. A shard job streams the records (Parquet shards of the stage, a row
+group at a time) and keeps only its own texts, so its memory is its shard's texts, not the corpus'.
 
 Encoding (``encode_texts``) sorts the texts by token length and cuts batches under a token
 budget (``batch rows x longest row <= token_budget``), so short texts go in large batches and
@@ -17,6 +18,7 @@ falls in (a test).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kalm.instructions import format_query
-from kalm.io import atomic_path, read_jsonl, write_json
+from kalm.io import atomic_path, write_json
 from kalm.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,28 @@ def texts_to_embed(records: list[dict], mine_tasks: dict[str, bool], query_instr
             query, passages = mining_texts(rec, mine_tasks[rec["task"]], query_instruction, passage_instruction)
             texts.add(query)
             texts.update(passages)
+    return sorted(texts)
+
+
+def text_shard(text: str, num_shards: int) -> int:
+    """The embedding shard of a text: a 64-bit hash of it modulo ``num_shards`` (stable across runs)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards
+
+
+def shard_texts(inputs, mine_tasks: dict[str, bool], shard: int, num_shards: int, query_instruction: bool = True,
+                passage_instruction: str = "symmetric") -> list[str]:
+    """The sorted texts of shard ``shard`` of ``num_shards``: :func:`texts_to_embed` of the records of
+    ``inputs`` (record files, streamed), restricted to the texts that :func:`text_shard` puts there."""
+    from kalm.shards import iter_records
+
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    mine = set(mine_tasks)
+    texts: set[str] = set()
+    for rec in iter_records(paths, columns=["task", "query", "pos", "neg", "instruction"]):
+        if rec["task"] in mine:
+            query, passages = mining_texts(rec, mine_tasks[rec["task"]], query_instruction, passage_instruction)
+            texts.update(t for t in (query, *passages) if t not in texts and text_shard(t, num_shards) == shard)
     return sorted(texts)
 
 
@@ -170,15 +194,15 @@ def encode_texts(model, texts: list[str], token_budget: int = 4096, max_batch: i
     return out
 
 
-def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, shard: int, num_shards: int,
+def embed_shard(input_path, mine_tasks: dict[str, bool], model_spec: str, shard: int, num_shards: int,
                 out_dir: str, token_budget: int = 4096, max_batch: int = 64, max_seq_length: int | None = None,
                 dtype: str = "float16", precision: str = "auto", query_instruction: bool = True,
                 passage_instruction: str = "symmetric", threads: int | None = None, pooling: str = "mean") -> Path:
-    texts = texts_to_embed(list(read_jsonl(input_path)), mine_tasks, query_instruction, passage_instruction)
-    lo, hi = shard_bounds(len(texts), shard, num_shards)
+    """Encode shard ``shard`` of the texts of ``input_path`` (a record file or a list of them)."""
+    texts = shard_texts(input_path, mine_tasks, shard, num_shards, query_instruction, passage_instruction)
     out_dir = Path(out_dir)
     npy, ids = out_dir / f"shard{shard}.npy", out_dir / f"shard{shard}.ids.json"
-    if npy.exists() and ids.exists() and json.loads(ids.read_text(encoding="utf-8")) == texts[lo:hi]:
+    if npy.exists() and ids.exists() and json.loads(ids.read_text(encoding="utf-8")) == texts:
         log.info("shard %d already encoded, reusing %s", shard, npy)
         return npy
     import torch
@@ -188,13 +212,13 @@ def embed_shard(input_path: str, mine_tasks: dict[str, bool], model_spec: str, s
     if threads:
         torch.set_num_threads(threads)
     model = load_embedding_model(model_spec, max_seq_length=max_seq_length, pooling=pooling)
-    log.info("encoding shard %d/%d: texts %d..%d of %d on %s", shard, num_shards, lo, hi, len(texts), model.device)
+    log.info("encoding shard %d/%d: %d texts on %s", shard, num_shards, len(texts), model.device)
     t0 = time.time()
-    vectors = encode_texts(model, texts[lo:hi], token_budget, max_batch, precision, out_dtype=np.dtype(dtype))
-    log.info("encoded %d texts in %.1f s", hi - lo, time.time() - t0)
+    vectors = encode_texts(model, texts, token_budget, max_batch, precision, out_dtype=np.dtype(dtype))
+    log.info("encoded %d texts in %.1f s", len(texts), time.time() - t0)
     with atomic_path(npy) as tmp, open(tmp, "wb") as f:
         np.save(f, vectors)
-    write_json(ids, texts[lo:hi])
+    write_json(ids, texts)
     return npy
 
 
@@ -203,22 +227,29 @@ class ShardedEmbeddings:
 
     ``vectors(texts)`` gathers rows as float32: only what a search needs is ever converted,
     so a 1M x 896 float16 store costs 1.7 GiB of page cache, not 3.4 GiB of float32 copies.
+    ``texts``: address only these (a mining job's own texts): the text -> row map then costs memory
+    for them alone, not for every text of the store (one shard's ids are read at a time).
     """
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], texts: set[str] | None = None):
         self.shards: list[np.ndarray] = []
         self.row: dict[str, int] = {}  # text -> global row (shards in order)
+        offset = 0
         for p in sorted(paths, key=lambda p: int(Path(p).stem.removeprefix("shard"))):
             self.shards.append(np.load(p, mmap_mode="r"))
             ids = json.loads(Path(p).with_suffix(".ids.json").read_text(encoding="utf-8"))
             if len(ids) != len(self.shards[-1]):
                 raise ValueError(f"{p}: {len(self.shards[-1])} rows but {len(ids)} ids")
-            offset = len(self.row)
-            self.row.update((text, offset + r) for r, text in enumerate(ids))
-            if len(self.row) != offset + len(ids):
+            before = len(self.row)
+            wanted = [(text, offset + r) for r, text in enumerate(ids) if texts is None or text in texts]
+            self.row.update(wanted)
+            if len(self.row) != before + len(wanted):
                 raise ValueError(f"{p}: a text appears in two shards (shards from different runs?)")
+            offset += len(ids)
+            del ids
         self.offsets = np.cumsum([0] + [len(m) for m in self.shards])
         self.dim = next((m.shape[1] for m in self.shards if m.ndim == 2 and len(m)), 0)
+        self.dtype = next((m.dtype for m in self.shards if m.ndim == 2 and len(m)), np.dtype(np.float16))
 
     def __contains__(self, text: str) -> bool:
         return text in self.row
@@ -257,7 +288,8 @@ def add_instruction_args(p) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("embed", help="encode one shard of the texts to mine")
-    p.add_argument("--input", required=True, help="decontaminated fine-tuning records")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="the fine-tuning records (the stage's .parquet shards, or .jsonl), streamed")
     p.add_argument("--mine-tasks", required=True, help='JSON {"task": symmetric_bool}')
     p.add_argument("--model", required=True)
     p.add_argument("--shard", type=int, required=True)

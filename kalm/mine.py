@@ -54,23 +54,50 @@ embeddings, half the memory), ``ivf`` (IVF-Flat, ``nlist`` / ``nprobe``) or ``hn
 visible GPU, flat and IVF indexes run on the GPUs (exact results equal the CPU's).
 Memory: the embeddings stay memory-mapped float16; only the pool's vectors are converted,
 chunk by chunk, into the index (see README "Memory bound").
+
+Sharded (the workflow, issue 15): ``--step pool`` builds each candidate pool once (one job per pool:
+a mined task, or ``global``) from all records: its passages sorted by encoder-side text (each with the
+raw text of its first occurrence in input order), their key hashes, their vectors and, for ``ivf`` /
+``hnsw``, the index trained and filled once (``faiss.write_index``; a flat index is a copy of the
+vectors, rebuilt in each job instead of stored twice). ``--step apply`` mines one query shard: its own
+records, task by task, against their task's whole pool; ``--step merge`` adds up the shards' stats.
+``--step all`` (the default) runs the three in one process through a temporary folder.
+
+Sampling RNG (changed with the sharding): each record's draws (window sample, random pads) come from
+``random.Random(f"{seed}:{id}")``, the record's id (``kalm.shards.record_id``, input order), instead of
+its place among its task's records in the one input file; and the pool's row order is the sorted
+encoder-side texts instead of first-seen order. So a record gets the same negatives whichever query
+shard mines it and wherever it sits in the shard: mining with 1 or 3 query shards writes the same
+records (tests/test_sharded_stages.py). Records without an id (hand-made JSON Lines) keep the old seed
+``f"{seed}:{task}:{place}"``. For the same data and seed the negatives differ from earlier versions.
+Scores, for the same reason: FAISS only *finds* the candidates (``RESCORE_EXTRA`` more than needed);
+every score that decides something (the retrieval ranks, the filter, the margin) and every score
+written is then computed by :func:`exact_scores`, whose bits do not depend on the batch a query is
+searched in, and near-ties are broken by pool row. (Measured on the demo corpus before this, one vs two
+query shards: 1 of 4,198 filter verdicts and the negatives of 272 of 3,576 records differed, mostly in
+retrieval_zh, whose texts the English base model embeds almost alike: FAISS's order among near-equal
+scores depended on the batch.)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import random
+import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kalm.embed import ShardedEmbeddings, add_instruction_args, mining_texts
-from kalm.io import StageStats, atomic_path, read_jsonl
+from kalm.io import StageStats, atomic_path, read_json, write_json
+from kalm.stage_io import merge_stage_stats, record_writer
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -80,6 +107,7 @@ GIVEN_NEGATIVES = ("keep", "replace")
 PAD_RANK = -1  # neg_ranks marker: a random pad
 GIVEN_RANK = -2  # neg_ranks marker: a negative the record came with (given_negatives="keep")
 GPU_MAX_K = 2048  # faiss-gpu's largest k
+GLOBAL_POOL = "global"  # the pool folder of pool="global"
 
 
 @dataclass
@@ -99,9 +127,25 @@ def _num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def to_gpu(index, cfg: IndexConfig, k: int):
+    """``index`` on every visible GPU (faiss-gpu; flat and IVF, k <= GPU_MAX_K), else unchanged."""
+    import faiss
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else _num_gpus() > 0
+    if use_gpu and cfg.type != "hnsw" and k <= GPU_MAX_K:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = cfg.type == "flat_fp16"
+        options.shard = True  # split the database across GPUs (memory), merge results
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    if use_gpu:
+        log.info("index %s with k=%d stays on CPU (faiss-gpu: no HNSW, k <= %d)", cfg.type, k, GPU_MAX_K)
+    return index
+
+
 def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None = None, texts=None,
-                k: int = 100, add_chunk: int = 65536):
-    """An inner-product index over ``vectors`` (or over ``texts`` of a sharded store), added in chunks."""
+                k: int = 100, add_chunk: int = 65536, gpu: bool = True):
+    """An inner-product index over ``vectors`` (or over ``texts`` of a sharded store), added in chunks;
+    ``gpu=False`` keeps it on the CPU (to be written with faiss.write_index)."""
     import faiss
 
     cfg = cfg or IndexConfig()
@@ -133,37 +177,108 @@ def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
         index.hnsw.efConstruction = cfg.ef_construction
         index.hnsw.efSearch = max(cfg.ef_search, k)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else _num_gpus() > 0
-    if use_gpu and cfg.type != "hnsw" and k <= GPU_MAX_K:
-        options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = cfg.type == "flat_fp16"
-        options.shard = True  # split the database across GPUs (memory), merge results
-        index = faiss.index_cpu_to_all_gpus(index, co=options)
-    elif use_gpu:
-        log.info("index %s with k=%d stays on CPU (faiss-gpu: no HNSW, k <= %d)", cfg.type, k, GPU_MAX_K)
+    if gpu:
+        index = to_gpu(index, cfg, k)
     for start in range(0, n, add_chunk):
         index.add(chunk(start, start + add_chunk))
     return index
 
 
-@dataclass
+def key_hash(text: str) -> int:
+    """A passage's identity for "the same text" checks: a 64-bit hash of its normalised text (dedup_key)
+    as a signed int64 (a collision, ~n^2 / 2^65 for a pool of n, would only ban one candidate)."""
+    return int.from_bytes(hashlib.blake2b(dedup_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+class PoolBuilder:
+    """Collects a pool's candidate passages: each distinct encoder-side text once, with the raw text
+    of its first occurrence in input order (smallest record id, then place in the record)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[tuple, str]] = {}
+
+    def add(self, formatted: str, raw: str, order: tuple) -> None:
+        old = self.entries.get(formatted)
+        if old is None or order < old[0]:
+            self.entries[formatted] = (order, raw)
+
+    def save(self, folder: str | Path, store: ShardedEmbeddings | None, embeddings: list[str] | None = None,
+             index_cfg: IndexConfig | None = None, k: int = 100, name: str = "", chunk: int = 65536) -> int:
+        """Write the pool to ``folder``: its passages sorted by encoder-side text (so the pool, its row
+        numbers and everything drawn from them are the same whatever the sharding), their key hashes,
+        their vectors (gathered from the embedding shards: ``store``, or the ``embeddings`` files read
+        for these texts only) and, for ``ivf`` / ``hnsw``, the index, trained and filled once."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        texts = sorted(self.entries)
+        raw = [self.entries[t][1] for t in texts]
+        self.entries = {}
+        if store is None:
+            store = ShardedEmbeddings(embeddings or [], texts=set(texts))
+        cfg = index_cfg or IndexConfig()
+        with atomic_path(folder, is_dir=True) as tmp:
+            pq.write_table(pa.table({"text": texts, "raw": raw}), tmp / "texts.parquet", compression="zstd")
+            np.save(tmp / "keys.npy", np.fromiter((key_hash(r) for r in raw), dtype=np.int64, count=len(raw)))
+            vecs = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=store.dtype,
+                                             shape=(len(texts), store.dim))
+            for start in range(0, len(texts), chunk):
+                vecs[start:start + chunk] = store.vectors(texts[start:start + chunk])
+            vecs.flush()
+            if cfg.type in ("ivf", "hnsw") and len(texts):
+                import faiss
+
+                t = time.time()
+                faiss.write_index(build_index(vecs, cfg, k=k, gpu=False), str(tmp / "index.faiss"))
+                log.info("pool %s: %s index over %d passages in %.1f s", name, cfg.type, len(texts), time.time() - t)
+            del vecs
+            write_json(tmp / "meta.json", {"pool": name, "passages": len(texts), "dim": store.dim,
+                                           "index": cfg.type if cfg.type in ("ivf", "hnsw") else None})
+        return len(texts)
+
+
 class Pool:
-    """Candidate passages: encoder-side texts, their raw texts and normalised-text keys."""
+    """A pool written by :meth:`PoolBuilder.save`, loaded for mining: raw texts (Arrow memory, not Python
+    strings), key hashes, memory-mapped vectors."""
 
-    texts: list[str] = field(default_factory=list)
-    raw: list[str] = field(default_factory=list)
-    seen: dict[str, int] = field(default_factory=dict)
+    def __init__(self, folder: str | Path):
+        import pyarrow.parquet as pq
 
-    def add(self, formatted: str, raw: str) -> None:
-        if formatted not in self.seen:
-            self.seen[formatted] = len(self.texts)
-            self.texts.append(formatted)
-            self.raw.append(raw)
+        self.folder = Path(folder)
+        self.meta = read_json(self.folder / "meta.json")
+        self.raw_column = pq.read_table(self.folder / "texts.parquet", columns=["raw"]).column("raw").combine_chunks()
+        self.keys = np.load(self.folder / "keys.npy")
+        self.store = np.load(self.folder / "vectors.npy", mmap_mode="r")
+        self.size = len(self.keys)
 
-    def finish(self) -> None:
-        """Integer key per passage: candidates equal to a positive/query are found by key."""
-        self.key_id: dict[str, int] = {}
-        self.keys = np.array([self.key_id.setdefault(dedup_key(r), len(self.key_id)) for r in self.raw], dtype=np.int64)
+    def raw(self, x: int) -> str:
+        return self.raw_column[x].as_py()
+
+    def vectors(self, rows: list[int]) -> np.ndarray:
+        return np.asarray(self.store[np.asarray(rows, dtype=np.int64)], dtype=np.float32).reshape(len(rows), -1)
+
+    def index(self, cfg: IndexConfig, k: int):
+        """The search index: ivf / hnsw read as trained by the pool step, flat ones filled from the vectors
+        (a copy of them, cheaper to rebuild than to store twice)."""
+        if cfg.type in ("ivf", "hnsw") and self.size:
+            import faiss
+
+            if self.meta.get("index") != cfg.type:
+                raise ValueError(f"{self.folder}: pool index is {self.meta.get('index')}, mining asks for {cfg.type}")
+            index = faiss.read_index(str(self.folder / "index.faiss"))
+            if cfg.type == "ivf":
+                faiss.extract_index_ivf(index).nprobe = min(cfg.nprobe, faiss.extract_index_ivf(index).nlist)
+            else:
+                index.hnsw.efSearch = max(cfg.ef_search, k)
+            return to_gpu(index, cfg, k)
+        return build_index(self.store, IndexConfig(**{**cfg.__dict__, "type": "flat" if cfg.type in ("ivf", "hnsw")
+                                                      else cfg.type}), k=k)
+
+
+def pool_name(task: str, pool: str) -> str:
+    """The folder of a task's pool: its own (``pool="task"``) or the shared one."""
+    return GLOBAL_POOL if pool == "global" else task
 
 
 @dataclass
@@ -200,17 +315,17 @@ class MineSettings:
 
 def _random_pads(pool: Pool, banned: set[int], used: set[int], missing: int, rng: random.Random) -> list[int]:
     """Up to ``missing`` random pool rows that are neither used nor banned (rejection sampling), with
-    distinct keys (``banned``: key ids, updated)."""
+    distinct keys (``banned``: key hashes, updated)."""
     picked: list[int] = []
     for _ in range(20 * missing + 20):  # a big pool: a few draws; a tiny one falls back below
         if len(picked) == missing:
             return picked
-        x = rng.randrange(len(pool.texts))
+        x = rng.randrange(pool.size)
         if x not in used and pool.keys[x] not in banned:
             used.add(x)
             banned.add(int(pool.keys[x]))
             picked.append(x)
-    rest = [x for x in range(len(pool.texts)) if x not in used and pool.keys[x] not in banned]
+    rest = [x for x in range(pool.size) if x not in used and pool.keys[x] not in banned]
     rng.shuffle(rest)
     for x in rest:
         if len(picked) == missing:
@@ -246,36 +361,70 @@ def given_negatives(rec: dict, passages: list[str], s: MineSettings, stats: Stag
     return kept
 
 
+RESCORE_EXTRA = 8  # candidates searched beyond k, so that re-scoring decides the k-th place too
+
+
+def exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Inner products along the last axis, the same bits whatever the batch: elementwise products (exact
+    for vectors stored as float16) summed by numpy's pairwise sum over each row, a fixed order. A BLAS or
+    FAISS kernel may sum in another order for another batch shape (its blocking), and a near-tie then
+    goes either way: a record's filter verdict or window would depend on which query shard mines it."""
+    return np.multiply(vectors, queries).sum(axis=-1)
+
+
+def search_rescored(index, pool, query_vecs: np.ndarray, k: int, block: int = 256):
+    """Per query, the ``k`` best pool rows and their scores: FAISS finds ``k + RESCORE_EXTRA``
+    candidates, :func:`exact_scores` scores them, and they are ranked by score, then row (ties)."""
+    kk = min(pool.size, k + RESCORE_EXTRA)
+    _, ids = index.search(query_vecs, kk)
+    out = []
+    for b in range(0, len(query_vecs), block):
+        blk = ids[b:b + block]
+        vecs = pool.vectors(np.where(blk >= 0, blk, 0).ravel()).reshape(*blk.shape, -1)
+        scores = exact_scores(vecs, query_vecs[b:b + block, None, :])
+        for row_ids, row_scores in zip(blk, scores):
+            valid = row_ids >= 0
+            row_ids, row_scores = row_ids[valid], row_scores[valid]
+            order = np.lexsort((row_ids, -row_scores))[:k]
+            out.append((row_ids[order], row_scores[order]))
+    return out
+
+
+def record_rng(rec: dict, s: MineSettings, task: str, i: int) -> random.Random:
+    """The sampling RNG of one record: seeded by (seed, record id), so a record draws the same negatives
+    and pads whichever query shard mines it (records without an id, hand-made JSON Lines: by task and place)."""
+    return random.Random(f"{s.seed}:{rec['id']}" if "id" in rec else f"{s.seed}:{task}:{i}")
+
+
 def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: Pool, index,
                  store: ShardedEmbeddings, s: MineSettings, stats: StageStats) -> list[dict]:
-    """Mine negatives for ``records`` (one task) whose encoder-side texts are ``texts``."""
+    """Mine negatives for ``records`` (one task) whose encoder-side texts are ``texts``; ``store`` holds
+    the vectors of the records' own texts, ``pool`` those of the candidates."""
     task = records[0]["task"]
     lo, hi = s.window
-    k = s.search_k(len(pool.texts))
+    k = s.search_k(pool.size)
     out = []
     for start in range(0, len(records), s.query_batch):
         recs, txts = records[start:start + s.query_batch], texts[start:start + s.query_batch]
         query_vecs = store.vectors([q for q, _ in txts])
-        scores, ids = index.search(query_vecs, k)
+        found = search_rescored(index, pool, query_vecs, k)
         for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
-            i = start + j
-            rng = random.Random(f"{s.seed}:{task}:{i}")
-            pos_scores = store.vectors(passages[:len(rec["pos"])]) @ query_vecs[j]
+            rng = record_rng(rec, s, task, start + j)
+            pos_scores = exact_scores(store.vectors(passages[:len(rec["pos"])]), query_vecs[j])
             pos_score = float(pos_scores.max())
-            if s.filter_topk and k > s.filter_topk and pos_score < scores[j, s.filter_topk]:
+            ids, scores = found[j]
+            if s.filter_topk and len(scores) > s.filter_topk and pos_score < scores[s.filter_topk]:
                 stats.drop("ranking_inconsistent", task=task)
                 continue
             given = given_negatives(rec, passages, s, stats)
-            given_scores = store.vectors([f for _, f in given]) @ query_vecs[j] if given else []
-            banned = {pool.key_id[key] for key in map(dedup_key, rec["pos"] + [rec["query"]]) if key in pool.key_id}
-            banned_given = {pool.key_id[key] for key in (dedup_key(r) for r, _ in given) if key in pool.key_id}
-            banned_given -= banned
-            cand_ids, cand_scores = ids[j, lo:min(hi, k)], scores[j, lo:min(hi, k)]
-            valid = cand_ids >= 0
-            cand_ids, cand_scores, ranks = cand_ids[valid], cand_scores[valid], np.arange(lo, min(hi, k))[valid]
+            given_scores = exact_scores(store.vectors([f for _, f in given]), query_vecs[j]) if given else []
+            banned = {key_hash(t) for t in rec["pos"] + [rec["query"]]}
+            banned_given = {key_hash(r) for r, _ in given} - banned
+            cand_ids, cand_scores = ids[lo:hi], scores[lo:hi]
+            ranks = np.arange(lo, lo + len(cand_ids))
             cand_keys = pool.keys[cand_ids]
-            equal = np.isin(cand_keys, list(banned))
-            equal_given = np.isin(cand_keys, list(banned_given))
+            equal = np.isin(cand_keys, np.fromiter(banned, dtype=np.int64, count=len(banned)))
+            equal_given = np.isin(cand_keys, np.fromiter(banned_given, dtype=np.int64, count=len(banned_given)))
             repeated = np.ones(len(cand_ids), bool)  # same normalised text as a better-ranked candidate
             repeated[np.unique(cand_keys, return_index=True)[1]] = False
             keep = ~equal & ~equal_given & ~repeated
@@ -300,13 +449,13 @@ def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: 
             if missing and s.pad == "random":
                 taken = banned | {int(pool.keys[c[1]]) for c in picked}
                 pads = _random_pads(pool, taken, {c[1] for c in picked}, missing, rng)
-                pad_scores = store.vectors([pool.texts[x] for x in pads]) @ query_vecs[j] if pads else []
+                pad_scores = exact_scores(pool.vectors(pads), query_vecs[j]) if pads else []
                 picked += [(PAD_RANK, x, float(sc)) for x, sc in zip(pads, pad_scores)]
                 stats.extra["negatives_padded_random"] += len(pads)
             if len(given) + len(picked) < s.negative_number:
                 stats.extra["records_short_of_negatives"] += 1
             mined = dict(rec)
-            mined["neg"] = [r for r, _ in given] + [pool.raw[x] for _, x, _ in picked]
+            mined["neg"] = [r for r, _ in given] + [pool.raw(x) for _, x, _ in picked]
             mined["neg_ranks"] = [GIVEN_RANK] * len(given) + [r for r, _, _ in picked]
             mined["neg_scores"] = [round(float(sc), 6) for sc in given_scores] + [round(sc, 6) for _, _, sc in picked]
             mined["pos_score"] = round(pos_score, 6)
@@ -315,84 +464,228 @@ def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: 
     return out
 
 
-def mine(input_path: str, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
+# ---- the stage: pools (once), query shards (one job each), merge -----------------------------------
+
+RECORD_COLUMNS = ["id", "task", "query", "pos", "neg", "instruction"]
+# stats extras that are settings, the same in every query shard: copied, never summed, by the merge
+SETTINGS = ("negative_number", "filter_topk", "margin_ratio")
+
+
+def _as_list(paths) -> list[str]:
+    return [str(paths)] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
+
+
+def iter_task_records(paths, tasks: set[str] | None = None, columns: list[str] | None = None):
+    """The records of ``tasks`` (all when None) in ``paths``, in file order, streamed a row group at a
+    time; a Parquet row group whose ``task`` statistics exclude every wanted task is skipped unread."""
+    import pyarrow.parquet as pq
+
+    from kalm.shards import iter_shard
+
+    for path in _as_list(paths):
+        if not path.endswith(".parquet"):
+            yield from (r for r in iter_shard(path) if tasks is None or r["task"] in tasks)
+            continue
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        cols = [c for c in (columns or names) if c in names]
+        t_col = names.index("task")
+        for g in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(g).column(t_col).statistics
+            if tasks is not None and st is not None and st.has_min_max and isinstance(st.min, str) and \
+                    isinstance(st.max, str) and not any(st.min <= t <= st.max for t in tasks):
+                continue
+            for row in pf.read_row_group(g, columns=cols).to_pylist():
+                if tasks is None or row["task"] in tasks:
+                    yield {k: v for k, v in row.items() if v is not None}
+
+
+def task_counts(paths) -> dict[str, int]:
+    """Records per task in ``paths`` (only the task column is read)."""
+    counts: dict[str, int] = defaultdict(int)
+    for path in _as_list(paths):
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(columns=["task"]):
+                for t in batch.column(0).to_pylist():
+                    counts[t] += 1
+        else:
+            for rec in iter_task_records(path):
+                counts[rec["task"]] += 1
+    return dict(counts)
+
+
+def build_pools(inputs, mine_tasks: dict[str, bool], pool: str = "task", only: str | None = None,
+                query_instruction: bool = True, passage_instruction: str = "symmetric") -> dict[str, PoolBuilder]:
+    """The candidate pools of the mined tasks of ``inputs`` (all records, streamed): {pool name: builder};
+    ``only``: just that pool (one mine_index job)."""
+    if pool not in ("task", "global"):
+        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
+    tasks = {t for t in mine_tasks if only is None or pool_name(t, pool) == only}
+    pools: dict[str, PoolBuilder] = {}
+    for n, rec in enumerate(iter_task_records(inputs, tasks, RECORD_COLUMNS)):
+        task = rec["task"]
+        _, passages = mining_texts(rec, mine_tasks[task], query_instruction, passage_instruction)
+        b = pools.setdefault(pool_name(task, pool), PoolBuilder())
+        rid = rec.get("id", n)
+        for i, (formatted, raw) in enumerate(zip(passages, rec["pos"] + rec.get("neg", []))):
+            b.add(formatted, raw, (rid, i))
+    return pools
+
+
+def write_pools(inputs, shard_paths: list[str], mine_tasks: dict[str, bool], pools_dir: str, *, pool: str = "task",
+                only: str | None = None, index: IndexConfig | None = None, settings: MineSettings | None = None) -> list[str]:
+    """``kalm mine --step pool``: build and save the pools (``only``: one of them) under ``pools_dir``."""
+    s = settings or MineSettings()
+    k = s.search_k(10**18) + RESCORE_EXTRA
+    names = []
+    for name, b in sorted(build_pools(inputs, mine_tasks, pool, only, s.query_instruction, s.passage_instruction).items()):
+        n = b.save(Path(pools_dir) / name, None, shard_paths, index, k, name)
+        log.info("pool %s: %d passages", name, n)
+        names.append(name)
+    if only is not None and not names:  # a task without records still gets its (empty) pool folder
+        PoolBuilder().save(Path(pools_dir) / only, ShardedEmbeddings(shard_paths, texts=set()), None, index, k, only)
+        names.append(only)
+    return names
+
+
+def _new_stats(s: MineSettings, pool: str, index_cfg: IndexConfig) -> StageStats:
+    return StageStats("mine", window=list(s.window), negative_number=s.negative_number, filter_topk=s.filter_topk,
+                      margin_ratio=s.margin_ratio, pad=s.pad, sampling=s.sampling, pool=pool, index=index_cfg.type,
+                      given_negatives=s.given_negatives, candidates_in_window=0,
+                      candidates_equal_to_positive_or_query=0, candidates_equal_to_given_negative=0,
+                      candidates_repeated=0,
+                      candidates_over_margin=0, given_negatives_seen=0, given_negatives_kept=0,
+                      given_negatives_equal_to_positive_or_query=0, given_negatives_duplicate=0,
+                      given_negatives_truncated=0, given_negatives_replaced=0,
+                      negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
+
+
+def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], pools_dir: str, out_path: str,
+               stats_path: str, s: MineSettings, pool: str = "task", index: IndexConfig | None = None) -> StageStats:
+    """``kalm mine --step apply``: mine one query shard against its tasks' whole pools (from ``pools_dir``).
+
+    Memory: one task's records of this shard at a time, the vectors of their own texts (only those are
+    looked up in the embedding shards), and one pool (raw texts, key hashes, memory-mapped vectors) with
+    its index."""
+    s.check()
+    if pool not in ("task", "global"):
+        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
+    index_cfg = index or IndexConfig()
+    stats = _new_stats(s, pool, index_cfg)
+    counts = task_counts(input_path)
+    mined = sorted(t for t in counts if t in mine_tasks)
+    k = s.search_k(10**18)  # the index's k before the pool size caps it (HNSW efSearch, faiss-gpu's limit)
+    loaded: tuple[str, Pool, object] | None = None
+    with record_writer(out_path) as out:
+        for task in mined:
+            recs = list(iter_task_records(input_path, {task}, RECORD_COLUMNS))
+            stats.seen(len(recs), task=task)
+            texts = [mining_texts(r, mine_tasks[task], s.query_instruction, s.passage_instruction) for r in recs]
+            store = ShardedEmbeddings(shard_paths, texts={t for q, ps in texts for t in (q, *ps)})
+            name = pool_name(task, pool)
+            if loaded is None or loaded[0] != name:
+                loaded = None  # one pool and index alive at a time
+                t = time.time()
+                p = Pool(Path(pools_dir) / name)
+                loaded = (name, p, p.index(index_cfg, k + RESCORE_EXTRA))
+                log.info("index %s over %d passages (%s) in %.1f s", index_cfg.type, p.size, name, time.time() - t)
+            log.info("mining %s: %d records", task, len(recs))
+            for rec in mine_records(recs, texts, loaded[1], loaded[2], store, s, stats):
+                out.write(rec)
+            del recs, texts, store
+        passthrough = {t for t in counts if t not in mine_tasks}
+        if passthrough:
+            for rec in iter_task_records(input_path, passthrough, RECORD_COLUMNS + ["neg_ranks", "neg_scores", "pos_score"]):
+                stats.seen(task=rec["task"])
+                out.write(rec)
+                stats.keep(task=rec["task"])
+    stats.write(stats_path)
+    log.info("mined %s: %d in, %d kept, dropped %s", input_path, stats.n_in, stats.kept, stats.dropped)
+    return stats
+
+
+def merge(stats_paths: list[str], stats_out: str) -> dict:
+    """Gather of the query shards' stats: counts summed, settings copied (kalm.stage_io.merge_stage_stats)."""
+    merged = merge_stage_stats(stats_paths, SETTINGS)
+    write_json(stats_out, merged)
+    return merged
+
+
+def mine(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
          window: tuple[int, int] = (50, 100), negative_number: int = 7, filter_topk: int | None = 50,
          pad: str = "random", seed: int = 0, sampling: str = "random", margin_ratio: float | None = None,
          pool: str = "task", index: IndexConfig | None = None, query_batch: int = 4096,
          query_instruction: bool = True, passage_instruction: str = "symmetric",
          given_negatives: str = "keep") -> StageStats:
+    """Mine ``input_path`` (one or several record files) in one call (``--step all``): the pools go
+    through a temporary folder, as in the sharded workflow, so both run the same code."""
     s = MineSettings(window=tuple(window), negative_number=negative_number, filter_topk=filter_topk,
                      margin_ratio=margin_ratio, pad=pad, sampling=sampling, seed=seed, query_batch=query_batch,
                      query_instruction=query_instruction, passage_instruction=passage_instruction,
                      given_negatives=given_negatives)
     s.check()
-    if pool not in ("task", "global"):
-        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
-    index_cfg = index or IndexConfig()
-    t0 = time.time()
-    store = ShardedEmbeddings(shard_paths)
-    stats = StageStats("mine", window=list(window), negative_number=negative_number, filter_topk=filter_topk,
-                       margin_ratio=margin_ratio, pad=pad, sampling=sampling, pool=pool, index=index_cfg.type,
-                       given_negatives=given_negatives, candidates_in_window=0,
-                       candidates_equal_to_positive_or_query=0, candidates_equal_to_given_negative=0,
-                       candidates_repeated=0,
-                       candidates_over_margin=0, given_negatives_seen=0, given_negatives_kept=0,
-                       given_negatives_equal_to_positive_or_query=0, given_negatives_duplicate=0,
-                       given_negatives_truncated=0, given_negatives_replaced=0,
-                       negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    passthrough = []
-    for rec in read_jsonl(input_path):
-        stats.seen(task=rec["task"])
-        (by_task[rec["task"]] if rec["task"] in mine_tasks else passthrough).append(rec)
-    texts = {t: [mining_texts(r, mine_tasks[t], query_instruction, passage_instruction) for r in recs]
-             for t, recs in by_task.items()}
-    pools: dict[str, Pool] = {}
-    for task in sorted(by_task):
-        p = pools.setdefault("*" if pool == "global" else task, Pool())
-        for rec, (_, passages) in zip(by_task[task], texts[task]):
-            for formatted, raw in zip(passages, rec["pos"] + rec.get("neg", [])):
-                p.add(formatted, raw)
-    k = s.search_k(10**18)  # the index's k before the pool size caps it (HNSW efSearch, faiss-gpu's limit)
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        indexes = {}
-        for task in sorted(by_task):
-            name = "*" if pool == "global" else task
-            if name not in indexes:
-                pools[name].finish()
-                t = time.time()
-                indexes = {name: build_index(store, index_cfg, pools[name].texts, k)}  # one index alive at a time
-                log.info("index %s over %d passages (%s) in %.1f s", index_cfg.type, len(pools[name].texts), name,
-                         time.time() - t)
-            log.info("mining %s: %d records", task, len(by_task[task]))
-            for rec in mine_records(by_task[task], texts[task], pools[name], indexes[name], store, s, stats):
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        for rec in passthrough:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            stats.keep(task=rec["task"])
-    stats.extra["seconds"] = round(time.time() - t0, 3)
-    stats.write(stats_path)
-    return stats
+    with tempfile.TemporaryDirectory(prefix="kalm-mine-pools-") as d:
+        write_pools(input_path, shard_paths, mine_tasks, d, pool=pool, index=index, settings=s)
+        return mine_shard(input_path, shard_paths, mine_tasks, d, out_path, stats_path, s, pool, index)
+
+
+def _settings(args: argparse.Namespace) -> MineSettings:
+    return MineSettings(window=tuple(args.range), negative_number=args.negative_number,
+                        filter_topk=args.filter_topk or None, margin_ratio=args.margin_ratio, pad=args.pad,
+                        sampling=args.sampling, seed=args.seed, query_batch=args.query_batch,
+                        query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
+                        given_negatives=args.given_negatives)
 
 
 def _run(args: argparse.Namespace) -> None:
     index = IndexConfig(type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                         ef_search=args.ef_search)
-    mine(args.input, args.embeddings, json.loads(args.mine_tasks), args.out, args.stats,
-         window=tuple(args.range), negative_number=args.negative_number,
-         filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling,
-         margin_ratio=args.margin_ratio, pool=args.pool, index=index, query_batch=args.query_batch,
-         query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-         given_negatives=args.given_negatives)
+    need = {"all": ("input", "embeddings", "mine_tasks", "out", "stats"),
+            "pool": ("input", "embeddings", "mine_tasks", "pools_dir"),
+            "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
+            "merge": ("input", "stats")}[args.step]
+    missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(args, n)]
+    if missing:
+        raise SystemExit(f"kalm mine --step {args.step}: {', '.join(missing)} required")
+    if args.step == "merge":
+        merge(args.input, args.stats)
+        return
+    mine_tasks = json.loads(args.mine_tasks)
+    if args.step == "pool":
+        s = _settings(args)
+        s.check()
+        write_pools(args.input, args.embeddings, mine_tasks, args.pools_dir, pool=args.pool, only=args.only_pool,
+                    index=index, settings=s)
+    elif args.step == "apply":
+        if len(args.input) != 1:
+            raise SystemExit("kalm mine --step apply: one --input query shard")
+        mine_shard(args.input[0], args.embeddings, mine_tasks, args.pools_dir, args.out, args.stats, _settings(args),
+                   args.pool, index)
+    else:
+        mine(args.input, args.embeddings, mine_tasks, args.out, args.stats,
+             window=tuple(args.range), negative_number=args.negative_number,
+             filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling,
+             margin_ratio=args.margin_ratio, pool=args.pool, index=index, query_batch=args.query_batch,
+             query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
+             given_negatives=args.given_negatives)
 
 
 def register(sub) -> None:
     p = sub.add_parser("mine", help="FAISS search, negative sampling and ranking-consistency filter")
-    p.add_argument("--input", required=True)
-    p.add_argument("--embeddings", nargs="+", required=True, help="shard*.npy files from `kalm embed`")
-    p.add_argument("--mine-tasks", required=True, help='JSON {"task": symmetric_bool}')
-    p.add_argument("--out", required=True)
-    p.add_argument("--stats", required=True)
+    p.add_argument("--step", choices=["all", "pool", "apply", "merge"], default="all",
+                   help="all: pools + mining of --input in one run; pool: build the candidate pools (--only-pool: one) "
+                        "into --pools-dir; apply: mine one query shard against them; merge: add up the query shards' "
+                        "stats (--input) into --stats")
+    p.add_argument("--input", nargs="+", help="records (.parquet shards or .jsonl); --step merge: the shards' stats")
+    p.add_argument("--embeddings", nargs="+", help="shard*.npy files from `kalm embed`")
+    p.add_argument("--mine-tasks", help='JSON {"task": symmetric_bool}')
+    p.add_argument("--pools-dir", help="folder of the candidate pools, one subfolder per pool (a task, or 'global')")
+    p.add_argument("--only-pool", help="--step pool: build only this pool (a task name, or 'global')")
+    p.add_argument("--out")
+    p.add_argument("--stats")
     p.add_argument("--range", type=int, nargs=2, default=[50, 100], metavar=("LO", "HI"))
     p.add_argument("--negative-number", type=int, default=7)
     p.add_argument("--filter-topk", type=int, default=50, help="0 disables the filter")

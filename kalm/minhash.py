@@ -15,7 +15,8 @@ MinHash + LSH alone, kalm 28,260 records/s, rensa 0.5.0 12,558, datasketch 2.0 `
 1,409, plain datasketch 263; end to end with JSON reading/writing, kalm 8,405 vs plain datasketch
 256 (32.8x) at recall 0.958 vs 0.868 of the planted pairs. rensa is level end to end (JSON dominates)
 but its LSH drops unverified candidates and its signatures are per-record Python objects; ours are
-``.npy`` arrays that Snakemake's scatter/gather jobs hand over on disk, with no extra dependency.
+``.npy`` arrays that the sharded Snakemake jobs (``kalm.near_dedup``) hand over on disk and
+memory-map, with no extra dependency.
 
 Definitions (fixed, so that signatures written by one job compare with another job's):
 
@@ -115,6 +116,7 @@ def signatures(texts: Sequence[str], num_perm: int = 128, k: int = 5, seed: int 
     return sig
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weight: float = 0.95) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising the weighted false positive and false
     negative areas of the S-curve ``1-(1-s**r)**b`` around ``threshold`` (datasketch's criterion).
@@ -137,16 +139,29 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_w
     return best
 
 
+def _band_coef(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1 << 63, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def band_key(sigs: np.ndarray, band: int, rows: int, seed: int = 7) -> np.ndarray:
+    """The uint64 key of one band of each record: a random linear hash of the band's ``rows``
+    signature positions mod 2**64, plus the band number (so that bands never share keys). Equal to
+    column ``band`` of :func:`band_keys`; a sharded job computes only the bands it owns."""
+    if (band + 1) * rows > sigs.shape[1]:
+        raise ValueError(f"band {band} of {rows} rows needs {(band + 1) * rows} permutations, signatures have {sigs.shape[1]}")
+    coef = _band_coef(rows, seed)
+    with np.errstate(over="ignore"):
+        block = np.asarray(sigs[:, band * rows:(band + 1) * rows]).astype(np.uint64)
+        return (block * coef[None, :]).sum(axis=1, dtype=np.uint64) + np.uint64(band)
+
+
 def band_keys(sigs: np.ndarray, bands: int, rows: int, seed: int = 7) -> np.ndarray:
-    """One uint64 key per (record, band): a random linear hash of the band's rows mod 2**64."""
+    """One uint64 key per (record, band): :func:`band_key` of every band, ``uint64[n, bands]``."""
     if bands * rows > sigs.shape[1]:
         raise ValueError(f"{bands} bands x {rows} rows need {bands * rows} permutations, signatures have {sigs.shape[1]}")
-    coef = np.random.default_rng(seed).integers(0, 1 << 63, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     keys = np.empty((sigs.shape[0], bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for band in range(bands):
-            block = sigs[:, band * rows:(band + 1) * rows].astype(np.uint64)
-            keys[:, band] = (block * coef[None, :]).sum(axis=1, dtype=np.uint64) + np.uint64(band)
+    for band in range(bands):
+        keys[:, band] = band_key(sigs, band, rows, seed)
     return keys
 
 

@@ -15,7 +15,10 @@ _WS = re.compile(r"\s+")
 
 
 def normalize_text(text: str) -> str:
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    # str.split() splits on exactly the characters re's \s matches (str.isspace, checked over every code
+    # point in tests/test_sharded_stages.py), so this is _WS.sub(" ", ...).strip(), 4-5x faster: the
+    # regex was half of `kalm validate`'s time (scripts/bench_validate.py)
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def dedup_key(text: str) -> str:

@@ -6,7 +6,9 @@
 One step, top to bottom (``train``):
 
 1. the batch of global step t is a pure function of (seed, t) (``BatchSchedule``): task-homogeneous
-   (KaLM), or semi-homogeneous with ``homogeneous_ratio`` < 1;
+   (KaLM), or semi-homogeneous with ``homogeneous_ratio`` < 1. Batches are rows of a small index (per
+   record its row and task code); the texts stay on disk, memory-mapped (``kalm.train_data``: the
+   Parquet parts or JSON Lines through an Arrow cache), and a step reads only its batch's records;
 2. its texts (``batch_texts``): queries carry their task instruction, symmetric tasks (STS-like) carry
    it on both sides; a record short of hard negatives is dropped, padded with random passages of its
    task, or kept ragged (``few_negatives``), and counted;
@@ -28,21 +30,23 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kalm.instructions import format_passage, format_query
-from kalm.io import StageStats, atomic_path, read_jsonl, write_jsonl
+from kalm.io import StageStats, atomic_path, write_jsonl
 from kalm.losses import ColumnMask, false_negative_mask, focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
 from kalm.modeling import add_pooling_argument
+from kalm.train_data import FEW_NEGATIVES, convert_parts, data_parts, open_data, parts_fingerprint, remove_cache
 
 log = logging.getLogger(__name__)
 
-FEW_NEGATIVES = ("drop", "pad_random", "keep")
 PRECISIONS = ("fp32", "bf16", "auto")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -79,9 +83,11 @@ class TrainConfig:
 # Batches
 # --------------------------------------------------------------------------------------------
 
-def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.Random,
-                             homogeneous_ratio: float = 1.0) -> list[list[dict]]:
-    """Shuffle within each task, cut into full batches, pool every task's leftover tail into
+def task_homogeneous_batches(rows: Sequence[int] | np.ndarray, tasks: Sequence[int] | np.ndarray, batch_size: int,
+                             rng: random.Random, homogeneous_ratio: float = 1.0) -> list[np.ndarray]:
+    """Batches of ``rows`` (``tasks[i]``: the task code of ``rows[i]``, codes in sorted task-name order).
+
+    Shuffle within each task, cut into full batches, pool every task's leftover tail into
     mixed full batches, shuffle the batch order; then, when ``homogeneous_ratio`` < 1, make them
     semi-homogeneous (``_mix_tails``).
 
@@ -91,32 +97,39 @@ def task_homogeneous_batches(records: list[dict], batch_size: int, rng: random.R
     ``batch_size`` records: one per epoch at most) a batch is made when it has two records or
     more; a single record left over is the only one not used that epoch
     (:func:`records_left_out_per_epoch` counts it).
+
+    Rows are numpy arrays shuffled by ``random.Random.shuffle``, which permutes any sequence as
+    it permutes a list: the batches are those the former list-of-dicts batcher made of the same
+    records in the same order (tests/test_train_data.py keeps it as a reference).
     """
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for rec in records:
-        by_task[rec["task"]].append(rec)
+    rows, tasks = np.asarray(rows), np.asarray(tasks)
+    if len(rows) != len(tasks):
+        raise ValueError(f"{len(rows)} rows but {len(tasks)} task codes")
+    grouped = rows[np.argsort(tasks, kind="stable")]  # each task's rows, in row order, tasks in code order
+    bounds = np.cumsum(np.bincount(tasks)) if len(tasks) else np.zeros(0, np.int64)
     batches, tails = [], []
-    for task in sorted(by_task):
-        recs = by_task[task][:]
-        rng.shuffle(recs)
+    for recs in np.split(grouped, bounds[:-1]):
+        rng.shuffle(recs)  # a view of ``grouped``: shuffled in place
         full = len(recs) - len(recs) % batch_size
         batches += [recs[i:i + batch_size] for i in range(0, full, batch_size)]
-        tails += recs[full:]
-    rng.shuffle(tails)
-    batches += [b for i in range(0, len(tails), batch_size) if len(b := tails[i:i + batch_size]) >= 2]
+        tails.append(recs[full:])
+    pooled = np.concatenate(tails) if tails else grouped
+    rng.shuffle(pooled)
+    batches += [b for i in range(0, len(pooled), batch_size) if len(b := pooled[i:i + batch_size]) >= 2]
     rng.shuffle(batches)
     if homogeneous_ratio < 1.0:
         _mix_tails(batches, homogeneous_ratio, rng)
     return batches
 
 
-def records_left_out_per_epoch(task_sizes: dict[str, int], batch_size: int) -> int:
+def records_left_out_per_epoch(task_sizes: Mapping[str, int] | Sequence[int], batch_size: int) -> int:
     """Records of an epoch in no batch (:func:`task_homogeneous_batches`): 1 when the pooled tails
     leave a single record over, else 0."""
-    return int(sum(n % batch_size for n in task_sizes.values()) % batch_size == 1)
+    sizes = task_sizes.values() if isinstance(task_sizes, Mapping) else task_sizes
+    return int(sum(int(n) % batch_size for n in sizes) % batch_size == 1)
 
 
-def _mix_tails(batches: list[list[dict]], ratio: float, rng: random.Random) -> None:
+def _mix_tails(batches: list[np.ndarray], ratio: float, rng: random.Random) -> None:
     """Semi-homogeneous task batches (KaLM-Embedding, arXiv 2501.01028).
 
     Each batch of n records keeps its first ``own = ⌊ratio·n + ½⌋`` (its own task); the other
@@ -128,42 +141,43 @@ def _mix_tails(batches: list[list[dict]], ratio: float, rng: random.Random) -> N
     exactly once per epoch; the pool holds the tails of every task, so the slots come mostly
     from other tasks (and only from other tasks' share of the data).
     """
+    if not batches:
+        return
     own = [math.floor(ratio * len(b) + 0.5) for b in batches]
-    pool = [rec for b, k in zip(batches, own) for rec in b[k:]]
+    pool = np.concatenate([b[k:] for b, k in zip(batches, own)])
     rng.shuffle(pool)
     start = 0
     for i, (b, k) in enumerate(zip(batches, own)):
         take = len(b) - k
-        batches[i] = b[:k] + pool[start:start + take]
+        batches[i] = np.concatenate([b[:k], pool[start:start + take]])
         start += take
 
 
 class BatchSchedule:
-    """The batch of every global step: a pure function of (seed, step), so resume is exact.
+    """The batch (global rows) of every global step: a pure function of (seed, step), so resume is exact.
 
+    ``rows``/``tasks``: the training records' global rows and task codes (``TrainData``).
     Epoch e's batches come from ``random.Random(f"{seed}:epoch:{e}")``; the current epoch's list is
     cached, since rebuilding it (a shuffle of every record) at every step costs O(records).
     """
 
-    def __init__(self, records: list[dict], cfg: TrainConfig):
-        self.records, self.cfg = records, cfg
+    def __init__(self, rows: np.ndarray, tasks: np.ndarray, cfg: TrainConfig):
+        self.rows, self.tasks, self.cfg = rows, tasks, cfg
         self._epoch, self._batches = -1, []
         self.steps_per_epoch = len(self._epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError("fewer than two records: no batch with an in-batch negative can be made")
-        sizes = defaultdict(int)
-        for rec in records:
-            sizes[rec["task"]] += 1
-        self.left_out_per_epoch = records_left_out_per_epoch(sizes, cfg.batch_size)
+        self.left_out_per_epoch = records_left_out_per_epoch(np.bincount(np.asarray(tasks)).tolist(), cfg.batch_size)
 
-    def _epoch_batches(self, epoch: int) -> list[list[dict]]:
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch != self._epoch:
             rng = random.Random(f"{self.cfg.seed}:epoch:{epoch}")
-            self._batches = task_homogeneous_batches(self.records, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio)
+            self._batches = task_homogeneous_batches(self.rows, self.tasks, self.cfg.batch_size, rng,
+                                                     self.cfg.homogeneous_ratio)
             self._epoch = epoch
         return self._batches
 
-    def __call__(self, step: int) -> list[dict]:
+    def __call__(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.steps_per_epoch)
         return self._epoch_batches(epoch)[position]
 
@@ -171,53 +185,6 @@ class BatchSchedule:
 # --------------------------------------------------------------------------------------------
 # Texts and negatives
 # --------------------------------------------------------------------------------------------
-
-def apply_few_negatives(records: list[dict], n_neg: int, policy: str, stats: StageStats) -> tuple[list[dict], dict | None]:
-    """Apply ``few_negatives`` to records with fewer than ``n_neg`` hard negatives; count them.
-
-    - ``drop``: the record is left out (counted as dropped ``too_few_negatives``);
-    - ``pad_random``: at each use, the missing negatives are drawn from the passages (positives
-      and negatives) of the record's own task, never one of its own positives; returns those pools;
-    - ``keep``: the record keeps the negatives it has (a ragged batch: no hard-negative mixing).
-    """
-    if policy not in FEW_NEGATIVES:
-        raise ValueError(f"few_negatives must be one of {FEW_NEGATIVES}, got {policy!r}")
-    kept, short = [], 0
-    for rec in records:
-        stats.seen(task=rec["task"])
-        if len(rec.get("neg", [])) < n_neg:
-            short += 1
-            if policy == "drop":
-                stats.drop("too_few_negatives", task=rec["task"])
-                continue
-        stats.keep(task=rec["task"])
-        kept.append(rec)
-    stats.extra.update(few_negatives=policy, negatives_wanted=n_neg, records_short_of_negatives=short)
-    if short:
-        log.warning("%d of %d records have fewer than %d hard negatives: %s", short, len(records), n_neg,
-                    {"drop": "dropped", "pad_random": "padded with random passages of their task",
-                     "keep": "kept with fewer (ragged batches skip hard-negative mixing)"}[policy])
-    if policy != "pad_random" or not short:
-        return kept, None
-    pools: dict[str, dict[str, None]] = defaultdict(dict)  # insertion-ordered sets: deterministic
-    for rec in kept:
-        pools[rec["task"]].update(dict.fromkeys(rec["pos"] + rec.get("neg", [])))
-    return kept, {task: list(texts) for task, texts in pools.items()}
-
-
-def _random_passages(pool: list[str], k: int, exclude: set[str], rng: random.Random) -> list[str]:
-    """Up to ``k`` distinct passages of ``pool`` (distinct texts) that are not in ``exclude``."""
-    if len(pool) <= 2 * (k + len(exclude)) + 32:  # small pool: filter exactly
-        candidates = [p for p in pool if p not in exclude]
-        return rng.sample(candidates, min(k, len(candidates)))
-    picked, seen = [], set(exclude)  # large pool: rejection sampling, at most half the draws rejected
-    while len(picked) < k:
-        p = pool[rng.randrange(len(pool))]
-        if p not in seen:
-            seen.add(p)
-            picked.append(p)
-    return picked
-
 
 @dataclass
 class BatchTexts:
@@ -246,16 +213,20 @@ class BatchTexts:
         return false_negative_mask(self.queries, self.passages(), own, self.in_batch)
 
 
+PadFn = Callable[[str, int, set[str], random.Random], list[str]]  # (task, k, exclude, rng) -> passages
+
+
 def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random,
-                pools: dict[str, list[str]] | None = None, in_batch: dict[str, bool] | None = None) -> BatchTexts:
+                pad: PadFn | None = None, in_batch: dict[str, bool] | None = None) -> BatchTexts:
     """Query texts, one positive per query, and ``n_neg`` hard negatives per query.
 
     ``in_batch``: {task: False} for tasks whose queries see only their own hard negatives (the
     task's ``in_batch_negatives: false``); default True.
 
-    A record with fewer than ``n_neg`` negatives contributes the ones it has, plus, with ``pools``
-    (``few_negatives: pad_random``), random passages of its task's pool; if the pool has too few
-    distinct ones, they are repeated (as KaLM's reference data loader repeats negatives).
+    A record with fewer than ``n_neg`` negatives contributes the ones it has, plus, with ``pad``
+    (``few_negatives: pad_random``: ``TrainData.random_passages``), random passages of its task,
+    none of its own positives or negatives; if the task has too few distinct ones, they are
+    repeated (as KaLM's reference data loader repeats negatives).
     """
     out = BatchTexts([], [], [])
     for rec in batch:
@@ -268,8 +239,8 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
             chosen = rng.sample(negs, n_neg)
         else:
             chosen = list(negs)
-            if pools is not None:
-                chosen += _random_passages(pools[rec["task"]], n_neg - len(chosen), set(rec["pos"]) | set(negs), rng)
+            if pad is not None:
+                chosen += pad(rec["task"], n_neg - len(chosen), set(rec["pos"]) | set(negs), rng)
                 while chosen and len(chosen) < n_neg:
                     chosen.append(rng.choice(chosen))
                 out.padded += len(chosen) - len(negs)
@@ -606,10 +577,10 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
 
 
-def _fingerprint(model_spec: str, data_path: str, cfg: TrainConfig) -> dict:
-    data = Path(data_path).stat()
-    return {"model": model_spec, "data": str(data_path), "data_size": data.st_size,
-            "data_mtime_ns": data.st_mtime_ns, "config": {k: v for k, v in asdict(cfg).items() if k != "threads"}}
+def _fingerprint(model_spec: str, parts: list[Path], cfg: TrainConfig) -> dict:
+    """What a checkpoint was made for: start model, every data part (path, size, mtime), config."""
+    return {"model": model_spec, "data": parts_fingerprint(parts),
+            "config": {k: v for k, v in asdict(cfg).items() if k != "threads"}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,11 +604,16 @@ def fp32_master_weights(model) -> torch.dtype | None:
     return found
 
 
-def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symmetric: dict[str, bool],
-          metrics_path: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-          stop_after_steps: int | None = None, stats_path: str | None = None,
-          keep_snapshots: int = 0, snapshot_every: int = 0, in_batch: dict[str, bool] | None = None) -> dict:
+def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str, cfg: TrainConfig,
+          symmetric: dict[str, bool], metrics_path: str | None = None, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, stop_after_steps: int | None = None, stats_path: str | None = None,
+          keep_snapshots: int = 0, snapshot_every: int = 0, in_batch: dict[str, bool] | None = None,
+          data_cache: str | None = None) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
+
+    ``data_path``: Parquet parts (``kalm.shards``) or JSON Lines files, or folders of them, read
+    in that order through an Arrow cache (``kalm.train_data``): ``data_cache`` if given (kept),
+    else ``<checkpoint_dir>/arrow`` (removed with the checkpoint at the end), else a temporary folder.
 
     With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
     kill resumes from it, ending (on CPU) with the same weights as an uninterrupted run.
@@ -655,6 +631,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
     if keep_snapshots > 0 and (not checkpoint_dir or snapshot_every <= 0):
         raise ValueError("keeping snapshots for the soup needs a checkpoint folder and snapshot_every > 0")
 
+    parts = data_parts(data_path)
     ddp = Distributed()
     if ddp.rank:
         logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
@@ -662,6 +639,7 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         torch.set_num_threads(cfg.threads)
     device = ddp.device()
     ddp.start(device)
+    scratch = None if data_cache or checkpoint_dir else tempfile.TemporaryDirectory(prefix="kalm-train-arrow-")
     try:
         model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device),
                                      pooling=cfg.pooling)
@@ -673,19 +651,26 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         amp = autocast_dtype(cfg.precision, device)
         n_neg = 0 if cfg.stage == "pretrain" else cfg.group_size - 1
         stats = StageStats(f"train_{cfg.stage}")
-        records = list(read_jsonl(data_path))
-        records, pools = apply_few_negatives(records, n_neg, cfg.few_negatives, stats)
-        if not records:
-            raise ValueError(f"{data_path}: no training records")
+        # The texts stay on disk, memory-mapped: one process per node converts the parts to the
+        # Arrow cache (a shared cache folder), the others wait; in RAM only the index (row, task).
+        cache = Path(data_cache or (Path(checkpoint_dir) / "arrow" if checkpoint_dir else scratch.name))
+        if scratch is not None or ddp.local_rank == 0:
+            convert_parts(parts, cache)
+        ddp.barrier()
+        data = open_data(parts, cache, convert=False)
+        n_short = data.apply_few_negatives(n_neg, cfg.few_negatives, stats)
+        pad = data.random_passages if cfg.few_negatives == "pad_random" and n_short else None
+        if not len(data):
+            raise ValueError(f"{', '.join(map(str, parts))}: no training records")
         if n_neg == 0 and in_batch and not all(in_batch.values()):
             raise ValueError(f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
                              "leaves those queries no negative (this stage has no hard negatives)")
-        schedule = BatchSchedule(records, cfg)
+        schedule = BatchSchedule(data.rows, data.tasks, cfg)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
         warmup = int(cfg.warmup_ratio * total)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg)
-        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, data_path, cfg))
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, parts, cfg))
         step, metrics, padded_total = 0, [], 0
         if (state := checkpoint.load()) is not None:
             model.load_state_dict(state["model"])
@@ -696,9 +681,10 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
         keeper = None
         if ddp.rank == 0 and keep_snapshots > 0:
             keeper = SnapshotKeeper(snapshot_dir(checkpoint_dir), keep=keep_snapshots,
-                                    fingerprint=_fingerprint(model_spec, data_path, cfg))
-        log.info("%s: %d records, %d steps (%d per epoch), batch %d over %d process(es), group %d, %s, "
-                 "homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage, len(records), total,
+                                    fingerprint=_fingerprint(model_spec, parts, cfg))
+        log.info("%s: %d records in %d part(s), index %.1f bytes per record, %d steps (%d per epoch), batch %d over "
+                 "%d process(es), group %d, %s, homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage,
+                 len(data), len(parts), data.index_nbytes / len(data), total,
                  schedule.steps_per_epoch, cfg.batch_size, ddp.world, n_neg + 1, amp or torch.float32,
                  cfg.homogeneous_ratio, cfg.mini_batch_size or "-", cfg.gradient_checkpointing)
         t_start, cpu_start = time.time(), time.process_time()
@@ -708,13 +694,13 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             torch.manual_seed((cfg.seed * 1_000_003 + step) * ddp.world + ddp.rank)
             sample_rng = random.Random(f"{cfg.seed}:step:{step}")
             mix_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            batch = schedule(step)
+            batch = data.records(schedule(step))  # the global batch's records, read from the memory map
             lr = lr_at(step, total, warmup, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Every rank builds the texts of the whole global batch (same RNG: same texts as one
             # process) and encodes its own slice of queries, with their positives and negatives.
-            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pools, in_batch)
+            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pad, in_batch)
             masked = texts.column_mask()  # the same on every rank: built from the global batch's texts
             slices = rank_slices(len(batch), ddp.world)
             lo, hi = slices[ddp.rank]
@@ -778,8 +764,12 @@ def train(model_spec: str, data_path: str, out_dir: str, cfg: TrainConfig, symme
             stats.write(stats_path or f"{out_dir}.stats.json")
             checkpoint.remove()
         ddp.barrier()  # every rank returns once the model is on disk
+        if checkpoint_dir and not data_cache and ddp.local_rank == 0:
+            remove_cache(cache)  # the checkpoint's companion: a finished run needs neither
         return {"steps": total, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
     finally:
+        if scratch is not None:
+            scratch.cleanup()
         ddp.close()
 
 
@@ -798,7 +788,7 @@ def _run(args: argparse.Namespace) -> None:
           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
           stop_after_steps=args.stop_after_steps, stats_path=args.stats,
           keep_snapshots=args.keep_snapshots, snapshot_every=args.snapshot_every,
-          in_batch=json.loads(args.in_batch_negatives))
+          in_batch=json.loads(args.in_batch_negatives), data_cache=args.data_cache)
 
 
 def _ratio(value: str) -> float:
@@ -812,7 +802,10 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="contrastive pretraining or fine-tuning (torchrun: data parallel)")
     p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
     p.add_argument("--model", required=True, help="model spec to start from")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, nargs="+",
+                   help="Parquet parts or JSON Lines files, or folders of them (read in this order)")
+    p.add_argument("--data-cache", help="folder of the Arrow copies of the data, kept "
+                   "(default: CHECKPOINT_DIR/arrow, removed after the run; without it a temporary folder)")
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", help="per-step metrics JSONL (default: OUT.metrics.jsonl)")
     p.add_argument("--stats", help="counts JSON (default: OUT.stats.json)")

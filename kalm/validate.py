@@ -12,18 +12,36 @@ A task folder is read shard by shard in sorted path order (``*.jsonl`` and ``*.p
 recursively); files with other suffixes are ignored (hidden files too), and a folder without
 shards is an error. Parquet is streamed in record batches with pyarrow, so a shard never has to
 fit in memory; a column may have any Arrow type, and a value of the wrong type is reported like a
-JSON one (``expected a string, got int``).
+JSON one (``expected a string, got int``). JSON Lines are streamed too, line by line (``orjson``
+parses a line when installed, ``json`` decides every line orjson rejects or that fails a check, so
+accepted records and error messages are the same either way).
+
+Output: a Parquet shard of ``kalm.shards.RECORD_SCHEMA`` when ``out_path`` ends with ``.parquet``
+(the format between stages; written a row group at a time), else JSON Lines (hand use). Each
+record's ``id`` is ``kalm.shards.record_id(ordinal, line or row - 1)``: ``ordinal`` is
+``shard_ordinal`` for the first input file and counts up by one per file of a folder, so the
+workflow's one-job-per-file validation (``--shard-ordinal`` = the file's place among the stage's
+files, common.smk ``validated_parts``) and one run over the whole folder give the same ids, and an
+id leads back to its file and line or row. Parquet output always has ids; JSON Lines get them when
+``shard_ordinal`` is given. Rejects are streamed to their file as they come, never held.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 from kalm.io import StageStats, atomic_path
+from kalm.stage_io import record_writer
 from kalm.text import normalize_text
+
+try:  # faster JSON parsing (a dependency; records/s measured by scripts/bench_validate.py)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is in pyproject's dependencies
+    _orjson = None
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +81,24 @@ def _text_list(value, path: str, line: int, field: str, required: bool) -> list[
     return [_text(v, path, line, f"{field}[{i}]") for i, v in enumerate(value)]
 
 
-def parse_record(raw: bytes, path: str, line: int, require_neg: bool = False) -> dict:
-    """Parse and normalise one line; raise ValidationError naming the field at fault."""
+def parse_record(raw: bytes, path: str, line: int, require_neg: bool = False, fast: bool = True) -> dict:
+    """Parse and normalise one line; raise ValidationError naming the field at fault.
+
+    ``fast`` (with orjson installed): orjson parses the line; whatever it rejects (NaN, a lone
+    surrogate escape, integers beyond 64 bits become floats there) or whatever then fails a check
+    is parsed again with ``json``, which decides: a record orjson accepts and that passes is a dict
+    of strings and lists of strings, the same as json's; errors are always json's."""
+    if fast and _orjson is not None:
+        try:
+            obj = _orjson.loads(raw)
+        except _orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(obj, dict):
+                try:
+                    return check_record(obj, path, line, require_neg)
+                except ValidationError:
+                    pass
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -115,13 +149,13 @@ def task_files(path: str | Path) -> list[Path]:
 class _RawLine:
     """A JSONL line, parsed lazily so that a bad one is reported (or quarantined) in place."""
 
-    __slots__ = ("raw", "path", "line")
+    __slots__ = ("raw", "path", "line", "fast")
 
-    def __init__(self, raw: bytes, path: str, line: int):
-        self.raw, self.path, self.line = raw, path, line
+    def __init__(self, raw: bytes, path: str, line: int, fast: bool = True):
+        self.raw, self.path, self.line, self.fast = raw, path, line, fast
 
     def __call__(self) -> dict:
-        return parse_record(self.raw, self.path, self.line)
+        return parse_record(self.raw, self.path, self.line, fast=self.fast)
 
 
 class _Row:
@@ -145,15 +179,16 @@ def _raw_repr(item) -> str:
     return ""  # pragma: no cover
 
 
-def _raw_records(path: Path):
-    """Yield (line or row number, item) for every record of one shard; item() parses it."""
+def _raw_records(path: Path, fast_json: bool = True):
+    """Yield (line or row number, item) for every record of one shard, streamed (a line, or a Parquet
+    batch, at a time); item() parses it."""
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
         return
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=1 << 20) as f:
         for line_no, raw in enumerate(f, start=1):
             if raw.strip():  # blank lines are layout, not records
-                yield line_no, _RawLine(raw.rstrip(b"\r\n"), str(path), line_no)
+                yield line_no, _RawLine(raw.rstrip(b"\r\n"), str(path), line_no, fast_json)
 
 
 def _parquet_rows(path: Path, batch_size: int = 8192):
@@ -188,8 +223,11 @@ def validate_file(
     rejects_path: str | None = None,
     instruction: str | None = None,
     drop_instructions: bool = False,
+    shard_ordinal: int | None = None,
+    fast_json: bool = True,
 ) -> StageStats:
-    """Validate ``path`` (a file or a folder of shards) into ``out_path`` (records gain a ``task`` field).
+    """Validate ``path`` (a file or a folder of shards) into ``out_path`` (records gain a ``task`` field,
+    and an ``id``: module docstring; Parquet when ``out_path`` ends with ``.parquet``).
 
     ``instruction`` goes to the records that carry none. ``drop_instructions``: the records get no
     instruction at all, their own removed (counted as ``instructions_dropped`` in the stats): the
@@ -197,19 +235,26 @@ def validate_file(
     (kalm.instructions.instruction_sides, e.g. STS under KaLM V1), so training matches evaluation.
 
     An unreadable file (missing, unsupported suffix, not Parquet) stops the run in both modes."""
+    from kalm.shards import record_id
+
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")
     if drop_instructions and instruction:
         raise ValueError("validate: give an instruction or drop_instructions, not both")
+    with_ids = shard_ordinal is not None or str(out_path).endswith(".parquet")
+    ordinal = shard_ordinal or 0
     dropped = 0
     stats = StageStats("validate", source=str(path), task=task)
-    rejects = []
     shards = task_files(path)
     if len(shards) > 1 or Path(path).is_dir():
         stats.extra["shards"] = [str(f) for f in shards]
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for shard in shards:
-            for where, item in _raw_records(shard):
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(record_writer(out_path))
+        rejects = None
+        if rejects_path is not None:
+            rejects = stack.enter_context(open(stack.enter_context(atomic_path(rejects_path)), "w", encoding="utf-8"))
+        for n, shard in enumerate(shards):
+            for where, item in _raw_records(shard, fast_json):
                 stats.seen(task=task)
                 try:
                     rec = item()
@@ -217,19 +262,19 @@ def validate_file(
                     if on_error == "stop":
                         raise
                     stats.drop(f"invalid:{e.field.split('[')[0]}", task=task)
-                    rejects.append({"file": str(shard), e.unit: where, "field": e.field, "reason": e.reason,
-                                    "raw": _raw_repr(item)})
+                    if rejects is not None:
+                        rejects.write(json.dumps({"file": str(shard), e.unit: where, "field": e.field,
+                                                  "reason": e.reason, "raw": _raw_repr(item)}, ensure_ascii=False) + "\n")
                     continue
                 if drop_instructions:
                     dropped += rec.pop("instruction", None) is not None
                 elif instruction and "instruction" not in rec:
                     rec["instruction"] = instruction
                 rec["task"] = task
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                if with_ids:
+                    rec["id"] = record_id(ordinal + n, where - 1)
+                out.write(rec)
                 stats.keep(task=task)
-    if rejects_path is not None:
-        with atomic_path(rejects_path) as tmp:
-            Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), encoding="utf-8")
     if drop_instructions:
         stats.extra["instructions_dropped"] = dropped
     stats.write(stats_path)
@@ -240,7 +285,7 @@ def validate_file(
 def _run(args: argparse.Namespace) -> None:
     try:
         validate_file(args.input, args.task, args.out, args.stats, args.on_error, args.rejects, args.instruction,
-                      args.drop_instructions)
+                      args.drop_instructions, args.shard_ordinal)
     except ValidationError as e:
         raise SystemExit(f"kalm validate: {e}") from None
 
@@ -249,9 +294,12 @@ def register(sub) -> None:
     p = sub.add_parser("validate", help="validate and normalise one training task (a .jsonl/.parquet file or a folder of shards)")
     p.add_argument("--input", required=True, help="a .jsonl or .parquet file, or a folder of them")
     p.add_argument("--task", required=True, help="task name (the file's task)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a .parquet shard (the format between stages) or .jsonl")
     p.add_argument("--stats", required=True)
     p.add_argument("--rejects", help="quarantine file (written with --on-error quarantine)")
+    p.add_argument("--shard-ordinal", type=int, metavar="N",
+                   help="the input file's place among the stage's files: records get id = (N << 32) | (line or row - 1) "
+                        "(a folder's files N, N+1, ...); default 0 for .parquet output, no ids in .jsonl")
     p.add_argument("--on-error", choices=["stop", "quarantine"], default="stop")
     instr = p.add_mutually_exclusive_group()
     instr.add_argument("--instruction", help="task instruction for records that carry none")

@@ -9,9 +9,12 @@ inserted or deleted. Every side reads the same JSONL file and runs in its own su
 peak RSS: ``ru_maxrss`` of that process), on the same record text (``kalm.near_dedup.record_text``)
 and the same character shingles, and returns the ids it kept.
 
-- ``kalm``: the pipeline's own code path: exact dedup scattered over shards, ``minhash_shard`` per
-  shard, ``near_dedup`` gather (files in, files out; one process, shards run one after another).
-- ``kalm_core``: only kalm's ``signatures`` + ``near_duplicates`` on texts already in memory.
+- ``kalm``: the pipeline's own code path, ``kalm.dedup.dedup_local``: the JSONL converted to a
+  Parquet part, scatter into ``--shards`` hash partitions, exact dedup per partition, minhash per
+  partition, ``--band-jobs`` LSH bucket jobs, components, filter per partition, gather (files in,
+  files out; one process, the jobs run one after another).
+- ``kalm_core``: only kalm's ``signatures`` + ``near_duplicates`` (in memory, the same
+  connected-components semantics) on texts already in memory.
 - ``datasketch``: plain ``MinHash`` (``update`` per shingle) + ``MinHashLSH`` (query, then insert
   when nothing is found: first seen kept), default band weights.
 - ``datasketch_batch``: the same with ``MinHash.update_batch`` (datasketch's faster path).
@@ -118,17 +121,12 @@ def generate(path: Path, n: int, dup_rate: float, seed: int, k: int) -> dict:
 
 
 def side_kalm(data, work, args):
-    from kalm.dedup import dedup_exact
+    from kalm.dedup import dedup_local
     from kalm.io import read_jsonl
-    from kalm.near_dedup import minhash_shard, near_dedup
 
-    shards = [str(work / f"shard{i}.jsonl") for i in range(args.shards)]
-    dedup_exact([str(data)], None, str(work / "exact.json"), shards)
-    sigs = [s + ".npy" for s in shards]
-    for s, g in zip(shards, sigs):
-        minhash_shard(s, g, args.num_perm, args.shingle)
-    near_dedup(shards, sigs, str(work / "out.jsonl"), str(work / "stats.json"), args.threshold,
-               exact_stats=str(work / "exact.json"))
+    dedup_local([str(data)], str(work / "out.jsonl"), str(work / "stats.json"), partitions=args.shards, near=True,
+                band_jobs=args.band_jobs, threshold=args.threshold, num_perm=args.num_perm, shingle=args.shingle,
+                workdir=str(work / "steps"))
     return [r["id"] for r in read_jsonl(work / "out.jsonl")]
 
 
@@ -237,7 +235,8 @@ def main():
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--shingle", type=int, default=5)
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shards", type=int, default=2, help="kalm: hash partitions (data.dedup.shards)")
+    p.add_argument("--band-jobs", type=int, default=2, help="kalm: LSH bucket jobs (data.dedup.band_jobs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default="kalm,kalm_core,datasketch_batch,datasketch,rensa")
     p.add_argument("--workdir", help="keep files here (default: a temporary folder)")
@@ -282,7 +281,7 @@ def main():
         work.mkdir(exist_ok=True)
         cmd = [sys.executable, __file__, "--run-side", side, "--data", str(data), "--work", str(work),
                "--threshold", str(args.threshold), "--num-perm", str(args.num_perm), "--shingle", str(args.shingle),
-               "--shards", str(args.shards)]
+               "--shards", str(args.shards), "--band-jobs", str(args.band_jobs)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(f"{side}: failed\n{res.stderr[-3000:]}")

@@ -91,12 +91,15 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
     from torch.utils.data import BatchSampler, SequentialSampler
 
     from kalm.train import BatchSchedule
+    from kalm.train_data import TrainData
 
     torch.set_num_threads(args.threads)
     # The batches kalm's trainer draws, in its order, so that both sides encode the very same texts
     # (and pad them alike); ST then reads them sequentially.
-    schedule = BatchSchedule([json.loads(line) for line in data.open(encoding="utf-8")], kalm_config(args))
-    rows = [rec for step in range(args.steps) for rec in schedule(step)]
+    recs = [json.loads(line) for line in data.open(encoding="utf-8")]
+    td = TrainData.from_records(recs)
+    schedule = BatchSchedule(td.rows, td.tasks, kalm_config(args))
+    rows = [recs[i] for step in range(args.steps) for i in schedule(step)]
     columns = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
     for k in range(args.group_size - 1):
         columns[f"negative_{k + 1}"] = [r["neg"][k] for r in rows]

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from kalm.cli import main as kalm_main
 from kalm.decontaminate import decontaminate
-from kalm.dedup import dedup_exact
+from kalm.dedup import dedup_local
 from kalm.io import read_json, read_jsonl
 from kalm.minhash import exact_jaccard, optimal_bands, signatures
-from kalm.near_dedup import minhash_shard, near_dedup, near_duplicates, record_text
+from kalm.near_dedup import bucket_pairs, minhash_partition, near_duplicates, record_text
+from kalm.shards import write_shard
 from kalm.text import record_hash
 
 EN = "abcdefghijklmnopqrstuvwxyz"
@@ -36,17 +37,14 @@ def one_word_changed(rng, text):
     return text[:i] + "变" + text[i + 1:]
 
 
-def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name="in"):
-    """validate-free data stage: exact dedup -> minhash per shard -> near-dedup gather."""
+def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name="in", band_jobs=2):
+    """validate-free data stage, every step in this process (kalm.dedup.dedup_local): scatter,
+    exact dedup per partition, minhash per partition, LSH bucket jobs, components, filter, gather."""
     src = d / f"{name}.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    shard_paths = [str(d / f"{name}.shard{i}.jsonl") for i in range(shards)]
-    dedup_exact([str(src)], None, str(d / f"{name}.exact.json"), shard_paths)
-    sigs = [p + ".npy" for p in shard_paths]
-    for p, s in zip(shard_paths, sigs):
-        minhash_shard(p, s, num_perm, shingle, batch=7)  # tiny batches: batch boundaries must not matter
-    stats = near_dedup(shard_paths, sigs, str(d / f"{name}.out.jsonl"), str(d / f"{name}.stats.json"), threshold,
-                       exact_stats=str(d / f"{name}.exact.json"))
+    stats = dedup_local([str(src)], str(d / f"{name}.out.jsonl"), str(d / f"{name}.stats.json"), partitions=shards,
+                        near=True, band_jobs=band_jobs, threshold=threshold, num_perm=num_perm, shingle=shingle,
+                        batch=7)  # tiny batches: batch boundaries must not matter
     return list(read_jsonl(d / f"{name}.out.jsonl")), stats
 
 
@@ -78,9 +76,10 @@ def test_planted_near_duplicates_are_dropped_first_seen_kept_and_counts_add_up(t
     recs = originals + copies + exact
     out, stats = run_pipeline(tmp_path, recs, shards=3)
     assert [r["query"] for r in out] == [r["query"] for r in originals]  # the first seen, in input order
-    assert stats.dropped == {"exact_duplicate": 20, "near_duplicate": 40}
-    assert stats.per_task["b"]["dropped"] == {"exact_duplicate": 20, "near_duplicate": 40}
-    assert stats.per_task["a"] == {"in": 300, "kept": 300, "dropped": {}}
+    assert stats["dropped"] == {"exact_duplicate": 20, "near_duplicate": 40}
+    assert stats["per_task"]["b"]["dropped"] == {"exact_duplicate": 20, "near_duplicate": 40}
+    assert stats["per_task"]["a"] == {"in": 300, "kept": 300, "dropped": {}}
+    assert stats["clusters"] == 40 and stats["pairs"] == 40
     s = read_json(tmp_path / "in.stats.json")
     assert s["in"] == len(recs) == s["kept"] + sum(s["dropped"].values())
     assert s["method"] == "exact+near" and s["near_duplicate_examples"]
@@ -89,23 +88,24 @@ def test_planted_near_duplicates_are_dropped_first_seen_kept_and_counts_add_up(t
 words = st.text(alphabet=st.sampled_from(list("abcdefghij中文字")), min_size=1, max_size=4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 40), n_dups=st.integers(0, 10), n_near=st.integers(0, 10),
-       shards=st.integers(1, 4))
-def test_near_dedup_invariants(tmp_path_factory, seed, n, n_dups, n_near, shards):
+       shards=st.integers(1, 4), band_jobs=st.integers(1, 3))
+def test_near_dedup_invariants(tmp_path_factory, seed, n, n_dups, n_near, shards, band_jobs):
     d = tmp_path_factory.mktemp("nd")
     rng = random.Random(seed)
     recs = [{"query": random_text(rng, 5), "pos": [random_text(rng, 25)], "task": "t"} for _ in range(n)]
     recs += [dict(rng.choice(recs[:n])) for _ in range(n_dups)]
     recs += [{**r, "pos": [one_word_changed(rng, r["pos"][0])]} for r in rng.sample(recs[:n], min(n_near, n))]
     rng.shuffle(recs)
-    out, stats = run_pipeline(d, recs, shards=shards)
+    out, stats = run_pipeline(d, recs, shards=shards, band_jobs=band_jobs)
     # counts add up, and exactly one record of each exact-duplicate group survives
-    assert stats.n_in == len(recs) == stats.kept + sum(stats.dropped.values()) == len(out) + sum(stats.dropped.values())
+    dropped = sum(stats["dropped"].values())
+    assert stats["in"] == len(recs) == stats["kept"] + dropped == len(out) + dropped
     hashes = [record_hash(r["query"], r["pos"]) for r in out]
     assert len(hashes) == len(set(hashes))
     groups = Counter(record_hash(r["query"], r["pos"]) for r in recs)
-    assert stats.dropped.get("exact_duplicate", 0) == sum(c - 1 for c in groups.values())
+    assert stats["dropped"].get("exact_duplicate", 0) == sum(c - 1 for c in groups.values())
     # a record with no exact or near duplicate (text far from every other) is never dropped
     texts = [record_text(r) for r in recs]
     kept = set(hashes)
@@ -114,8 +114,8 @@ def test_near_dedup_invariants(tmp_path_factory, seed, n, n_dups, n_near, shards
         if not others or max(others) < 0.5:
             assert record_hash(r["query"], r["pos"]) in kept
     # idempotent: the output has nothing left to drop and comes back unchanged
-    again, stats2 = run_pipeline(d, out, shards=shards, name="again")
-    assert again == out and stats2.dropped == {}
+    again, stats2 = run_pipeline(d, out, shards=shards, name="again", band_jobs=band_jobs)
+    assert again == out and stats2["dropped"] == {}
 
 
 def test_texts_far_apart_are_never_dropped():
@@ -125,32 +125,38 @@ def test_texts_far_apart_are_never_dropped():
     assert keep.all() and (match == -1).all()
 
 
-def test_cli_steps_scatter_and_gather(tmp_path):
+def test_cli_runs_every_step_with_near_dup(tmp_path):
+    """`kalm dedup IN --near-dup --out OUT --stats S`: the stage in one process (the workflow runs
+    each step as its jobs: tests/test_dedup_shuffle.py)."""
     src = tmp_path / "v.jsonl"
     rng = random.Random(3)
     recs = [{"query": random_text(rng, 5), "pos": [random_text(rng, 30)], "task": "t"} for _ in range(20)]
     recs.append({**recs[3], "pos": [one_word_changed(rng, recs[3]["pos"][0])]})
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    shards = [str(tmp_path / f"s{i}.jsonl") for i in range(2)]
-    assert kalm_main(["dedup", str(src), "--shard-out", *shards, "--stats", str(tmp_path / "e.json")]) == 0
-    for s in shards:
-        assert kalm_main(["dedup", "--step", "minhash", s, "--out", s + ".npy", "--num-perm", "64"]) == 0
-    assert np.load(shards[0] + ".npy").shape == (11, 64)
-    assert kalm_main(["dedup", "--step", "near", *shards, "--signatures", *[s + ".npy" for s in shards],
-                      "--exact-stats", str(tmp_path / "e.json"), "--out", str(tmp_path / "o.jsonl"),
-                      "--stats", str(tmp_path / "o.json"), "--threshold", "0.8", "--num-perm", "64"]) == 0
+    assert kalm_main(["dedup", str(src), "--near-dup", "--partitions", "2", "--band-jobs", "2", "--num-perm", "64",
+                      "--threshold", "0.8", "--out", str(tmp_path / "o.jsonl"), "--stats", str(tmp_path / "o.json")]) == 0
     s = read_json(tmp_path / "o.json")
     assert s["in"] == 21 and s["kept"] == 20 and s["dropped"] == {"near_duplicate": 1}
+    assert s["num_perm"] == 64 and s["partitions"] == 2 and s["near_duplicate_examples"][0]["kept_id"] == 3
+    out = list(read_jsonl(tmp_path / "o.jsonl"))
+    assert [r["id"] for r in out] == list(range(20))  # ids by input order, kept in the output
+    # the minhash step writes a folder of memory-mappable arrays
+    write_shard(tmp_path / "p.parquet", out)
+    assert kalm_main(["dedup", "--step", "minhash", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "mh"),
+                      "--num-perm", "64"]) == 0
+    assert np.load(tmp_path / "mh/sig.npy", mmap_mode="r").shape == (20, 64)
+    meta = read_json(tmp_path / "mh/meta.json")
+    assert np.load(tmp_path / "mh/keys.npy").shape == (meta["bands"], 20)
 
 
-def test_gather_rejects_signatures_that_do_not_match_the_shards(tmp_path):
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text('{"query": "q", "pos": ["p"]}\n{"query": "r", "pos": ["p"]}\n', encoding="utf-8")
-    b.write_text("", encoding="utf-8")
-    minhash_shard(str(a), str(a) + ".npy")
-    minhash_shard(str(b), str(b) + ".npy")
-    with pytest.raises(ValueError, match="round-robin"):
-        near_dedup([str(a), str(b)], [str(a) + ".npy", str(b) + ".npy"], str(tmp_path / "o"), str(tmp_path / "s"))
+def test_buckets_reject_signatures_of_other_settings(tmp_path):
+    a = tmp_path / "a.parquet"
+    write_shard(a, [{"id": 0, "query": "q", "pos": ["p"], "task": "t"}, {"id": 1, "query": "r", "pos": ["p"], "task": "t"}])
+    minhash_partition(str(a), str(tmp_path / "m0"))
+    minhash_partition(str(a), str(tmp_path / "m1"), shingle=3)
+    with pytest.raises(ValueError, match="shingle"):
+        bucket_pairs([str(tmp_path / "m0"), str(tmp_path / "m1")], str(tmp_path / "pairs.npy"))
+    assert not (tmp_path / "pairs.npy").exists()
 
 
 # ---- decontamination against near-copies of evaluation texts --------------------------------
@@ -231,7 +237,7 @@ def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_d
 
 
 @pytest.mark.parametrize("section, bad", [("dedup", {"near_dup": True, "treshold": 0.8}), ("dedup", {"shards": 0}),
-                                          ("decontaminate", {"near_dup": "yes"})])
+                                          ("dedup", {"band_jobs": 0}), ("decontaminate", {"near_dup": "yes"})])
 def test_config_schema_rejects_bad_dedup_keys(section, bad):
     from pathlib import Path
 

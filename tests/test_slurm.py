@@ -215,7 +215,10 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
 
     jobs = [j for j in cluster.jobs() if j.get("Comment", "").startswith("rule_") and j["WorkDir"] == str(work)]
     rules = {j["JobId"]: re.match(r"rule_([a-z_]+?)(?:_wildcards_.*)?$", j["Comment"])[1] for j in jobs}
-    assert sorted(rules.values()) == sorted(["embed", "embed", "pretrain", "mine", "finetune", "finetune",
+    mined_tasks = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
+    assert sorted(rules.values()) == sorted(["embed", "embed", *["mine_index"] * mined_tasks,  # a pool per mined task
+                                             *["mine"] * cfg["data"]["dedup"]["shards"],  # a job per query shard
+                                             "pretrain", "finetune", "finetune",
                                              "evaluate", "evaluate", "aggregate_baseline"])
     gpu_jobs = []
     for j in jobs:
@@ -255,7 +258,13 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
         return
     for rel in ["work/embed/shard0.npy", "work/embed/shard1.npy"]:
         assert np.array_equal(np.load(local / rel), np.load(work / rel)), rel
-    for rel in ["work/data/finetune/mined.jsonl", "models/pretrain/model.safetensors",
+    from kalm.shards import iter_shard
+
+    mined = sorted(p.relative_to(local) for p in (local / "work/data/finetune/mined").glob("p*.parquet"))
+    assert mined and mined == sorted(p.relative_to(work) for p in (work / "work/data/finetune/mined").glob("p*.parquet"))
+    for rel in mined:  # the mined records of every query shard
+        assert list(iter_shard(local / rel)) == list(iter_shard(work / rel)), rel
+    for rel in ["models/pretrain/model.safetensors",
                 "models/finetune/run0/model.safetensors", "models/finetune/run1/model.safetensors"]:
         assert (local / rel).read_bytes() == (work / rel).read_bytes(), rel
     assert ours["tasks"] == theirs["tasks"] and ours["mean_task"] == theirs["mean_task"]

@@ -8,7 +8,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kalm.io import read_jsonl
-from kalm.train import TrainConfig, apply_few_negatives, batch_texts, lr_at, task_homogeneous_batches, train
+from kalm.train import TrainConfig, batch_texts, lr_at, train
+from kalm.train import task_homogeneous_batches as row_batches
+from kalm.train_data import TrainData
+
+
+def task_homogeneous_batches(records, batch_size, rng, ratio=1.0):
+    """The batcher on dict records: task codes in sorted-name order, rows mapped back to records."""
+    names = sorted({r["task"] for r in records})
+    tasks = [names.index(r["task"]) for r in records]
+    return [[records[i] for i in b] for b in row_batches(range(len(records)), tasks, batch_size, rng, ratio)]
+
+
+def apply_few_negatives(records, n_neg, policy, stats):
+    data = TrainData.from_records(records)
+    data.apply_few_negatives(n_neg, policy, stats)
+    return data, data.records(data.rows)
 
 
 @settings(max_examples=80, deadline=None)
@@ -70,37 +85,43 @@ def _short_records():
 
 def test_few_negatives_drop_counts_what_it_drops():
     recs, stats = _short_records()
-    kept, pools = apply_few_negatives(recs, 3, "drop", stats)
-    assert [r["task"] for r in kept] == ["ret"] * 4 and pools is None
+    data, kept = apply_few_negatives(recs, 3, "drop", stats)
+    assert [r["task"] for r in kept] == ["ret"] * 4 and data.rows.tolist() == [6, 7, 8, 9]
     d = stats.as_dict()
     assert d["dropped"] == {"too_few_negatives": 6} and d["records_short_of_negatives"] == 6 and d["in"] == 10
+    assert d["per_task"] == {"cls": {"in": 6, "kept": 0, "dropped": {"too_few_negatives": 6}},
+                             "ret": {"in": 4, "kept": 4, "dropped": {}}}
 
 
 def test_few_negatives_pad_with_same_task_passages_never_an_own_positive():
     recs, stats = _short_records()
-    kept, pools = apply_few_negatives(recs, 3, "pad_random", stats)
-    assert len(kept) == 10 and stats.as_dict()["records_short_of_negatives"] == 6
-    assert set(pools["cls"]) == {"label0", "label1", "label2"}
+    data, kept = apply_few_negatives(recs, 3, "pad_random", stats)
+    assert len(kept) == 10 and stats.as_dict()["records_short_of_negatives"] == 6 and kept == recs
+    assert set(data.random_passages("cls", 9, set(), random.Random(0))) == {"label0", "label1", "label2"}
+    pools = data.random_passages  # padding reads the task's passages from the data, not from pools
     texts = batch_texts(kept[:6], 3, {}, random.Random(1), pools)
     for rec, negs in zip(kept[:6], texts.negatives):
         # own negative first, then the one other label of the task; a task this small repeats to fill
         assert len(negs) == 3 and negs[0] == rec["neg"][0] and set(negs) == {"label0", "label1", "label2"} - set(rec["pos"])
     assert texts.padded == 12 and texts.short == 0 and texts.negs_per_query() == 3
     assert batch_texts(kept[:6], 3, {}, random.Random(1), pools) == texts  # a function of the step's RNG
-    kept_, _ = apply_few_negatives(recs, 3, "keep", stats)
+    _, kept_ = apply_few_negatives(recs, 3, "keep", stats)
     short = batch_texts(kept_[:6] + kept_[6:7], 3, {}, random.Random(1))  # keep: as many as they have
     assert [len(n) for n in short.negatives] == [1] * 6 + [3] and short.short == 6 and short.negs_per_query() == 0
 
 
-def test_random_padding_from_a_large_pool_is_distinct_and_avoids_the_excluded():
-    from kalm.train import _random_passages
-
-    pool = [f"p{i}" for i in range(1000)]
-    exclude = {f"p{i}" for i in range(0, 1000, 4)}  # a quarter of a large pool: the rejection-sampling branch
-    picked = _random_passages(pool, 7, exclude, random.Random(3))
+def test_random_padding_from_a_large_task_is_distinct_and_avoids_the_excluded():
+    recs = [{"task": "big", "query": f"q{i}", "pos": [f"p{i}"]} for i in range(1000)]
+    recs += [{"task": "small", "query": f"s{i}", "pos": [f"p{i}"]} for i in range(10)]
+    data = TrainData.from_records(recs, rows_per_batch=100)  # a task over many record batches
+    exclude = {f"p{i}" for i in range(0, 1000, 4)}  # a quarter of a large task: the rejection-sampling branch
+    picked = data.random_passages("big", 7, exclude, random.Random(3))
     assert len(set(picked)) == 7 and not set(picked) & exclude
-    assert picked == _random_passages(pool, 7, exclude, random.Random(3))
-    assert sorted(_random_passages(pool[:10], 20, {"p0"}, random.Random(3))) == pool[1:10]  # small: all it has
+    assert picked == data.random_passages("big", 7, exclude, random.Random(3))
+    assert sorted(data.random_passages("small", 20, {"p0"}, random.Random(3))) == [f"p{i}" for i in range(1, 10)]  # all it has
+    # a large task with too few candidates gives what it finds within its draws (the caller repeats them)
+    few = TrainData.from_records([{"task": "t", "query": f"q{i}", "pos": ["same"] if i else ["other"]} for i in range(500)])
+    assert few.random_passages("t", 3, {"same"}, random.Random(0)) == ["other"]
 
 
 def test_instructions_on_queries_and_on_both_sides_for_symmetric_tasks():

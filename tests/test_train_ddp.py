@@ -1,7 +1,9 @@
 """Data parallel training with torchrun on CPU (gloo): the same run as one process.
 
 Two ranks split each global batch of 5 (3 + 2 queries), all-gather the embeddings (cross-device
-negatives) and sum their gradients; rank 1 also uses GradCache chunks of 2. The per-step losses,
+negatives) and sum their gradients; rank 1 also uses GradCache chunks of 2. The two ranks read the
+data as two Parquet parts through one Arrow cache in the checkpoint folder (local rank 0 converts,
+the other waits), the single process reads it as JSON Lines. The per-step losses,
 each loss term and the gradient norm must equal those of one process with the same global batch,
 and the final weights must agree within 1e-5. The weights alone would not catch a gradient off
 by a constant factor (AdamW and clipping are scale-invariant): the gradient norm does.
@@ -54,7 +56,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_qwen_dir, restore_t
                       matryoshka_weights=(1.0, 0.3))
     train(tiny_qwen_dir, str(data), str(tmp_path / "single"), cfg, {})
 
-    args = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--out", tmp_path / "ddp",
+    from kalm.shards import write_shard
+
+    parts = [tmp_path / "p0.parquet", tmp_path / "p1.parquet"]
+    write_shard(parts[0], recs[:4])
+    write_shard(parts[1], recs[4:])
+    args = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", *parts, "--out", tmp_path / "ddp",
+            "--checkpoint-dir", tmp_path / "ckpt",
             "--batch-size", 5, "--group-size", 3, "--lr", "2e-4", "--temperature", 0.05, "--max-steps", 2,
             "--threads", 1, "--few-negatives", "keep", "--focal-gamma", 0.5, "--mix-negatives", 2,
             "--matryoshka-dims", 64, 16, "--matryoshka-weights", 1.0, 0.3, "--mini-batch-size", 2]
@@ -72,6 +80,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_qwen_dir, restore_t
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
     assert json.loads((tmp_path / "ddp.stats.json").read_text())["world_size"] == 2
+    assert not (tmp_path / "ckpt" / "arrow").exists()  # the Arrow cache goes with the checkpoint
 
     w0 = load_file(Path(tiny_qwen_dir) / "model.safetensors")
     w1 = load_file(next((tmp_path / "single").rglob("model.safetensors")))

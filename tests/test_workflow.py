@@ -32,10 +32,13 @@ def test_dry_run_has_every_stage_of_the_pipeline():
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     n_files = sum(len(cfg["data"][s]) for s in ("pretrain", "finetune"))
     zh_tasks = len(cfg["eval"]["languages"]["zh"])
+    parts = cfg["data"]["dedup"]["shards"]  # P partitions per stage after dedup: one job each downstream
+    mined = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
     assert counts == {
-        "validate": n_files, "dedup": 2, "decontaminate": 2,
-        "minhash": 2 * cfg["data"]["dedup"]["shards"], "near_dedup": 2,  # near-dup scatter/gather per stage
-        "embed": cfg["embed"]["shards"], "mine": 1,
+        "validate": n_files, "dedup_scatter": n_files,  # one job per input file
+        "dedup": 2 * parts, "minhash": 2 * parts, "near_buckets": 2, "near_components": 2, "near_filter": 2 * parts,
+        "eval_index": 1, "decontaminate": 2 * parts,  # the evaluation index once, then one job per partition
+        "embed": cfg["embed"]["shards"], "mine_index": mined, "mine": parts,  # a pool per mined task, a job per part
         "pretrain": 1, "finetune": cfg["finetune"]["runs"], "soup": 1,
         "evaluate": 2 * zh_tasks,  # one job per task, for the final and the base model
         "aggregate": 1, "aggregate_baseline": 1,
@@ -76,7 +79,7 @@ def test_full_recipe_dry_runs(tmp_path):
     for flag in ("--matryoshka-dims 896 512 256 128 64", "--matryoshka-weights 1.0 0.3 0.2 0.1 0.1",
                  "--group-size 8", "--temperature 0.01", "--lr 1e-05", "--focal-gamma 0.5", "--mix-negatives -1"):
         assert all(flag in cmd for cmd in finetune_cmds), flag
-    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --input" in line)
+    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
     assert "--range 50 100" in mine_cmd and "--negative-number 7" in mine_cmd and "--filter-topk 50" in mine_cmd
 
 
@@ -106,11 +109,11 @@ def embed_jobs(dry_run_output: str) -> list[str]:
 
 
 def test_embed_model_pretrain_mines_with_the_pretrained_model():
-    res = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall", "--config",
+    res = snakemake("work/data/finetune/mined.stats.json", "-n", "-p", "--forceall", "--config",
                     "embed={'model': 'pretrain'}")
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
-    assert counts["pretrain"] == 1 and counts["embed"] == counts["mine"] * 2  # config.yaml: 2 shards
+    assert counts["pretrain"] == 1 and counts["embed"] == 2  # config.yaml: 2 shards
     jobs = embed_jobs(res.stdout)
     assert len(jobs) == 2
     for job in jobs:
@@ -119,7 +122,7 @@ def test_embed_model_pretrain_mines_with_the_pretrained_model():
         cmd = next(line for line in job.splitlines() if " embed --input" in line)
         assert "--model models/pretrain " in cmd and "--pooling" not in cmd  # a saved ST model keeps its pooling
     # the default (null): the base model, no dependency on pretrain
-    base = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall")
+    base = snakemake("work/data/finetune/mined.stats.json", "-n", "-p", "--forceall")
     assert base.returncode == 0, base.stderr[-3000:]
     assert "pretrain" not in job_counts(base.stdout)
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
@@ -139,8 +142,8 @@ def test_embed_model_pretrain_without_pretraining_is_a_config_error(tmp_path):
 @pytest.mark.parametrize("override, flag", [(None, "--given-negatives keep"),
                                             ("mine={'given_negatives': 'replace'}", "--given-negatives replace")])
 def test_given_negatives_setting_reaches_the_mine_command(override, flag):
-    res = snakemake("work/data/finetune/mined.jsonl", "-n", "-p", "--forceall",
+    res = snakemake("work/data/finetune/mined.stats.json", "-n", "-p", "--forceall",
                     *(["--config", override] if override else []))
     assert res.returncode == 0, res.stderr[-3000:]
-    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --input" in line)
+    mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
     assert flag in mine_cmd

@@ -1,6 +1,7 @@
 # Names, input functions and helpers shared by the rule files. Rules stay thin: every
 # rule runs one `kalm` subcommand; this file turns the config into file names.
 
+import functools
 import json
 import os
 import shlex
@@ -8,6 +9,7 @@ import sys
 
 # one rule for which side of a task carries its instruction, in training and evaluation alike
 from kalm.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
+from kalm.validate import ValidationError as _ValidationError, task_files as _task_files
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
@@ -74,6 +76,80 @@ def dedup_settings():
 
 def decontaminate_settings():
     return {**DECONTAMINATE_DEFAULTS, **config["data"].get("decontaminate", {})}
+
+
+# ---- the data stages' shard files (issue 15): every consumer names its inputs through these --------
+
+
+@functools.lru_cache(maxsize=None)
+def task_input_files(stage, dtask):
+    """The input files of a training task (kalm.validate.task_files: the file, or the .jsonl/.parquet files
+    of its folder in sorted order), read when the DAG is built: one validate job each."""
+    path = data_task(stage, dtask)["path"]
+    try:
+        return tuple(str(f) for f in _task_files(path))
+    except _ValidationError as e:
+        raise ValueError(f"config data.{stage}.{dtask}.path: {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def validate_inputs(stage):
+    """(task, part, input file, shard ordinal) of every input file of a stage, in input order: tasks sorted
+    by name (data_tasks), each task's files in task_files order; the ordinal is the place in this list
+    (the records' ids, kalm.shards.record_id, put the stage in this order)."""
+    out = []
+    for dtask in data_tasks(stage):
+        for part, path in enumerate(task_input_files(stage, dtask)):
+            out.append((dtask, part, path, len(out)))
+    return tuple(out)
+
+
+def validate_input(stage, dtask, part):
+    """(input file, shard ordinal) of validated part `part` of a task."""
+    for t, i, path, ordinal in validate_inputs(stage):
+        if t == dtask and i == int(part):
+            return path, ordinal
+    raise ValueError(f"data.{stage}.{dtask} has no input file {part} (it has {len(task_input_files(stage, dtask))})")
+
+
+def task_parts(stage, dtask, suffix=".parquet"):
+    """The validated parts of one task (suffix: .stats.json, .rejects.jsonl for their side files)."""
+    return [f"work/data/{stage}/validated/{dtask}/part{i}{suffix}" for i in range(len(task_input_files(stage, dtask)))]
+
+
+def validated_parts(stage):
+    """All validated parts of a stage, in input order (the part's index here is its shard ordinal)."""
+    return [f"work/data/{stage}/validated/{t}/part{i}.parquet" for t, i, _, _ in validate_inputs(stage)]
+
+
+def data_partitions():
+    """The partitions j of a stage after dedup (data.dedup.shards; rules/dedup.smk's dedup_parts)."""
+    return list(range(dedup_settings()["shards"]))
+
+
+def decontaminated_parts(stage, suffix=".parquet"):
+    return [f"work/data/{stage}/decontaminated/p{j}{suffix}" for j in data_partitions()]
+
+
+def stage_data(stage):
+    """The records a stage's consumers read (embed, mine, pretrain): the last data step's Parquet parts.
+    The ONE place that names them: a new filter stage after decontamination changes only this."""
+    return decontaminated_parts(stage)
+
+
+def mined_parts(suffix=".parquet"):
+    """The mined fine-tuning records: one part per query shard, i.e. per part of stage_data("finetune")."""
+    return [f"work/data/finetune/mined/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
+
+
+MINE_POOL = config["mine"].get("pool", "task")
+
+
+def mine_pools():
+    """The candidate pools of mining (one mine_index job each): each mined task's, or one global pool."""
+    if MINE_POOL == "global":
+        return ["global"]
+    return sorted(json.loads(mine_tasks_json()))
 
 
 # The instruction set of the evaluation (kalm.task_instructions) also decides where the training data's
@@ -252,4 +328,5 @@ wildcard_constraints:
     task=r"(?!.*\.kalm$)[^/]+",
     run=r"\d+",
     shard=r"\d+",
+    part=r"\d+",
     which=r"results|results/baseline|results/runs/run\d+",

@@ -1,121 +1,70 @@
-# Data stage: validate + normalise each task (a .jsonl/.parquet file or a folder of shards) and give
-# its records their instruction (or none, by the instruction rule: common.smk validate_instruction_args),
-# exact dedup across a stage, near-dup removal (data.dedup.near_dup: scatter `minhash` per shard,
-# gather `near_dedup`), decontaminate against the evaluation tasks (exact, containment with
-# data.decontaminate.contain_min_chars, near with data.decontaminate.near_dup).
+# Data stage: validate + normalise each task (a .jsonl/.parquet file or a folder of shards: one job per
+# file, Parquet parts out) and give its records their instruction (or none, by the instruction rule:
+# common.smk validate_instruction_args),
+# dedup across a stage (rules/dedup.smk), decontaminate against the evaluation tasks (exact, containment with
+# data.decontaminate.contain_min_chars, near with data.decontaminate.near_dup): an evaluation index
+# built once (eval_index), one job per dedup partition, a gather. Consumers read stage_data(stage).
 
-DEDUP = dedup_settings()
+from pathlib import Path
+
 DECON = decontaminate_settings()
-NEAR_SHARDS = list(range(DEDUP["shards"]))
 
 
+# one job per input file (common.smk validate_inputs: a task's file, or each file of its folder), in
+# input order: part i of a task is its i-th file, its records' ids carry the file's place in the stage
 rule validate:
     input:
-        lambda w: data_task(w.stage, w.dtask)["path"],
+        lambda w: validate_input(w.stage, w.dtask, w.part)[0],
     output:
-        data="work/data/{stage}/validated/{dtask}.jsonl",
-        stats="work/data/{stage}/validated/{dtask}.stats.json",
-        rejects="work/data/{stage}/validated/{dtask}.rejects.jsonl",
+        data="work/data/{stage}/validated/{dtask}/part{part}.parquet",
+        stats="work/data/{stage}/validated/{dtask}/part{part}.stats.json",
+        rejects="work/data/{stage}/validated/{dtask}/part{part}.rejects.jsonl",
     params:
         # the task's instruction, or --drop-instructions where eval.instruction_set's rule gives its type
         # none (the same rule as the evaluation: common.smk train_instruction_sides)
         instruction=lambda w: validate_instruction_args(w.stage, w.dtask),
         on_error=config["data"]["on_error"],
+        ordinal=lambda w: validate_input(w.stage, w.dtask, w.part)[1],
     log:
-        "logs/validate/{stage}/{dtask}.log",
+        "logs/validate/{stage}/{dtask}/part{part}.log",
     benchmark:
-        "benchmarks/validate/{stage}/{dtask}.tsv"
+        "benchmarks/validate/{stage}/{dtask}/part{part}.tsv"
     resources:
-        mem_mb=2000,
+        # streams: one input line or Parquet batch, one output row group (8192 records) at a time
+        mem_mb=1000,
     shell:
-        "{KALM} validate --input {input} --task {wildcards.dtask} --out {output.data} "
-        "--stats {output.stats} --rejects {output.rejects} --on-error {params.on_error} "
+        "{KALM} validate --input {input} --task {wildcards.dtask} --shard-ordinal {params.ordinal} "
+        "--out {output.data} --stats {output.stats} --rejects {output.rejects} --on-error {params.on_error} "
         "{params.instruction} > {log} 2>&1"
 
 
-if not DEDUP["near_dup"]:
-
-    rule dedup:
-        input:
-            lambda w: expand("work/data/{stage}/validated/{dtask}.jsonl", stage=w.stage, dtask=data_tasks(w.stage)),
-        output:
-            data="work/data/{stage}/dedup.jsonl",
-            stats="work/data/{stage}/dedup.stats.json",
-        log:
-            "logs/dedup/{stage}.log",
-        benchmark:
-            "benchmarks/dedup/{stage}.tsv"
-        resources:
-            mem_mb=4000,
-        shell:
-            "{KALM} dedup {input} --out {output.data} --stats {output.stats} > {log} 2>&1"
-
-else:
-
-    # exact dedup, scattering the kept records round-robin over the near-dup shards
-    rule dedup:
-        input:
-            lambda w: expand("work/data/{stage}/validated/{dtask}.jsonl", stage=w.stage, dtask=data_tasks(w.stage)),
-        output:
-            shards=temp(expand("work/data/{{stage}}/exact/shard{shard}.jsonl", shard=NEAR_SHARDS)),
-            stats="work/data/{stage}/exact.stats.json",
-        log:
-            "logs/dedup/{stage}.log",
-        benchmark:
-            "benchmarks/dedup/{stage}.tsv"
-        resources:
-            mem_mb=4000,
-        shell:
-            "{KALM} dedup {input} --shard-out {output.shards} --stats {output.stats} > {log} 2>&1"
-
-    # MinHash signatures of one shard (uint32 [records, num_perm]); streams the shard
-    rule minhash:
-        input:
-            "work/data/{stage}/exact/shard{shard}.jsonl",
-        output:
-            temp("work/data/{stage}/minhash/shard{shard}.npy"),
-        params:
-            opts=f"--num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']} --seed {DEDUP['seed']}",
-        log:
-            "logs/minhash/{stage}/shard{shard}.log",
-        benchmark:
-            "benchmarks/minhash/{stage}/shard{shard}.tsv"
-        resources:
-            mem_mb=2000,
-        shell:
-            "{KALM} dedup --step minhash {input} --out {output} {params.opts} > {log} 2>&1"
-
-    # gather: LSH bands over all signatures, keep the first record of each near-dup cluster
-    rule near_dedup:
-        input:
-            shards=expand("work/data/{{stage}}/exact/shard{shard}.jsonl", shard=NEAR_SHARDS),
-            sigs=expand("work/data/{{stage}}/minhash/shard{shard}.npy", shard=NEAR_SHARDS),
-            exact_stats="work/data/{stage}/exact.stats.json",
-        output:
-            data="work/data/{stage}/dedup.jsonl",
-            stats="work/data/{stage}/dedup.stats.json",
-        params:
-            opts=f"--threshold {DEDUP['threshold']} --num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']}",
-        log:
-            "logs/near_dedup/{stage}.log",
-        benchmark:
-            "benchmarks/near_dedup/{stage}.tsv"
-        resources:
-            # signatures (4 * num_perm B/record) + band keys and groups; measured in README "Data stage"
-            mem_mb=lambda w, input: 1000 + int(3 * sum(os.path.getsize(f) for f in input.sigs if os.path.exists(f)) / 2**20),
-        shell:
-            "{KALM} dedup --step near {input.shards} --signatures {input.sigs} --exact-stats {input.exact_stats} "
-            "--out {output.data} --stats {output.stats} {params.opts} > {log} 2>&1"
-
-
-rule decontaminate:
+# a task's funnel entry (the report reads it) and its rejects in one file, from its parts
+rule validate_gather:
     input:
-        data="work/data/{stage}/dedup.jsonl",
+        stats=lambda w: task_parts(w.stage, w.dtask, ".stats.json"),
+        rejects=lambda w: task_parts(w.stage, w.dtask, ".rejects.jsonl"),
+    output:
+        stats="work/data/{stage}/validated/{dtask}.stats.json",
+        rejects="work/data/{stage}/validated/{dtask}.rejects.jsonl",
+    log:
+        "logs/validate_gather/{stage}/{dtask}.log",
+    resources:
+        mem_mb=500,
+    shell:
+        "({KALM} shards merge-stats --stage validate --out {output.stats} {input.stats} && "
+        "cat {input.rejects} > {output.rejects}) > {log} 2>&1"
+
+
+# exact and near-dup dedup: rules/dedup.smk (validated parts -> work/data/{stage}/dedup/p{j}.parquet)
+
+
+# the evaluation texts, gathered and indexed once for both stages (kalm.decontaminate.EvalIndex: exact
+# hashes, containment anchors, MinHash/LSH bands), then memory-mapped by every decontaminate job
+rule eval_index:
+    input:
         eval_tasks=list(local_eval_tasks().values()),
     output:
-        data="work/data/{stage}/decontaminated.jsonl",
-        stats="work/data/{stage}/decontaminated.stats.json",
-        report="work/data/{stage}/contamination_report.json",
+        directory("work/eval_index"),
     params:
         eval_tasks=" ".join(f"--eval-task {shlex.quote(f'{t}={p}')}" for t, p in local_eval_tasks().items()),
         # the same task specs (subsets, mirror) as the evaluate jobs: decontaminate against their data
@@ -124,11 +73,56 @@ rule decontaminate:
         near=(f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
               if DECON["near_dup"] else "") + f" --contain-min-chars {DECON['contain_min_chars']}",
     log:
-        "logs/decontaminate/{stage}.log",
+        "logs/eval_index.log",
     benchmark:
-        "benchmarks/decontaminate/{stage}.tsv"
+        "benchmarks/eval_index.tsv"
     resources:
-        mem_mb=4000,
+        # all evaluation texts in memory while indexing: the texts, 4 * num_perm B of signatures and
+        # ~40 B of hashes and band keys per text (MTEB's largest corpora: a few million passages)
+        mem_mb=8000,
     shell:
-        "{KALM} decontaminate --input {input.data} {params.eval_tasks} {params.mteb_tasks} {params.near} --out {output.data} "
+        "{KALM} decontaminate --step index {params.eval_tasks} {params.mteb_tasks} {params.near} "
+        "--index-dir {output} > {log} 2>&1"
+
+
+def _index_dir_mb(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20 if os.path.isdir(path) else 0
+
+
+# one job per dedup partition (rules/dedup.smk dedup_parts): its records against the whole index
+rule decontaminate:
+    input:
+        data=lambda w: dedup_parts(w.stage)[int(w.part)],
+        index="work/eval_index",
+    output:
+        data="work/data/{stage}/decontaminated/p{part}.parquet",
+        stats="work/data/{stage}/decontaminated/p{part}.stats.json",
+        report="work/data/{stage}/decontaminated/p{part}.contamination.json",
+    log:
+        "logs/decontaminate/{stage}/p{part}.log",
+    benchmark:
+        "benchmarks/decontaminate/{stage}/p{part}.tsv"
+    resources:
+        # a batch of 4096 records and one output row group; the index is memory-mapped (its pages count
+        # when touched: ask for its size), whatever the partition's size
+        mem_mb=lambda w, input: 1000 + int(_index_dir_mb(input.index)),
+    shell:
+        "{KALM} decontaminate --step apply --index-dir {input.index} --input {input.data} --out {output.data} "
+        "--stats {output.stats} --report {output.report} > {log} 2>&1"
+
+
+# the stage's funnel entry and contamination report (the report rules and the model card read them)
+rule decontaminate_gather:
+    input:
+        stats=lambda w: decontaminated_parts(w.stage, ".stats.json"),
+        reports=lambda w: decontaminated_parts(w.stage, ".contamination.json"),
+    output:
+        stats="work/data/{stage}/decontaminated.stats.json",
+        report="work/data/{stage}/contamination_report.json",
+    log:
+        "logs/decontaminate_gather/{stage}.log",
+    resources:
+        mem_mb=500,
+    shell:
+        "{KALM} decontaminate --step merge --part-stats {input.stats} --part-reports {input.reports} "
         "--stats {output.stats} --report {output.report} > {log} 2>&1"

@@ -1,5 +1,13 @@
-# Hard-negative mining: encode the texts to mine in shards (one job each), then one FAISS
-# search + sampling + ranking-consistency filter job.
+# Hard-negative mining (issue 15: every job's memory depends on its shard, not the corpus):
+#   embed       one job per text shard (embed.shards): the texts hashed to it, streamed from stage_data
+#   mine_index  one job per candidate pool (a mined task, or `global`): its passages in a canonical order
+#               (sorted), their vectors and, for ivf/hnsw, the index trained and filled once
+#               (faiss.write_index); a flat index is rebuilt from the vectors in each mine job (a copy
+#               of them: cheaper to rebuild than to store twice)
+#   mine        one job per part j of stage_data("finetune") (the query shards): its own queries against
+#               their tasks' whole pools -> work/data/finetune/mined/p{j}.parquet (mined_parts())
+#   mine_gather the stage's funnel entry, work/data/finetune/mined.stats.json
+# The sampling RNG is per record (seed, record id): the records are the same for any number of parts.
 
 
 def instruction_args():
@@ -24,16 +32,34 @@ def mine_args():
     return args
 
 
+def _files_mb(paths):
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 2**20
+
+
+def _ids_files(shards):
+    return [p[: -len(".npy")] + ".ids.json" for p in shards]
+
+
+def mine_index_mem_mb(wildcards, input):
+    """A pool of at most the whole store: its texts (twice: the builder's map, the store's text -> row map,
+    one shard's ids parsed at a time), its float32 vectors in an ivf/hnsw index (2x the float16 store)."""
+    return int(2048 + 3 * _files_mb(input.shards) + 3 * _files_mb(_ids_files(input.shards)))
+
+
 def mine_mem_mb(wildcards, input):
-    """Measured: 1M x 896 float16 (1.7 GiB) mined with a flat index peaks at 6.1 GiB: the memory-mapped
-    store, a float32 index (2x the store) and the records' texts. Ask for that, plus headroom."""
-    shards = sum(os.path.getsize(p) for p in input.shards) / 2**20
-    return int(2048 + 3 * shards + 4 * os.path.getsize(input.data) / 2**20)
+    """Measured: 1M x 896 float16 (1.7 GiB) mined with a flat index peaks at 6.1 GiB: a float32 index (2x
+    the vectors) and the records' texts. A query shard holds one task's records of its part, the vectors of
+    their own texts and one pool (raw texts, 8 B keys, memory-mapped vectors) with its index: ask for the
+    largest pool's index, the part's records, one ids file parsed, plus headroom."""
+    pools = [max(_files_mb([os.path.join(d, "vectors.npy")]), 0) for d in input.pools] or [0]
+    texts = [_files_mb([os.path.join(d, "texts.parquet")]) for d in input.pools] or [0]
+    ids = max([_files_mb([p]) for p in _ids_files(input.shards)] or [0])
+    return int(2048 + 3 * max(pools) + 3 * max(texts) + 4 * _files_mb([input.data]) + 3 * ids)
 
 
 rule embed:
     input:
-        data="work/data/finetune/decontaminated.jsonl",
+        data=stage_data("finetune"),
         model=embed_model_input(),  # models/pretrain with embed.model: pretrain
     output:
         npy="work/embed/shard{shard}.npy",
@@ -54,6 +80,7 @@ rule embed:
     benchmark:
         "benchmarks/embed/shard{shard}.tsv"
     resources:
+        # the model, and this shard's texts (a 1/embed.shards hash slice of the texts to mine)
         mem_mb=8000,
         gpu=gpus("embed"),
     shell:
@@ -65,27 +92,64 @@ rule embed:
         "{params.instructions} --threads {threads} > {log} 2>&1"
 
 
-rule mine:
+rule mine_index:
     input:
-        data="work/data/finetune/decontaminated.jsonl",
+        data=stage_data("finetune"),
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
-        data="work/data/finetune/mined.jsonl",
-        stats="work/data/finetune/mined.stats.json",
+        directory("work/mine_index/{pool}"),
+    wildcard_constraints:
+        pool="[^/]+",
+    params:
+        mine_tasks=shlex.quote(mine_tasks_json()),
+        args=mine_args(),
+        instructions=instruction_args(),
+    log:
+        "logs/mine_index/{pool}.log",
+    benchmark:
+        "benchmarks/mine_index/{pool}.tsv"
+    resources:
+        mem_mb=mine_index_mem_mb,
+    shell:
+        "{KALM} mine --step pool --input {input.data} --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
+        "--pools-dir work/mine_index --only-pool {wildcards.pool} {params.args} {params.instructions} > {log} 2>&1"
+
+
+rule mine:
+    input:
+        data=lambda w: stage_data("finetune")[int(w.part)],
+        pools=expand("work/mine_index/{pool}", pool=mine_pools()),
+        shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
+    output:
+        data="work/data/finetune/mined/p{part}.parquet",
+        stats="work/data/finetune/mined/p{part}.stats.json",
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
         instructions=instruction_args(),
         seed=config["seed"],
     log:
-        "logs/mine/mine.log",
+        "logs/mine/p{part}.log",
     benchmark:
-        "benchmarks/mine/mine.tsv"
+        "benchmarks/mine/p{part}.tsv"
     resources:
         mem_mb=mine_mem_mb,
         gpu=gpus("mine"),
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
-        "{KALM} mine --input {input.data} --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
-        "--out {output.data} --stats {output.stats} {params.args} {params.instructions} --seed {params.seed} "
-        "> {log} 2>&1"
+        "{KALM} mine --step apply --input {input.data} --pools-dir work/mine_index --embeddings {input.shards} "
+        "--mine-tasks {params.mine_tasks} --out {output.data} --stats {output.stats} {params.args} "
+        "{params.instructions} --seed {params.seed} > {log} 2>&1"
+
+
+rule mine_gather:
+    input:
+        mined_parts(".stats.json"),
+    output:
+        "work/data/finetune/mined.stats.json",
+    log:
+        "logs/mine/gather.log",
+    resources:
+        mem_mb=500,
+    shell:
+        "{KALM} mine --step merge --input {input} --stats {output} > {log} 2>&1"

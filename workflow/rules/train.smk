@@ -47,7 +47,8 @@ def in_batch_arg(stage):
 
 rule pretrain:
     input:
-        "work/data/pretrain/decontaminated.jsonl",
+        # the Parquet parts of the decontaminated pretraining data (the trainer memory-maps them)
+        data=stage_data("pretrain"),
     output:
         model=directory("models/pretrain"),
         metrics="models/pretrain.metrics.jsonl",
@@ -67,7 +68,7 @@ rule pretrain:
         **gpu_resources("pretrain"),
     shell:
         "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
-        "{KALM} train --stage pretrain --model {params.model} --data {input} --out {output.model} "
+        "{KALM} train --stage pretrain --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
         "--seed {params.seed} "
         "--checkpoint-dir work/checkpoints/pretrain "
@@ -76,7 +77,7 @@ rule pretrain:
 
 rule finetune:
     input:
-        data="work/data/finetune/mined.jsonl",
+        data=mined_parts(),  # the Parquet parts of the mined fine-tuning data
         start=["models/pretrain"] if config["pretrain"]["enabled"] else [],
     output:
         model=directory("models/finetune/run{run}"),

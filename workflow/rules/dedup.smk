@@ -1,0 +1,194 @@
+# Dedup stage as shard jobs (kalm/dedup.py, kalm/near_dedup.py): every job's memory depends on its
+# shard, never on the corpus, so the stage scales out as SLURM jobs.
+#
+#   validated parts ─► dedup_scatter (one job per part: record to partition digest % P)
+#     ─► dedup (exact, one job per partition: first occurrence = smallest id of each digest)
+#     ─► [data.dedup.near_dup] minhash (per partition) ─► near_buckets (data.dedup.band_jobs jobs,
+#        each a range of LSH bands over all partitions) ─► near_components (one job: union-find over
+#        the verified pairs) ─► near_filter (per partition)
+#     ─► dedup_stats (gather: the stage's funnel, work/data/{stage}/dedup.stats.json)
+#
+# Output: dedup_parts(stage) = work/data/{stage}/dedup/p{j}.parquet, j < data.dedup.shards, each in
+# id (input) order; the result does not depend on the number of partitions or band jobs.
+
+import json
+import os
+import shlex
+
+DEDUP = dedup_settings()
+DEDUP_PARTITIONS = list(range(DEDUP["shards"]))
+DEDUP_BAND_JOBS = list(range(DEDUP.get("band_jobs", 1)))
+
+if "validated_parts" not in globals():
+
+    def validated_parts(stage):
+        """The validated parts of a stage, in input order (fallback until common.smk has its own)."""
+        return [f"work/data/{stage}/validated/{t}/part0.parquet" for t in data_tasks(stage)]
+
+
+def dedup_parts(stage):
+    """The stage's records after exact (and near-) dedup: one Parquet file per partition."""
+    return [f"work/data/{stage}/dedup/p{j}.parquet" for j in DEDUP_PARTITIONS]
+
+
+def _scatter_file(part, j):
+    """Partition j's file of the scatter of a validated part (work/data/S/validated/T/partI.parquet)."""
+    stem = part[: -len(".parquet")].replace("/validated/", "/scatter/", 1)
+    return f"{stem}/p{j}.parquet"
+
+
+def _exact_out(stage="{stage}", j="{partition}"):
+    # without near-dup the exact partitions are the stage's output
+    return f"work/data/{stage}/exact/p{j}.parquet" if DEDUP["near_dup"] else f"work/data/{stage}/dedup/p{j}.parquet"
+
+
+def _mb(input, per_mb, base=500):
+    return base + int(per_mb * sum(os.path.getsize(f) for f in input if os.path.isfile(f)) / 2**20)
+
+
+# one validated part -> P partition files (the records + their digest)
+rule dedup_scatter:
+    input:
+        "work/data/{stage}/validated/{dtask}/part{part}.parquet",
+    output:
+        temp(expand("work/data/{{stage}}/scatter/{{dtask}}/part{{part}}/p{j}.parquet", j=DEDUP_PARTITIONS)),
+    wildcard_constraints:
+        part=r"\d+",
+    log:
+        "logs/dedup_scatter/{stage}/{dtask}/part{part}.log",
+    benchmark:
+        "benchmarks/dedup_scatter/{stage}/{dtask}/part{part}.tsv"
+    resources:
+        # one input batch + at most 8 row groups buffered over all partitions
+        mem_mb=1000,
+    shell:
+        "{KALM} dedup --step scatter {input} --out {output} > {log} 2>&1"
+
+
+# exact dedup of partition j: its scatter files of every part in, first occurrences out (id order)
+rule dedup:
+    input:
+        lambda w: [_scatter_file(p, w.partition) for p in validated_parts(w.stage)],
+    output:
+        data=temp(_exact_out()) if DEDUP["near_dup"] else _exact_out(),
+        stats="work/data/{stage}/exact/p{partition}.stats.json",
+    wildcard_constraints:
+        partition=r"\d+",
+    log:
+        "logs/dedup/{stage}/p{partition}.log",
+    benchmark:
+        "benchmarks/dedup/{stage}/p{partition}.tsv"
+    resources:
+        # ids + digests of this partition (24 B a record, sorted), far below its compressed size
+        mem_mb=lambda w, input: _mb(input, 0.5, base=1000),
+    shell:
+        "{KALM} dedup --step exact {input} --partition p{wildcards.partition} --out {output.data} "
+        "--stats {output.stats} > {log} 2>&1"
+
+
+if DEDUP["near_dup"]:
+
+    # signatures, ids and sorted band keys of one exact partition (memory-mapped .npy files)
+    rule minhash:
+        input:
+            "work/data/{stage}/exact/p{partition}.parquet",
+        output:
+            temp(directory("work/data/{stage}/minhash/p{partition}")),
+        wildcard_constraints:
+            partition=r"\d+",
+        params:
+            opts=f"--num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']} --seed {DEDUP['seed']} "
+            f"--threshold {DEDUP['threshold']}",
+        log:
+            "logs/minhash/{stage}/p{partition}.log",
+        benchmark:
+            "benchmarks/minhash/{stage}/p{partition}.tsv"
+        resources:
+            # a batch of texts, then one band's keys + sort order (24 B a record of the partition)
+            mem_mb=lambda w, input: _mb(input, 1, base=1000),
+        shell:
+            "{KALM} dedup --step minhash {input} --out {output} {params.opts} > {log} 2>&1"
+
+    # verified LSH candidate pairs of band job k's bands, across all partitions
+    rule near_buckets:
+        input:
+            lambda w: expand("work/data/{stage}/minhash/p{j}", stage=w.stage, j=DEDUP_PARTITIONS),
+        output:
+            temp("work/data/{stage}/near/pairs{band_job}.npy"),
+        wildcard_constraints:
+            band_job=r"\d+",
+        params:
+            band_jobs=len(DEDUP_BAND_JOBS),
+        log:
+            "logs/near_buckets/{stage}/{band_job}.log",
+        benchmark:
+            "benchmarks/near_buckets/{stage}/{band_job}.tsv"
+        resources:
+            # one key range of a band (~4M records x ~40 B, --chunk-records) + the pairs
+            mem_mb=2000,
+        shell:
+            "{KALM} dedup --step buckets {input} --band-job {wildcards.band_job} --band-jobs {params.band_jobs} "
+            "--out {output} > {log} 2>&1"
+
+    # connected components of all pairs: the ids to drop (all but the smallest id of each cluster)
+    rule near_components:
+        input:
+            lambda w: expand("work/data/{stage}/near/pairs{k}.npy", stage=w.stage, k=DEDUP_BAND_JOBS),
+        output:
+            drop="work/data/{stage}/near/drop.npy",
+            stats="work/data/{stage}/near/components.json",
+        log:
+            "logs/near_components/{stage}.log",
+        benchmark:
+            "benchmarks/near_components/{stage}.tsv"
+        resources:
+            # the pairs and the ids in them (union-find), never the records
+            mem_mb=lambda w, input: _mb(input, 8, base=1000),
+        shell:
+            "{KALM} dedup --step components {input} --out {output.drop} --stats {output.stats} > {log} 2>&1"
+
+    # drop the near-duplicates from one exact partition
+    rule near_filter:
+        input:
+            data="work/data/{stage}/exact/p{partition}.parquet",
+            drop="work/data/{stage}/near/drop.npy",
+            components="work/data/{stage}/near/components.json",
+        output:
+            data="work/data/{stage}/dedup/p{partition}.parquet",
+            stats="work/data/{stage}/dedup/p{partition}.stats.json",
+        wildcard_constraints:
+            partition=r"\d+",
+        log:
+            "logs/near_filter/{stage}/p{partition}.log",
+        benchmark:
+            "benchmarks/near_filter/{stage}/p{partition}.tsv"
+        resources:
+            # one batch + the dropped ids (16 B each)
+            mem_mb=lambda w, input: 1000 + int(2 * os.path.getsize(input.drop) / 2**20 if os.path.exists(input.drop) else 0),
+        shell:
+            "{KALM} dedup --step filter {input.data} --drop {input.drop} --components {input.components} "
+            "--partition p{wildcards.partition} --out {output.data} --stats {output.stats} > {log} 2>&1"
+
+
+# the stage's funnel: in = kept + exact_duplicate + near_duplicate, per task
+rule dedup_stats:
+    input:
+        exact=lambda w: expand("work/data/{stage}/exact/p{j}.stats.json", stage=w.stage, j=DEDUP_PARTITIONS),
+        near=lambda w: (expand("work/data/{stage}/dedup/p{j}.stats.json", stage=w.stage, j=DEDUP_PARTITIONS)
+                        if DEDUP["near_dup"] else []),
+        components=lambda w: [f"work/data/{w.stage}/near/components.json"] if DEDUP["near_dup"] else [],
+        # the partitions themselves: the stats are of finished outputs
+        data=lambda w: dedup_parts(w.stage),
+    output:
+        "work/data/{stage}/dedup.stats.json",
+    params:
+        near=lambda w, input: f"--near-stats {' '.join(input.near)} --components {input.components}" if DEDUP["near_dup"] else "",
+        settings=shlex.quote(json.dumps(
+            {k: DEDUP[k] for k in ("threshold", "num_perm", "shingle", "seed")} | {"band_jobs": len(DEDUP_BAND_JOBS)}
+            if DEDUP["near_dup"] else {})),
+    log:
+        "logs/dedup_stats/{stage}.log",
+    resources:
+        mem_mb=500,
+    shell:
+        "{KALM} dedup --step stats {input.exact} {params.near} --params {params.settings} --out {output} > {log} 2>&1"
