@@ -53,7 +53,9 @@ buckets / components / filter``, the rules' commands) and through datatrove's Mi
 (``MinhashDedupSignature`` / ``Buckets`` / ``Cluster`` / ``Filter`` on ``LocalPipelineExecutor``,
 one worker), each step a subprocess measured the same way (``os.wait4``: exact peak RSS, CPU
 seconds): records/s per core, recall of the planted near-dup pairs (a pair counts as found when one
-of its two records is dropped; over the pairs at Jaccard >= threshold, and over all), peak memory.
+of its two records is dropped; over the pairs at Jaccard >= threshold, and over all), peak memory;
+plus ``kalm_dag``, the DAG's own near-dup jobs from their TSVs (records/s null when some were too
+short to be sampled).
 datatrove gets the same bands and rows as ours (``kalm.minhash.optimal_bands``: the same LSH
 S-curve), character shingles of ``--shingle`` (its word tokenizers need nltk or spaCy models, and
 Chinese has no spaces) on the same record text, and its own normalisation (``simplify_text``:
@@ -806,7 +808,11 @@ def near_dup_compare(work: Path, manifest: dict, cfg: dict, dag_jobs: list[dict]
     if drop.is_file():
         a = np.load(drop)
         dag_dropped = {int(i) for i in (a[:, 0] if a.ndim == 2 else a)}
-    out = [line("kalm_dag", dag_steps, dag_dropped, measured="Snakemake benchmark TSVs (sampled RSS)")]
+    dag = line("kalm_dag", dag_steps, dag_dropped, measured="Snakemake benchmark TSVs (sampled RSS)")
+    unsampled = [j["job"] for j in dag_jobs if j["stage"] in dag_steps and j.get("sampled") is False]
+    if unsampled:  # a job over before Snakemake's first samples: no CPU time, no peak
+        dag.update(records_per_s_per_core=None, unsampled_jobs=len(unsampled))
+    out = [dag]
     band_jobs = int(dd.get("band_jobs", 1))
     steps, dropped = compare_kalm(exact_parts, work / "compare" / "kalm", dd, band_jobs)
     out.append(line("kalm", steps, dropped, measured="os.wait4 per step"))
@@ -900,12 +906,16 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _fit(w1: float, y1: float, w2: float, y2: float) -> tuple[float, float]:
-    """y = a + b w through the two runs (b >= 0; one point or equal work: the larger value, flat)."""
+RSS_NOISE_MIB, RSS_NOISE_SHARE = 32.0, 0.10
+
+
+def _fit(w1: float, y1: float, w2: float, y2: float, noise: float = 0.0, share: float = 0.0) -> tuple[float, float]:
+    """y = a + b w through the two runs (b >= 0; one point, equal work, or a difference within the noise,
+    max(noise, share x the smaller value): the larger value, flat)."""
     if y1 is None or y2 is None:
         y = y2 if y2 is not None else y1
         return (y or 0.0), 0.0
-    if w2 == w1:
+    if w2 == w1 or abs(y2 - y1) <= max(noise, share * min(y1, y2)):
         return max(y1, y2), 0.0
     b = max((y2 - y1) / (w2 - w1), 0.0)
     return (y2 - b * w2), b
@@ -948,7 +958,8 @@ def summary(paths: list[str], args) -> str:
         lines += ["", f"## Extrapolation: {n_target:,.0f} {label} on SLURM", "",
                   f"input files {c['input_files']}, partitions {c['partitions']}, band jobs {c['band_jobs']}, "
                   f"embed shards {c['embed_shards']}, pools {c['pools']}; per job: peak RSS and seconds fitted "
-                  f"linearly in records per job between the two runs (one core per job, as measured).", "",
+                  f"linearly in records per job between the two runs (one core per job, as measured; RSS differences "
+                  f"within {RSS_NOISE_MIB:.0f} MiB or {RSS_NOISE_SHARE:.0%} taken as flat; '-': never sampled).", "",
                   "| stage | jobs | records/job | peak RSS/job GiB | hours/job | jobs x GiB | core-hours |",
                   "|---|---|---|---|---|---|---|"]
         total_h = 0.0
@@ -957,14 +968,15 @@ def summary(paths: list[str], args) -> str:
             if not a or not b:
                 continue
             jobs, work = _jobs_and_work(s, n_target, c)
-            ma, mb_ = _fit(a["work"], a["peak_rss_mib"], b["work"], b["peak_rss_mib"])
+            ma, mb_ = _fit(a["work"], a["peak_rss_mib"], b["work"], b["peak_rss_mib"], RSS_NOISE_MIB, RSS_NOISE_SHARE)
             sa_, sb_ = _fit(a["work"], a["seconds_per_job"], b["work"], b["seconds_per_job"])
-            floor = min(x for x in (a["peak_rss_mib"], b["peak_rss_mib"], float("inf")) if x is not None)
-            mem = max(ma + mb_ * work, 0.0 if floor == float("inf") else floor) / 1024  # never below a measured peak
+            peaks = [x for x in (a["peak_rss_mib"], b["peak_rss_mib"]) if x is not None]
+            mem = max(ma + mb_ * work, min(peaks)) / 1024 if peaks else None  # never below a measured peak
             hours = max(sa_ + sb_ * work, 0.0) / 3600
             total_h += jobs * hours
-            lines.append(f"| {s} | {jobs} | {work:,.0f} | {mem:.2f} | {hours:.2f} | {jobs * mem:.1f} | {jobs * hours:.1f} |")
-        lines.append(f"| total | | | | | | {total_h:.1f} |")
+            lines.append(f"| {s} | {jobs} | {work:,.0f} | {f(mem, '{:.2f}')} | {hours:.3g} | "
+                         f"{f(None if mem is None else jobs * mem)} | {jobs * hours:.3g} |")
+        lines.append(f"| total | | | | | | {total_h:.3g} |")
     t = tb.get("finetune")
     if t and t["seconds_per_job"]:
         steps = rb.get("steps") or 20

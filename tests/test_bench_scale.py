@@ -239,8 +239,11 @@ def test_summary_gives_ratios_and_a_linear_extrapolation(bs, tmp_path):
     # a job, 200 at 5000 -> 110 + 0.02 * 59,500 = 1300 MiB; seconds 1 + 0.002 * 59,500 = 120 s
     ext = out.split("6,000,000 fine-tuning examples")[1]
     row = next(line for line in ext.splitlines() if line.startswith("| minhash |"))
-    assert row.startswith("| minhash | 100 | 60,000 | 1.27 | 0.03 | 127.0 | 3.3 |"), row
+    assert row.startswith("| minhash | 100 | 60,000 | 1.27 | 0.0333 | 127.0 | 3.33 |"), row
     assert "470,000,000 pretraining pairs" in out and "s/step" in out
+    # a peak difference within the sampling noise is flat, not a slope to extrapolate
+    assert bs._fit(500, 150.0, 5000, 170.0, bs.RSS_NOISE_MIB, bs.RSS_NOISE_SHARE) == (170.0, 0.0)
+    assert bs._fit(500, 150.0, 5000, 600.0, bs.RSS_NOISE_MIB, bs.RSS_NOISE_SHARE) == (100.0, 0.1)
 
 
 @pytest.mark.slow
