@@ -56,6 +56,17 @@ def make_bilingual_sentences(n: int = 300, seed: int = 0) -> list[str]:
     return out
 
 
+def import_script(name: str):
+    """A module of scripts/ (the benchmarks and comparisons), imported for its tests."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def shared_tmp(tmp_path_factory) -> Path:
     """A folder of this test run that every pytest-xdist worker sees (each worker has its own basetemp
     below it); without xdist, the session's basetemp."""

@@ -27,12 +27,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 
 @pytest.fixture(scope="module")
 def bs():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_scale
-    finally:
-        sys.path.pop(0)
-    return bench_scale
+    from conftest import import_script
+
+    return import_script("bench_scale")
 
 
 @pytest.fixture(scope="module")

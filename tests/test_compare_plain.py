@@ -28,12 +28,9 @@ pytestmark = pytest.mark.skipif(not (SHARED / "csl" / "ts" / "dev.tsv").is_file(
 
 @pytest.fixture(scope="module")
 def cp():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import compare_plain
-    finally:
-        sys.path.pop(0)
-    return compare_plain
+    from conftest import import_script
+
+    return import_script("compare_plain")
 
 
 def test_the_split_holds_out_half_the_papers_and_never_trains_on_them(cp, tmp_path):
