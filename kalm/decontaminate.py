@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm.io import StageStats, atomic_path, read_json, read_jsonl, write_json
-from kalm.stage_io import merge_stage_stats, record_writer
+from kalm.io import StageStats, atomic_path, merge_stats, read_json, read_jsonl, write_json
+from kalm.shards import record_writer
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -506,7 +506,7 @@ def merge_reports(paths: list[str]) -> dict:
 def merge(stats_paths: list[str], report_paths: list[str], stats_out: str, report_out: str) -> dict:
     """Gather of the shard jobs: the stage's stats (counts summed, settings copied) and report."""
     report = merge_reports(report_paths)
-    stats = merge_stage_stats(stats_paths, SETTINGS)
+    stats = merge_stats(stats_paths, settings=SETTINGS)
     write_json(report_out, report)
     write_json(stats_out, stats)
     return stats

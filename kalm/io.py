@@ -127,17 +127,28 @@ class StageStats:
         write_json(path, self.as_dict())
 
 
-def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, **extra: Any) -> dict[str, Any]:
+def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, settings: Iterable[str] = (),
+                **extra: Any) -> dict[str, Any]:
     """The stats of one stage run as shard jobs, added up: ``in``, ``kept``, ``dropped`` and
     ``per_task`` are summed (so the funnel still adds up), numeric extras are summed too (so a
     shard's identifier belongs in a string extra, never a number), other extras are kept when
     every shard agrees; ``shards`` counts the inputs, ``seconds`` is the sum.
+
+    ``settings``: extras that are a run's settings (a threshold, ``negative_number``), not counters:
+    copied from the shards, which must all agree on them (else it is not one run's shards).
     """
     dicts = [read_json(p) for p in paths]
     if not dicts:
         raise ValueError("merge_stats: no shard stats to merge")
+    fixed: dict[str, Any] = {}
+    for key in settings:
+        values = [d.get(key) for d in dicts]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"merge stats: the shards disagree on {key!r} ({values[:4]}...): not one run's shards")
+        if key in dicts[0]:
+            fixed[key] = values[0]
     total = StageStats(stage or dicts[0]["stage"])
-    skip = {"stage", "in", "kept", "dropped", "per_task", "seconds"}
+    skip = {"stage", "in", "kept", "dropped", "per_task", "seconds", *fixed}
     merged_extra: dict[str, Any] = {}
     for d in dicts:
         total.n_in += d["in"]
@@ -161,6 +172,6 @@ def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, **
                 merged_extra[key] = None  # shards disagree: not a property of the whole stage
     total.check()
     out = total.as_dict()
-    out.update({k: v for k, v in merged_extra.items() if v is not None}, **extra, shards=len(dicts),
+    out.update({k: v for k, v in merged_extra.items() if v is not None}, **fixed, **extra, shards=len(dicts),
                seconds=round(sum(d.get("seconds", 0.0) for d in dicts), 3))
     return out

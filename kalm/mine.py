@@ -96,8 +96,8 @@ from pathlib import Path
 import numpy as np
 
 from kalm.embed import ShardedEmbeddings, add_instruction_args, mining_texts
-from kalm.io import StageStats, atomic_path, read_json, write_json
-from kalm.stage_io import merge_stage_stats, record_writer
+from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
+from kalm.shards import record_writer
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -608,8 +608,8 @@ def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], 
 
 
 def merge(stats_paths: list[str], stats_out: str) -> dict:
-    """Gather of the query shards' stats: counts summed, settings copied (kalm.stage_io.merge_stage_stats)."""
-    merged = merge_stage_stats(stats_paths, SETTINGS)
+    """Gather of the query shards' stats: counts summed, settings copied (kalm.io.merge_stats)."""
+    merged = merge_stats(stats_paths, settings=SETTINGS)
     write_json(stats_out, merged)
     return merged
 

@@ -21,6 +21,7 @@ JSON Lines), so stage code is the same for both.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -101,6 +102,28 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict], row_group_rows
     """Write ``records`` to one shard atomically; return how many were written."""
     with ShardWriter(path, row_group_rows) as w:
         return w.write_all(records)
+
+
+class _JsonlWriter:
+    def __init__(self, f):
+        self._f, self.rows = f, 0
+
+    def write(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+
+@contextlib.contextmanager
+def record_writer(path: str | os.PathLike) -> Iterator:
+    """A writer with ``.write(record)`` for a stage's output: a Parquet shard (``ShardWriter``, the
+    format between stages) when ``path`` ends with ``.parquet``, JSON Lines otherwise (hand use);
+    both atomic."""
+    if str(path).endswith(".parquet"):
+        with ShardWriter(path) as w:
+            yield w
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield _JsonlWriter(f)
 
 
 def _as_record(row: dict) -> dict:

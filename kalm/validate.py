@@ -35,7 +35,7 @@ import logging
 from pathlib import Path
 
 from kalm.io import StageStats, atomic_path
-from kalm.stage_io import record_writer
+from kalm.shards import record_writer
 from kalm.text import normalize_text
 
 try:  # faster JSON parsing (a dependency; records/s measured by scripts/bench_validate.py)
