@@ -732,7 +732,8 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
                             "passages": len(texts.positives) + sum(map(len, texts.negatives)),
                             "padded_negatives": texts.padded, "short_records": texts.short,
                             "false_negatives_masked": masked.false_negatives, "duplicates_masked": masked.duplicates,
-                            "samples_per_s": round(len(batch) / dt, 3), "tokens_per_s": round(tokens / dt, 1),
+                            "tokens": int(tokens), "samples_per_s": round(len(batch) / dt, 3),
+                            "tokens_per_s": round(tokens / dt, 1),
                             "elapsed_s": round(time.time() - t_start, 3)})
             if step == 1 or step % 10 == 0 or step == total:
                 log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])

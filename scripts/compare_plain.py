@@ -198,15 +198,19 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+FUNNEL_STATS = {"validate": f"work/data/finetune/validated/{TRAIN_TASK}.stats.json",
+                "dedup": "work/data/finetune/dedup.stats.json",
+                "decontaminate": "work/data/finetune/decontaminated.stats.json",
+                "mine": "work/data/finetune/mined.stats.json"}
+"""The stage gathers (`kalm shards merge-stats`) ours' training call builds beside models/soup: with the
+sharded data plane the soup needs only the per-shard stats, not these."""
+
+
 def funnel(folder: Path, cfg: dict) -> dict:
     """Records in and kept at each data stage of ours, with the reasons for drops."""
-    d = folder / "work" / "data" / "finetune"
-    stages = [("validate", d / "validated" / f"{TRAIN_TASK}.stats.json"),
-              ("dedup", d / ("dedup.stats.json")),
-              ("decontaminate", d / "decontaminated.stats.json"),
-              ("mine", d / "mined.stats.json")]
     out: dict[str, Any] = {}
-    for name, path in stages:
+    for name, rel in FUNNEL_STATS.items():
+        path = folder / rel
         if path.exists():
             s = _read_json(path)
             out[name] = {"in": s.get("in"), "kept": s.get("kept"), "dropped": s.get("dropped", {})}
@@ -222,17 +226,38 @@ def funnel(folder: Path, cfg: dict) -> dict:
     return out
 
 
+# Compute as token passes: a training step costs ~3 forward passes of its tokens (forward + backward,
+# Kaplan et al. 2020's 6N vs 2N FLOPs per token), an embedding (mining) pass 1. Both sides train the
+# same model at the same max_seq_length, so the ratio of token passes is the ratio of FLOPs.
+TRAIN_PASSES, EMBED_PASSES = 3, 1
+
+
+def count_tokens(model_spec: str, texts: list[str], max_seq_length: int) -> int:
+    """Non-padding tokens of ``texts`` as the model encodes them (special tokens in, cut at max_seq_length)."""
+    from transformers import AutoTokenizer
+
+    from kalm.modeling import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_spec))
+    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=max_seq_length)["input_ids"])
+
+
 def ours_texts_encoded(folder: Path, cfg: dict) -> dict:
-    """Texts the model encoded to build the soup: mining embeddings + each step's queries and passages."""
-    embed = sum(len(_read_json(p)) for p in (folder / "work" / "embed").glob("shard*.ids.json"))
-    train, queries, steps = 0, 0, []
+    """Texts (and tokens) the model encoded to build the soup: mining embeddings + each step's queries
+    and passages."""
+    embed_texts = [t for p in sorted((folder / "work" / "embed").glob("shard*.ids.json")) for t in _read_json(p)]
+    train, queries, steps, train_tokens = 0, 0, [], 0
     for r in range(cfg["finetune"]["runs"]):
         lines = (folder / "models" / "finetune" / f"run{r}.metrics.jsonl").read_text(encoding="utf-8").splitlines()
         metrics = [json.loads(line) for line in lines if line.strip()]
         steps.append(len(metrics))
         queries += sum(m.get("batch", 0) for m in metrics)
         train += sum(m.get("batch", 0) + m.get("passages", 0) for m in metrics)
-    return {"embed": embed, "train": train, "total": embed + train, "steps": steps, "queries": queries}
+        train_tokens += sum(m["tokens"] for m in metrics)
+    embed_tokens = count_tokens(cfg["base_model"], embed_texts, cfg["max_seq_length"])
+    return {"embed": len(embed_texts), "train": train, "total": len(embed_texts) + train, "steps": steps,
+            "queries": queries, "embed_tokens": embed_tokens, "train_tokens": train_tokens,
+            "token_passes": EMBED_PASSES * embed_tokens + TRAIN_PASSES * train_tokens}
 
 
 def _tree_mtime(folder: Path) -> float:
@@ -257,7 +282,8 @@ def run_ours(args: argparse.Namespace, work: Path, split: dict, overrides) -> tu
     (folder / "config.yaml").write_text("# Written by scripts/compare_plain.py from " + str(args.config) + "\n"
                                         + yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     print(f"ours: snakemake models/soup in {folder} ...", file=sys.stderr, flush=True)
-    train_s = run_snakemake(folder, ["models/soup"], args.threads, folder / "snakemake.train.log")
+    train_s = run_snakemake(folder, ["models/soup", *FUNNEL_STATS.values()], args.threads,
+                            folder / "snakemake.train.log")
     print(f"ours: trained in {train_s:.1f} s; evaluating ...", file=sys.stderr, flush=True)
     built = _tree_mtime(folder / "models")
     # --rerun-triggers mtime: only evaluate what was just trained, even if the workflow's code changed
@@ -275,7 +301,7 @@ def run_ours(args: argparse.Namespace, work: Path, split: dict, overrides) -> tu
                {".".join(k): v for k, v in overrides}, "eval_wall_s": round(eval_s, 2)}
     ours = {"side": "ours", "model": "models/soup", **score_of(folder / "results/mteb/zh" / f"{TASK}.kalm.json"),
             "train_wall_s": round(train_s, 2), "steps_x_batch": sizes,
-            "train_queries": texts["queries"], "texts_encoded": texts["total"],
+            "train_queries": texts["queries"], "texts_encoded": texts["total"], "token_passes": texts["token_passes"],
             "texts_encoded_detail": texts}
     base = {"side": "base", "model": cfg["base_model"],
             **score_of(folder / "results/baseline/mteb/zh" / f"{TASK}.kalm.json"),
@@ -310,14 +336,15 @@ def plain_child(spec_path: Path) -> None:
     device = "cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu"
     model = load_embedding_model(spec["model"], max_seq_length=spec["max_seq_length"], device=device,
                                  pooling=spec["pooling"])
-    counts = {"texts": 0, "steps": 0}
+    counts = {"texts": 0, "steps": 0, "tokens": 0}
 
     class CountingMNRL(MultipleNegativesRankingLoss):
-        """MNRL that counts the texts it encodes (every column of every batch)."""
+        """MNRL that counts the texts and non-padding tokens it encodes (every column of every batch)."""
 
         def forward(self, sentence_features, labels):
             sentence_features = list(sentence_features)
             counts["texts"] += sum(int(f["input_ids"].shape[0]) for f in sentence_features)
+            counts["tokens"] += sum(int(f["attention_mask"].sum()) for f in sentence_features)
             counts["steps"] += 1
             return super().forward(sentence_features, labels)
 
@@ -341,6 +368,7 @@ def plain_child(spec_path: Path) -> None:
     out = trainer.train()
     model.save(str(Path(spec["out"]) / "model"))
     result = {"steps": trainer.state.global_step, "loss_steps": counts["steps"], "texts_encoded": counts["texts"],
+              "tokens": counts["tokens"],
               "train_runtime_s": out.metrics.get("train_runtime"), "loss_first": losses[0] if losses else None,
               "loss_last": losses[-1] if losses else None, "records": len(records),
               "process_wall_s": round(time.time() - t0, 2)}
@@ -378,7 +406,8 @@ def run_plain(args: argparse.Namespace, work: Path, split: dict, cfg: dict) -> t
     row = {"side": "plain", "model": str(folder / "model"), **score,
            "train_wall_s": round(wall, 2),
            "steps_x_batch": f"{res['steps']}x{round(res['texts_encoded'] / 2 / max(1, res['loss_steps']))}",
-           "train_queries": res["texts_encoded"] // 2, "texts_encoded": res["texts_encoded"]}
+           "train_queries": res["texts_encoded"] // 2, "texts_encoded": res["texts_encoded"],
+           "token_passes": TRAIN_PASSES * res["tokens"]}
     return row, {"train": res, "spec": spec}
 
 
@@ -444,14 +473,17 @@ def evaluate(args: argparse.Namespace, work: Path, cfg: dict, model: str, name: 
 def markdown(rows: list[dict], split: dict, details: dict) -> str:
     lines = [f"CSL title -> abstract, {split['held_out']} held-out papers (queries = their titles, corpus = their "
              f"abstracts), {split['train']} training pairs; split fingerprint {split['fingerprint']}.", "",
-             "| side | instruction | nDCG@10 (held out) | train wall s | steps x batch | texts encoded |",
-             "|---|---|---:|---:|---|---:|"]
+             "| side | instruction | nDCG@10 (held out) | train wall s | steps x batch | texts encoded "
+             "| compute (M token-passes) |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
         side = r["side"] + (" (earlier run)" if r.get("earlier_run") else "")
         instr = "task's" if r.get("instruction") else "none"
         wall = f"{r['train_wall_s']:.1f}" if r.get("train_wall_s") else "-"
         texts = f"{r['texts_encoded']:,}" if r.get("texts_encoded") else "-"
-        lines.append(f"| {side} | {instr} | {100 * r['ndcg_at_10']:.2f} | {wall} | {r['steps_x_batch']} | {texts} |")
+        compute = f"{r['token_passes'] / 1e6:.2f}" if r.get("token_passes") else "-"
+        lines.append(f"| {side} | {instr} | {100 * r['ndcg_at_10']:.2f} | {wall} | {r['steps_x_batch']} | {texts} "
+                     f"| {compute} |")
     ours = details.get("ours") or {}
     if ours.get("funnel"):
         f = ours["funnel"]

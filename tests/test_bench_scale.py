@@ -150,6 +150,22 @@ def test_the_config_follows_the_options_and_is_valid(bs, corpus):
     assert bs.default_band_jobs(64, 0.9, 128) == 9 and bs.default_band_jobs(2, 0.9, 128) == 2
 
 
+def test_the_tiny_model_is_minilm_shrunk_and_becomes_the_base_model(bs, corpus, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    path = bs.build_tiny_model(tmp_path / "tiny", seed=0)
+    model = SentenceTransformer(str(path), device="cpu")
+    emb = model.encode(["a question about a town", "一个关于小镇的问题"], normalize_embeddings=False)
+    assert emb.shape == (2, 128) and abs(float((emb ** 2).sum(axis=1).max()) - 1.0) < 1e-4  # Normalize module
+    backbone = model[0].auto_model.config
+    assert (backbone.num_hidden_layers, backbone.hidden_size) == (2, 128) and model.max_seq_length == 64
+    # the same weights for the same seed, so two runs of the benchmark embed alike
+    again = SentenceTransformer(str(bs.build_tiny_model(tmp_path / "again", seed=0)), device="cpu")
+    assert (again.encode(["a question about a town", "一个关于小镇的问题"], normalize_embeddings=False) == emb).all()
+    _, m = corpus
+    assert bs.build_config(m, 2, 2, base_model=str(path))["base_model"] == str(path)
+
+
 def test_dry_run_plans_the_sharded_dag(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--records", "300", "--work", str(tmp_path / "w"),
                           "--partitions", "3", "--input-shards", "2", "--dry-run"],

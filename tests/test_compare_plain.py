@@ -98,8 +98,15 @@ def test_a_tiny_comparison_runs_both_sides_and_reports_them(tmp_path):
         assert r["metric"] == "ndcg_at_10" and 0 <= r["ndcg_at_10"] <= 1
     ours, plain = by[("ours", True)], by[("plain", False)]
     assert ours["train_wall_s"] > 0 and plain["train_wall_s"] > 0
-    assert ours["texts_encoded_detail"]["steps"] == [2, 2] and plain["steps_x_batch"].startswith("3x")
+    assert ours["texts_encoded_detail"]["steps"] == [2] and plain["steps_x_batch"].startswith("3x")
+    funnel = json.loads((work / "details.json").read_text(encoding="utf-8"))["ours"]["funnel"]
+    assert list(funnel) == ["validate", "dedup", "decontaminate", "mine", "finetune_runs"]  # every stage's gather
+    assert funnel["validate"]["in"] == funnel["validate"]["kept"] + sum(funnel["validate"]["dropped"].values())
     assert plain["texts_encoded"] == 2 * plain["train_queries"]  # anchors and positives, no negatives
+    # compute: 3 passes (forward + backward) per training token, 1 per mining token
+    detail = ours["texts_encoded_detail"]
+    assert ours["token_passes"] == 3 * detail["train_tokens"] + detail["embed_tokens"] > 0
+    assert plain["token_passes"] % 3 == 0 and plain["token_passes"] > 3 * plain["texts_encoded"]
     # plain trained (after a warm-up step at lr 0), and was scored without instruction like the base row
     assert plain["ndcg_at_10"] != by[("base", False)]["ndcg_at_10"]
     assert "| ours | task's |" in res.stdout and "| plain | none |" in res.stdout

@@ -207,6 +207,12 @@ def test_metrics_carry_every_loss_term_and_the_stats_count_padding(tmp_path, tin
             assert isinstance(m[key], float) and m[key] > 0, key
         assert abs(m["loss"] - m["loss_dim64"] - 0.3 * m["loss_dim16"]) < 1e-5 and m["loss_focal"] < m["loss_infonce"]
         assert m["padded_negatives"] == 2 and m["short_records"] == 0
+    # non-padding tokens encoded in a step (6 queries + 6 x 4 passages): what compute is counted in
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    texts = [r["query"] for r in recs] + [t for r in recs for t in r["pos"] + r["neg"]]
+    assert min(m["tokens"] for m in lines) >= sum(len(tok(t)["input_ids"]) for t in texts)  # + the 2 pads
     stats = json.loads((tmp_path / "m.stats.json").read_text())
     assert stats["in"] == stats["kept"] == 6 and stats["records_short_of_negatives"] == 1
     assert stats["negatives_padded_random"] == 4 and stats["few_negatives"] == "pad_random" and stats["steps"] == 2
