@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success."""
@@ -30,6 +36,9 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create 0600/0700: give the output the mode a plain open() would (umask applied),
+        # or teammates sharing a cluster project could not read it
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -58,7 +58,7 @@ def test_set_overrides_the_recipe_and_bad_keys_are_refused_before_anything_runs(
     assert cfg["mine"]["range_for_sampling"] == [10, 60] and cfg["mine"]["margin_ratio"] is None
     assert list(cfg["data"]["finetune"]) == ["csl_title_abstract"]  # CSL only, no STS-B
     assert cfg["eval"]["languages"] == {"zh": ["CSLTitleAbstract"]}
-    assert cfg["max_seq_length"] == 256 and cfg["finetune"]["runs"] == 1 and cfg["finetune"]["max_steps"] == 24
+    assert cfg["max_seq_length"] == 256 and cfg["finetune"]["runs"] == 1 and cfg["finetune"]["max_steps"] == 44
     with pytest.raises(SystemExit, match="finetune"):
         cp.ours_config(ROOT / "config/csl_compare.yaml", cp.parse_set(["finetune.learning_rate=5e-5"]), split)
     with pytest.raises(SystemExit, match="key.path=value"):
