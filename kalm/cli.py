@@ -52,8 +52,34 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     result = args.func(args)
+    log_usage(command)
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+USAGE_LINE = "kalm {command}: peak RSS {rss:.1f} MiB, CPU {cpu:.2f} s"
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: ``VmHWM`` of /proc/self/status on Linux (the high-water mark of the
+    address space exec gave it), else ``getrusage``, whose ``ru_maxrss`` Linux can carry over from the
+    parent that forked the process (a job started by a large process would report that one's peak)."""
+    import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_usage(command: str | None) -> None:
+    """One line in the job's log with the process's exact peak memory and CPU time: what to size a SLURM
+    ``mem_mb`` from (Snakemake's ``benchmark:`` samples RSS, and misses jobs under a second)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    logging.getLogger("kalm.cli").info(USAGE_LINE.format(command=command, rss=peak_rss_mib(),
+                                                         cpu=ru.ru_utime + ru.ru_stime))

@@ -81,6 +81,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -602,6 +603,17 @@ def read_benchmark(path: Path) -> dict:
     return rows[0] if rows else {}
 
 
+_USAGE = re.compile(r"kalm \S+: peak RSS ([0-9.]+) MiB, CPU ([0-9.]+) s")  # kalm.cli.USAGE_LINE
+
+
+def job_usage(log: Path) -> tuple[float, float] | None:
+    """(peak RSS MiB, CPU s) from the line every kalm command logs at its end (kalm.cli.log_usage)."""
+    if not log.is_file():
+        return None
+    found = _USAGE.findall(log.read_text(encoding="utf-8", errors="replace")[-4000:])
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
+
+
 def collect_jobs(work: Path) -> list[dict]:
     """One dict per benchmark TSV under WORK/benchmarks (module docstring, step 4), in path order."""
     out = []
@@ -617,7 +629,10 @@ def collect_jobs(work: Path) -> list[dict]:
         job = {"stage": stage, "job": "/".join(rest) or stage, "records": job_records(work, rule, rest),
                "peak_rss_mib": None if rss is None else round(rss, 1), "seconds": _num(row.get("s")),
                "cpu_seconds": cpu}
-        if rss is None or not cpu:  # no sample saw the job's own process (over before the first ones)
+        usage = job_usage(work / "logs" / tsv.relative_to(bench).with_suffix(".log"))
+        if usage is not None:  # the job's own getrusage: exact, however short the job
+            job.update(peak_rss_mib=round(usage[0], 1), cpu_seconds=round(usage[1], 2), peak_rss="getrusage")
+        elif rss is None or not cpu:  # no sample saw the job's own process (over before the first ones)
             job["sampled"] = False
         out.append(job)
     return sorted(out, key=lambda j: (_order(j["stage"]), _natural(j["job"])))

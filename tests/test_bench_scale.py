@@ -233,6 +233,34 @@ def test_jobs_come_from_the_benchmark_tsvs_and_the_stats(bs, tmp_path):
     assert jobs["near_buckets"]["records"] == 9 and jobs["near_buckets"]["peak_rss_mib"] is None
     assert jobs["near_buckets"]["sampled"] is False
     assert jobs["finetune"]["job"] == "finetune_run0" and jobs["finetune"]["records"] == 9
+    # a job's log line from kalm itself (kalm.cli.log_usage) is exact: it replaces the sampled peak
+    log = w / "logs/near_buckets/finetune/0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("... INFO kalm.cli: " + bs_usage_line("dedup", 41.25, 0.31) + "\n")
+    bucket = next(j for j in bs.collect_jobs(w) if j["stage"] == "near_buckets")
+    assert bucket["peak_rss_mib"] == 41.2 and bucket["cpu_seconds"] == 0.31 and bucket["peak_rss"] == "getrusage"
+    assert "sampled" not in bucket
+
+
+def bs_usage_line(command: str, rss: float, cpu: float) -> str:
+    from kalm.cli import USAGE_LINE
+
+    return USAGE_LINE.format(command=command, rss=rss, cpu=cpu)
+
+
+def test_every_kalm_command_logs_its_exact_peak_memory(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"stage": "x", "in": 1, "kept": 1, "dropped": {}}))
+    # started straight from this pytest process (torch and models loaded: far above 500 MiB), whose
+    # high-water mark Linux's getrusage would hand on to the child
+    res = subprocess.run([sys.executable, "-m", "kalm", "shards", "merge-stats", "--out", str(tmp_path / "m.json"),
+                          str(tmp_path / "a.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    log = tmp_path / "job.log"
+    log.write_text(res.stderr)
+    from conftest import import_script
+
+    rss, cpu = import_script("bench_scale").job_usage(log)
+    assert 20 < rss < 500 and cpu > 0
 
 
 def _run_lines(path: Path, n: int, peak: float, seconds: float, partitions: int = 2) -> Path:
