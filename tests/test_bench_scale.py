@@ -238,7 +238,7 @@ def test_jobs_come_from_the_benchmark_tsvs_and_the_stats(bs, tmp_path):
     log.parent.mkdir(parents=True)
     log.write_text("... INFO kalm.cli: " + bs_usage_line("dedup", 41.25, 0.31) + "\n")
     bucket = next(j for j in bs.collect_jobs(w) if j["stage"] == "near_buckets")
-    assert bucket["peak_rss_mib"] == 41.2 and bucket["cpu_seconds"] == 0.31 and bucket["peak_rss"] == "getrusage"
+    assert bucket["peak_rss_mib"] == 41.2 and bucket["cpu_seconds"] == 0.31 and bucket["peak_rss"] == "kalm_log"
     assert "sampled" not in bucket
 
 
