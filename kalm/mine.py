@@ -191,6 +191,27 @@ def key_hash(text: str) -> int:
                           "little", signed=True)
 
 
+TEXTS_FILE = "texts.arrow"  # a pool shard's texts: Arrow IPC, uncompressed, so that mining memory-maps it
+
+
+def write_texts(path: Path, texts: list[str], raw: list[str], batch: int = 65536) -> None:
+    """A pool shard's encoder-side and raw texts as an Arrow IPC file (large strings: no 2 GiB limit)."""
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.large_string()), ("raw", pa.large_string())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(texts), batch):
+            writer.write_batch(pa.record_batch([pa.array(texts[start:start + batch], pa.large_string()),
+                                                pa.array(raw[start:start + batch], pa.large_string())], schema=schema))
+
+
+def read_texts(path: Path, column: str = "raw"):
+    """A column of :func:`write_texts`'s file, memory-mapped (file-backed pages, no copy)."""
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all().column(column)
+
+
 class PoolBuilder:
     """Collects a pool's candidate passages: each distinct encoder-side text once, with the raw text
     of its first occurrence in input order (smallest record id, then place in the record)."""
@@ -209,9 +230,6 @@ class PoolBuilder:
         numbers and everything drawn from them are the same whatever the sharding), their key hashes,
         their vectors (gathered from the embedding shards: ``store``, or the ``embeddings`` files read
         for these texts only) and, for ``ivf`` / ``hnsw``, the index, trained and filled once."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         texts = sorted(self.entries)
         raw = [self.entries[t][1] for t in texts]
         self.entries = {}
@@ -219,7 +237,7 @@ class PoolBuilder:
             store = ShardedEmbeddings(embeddings or [], texts=set(texts))
         cfg = index_cfg or IndexConfig()
         with atomic_path(folder, is_dir=True) as tmp:
-            pq.write_table(pa.table({"text": texts, "raw": raw}), tmp / "texts.parquet", compression="zstd")
+            write_texts(tmp / TEXTS_FILE, texts, raw)
             np.save(tmp / "keys.npy", np.fromiter((key_hash(r) for r in raw), dtype=np.int64, count=len(raw)))
             vecs = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=store.dtype,
                                              shape=(len(texts), store.dim))
@@ -239,16 +257,14 @@ class PoolBuilder:
 
 
 class Pool:
-    """A pool written by :meth:`PoolBuilder.save`, loaded for mining: raw texts (Arrow memory, not Python
-    strings), key hashes, memory-mapped vectors."""
+    """One shard of a pool written by :meth:`PoolBuilder.save`, loaded for mining: raw texts and vectors
+    memory-mapped, key hashes in memory (8 bytes a passage)."""
 
     def __init__(self, folder: str | Path):
-        import pyarrow.parquet as pq
-
         self.folder = Path(folder)
         self.meta = read_json(self.folder / "meta.json")
-        self.raw_column = pq.read_table(self.folder / "texts.parquet", columns=["raw"]).column("raw").combine_chunks()
-        self.keys = np.load(self.folder / "keys.npy")
+        self.raw_column = read_texts(self.folder / TEXTS_FILE)
+        self.keys = np.load(self.folder / "keys.npy", mmap_mode="r")
         self.store = np.load(self.folder / "vectors.npy", mmap_mode="r")
         self.size = len(self.keys)
 
@@ -274,6 +290,113 @@ class Pool:
             return to_gpu(index, cfg, k)
         return build_index(self.store, IndexConfig(**{**cfg.__dict__, "type": "flat" if cfg.type in ("ivf", "hnsw")
                                                       else cfg.type}), k=k)
+
+
+RANGES_FILE = "ranges.json"  # a pool's text ranges: which shard folder (shard{j}) holds which passages
+
+
+def shard_folder(pool_dir: str | Path, shard: int) -> Path:
+    return Path(pool_dir) / f"shard{shard}"
+
+
+class PoolShards:
+    """A task's whole pool as its text-range shards (``shard{j}`` under the pool's folder, ``ranges.json``):
+    global row = the shard's offset + its row, the same rows as one unsharded pool (the shards are
+    consecutive ranges of the sorted texts). Searched one shard at a time (:meth:`search`), so a mine job
+    holds one shard's index, never the pool's; texts and vectors are memory-mapped, the key hashes of
+    every shard (8 bytes a passage) are in memory for the exclusion checks and random pads."""
+
+    def __init__(self, folder: str | Path, cfg: IndexConfig, index_k: int):
+        self.folder, self.cfg, self.index_k = Path(folder), cfg, index_k
+        self.ranges = read_json(self.folder / RANGES_FILE)
+        self.shards = [Pool(shard_folder(folder, j)) for j in range(self.ranges["shards"])]
+        self.offsets = np.cumsum([0] + [p.size for p in self.shards])
+        self.size = int(self.offsets[-1])
+        self.keys = np.concatenate([np.asarray(p.keys) for p in self.shards]) if self.shards else np.zeros(0, np.int64)
+        self.dim = next((int(p.meta["dim"]) for p in self.shards if p.size), 0)
+        self._cached: tuple[int, object] | None = None  # one shard: its index stays loaded across tasks
+
+    def _shard_rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        return which, rows - self.offsets[which]
+
+    def raw(self, x: int) -> str:
+        j = int(np.searchsorted(self.offsets, x, side="right") - 1)
+        return self.shards[j].raw(x - int(self.offsets[j]))
+
+    def vectors(self, rows) -> np.ndarray:
+        which, local = self._shard_rows(rows)
+        out = np.empty((len(local), self.dim), dtype=np.float32)
+        for j in np.unique(which):
+            sel = np.nonzero(which == j)[0]
+            out[sel] = self.shards[j].vectors(local[sel])
+        return out
+
+    def _index(self, j: int):
+        if self._cached is not None and self._cached[0] == j:
+            return self._cached[1]
+        self._cached = None
+        index = self.shards[j].index(self.cfg, self.index_k)
+        if len(self.shards) == 1:
+            self._cached = (j, index)
+        return index
+
+    def search(self, query_vecs: np.ndarray, k: int, batch: int = 4096) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, the ``k`` best rows of the whole pool and their exact scores, ranked by score, then
+        row: each shard's best ``k`` (:func:`search_rescored`), merged. With exact (flat) indexes this is
+        the unsharded result; ivf / hnsw approximate each shard on its own (an index per shard)."""
+        best = [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(query_vecs))]
+        for j, shard in enumerate(self.shards):
+            if not shard.size:
+                continue
+            t = time.time()
+            index = self._index(j)
+            offset = int(self.offsets[j])
+            for start in range(0, len(query_vecs), batch):
+                found = search_rescored(index, shard, query_vecs[start:start + batch], min(k, shard.size))
+                for q, (ids, scores) in enumerate(found, start):
+                    if len(self.shards) == 1:
+                        best[q] = (ids + offset, scores)
+                        continue
+                    all_ids = np.concatenate([best[q][0], ids + offset])
+                    all_scores = np.concatenate([best[q][1], scores])
+                    order = np.lexsort((all_ids, -all_scores))[:k]
+                    best[q] = (all_ids[order], all_scores[order])
+            del index
+            log.info("searched pool shard %d/%d (%d passages) for %d queries in %.1f s", j, len(self.shards),
+                     shard.size, len(query_vecs), time.time() - t)
+        return best
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit hash of an encoder-side text (the pool's bottom-k sample orders texts by it)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def sample_boundaries(texts, shards: int, per_shard: int = 1000) -> list[str]:
+    """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
+    numbers of distinct texts: quantiles of a bottom-k sample (the ``per_shard x shards`` distinct texts of
+    smallest :func:`text_hash`), which depends on the set of texts only, not on their order or on how the
+    input is split. The ranges only balance the shards: the mined records do not depend on them."""
+    import heapq
+
+    if shards <= 1:
+        return []
+    k = per_shard * shards
+    heap: list[tuple[int, str]] = []  # (-hash, text): the largest kept hash on top
+    kept: set[int] = set()
+    for text in texts:
+        h = text_hash(text)
+        if h in kept or (len(heap) == k and h >= -heap[0][0]):
+            continue
+        kept.add(h)
+        if len(heap) == k:
+            kept.discard(-heapq.heapreplace(heap, (-h, text))[0])
+        else:
+            heapq.heappush(heap, (-h, text))
+    sample = sorted(t for _, t in heap)
+    return [sample[(j * len(sample)) // shards] for j in range(1, shards)] if sample else []
 
 
 def pool_name(task: str, pool: str) -> str:
@@ -396,18 +519,20 @@ def record_rng(rec: dict, s: MineSettings, task: str, i: int) -> random.Random:
     return random.Random(f"{s.seed}:{rec['id']}" if "id" in rec else f"{s.seed}:{task}:{i}")
 
 
-def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: Pool, index,
+def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: PoolShards,
                  store: ShardedEmbeddings, s: MineSettings, stats: StageStats) -> list[dict]:
     """Mine negatives for ``records`` (one task) whose encoder-side texts are ``texts``; ``store`` holds
-    the vectors of the records' own texts, ``pool`` those of the candidates."""
+    the vectors of the records' own texts, ``pool`` those of the candidates. Every query is searched
+    first (pool shard by shard: one shard's index in memory), then each record is mined."""
     task = records[0]["task"]
     lo, hi = s.window
     k = s.search_k(pool.size)
+    all_query_vecs = store.vectors([q for q, _ in texts])  # this shard's queries of the task: n x dim float32
+    all_found = pool.search(all_query_vecs, k, s.query_batch)
     out = []
     for start in range(0, len(records), s.query_batch):
         recs, txts = records[start:start + s.query_batch], texts[start:start + s.query_batch]
-        query_vecs = store.vectors([q for q, _ in txts])
-        found = search_rescored(index, pool, query_vecs, k)
+        query_vecs, found = all_query_vecs[start:start + s.query_batch], all_found[start:start + s.query_batch]
         for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
             rng = record_rng(rec, s, task, start + j)
             pos_scores = exact_scores(store.vectors(passages[:len(rec["pos"])]), query_vecs[j])
@@ -517,38 +642,100 @@ def task_counts(paths) -> dict[str, int]:
     return dict(counts)
 
 
-def build_pools(inputs, mine_tasks: dict[str, bool], pool: str = "task", only: str | None = None,
-                query_instruction: bool = True, passage_instruction: str = "symmetric") -> dict[str, PoolBuilder]:
-    """The candidate pools of the mined tasks of ``inputs`` (all records, streamed): {pool name: builder};
-    ``only``: just that pool (one mine_index job)."""
+def _pool_passages(inputs, mine_tasks: dict[str, bool], pool: str, only: str | None, query_instruction: bool,
+                   passage_instruction: str):
+    """(pool name, encoder-side text, raw text, order) of every candidate passage of the mined tasks of
+    ``inputs`` (``only``: of that pool), streamed; ``order`` (record id, place) picks a text's first raw form."""
     if pool not in ("task", "global"):
         raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
     tasks = {t for t in mine_tasks if only is None or pool_name(t, pool) == only}
-    pools: dict[str, PoolBuilder] = {}
     for n, rec in enumerate(iter_task_records(inputs, tasks, RECORD_COLUMNS)):
         task = rec["task"]
         _, passages = mining_texts(rec, mine_tasks[task], query_instruction, passage_instruction)
-        b = pools.setdefault(pool_name(task, pool), PoolBuilder())
         rid = rec.get("id", n)
         for i, (formatted, raw) in enumerate(zip(passages, rec["pos"] + rec.get("neg", []))):
-            b.add(formatted, raw, (rid, i))
+            yield pool_name(task, pool), formatted, raw, (rid, i)
+
+
+def pool_ranges(inputs, mine_tasks: dict[str, bool], shards: int, pool: str = "task", only: str | None = None,
+                query_instruction: bool = True, passage_instruction: str = "symmetric") -> dict[str, list[str]]:
+    """{pool name: the ``shards - 1`` text boundaries of its shards} (:func:`sample_boundaries`)."""
+    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
+    if shards <= 1:
+        return {name: [] for name in names}
+    out = {}
+    for name in names:  # one pass per pool: one sample alive at a time
+        texts = (f for n, f, _, _ in _pool_passages(inputs, mine_tasks, pool, name, query_instruction,
+                                                    passage_instruction) if n == name)
+        out[name] = sample_boundaries(texts, shards)
+    return out
+
+
+def write_ranges(inputs, mine_tasks: dict[str, bool], pools_dir: str, shards: int, *, pool: str = "task",
+                 only: str | None = None, settings: MineSettings | None = None) -> dict[str, list[str]]:
+    """``kalm mine --step ranges``: each pool's ``ranges.json`` (``only``: one pool's)."""
+    s = settings or MineSettings()
+    if shards < 1:
+        raise ValueError(f"pool shards must be >= 1, got {shards}")
+    ranges = pool_ranges(inputs, mine_tasks, shards, pool, only, s.query_instruction, s.passage_instruction)
+    if only is not None:
+        ranges.setdefault(only, [])  # a pool without records: its empty shards
+    for name, bounds in ranges.items():
+        write_json(Path(pools_dir) / name / RANGES_FILE, {"pool": name, "shards": shards, "boundaries": bounds,
+                                                         "rule": "shard j holds the texts t with "
+                                                                 "boundaries[j-1] <= t < boundaries[j]"})
+    return ranges
+
+
+def shard_of_text(text: str, boundaries: list[str]) -> int:
+    """The pool shard whose text range holds ``text`` (ranges.json's rule)."""
+    import bisect
+
+    return bisect.bisect_right(boundaries, text)
+
+
+def build_pools(inputs, mine_tasks: dict[str, bool], pool: str = "task", only: str | None = None,
+                query_instruction: bool = True, passage_instruction: str = "symmetric",
+                ranges: dict[str, list[str]] | None = None, shard: int | None = None) -> dict[tuple[str, int], PoolBuilder]:
+    """The candidate pools of the mined tasks of ``inputs`` (all records, streamed): {(pool name, shard):
+    builder}, split by ``ranges`` ({pool: boundaries}; None: one shard each); ``only``: just that pool,
+    ``shard``: just that text range of it (one mine_index job)."""
+    pools: dict[tuple[str, int], PoolBuilder] = {}
+    for name, formatted, raw, order in _pool_passages(inputs, mine_tasks, pool, only, query_instruction,
+                                                      passage_instruction):
+        j = shard_of_text(formatted, ranges[name]) if ranges else 0
+        if shard is None or j == shard:
+            pools.setdefault((name, j), PoolBuilder()).add(formatted, raw, order)
     return pools
 
 
 def write_pools(inputs, shard_paths: list[str], mine_tasks: dict[str, bool], pools_dir: str, *, pool: str = "task",
-                only: str | None = None, index: IndexConfig | None = None, settings: MineSettings | None = None) -> list[str]:
-    """``kalm mine --step pool``: build and save the pools (``only``: one of them) under ``pools_dir``."""
+                only: str | None = None, shard: int | None = None, index: IndexConfig | None = None,
+                settings: MineSettings | None = None) -> list[str]:
+    """``kalm mine --step pool``: build and save the pool shards (``only``: one pool; ``shard``: one of its
+    text ranges) under ``pools_dir``, split by the pools' ``ranges.json`` (:func:`write_ranges`; without
+    one: a single shard, its ranges.json written here)."""
     s = settings or MineSettings()
     k = s.search_k(10**18) + RESCORE_EXTRA
-    names = []
-    for name, b in sorted(build_pools(inputs, mine_tasks, pool, only, s.query_instruction, s.passage_instruction).items()):
-        n = b.save(Path(pools_dir) / name, None, shard_paths, index, k, name)
-        log.info("pool %s: %d passages", name, n)
-        names.append(name)
-    if only is not None and not names:  # a task without records still gets its (empty) pool folder
-        PoolBuilder().save(Path(pools_dir) / only, ShardedEmbeddings(shard_paths, texts=set()), None, index, k, only)
-        names.append(only)
-    return names
+    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
+    ranges = {}
+    for name in names:
+        f = Path(pools_dir) / name / RANGES_FILE
+        if not f.exists():
+            write_ranges(inputs, mine_tasks, pools_dir, 1, pool=pool, only=name, settings=s)
+        ranges[name] = read_json(f)
+        if shard is not None and not 0 <= shard < ranges[name]["shards"]:
+            raise ValueError(f"{f}: pool {name} has {ranges[name]['shards']} shards, no shard {shard}")
+    builders = build_pools(inputs, mine_tasks, pool, only, s.query_instruction, s.passage_instruction,
+                           {n: r["boundaries"] for n, r in ranges.items()}, shard)
+    written = []
+    for name in names:
+        for j in range(ranges[name]["shards"]) if shard is None else [shard]:
+            b = builders.pop((name, j), PoolBuilder())  # a range without passages: an empty shard
+            n = b.save(shard_folder(Path(pools_dir) / name, j), None, shard_paths, index, k, f"{name}/shard{j}")
+            log.info("pool %s shard %d/%d: %d passages", name, j, ranges[name]["shards"], n)
+            written.append(f"{name}/shard{j}")
+    return written
 
 
 def _new_stats(s: MineSettings, pool: str, index_cfg: IndexConfig) -> StageStats:
@@ -568,8 +755,8 @@ def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], 
     """``kalm mine --step apply``: mine one query shard against its tasks' whole pools (from ``pools_dir``).
 
     Memory: one task's records of this shard at a time, the vectors of their own texts (only those are
-    looked up in the embedding shards), and one pool (raw texts, key hashes, memory-mapped vectors) with
-    its index."""
+    looked up in the embedding shards), and one pool (memory-mapped texts and vectors, 8 bytes of key
+    hash a passage) with the index of one of its shards at a time (``mine.pool_shards``)."""
     s.check()
     if pool not in ("task", "global"):
         raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
@@ -578,7 +765,7 @@ def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], 
     counts = task_counts(input_path)
     mined = sorted(t for t in counts if t in mine_tasks)
     k = s.search_k(10**18)  # the index's k before the pool size caps it (HNSW efSearch, faiss-gpu's limit)
-    loaded: tuple[str, Pool, object] | None = None
+    loaded: tuple[str, PoolShards] | None = None
     with record_writer(out_path) as out:
         for task in mined:
             recs = list(iter_task_records(input_path, {task}, RECORD_COLUMNS))
@@ -587,13 +774,12 @@ def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], 
             store = ShardedEmbeddings(shard_paths, texts={t for q, ps in texts for t in (q, *ps)})
             name = pool_name(task, pool)
             if loaded is None or loaded[0] != name:
-                loaded = None  # one pool and index alive at a time
-                t = time.time()
-                p = Pool(Path(pools_dir) / name)
-                loaded = (name, p, p.index(index_cfg, k + RESCORE_EXTRA))
-                log.info("index %s over %d passages (%s) in %.1f s", index_cfg.type, p.size, name, time.time() - t)
+                loaded = None  # one pool alive at a time
+                loaded = (name, PoolShards(Path(pools_dir) / name, index_cfg, k + RESCORE_EXTRA))
+                log.info("pool %s: %d passages in %d shards (%s index)", name, loaded[1].size,
+                         len(loaded[1].shards), index_cfg.type)
             log.info("mining %s: %d records", task, len(recs))
-            for rec in mine_records(recs, texts, loaded[1], loaded[2], store, s, stats):
+            for rec in mine_records(recs, texts, loaded[1], store, s, stats):
                 out.write(rec)
             del recs, texts, store
         passthrough = {t for t in counts if t not in mine_tasks}
@@ -619,7 +805,7 @@ def mine(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], out_pa
          pad: str = "random", seed: int = 0, sampling: str = "random", margin_ratio: float | None = None,
          pool: str = "task", index: IndexConfig | None = None, query_batch: int = 4096,
          query_instruction: bool = True, passage_instruction: str = "symmetric",
-         given_negatives: str = "keep") -> StageStats:
+         given_negatives: str = "keep", pool_shards: int = 1) -> StageStats:
     """Mine ``input_path`` (one or several record files) in one call (``--step all``): the pools go
     through a temporary folder, as in the sharded workflow, so both run the same code."""
     s = MineSettings(window=tuple(window), negative_number=negative_number, filter_topk=filter_topk,
@@ -628,6 +814,7 @@ def mine(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], out_pa
                      given_negatives=given_negatives)
     s.check()
     with tempfile.TemporaryDirectory(prefix="kalm-mine-pools-") as d:
+        write_ranges(input_path, mine_tasks, d, pool_shards, pool=pool, settings=s)
         write_pools(input_path, shard_paths, mine_tasks, d, pool=pool, index=index, settings=s)
         return mine_shard(input_path, shard_paths, mine_tasks, d, out_path, stats_path, s, pool, index)
 
@@ -644,6 +831,7 @@ def _run(args: argparse.Namespace) -> None:
     index = IndexConfig(type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                         ef_search=args.ef_search)
     need = {"all": ("input", "embeddings", "mine_tasks", "out", "stats"),
+            "ranges": ("input", "mine_tasks", "pools_dir"),
             "pool": ("input", "embeddings", "mine_tasks", "pools_dir"),
             "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
             "merge": ("input", "stats")}[args.step]
@@ -654,11 +842,14 @@ def _run(args: argparse.Namespace) -> None:
         merge(args.input, args.stats)
         return
     mine_tasks = json.loads(args.mine_tasks)
-    if args.step == "pool":
+    if args.step == "ranges":
+        write_ranges(args.input, mine_tasks, args.pools_dir, args.pool_shards, pool=args.pool, only=args.only_pool,
+                     settings=_settings(args))
+    elif args.step == "pool":
         s = _settings(args)
         s.check()
         write_pools(args.input, args.embeddings, mine_tasks, args.pools_dir, pool=args.pool, only=args.only_pool,
-                    index=index, settings=s)
+                    shard=args.pool_shard, index=index, settings=s)
     elif args.step == "apply":
         if len(args.input) != 1:
             raise SystemExit("kalm mine --step apply: one --input query shard")
@@ -670,20 +861,24 @@ def _run(args: argparse.Namespace) -> None:
              filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling,
              margin_ratio=args.margin_ratio, pool=args.pool, index=index, query_batch=args.query_batch,
              query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-             given_negatives=args.given_negatives)
+             given_negatives=args.given_negatives, pool_shards=args.pool_shards)
 
 
 def register(sub) -> None:
     p = sub.add_parser("mine", help="FAISS search, negative sampling and ranking-consistency filter")
-    p.add_argument("--step", choices=["all", "pool", "apply", "merge"], default="all",
-                   help="all: pools + mining of --input in one run; pool: build the candidate pools (--only-pool: one) "
-                        "into --pools-dir; apply: mine one query shard against them; merge: add up the query shards' "
-                        "stats (--input) into --stats")
+    p.add_argument("--step", choices=["all", "ranges", "pool", "apply", "merge"], default="all",
+                   help="all: pools + mining of --input in one run; ranges: split each pool (--only-pool: one) into "
+                        "--pool-shards text ranges (its ranges.json under --pools-dir); pool: build the pool shards "
+                        "(--pool-shard: one); apply: mine one query shard against them; merge: add up the query "
+                        "shards' stats (--input) into --stats")
     p.add_argument("--input", nargs="+", help="records (.parquet shards or .jsonl); --step merge: the shards' stats")
     p.add_argument("--embeddings", nargs="+", help="shard*.npy files from `kalm embed`")
     p.add_argument("--mine-tasks", help='JSON {"task": symmetric_bool}')
     p.add_argument("--pools-dir", help="folder of the candidate pools, one subfolder per pool (a task, or 'global')")
-    p.add_argument("--only-pool", help="--step pool: build only this pool (a task name, or 'global')")
+    p.add_argument("--only-pool", help="--step ranges / pool: only this pool (a task name, or 'global')")
+    p.add_argument("--pool-shards", type=int, default=1,
+                   help="--step ranges / all: text-range shards per pool (a mine job holds one shard's index)")
+    p.add_argument("--pool-shard", type=int, help="--step pool: build only this shard of the pool")
     p.add_argument("--out")
     p.add_argument("--stats")
     p.add_argument("--range", type=int, nargs=2, default=[50, 100], metavar=("LO", "HI"))

@@ -455,8 +455,16 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     return out / "model"
 
 
+POOL_SHARD_PASSAGES = 50_000  # --pool-shards default: a pool shard of about this many passages (the 100k run's pool)
+
+
+def default_pool_shards(pool_passages: int) -> int:
+    """Pool shards of about POOL_SHARD_PASSAGES passages: the same shard size at every N (the 1.3x criterion)."""
+    return max(1, round(pool_passages / POOL_SHARD_PASSAGES))
+
+
 def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1, steps: int = 20,
-                 mine_index: str = "auto", base_model: str = MINILM) -> dict:
+                 mine_index: str = "auto", base_model: str = MINILM, pool_shards: int | None = None) -> dict:
     """config/config.yaml turned into the benchmark's (module docstring, step 2)."""
     import copy
 
@@ -474,6 +482,7 @@ def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1
     per_pool = max(t["records"] for t in manifest["tasks"].values())
     kind = mine_index if mine_index != "auto" else ("flat" if per_pool <= 200_000 else "ivf")
     cfg["mine"]["index"] = {"type": kind}
+    cfg["mine"]["pool_shards"] = pool_shards or default_pool_shards(per_pool)
     if base_model != MINILM:
         # a random encoder (--model tiny) ranks a record's positive anywhere: the ranking filter would drop
         # ~95% of the records and the trainer would see a fraction of the corpus
@@ -570,9 +579,12 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
         if rule == "embed":  # the texts of its hash slice
             ids = _read_json(work / "work" / "embed" / f"{parts[0]}.ids.json")
             return len(ids) if isinstance(ids, list) else None
-        if rule == "mine_index":
-            m = _read_json(work / "work" / "mine_index" / parts[0] / "meta.json")
+        if rule == "mine_index":  # mine_index/{pool}/shard{j}: the shard's passages
+            m = _read_json(work / "work" / "mine_index" / Path(*parts) / "meta.json")
             return m.get("passages") if isinstance(m, dict) else None
+        if rule == "mine_ranges":  # the pool's passages (sampled)
+            metas = [_read_json(p) for p in (work / "work" / "mine_index" / parts[0]).glob("shard*/meta.json")]
+            return sum(m["passages"] for m in metas) if metas and all(isinstance(m, dict) for m in metas) else None
         if rule == "mine":
             return _stats_in(d / "finetune" / "mined" / f"{parts[0]}.stats.json")
         if rule == "train":  # train/finetune_run0, train/pretrain
@@ -604,15 +616,19 @@ def read_benchmark(path: Path) -> dict:
     return rows[0] if rows else {}
 
 
-_USAGE = re.compile(r"kalm \S+: peak RSS ([0-9.]+) MiB, CPU ([0-9.]+) s")  # kalm.cli.USAGE_LINE
+_USAGE = re.compile(r"kalm \S+: peak RSS ([0-9.]+) MiB(?: \(anonymous ([0-9.]+) MiB\))?, CPU ([0-9.]+) s")  # USAGE_LINE
 
 
-def job_usage(log: Path) -> tuple[float, float] | None:
-    """(peak RSS MiB, CPU s) from the line every kalm command logs at its end (kalm.cli.log_usage)."""
+def job_usage(log: Path) -> tuple[float, float, float | None] | None:
+    """(peak RSS MiB, CPU s, anonymous peak MiB or None for an older line) from the line every kalm command
+    logs at its end (kalm.cli.log_usage)."""
     if not log.is_file():
         return None
     found = _USAGE.findall(log.read_text(encoding="utf-8", errors="replace")[-4000:])
-    return (float(found[-1][0]), float(found[-1][1])) if found else None
+    if not found:
+        return None
+    rss, anon, cpu = found[-1]
+    return float(rss), float(cpu), (float(anon) if anon else None)
 
 
 def collect_jobs(work: Path) -> list[dict]:
@@ -633,6 +649,8 @@ def collect_jobs(work: Path) -> list[dict]:
         usage = job_usage(work / "logs" / tsv.relative_to(bench).with_suffix(".log"))
         if usage is not None:  # the job's own log line (VmHWM): exact, however short the job
             job.update(peak_rss_mib=round(usage[0], 1), cpu_seconds=round(usage[1], 2), peak_rss="kalm_log")
+            if usage[2] is not None:  # the sampled anonymous peak: without the memory-mapped inputs' pages
+                job["anon_rss_mib"] = round(usage[2], 1)
         elif rss is None or not cpu:  # no sample saw the job's own process (over before the first ones)
             job["sampled"] = False
         out.append(job)
@@ -909,7 +927,7 @@ def _version(pkg: str) -> str | None:
 # the stage's record count N and the partition counts; "fixed" = independent of N.
 DATA_STAGES = ["validate", "dedup_scatter", "dedup", "minhash", "near_buckets", "near_components", "near_filter",
                "eval_index", "decontaminate"]
-MINE_STAGES = ["embed", "mine_index", "mine"]
+MINE_STAGES = ["embed", "mine_ranges", "mine_index", "mine"]
 TRAIN_STAGES = ["finetune", "pretrain"]
 
 
@@ -925,8 +943,11 @@ def _jobs_and_work(stage: str, n: float, c: dict) -> tuple[int, float]:
         return 1, n
     if stage == "embed":
         return c["embed_shards"], n / c["embed_shards"]
-    if stage == "mine_index":
+    if stage == "mine_ranges":
         return c["pools"], n / c["pools"]
+    if stage == "mine_index":  # a pool shard: the same size at every N (default_pool_shards)
+        shards = c.get("pool_shards") or max(1, round(n / c["pools"] / POOL_SHARD_PASSAGES))
+        return c["pools"] * shards, n / (c["pools"] * shards)
     if stage == "eval_index":
         return 1, 0.0
     return 1, n
@@ -954,12 +975,13 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
         by[j["stage"]].append(j)
     n = run["records"]
     conf = {"input_files": run["input_files"], "partitions": run["partitions"], "band_jobs": run["band_jobs"],
-            "embed_shards": run["embed_shards"], "pools": run["pools"]}
+            "embed_shards": run["embed_shards"], "pools": run["pools"], "pool_shards": run.get("pool_shards", 1)}
     out = {}
     for stage, js in by.items():
         secs = [j["seconds"] for j in js if j["seconds"] is not None]
         peaks = [j["peak_rss_mib"] for j in js if j["peak_rss_mib"] is not None and j.get("sampled", True)]
         recs = [j["records"] for j in js if j.get("records") is not None]
+        anon = [j["anon_rss_mib"] for j in js if j.get("anon_rss_mib") is not None]
         _, work = _jobs_and_work(stage, n, conf)
         if stage in TRAIN_STAGES:
             work = float(run.get("steps") or 1)  # a training job's work: its steps
@@ -967,6 +989,7 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
                       "seconds_per_job": sum(secs) / len(secs) if secs else None,
                       "seconds_total": sum(secs) if secs else None,
                       "peak_rss_mib": max(peaks) if peaks else None,
+                      "anon_rss_mib": max(anon) if anon else None,
                       "seconds_per_record": (sum(secs) / n) if secs and n else None}
     return out
 
@@ -1000,8 +1023,9 @@ def summary(paths: list[str], args) -> str:
     na, nb = ra["records"], rb["records"]
     lines = [f"## Ratio table: {nb:,} records against {na:,} (records x{nb / na:.1f}; "
              f"partitions {ra['partitions']} -> {rb['partitions']})", "",
-             "| stage | jobs | peak RSS MiB (small) | peak RSS MiB (large) | RSS ratio | s/record (small) | "
-             "s/record (large) | s/record ratio |", "|---|---|---|---|---|---|---|---|"]
+             "| stage | jobs | peak RSS MiB (small) | peak RSS MiB (large) | RSS ratio | anonymous MiB (small) | "
+             "anonymous MiB (large) | anonymous ratio | s/record (small) | s/record (large) | s/record ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.1f}"):
         return "-" if x is None else fmt.format(x)
@@ -1010,8 +1034,10 @@ def summary(paths: list[str], args) -> str:
         a, b = ta.get(s, {}), tb.get(s, {})
         pa_, pb_ = a.get("peak_rss_mib"), b.get("peak_rss_mib")
         sa, sb = a.get("seconds_per_record"), b.get("seconds_per_record")
+        aa, ab = a.get("anon_rss_mib"), b.get("anon_rss_mib")
         lines.append(f"| {s} | {a.get('jobs', '-')} -> {b.get('jobs', '-')} | {f(pa_)} | {f(pb_)} | "
-                     f"{f(pb_ / pa_ if pa_ and pb_ else None, '{:.2f}')} | {f(sa, '{:.2e}')} | {f(sb, '{:.2e}')} | "
+                     f"{f(pb_ / pa_ if pa_ and pb_ else None, '{:.2f}')} | {f(aa)} | {f(ab)} | "
+                     f"{f(ab / aa if aa and ab else None, '{:.2f}')} | {f(sa, '{:.2e}')} | {f(sb, '{:.2e}')} | "
                      f"{f(sb / sa if sa and sb else None, '{:.2f}')} |")
     cluster = {"input_files": args.input_files, "partitions": args.partitions, "band_jobs": args.band_jobs,
                "embed_shards": args.embed_shards, "pools": args.pools}
@@ -1022,7 +1048,8 @@ def summary(paths: list[str], args) -> str:
             c["input_files"] = max(1, math.ceil(n_target / 1e6))  # one input shard per million records
         lines += ["", f"## Extrapolation: {n_target:,.0f} {label} on SLURM", "",
                   f"input files {c['input_files']}, partitions {c['partitions']}, band jobs {c['band_jobs']}, "
-                  f"embed shards {c['embed_shards']}, pools {c['pools']}; per job: peak RSS and seconds fitted "
+                  f"embed shards {c['embed_shards']}, pools {c['pools']} (pool shards of about "
+                  f"{POOL_SHARD_PASSAGES:,} passages); per job: peak RSS and seconds fitted "
                   f"linearly in records per job between the two runs (one core per job, as measured; RSS differences "
                   f"within {RSS_NOISE_MIB:.0f} MiB or {RSS_NOISE_SHARE:.0%} taken as flat; '-': never sampled).", "",
                   "| stage | jobs | records/job | peak RSS/job GiB | hours/job | jobs x GiB | core-hours |",
@@ -1089,7 +1116,8 @@ def run(args) -> int:
     gen_s = time.perf_counter() - t0
     band_jobs = args.band_jobs or default_band_jobs(args.partitions, args.threshold, 128)
     base_model = str(build_tiny_model(work / "tiny_model", args.seed)) if args.model == "tiny" else MINILM
-    cfg = build_config(manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model)
+    cfg = build_config(manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model,
+                       args.pool_shards)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:
         res = subprocess.run(snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove,
@@ -1125,6 +1153,7 @@ def run(args) -> int:
           "input_files": n_files, "pools": len(manifest["tasks"]), "cores": args.cores,
           "parallel_jobs": args.parallel_jobs, "steps": args.steps,
           "batch_size": cfg["finetune"]["batch_size"], "mine_index": cfg["mine"]["index"]["type"],
+          "pool_shards": cfg["mine"]["pool_shards"],
           "model": args.model,
           "device": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}, fh)
     fh.close()
@@ -1149,6 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="jobs run at once, each on --cores cores (snakemake --cores = cores x parallel jobs): "
                         "per job the same threads as with 1, so its seconds stay comparable where cores are free")
     p.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
+    p.add_argument("--pool-shards", type=int, help="mine.pool_shards (default: pool passages / "
+                   f"{POOL_SHARD_PASSAGES:,}, rounded: the same pool shard size at every N)")
     p.add_argument("--mine-index", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
                    help="mine.index.type (auto: flat up to 200k records per pool, ivf above)")
     p.add_argument("--model", default="minilm", choices=["minilm", "tiny"],

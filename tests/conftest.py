@@ -141,7 +141,9 @@ def _build_tiny_run(work: Path, tiny_qwen_dir: str) -> None:
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "results/mteb_zh.json", "results/mteb_en.json",
+    # the results, and the fine-tuning funnel's gathers (what the report reads; tests/test_e2e.py checks them)
+    funnel = [f"work/data/finetune/{name}.stats.json" for name in ("dedup", "decontaminated", "mined")]
+    res = subprocess.run([sys.executable, "-m", "snakemake", "results/mteb_zh.json", "results/mteb_en.json", *funnel,
                           "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(work / "tiny.yaml")],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-5000:]

@@ -236,16 +236,17 @@ def test_jobs_come_from_the_benchmark_tsvs_and_the_stats(bs, tmp_path):
     # a job's log line from kalm itself (kalm.cli.log_usage) is exact: it replaces the sampled peak
     log = w / "logs/near_buckets/finetune/0.log"
     log.parent.mkdir(parents=True)
-    log.write_text("... INFO kalm.cli: " + bs_usage_line("dedup", 41.25, 0.31) + "\n")
+    log.write_text("... INFO kalm.cli: " + bs_usage_line("dedup", 41.25, 0.31, 12.5) + "\n")
     bucket = next(j for j in bs.collect_jobs(w) if j["stage"] == "near_buckets")
     assert bucket["peak_rss_mib"] == 41.2 and bucket["cpu_seconds"] == 0.31 and bucket["peak_rss"] == "kalm_log"
+    assert bucket["anon_rss_mib"] == 12.5
     assert "sampled" not in bucket
 
 
-def bs_usage_line(command: str, rss: float, cpu: float) -> str:
+def bs_usage_line(command: str, rss: float, cpu: float, anon: float = 0.0) -> str:
     from kalm.cli import USAGE_LINE
 
-    return USAGE_LINE.format(command=command, rss=rss, cpu=cpu)
+    return USAGE_LINE.format(command=command, rss=rss, cpu=cpu, anon=anon)
 
 
 def test_every_kalm_command_logs_its_exact_peak_memory(tmp_path):
@@ -259,8 +260,26 @@ def test_every_kalm_command_logs_its_exact_peak_memory(tmp_path):
     log.write_text(res.stderr)
     from conftest import import_script
 
-    rss, cpu = import_script("bench_scale").job_usage(log)
-    assert 20 < rss < 500 and cpu > 0
+    rss, cpu, anon = import_script("bench_scale").job_usage(log)
+    assert 20 < rss < 500 and cpu > 0 and 0 < anon <= rss
+
+
+def test_the_anonymous_peak_sees_an_allocation_freed_before_the_end():
+    """RssAnon has no high-water mark in /proc: the sampler must catch a peak that is gone at the end."""
+    import time
+
+    import numpy as np
+
+    from kalm.cli import AnonPeak
+
+    sampler = AnonPeak(interval=0.01)
+    before = AnonPeak._read() / 1024
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    time.sleep(0.2)
+    del block
+    time.sleep(0.05)
+    assert AnonPeak._read() / 1024 < before + 100  # freed: the end state no longer shows it
+    assert sampler.stop() > before + 250
 
 
 def _run_lines(path: Path, n: int, peak: float, seconds: float, partitions: int = 2) -> Path:

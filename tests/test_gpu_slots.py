@@ -232,9 +232,10 @@ def test_every_gpu_rule_runs_behind_the_launcher_and_is_capped_at_the_pool(tmp_p
     for line in commands:
         launcher = r"gpu-slots (--gpus \d+(?: --nodes \d+)?(?: --torchrun)?) -- .*?-m kalm "
         m = re.search(rf" -m kalm (?:{launcher})?([\w-]+)", line)
-        name = "mine_index" if m[2] == "mine" and "--step pool" in line else m[2]  # builds the pool's index on CPU
+        step = re.search(r"--step (\w+)", line)
+        name = {"pool": "mine_index", "ranges": "mine_ranges"}.get(step[1], m[2]) if m[2] == "mine" and step else m[2]
         by_rule.setdefault(name, set()).add(m[1])
     assert by_rule["embed"] == by_rule["mine"] == by_rule["evaluate"] == {"--gpus 1"}
     assert by_rule["train"] == {"--gpus 2 --nodes 1 --torchrun"}
-    for cpu_rule in ("validate", "dedup", "decontaminate", "mine_index", "soup", "aggregate"):
+    for cpu_rule in ("validate", "dedup", "decontaminate", "mine_ranges", "mine_index", "soup", "aggregate"):
         assert by_rule[cpu_rule] == {None}, cpu_rule

@@ -308,7 +308,7 @@ MINE_KW = dict(window=(28, 45), negative_number=20, filter_topk=10, pad="random"
 
 @pytest.mark.parametrize("index, pool", [("flat", "task"), ("ivf", "task"), ("flat", "global")])
 def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
-    from kalm.mine import IndexConfig, MineSettings, merge, mine_shard, write_pools
+    from kalm.mine import TEXTS_FILE, IndexConfig, MineSettings, merge, mine_shard, read_texts, write_pools
 
     recs, mine_tasks, emb = _mine_corpus(tmp_path)
     cfg = IndexConfig(index, nlist=4, nprobe=2)
@@ -333,7 +333,7 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
         merged = merge(stats, str(d / "m.json"))
         pool_files = sorted(p.name for p in (d / "pools").iterdir())
         results[parts] = (sorted(out, key=lambda r: r["id"]), merged, pool_files,
-                          {n: pq.read_table(d / "pools" / n / "texts.parquet").to_pylist() for n in pool_files})
+                          {n: read_texts(d / "pools" / n / "shard0" / TEXTS_FILE).to_pylist() for n in pool_files})
     (one, m1, pools1, texts1), (three, m3, pools3, texts3) = results[1], results[3]
     assert one == three and len(one) > 0
     assert pools1 == pools3 == (["global"] if pool == "global" else ["a", "b"]) and texts1 == texts3
@@ -344,6 +344,51 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
             assert m3[key] == value, key
     assert m3["negative_number"] == 20 and m3["filter_topk"] == 10  # settings copied, not summed
     assert m3["in"] == len(recs) == m3["kept"] + sum(m3["dropped"].values())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pool_shards=st.integers(2, 7), pool=st.sampled_from(["task", "global"]), seed=st.integers(0, 3),
+       sampling=st.sampled_from(["random", "top"]))
+def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling):
+    """A pool split into S text ranges (one index each, searched in turn, top k merged) mines the same
+    records as the whole pool with an exact index: same candidates, ranks, scores, pads (global rows)."""
+    from kalm.mine import PoolShards, mine, read_json
+
+    tmp = tmp_path_factory.mktemp("poolshards")
+    recs, mine_tasks, emb = _mine_corpus(tmp, seed=seed)
+    write_shard(tmp / "in.parquet", recs)
+    outs, stats = [], []
+    for shards in (1, pool_shards):
+        kw = {**MINE_KW, "sampling": sampling, "seed": seed, "pool": pool, "pool_shards": shards}
+        st_ = mine(str(tmp / "in.parquet"), emb, mine_tasks, str(tmp / f"o{shards}.parquet"), str(tmp / f"s{shards}.json"), **kw)
+        assert st_.n_in == st_.kept + sum(st_.dropped.values())
+        outs.append(list(iter_shard(tmp / f"o{shards}.parquet")))
+        stats.append({k: v for k, v in read_json(tmp / f"s{shards}.json").items() if k != "seconds"})
+    assert outs[0] == outs[1] and len(outs[0]) > 0
+    assert stats[0] == stats[1]
+    assert any(-1 in r.get("neg_ranks", []) for r in outs[0])  # random pads: global rows across shards
+
+
+def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):
+    from kalm.mine import IndexConfig, PoolShards, read_texts, shard_folder, TEXTS_FILE, write_pools, write_ranges
+
+    recs, mine_tasks, emb = _mine_corpus(tmp_path)
+    write_shard(tmp_path / "in.parquet", recs)
+    write_ranges(str(tmp_path / "in.parquet"), mine_tasks, str(tmp_path / "p1"), 1, pool="global")
+    write_pools(str(tmp_path / "in.parquet"), emb, mine_tasks, str(tmp_path / "p1"), pool="global")
+    whole = read_texts(shard_folder(tmp_path / "p1" / "global", 0) / TEXTS_FILE, "text").to_pylist()
+    write_ranges(str(tmp_path / "in.parquet"), mine_tasks, str(tmp_path / "p4"), 4, pool="global")
+    for j in range(4):  # one job per shard, as the workflow runs them
+        write_pools(str(tmp_path / "in.parquet"), emb, mine_tasks, str(tmp_path / "p4"), pool="global", shard=j)
+    parts = [read_texts(shard_folder(tmp_path / "p4" / "global", j) / TEXTS_FILE, "text").to_pylist() for j in range(4)]
+    assert sum(parts, []) == whole  # consecutive ranges of the sorted texts: global rows unchanged
+    assert min(map(len, parts)) > 0.5 * len(whole) / 4  # balanced by the sample's quantiles
+    pool = PoolShards(tmp_path / "p4" / "global", IndexConfig("flat", use_gpu=False), 60)
+    one = PoolShards(tmp_path / "p1" / "global", IndexConfig("flat", use_gpu=False), 60)
+    assert pool.size == one.size == len(whole) and np.array_equal(pool.keys, one.keys)
+    rows = [0, len(whole) - 1, len(whole) // 2, 3]
+    assert [pool.raw(x) for x in rows] == [one.raw(x) for x in rows]
+    assert np.array_equal(pool.vectors(rows), one.vectors(rows))
 
 
 def test_a_record_draws_the_same_negatives_wherever_it_is_in_its_shard(tmp_path):

@@ -216,7 +216,7 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
     jobs = [j for j in cluster.jobs() if j.get("Comment", "").startswith("rule_") and j["WorkDir"] == str(work)]
     rules = {j["JobId"]: re.match(r"rule_([a-z_]+?)(?:_wildcards_.*)?$", j["Comment"])[1] for j in jobs}
     mined_tasks = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
-    assert sorted(rules.values()) == sorted(["embed", "embed", *["mine_index"] * mined_tasks,  # a pool per mined task
+    assert sorted(rules.values()) == sorted(["embed", "embed", *["mine_ranges", "mine_index"] * mined_tasks,  # a pool per mined task
                                              *["mine"] * cfg["data"]["dedup"]["shards"],  # a job per query shard
                                              "pretrain", "finetune", "finetune",
                                              "evaluate", "evaluate", "aggregate_baseline"])

@@ -38,7 +38,8 @@ def test_dry_run_has_every_stage_of_the_pipeline():
         "validate": n_files, "dedup_scatter": n_files,  # one job per input file
         "dedup": 2 * parts, "minhash": 2 * parts, "near_buckets": 2, "near_components": 2, "near_filter": 2 * parts,
         "eval_index": 1, "decontaminate": 2 * parts,  # the evaluation index once, then one job per partition
-        "embed": cfg["embed"]["shards"], "mine_index": mined, "mine": parts,  # a pool per mined task, a job per part
+        "embed": cfg["embed"]["shards"], "mine_ranges": mined,  # a pool per mined task, its text ranges
+        "mine_index": mined * cfg["mine"].get("pool_shards", 1), "mine": parts,  # a job per pool shard, per part
         "pretrain": 1, "finetune": cfg["finetune"]["runs"], "soup": 1,
         "evaluate": 2 * zh_tasks,  # one job per task, for the final and the base model
         "aggregate": 1, "aggregate_baseline": 1,

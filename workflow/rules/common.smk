@@ -146,10 +146,18 @@ MINE_POOL = config["mine"].get("pool", "task")
 
 
 def mine_pools():
-    """The candidate pools of mining (one mine_index job each): each mined task's, or one global pool."""
+    """The candidate pools of mining: each mined task's, or one global pool."""
     if MINE_POOL == "global":
         return ["global"]
     return sorted(json.loads(mine_tasks_json()))
+
+
+POOL_SHARDS = list(range(config["mine"].get("pool_shards", 1)))
+
+
+def pool_shard_dirs(pool=None):
+    """The pool shards (one mine_index job each): work/mine_index/{pool}/shard{j}, of one pool or of all."""
+    return expand("work/mine_index/{pool}/shard{j}", pool=[pool] if pool else mine_pools(), j=POOL_SHARDS)
 
 
 # The instruction set of the evaluation (kalm.task_instructions) also decides where the training data's
