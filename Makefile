@@ -16,7 +16,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SNAKEMAKE := $(OFFLINE) SNAKEMAKE_PROFILE=$(CURDIR)/profiles/local $(VENV)/bin/snakemake
 
-.PHONY: demo real report test install dag clean
+.PHONY: demo real report test lint install dag clean
 
 install: $(STAMP)
 
@@ -51,8 +51,15 @@ real: $(STAMP)
 
 # Two pytest workers, a test module each at a time (module fixtures such as the SLURM cluster start
 # once); the tiny DAG run is built once for both (tests/conftest.py). --durations: what to trim first.
-test: $(STAMP)
+test: lint
 	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+
+# ruff (lint + format), snakefmt, and snakemake --lint beyond its documented exceptions (.ci/snakemake_lint.py)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/snakefmt --check workflow/
+	$(OFFLINE) $(PY) .ci/snakemake_lint.py
 
 # the README's picture, laid out by kalm's own SVG writer (graphviz's dot is not needed)
 dag: $(STAMP)

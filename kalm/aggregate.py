@@ -236,8 +236,10 @@ def markdown_table(agg: dict) -> str:
     lines = [
         f"# MTEB{lang}: {agg['model']} vs {base['model']}",
         "",
-        (f"Scores are mteb main scores x100; mteb {agg.get('mteb_version')}; instruction set "
-         f"{agg.get('instruction_set')}; max length {agg.get('max_seq_length')}, dtype {agg.get('dtype')}."),
+        (
+            f"Scores are mteb main scores x100; mteb {agg.get('mteb_version')}; instruction set "
+            f"{agg.get('instruction_set')}; max length {agg.get('max_seq_length')}, dtype {agg.get('dtype')}."
+        ),
         "",
         "| Task | Type | Metric | Base | Final | Δ |",
         "|---|---|---|---:|---:|---:|",
@@ -245,8 +247,12 @@ def markdown_table(agg: dict) -> str:
     for name, t in sorted(agg["tasks"].items(), key=lambda kv: (kv[1]["type"], kv[0])):
         b = base["tasks"].get(name)
         d = gain["tasks"].get(name)
-        lines.append(f"| {name} | {t['type']} | {t['metric']} | {_fmt(b)} | {_fmt(t['main_score'])} | {_fmt(d, True)} |")
-    base_tasks = {n: {"type": agg["tasks"][n]["type"], "main_score": s} for n, s in base["tasks"].items() if n in agg["tasks"]}
+        lines.append(
+            f"| {name} | {t['type']} | {t['metric']} | {_fmt(b)} | {_fmt(t['main_score'])} | {_fmt(d, True)} |"
+        )
+    base_tasks = {
+        n: {"type": agg["tasks"][n]["type"], "main_score": s} for n, s in base["tasks"].items() if n in agg["tasks"]
+    }
     base_by_type = summarize(base_tasks)[0] if base_tasks else {}
     for ty, v in agg["by_type"].items():
         b = base_by_type.get(ty)

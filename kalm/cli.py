@@ -123,8 +123,9 @@ def log_usage(command: str | None, anon_mib: float = 0.0) -> None:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    logging.getLogger("kalm.cli").info(USAGE_LINE.format(command=command, rss=peak_rss_mib(), anon=anon_mib,
-                                                         cpu=ru.ru_utime + ru.ru_stime))
+    logging.getLogger("kalm.cli").info(
+        USAGE_LINE.format(command=command, rss=peak_rss_mib(), anon=anon_mib, cpu=ru.ru_utime + ru.ru_stime)
+    )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class ContainmentIndex:
         inside = start + self.width <= lengths[owner]  # not running into the next text
         for pos, t, s in zip(found[inside].tolist(), owner[inside].tolist(), start[inside].tolist()):
             text = texts[t]
-            for e in self.anchor_ids[lo[pos]:hi[pos]].tolist():
+            for e in self.anchor_ids[lo[pos] : hi[pos]].tolist():
                 ev = self.texts[e]
                 if len(text) > len(ev) and text.startswith(ev, s) and e not in out[t]:
                     out[t].append(e)

@@ -133,15 +133,22 @@ def mteb_eval_texts(spec: dict | str) -> tuple[set[str] | None, str]:
     return keys, ""
 
 
-
 class NearIndex:
     """MinHash/LSH index of evaluation texts; ``query`` returns verified near matches.
 
     ``texts``: any sequence of strings; ``arrays``: the ``sigs``, ``order`` and ``sorted`` band
     arrays of :meth:`arrays` from an earlier build (memory-mapped by the shard jobs)."""
 
-    def __init__(self, texts, owners, threshold: float, num_perm: int, shingle: int, seed: int = 1,
-                 arrays: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        texts,
+        owners,
+        threshold: float,
+        num_perm: int,
+        shingle: int,
+        seed: int = 1,
+        arrays: dict[str, np.ndarray] | None = None,
+    ):
         from kalm.minhash import band_keys, optimal_bands, signatures
 
         self.texts, self.owners = texts, owners
@@ -163,7 +170,7 @@ class NearIndex:
 
     def _shingle_set(self, text: str) -> set[str]:
         k = self.shingle
-        return {text[i:i + k] for i in range(max(len(text) - k + 1, 1))}
+        return {text[i : i + k] for i in range(max(len(text) - k + 1, 1))}
 
     def _eval_shingles(self, i: int) -> set[str]:
         if i not in self._shingles:
@@ -229,7 +236,7 @@ class _Texts:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+        return bytes(self.blob[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
 
 
 class _Owners:
@@ -249,9 +256,19 @@ class EvalIndex:
     indexes when enabled. :meth:`build` gathers it (reading local task folders and MTEB data),
     :meth:`save` writes it to a folder, :meth:`load` memory-maps one."""
 
-    def __init__(self, names: list[str], report: dict, stats_extra: dict, settings: dict, texts, codes: np.ndarray,
-                 exact_hash: np.ndarray, exact_ids: np.ndarray, near: NearIndex | None = None,
-                 contain=None):
+    def __init__(
+        self,
+        names: list[str],
+        report: dict,
+        stats_extra: dict,
+        settings: dict,
+        texts,
+        codes: np.ndarray,
+        exact_hash: np.ndarray,
+        exact_ids: np.ndarray,
+        near: NearIndex | None = None,
+        contain=None,
+    ):
         self.names, self.report, self.stats_extra, self.settings = names, report, stats_extra, settings
         self.texts, self.codes = texts, codes
         self.owners = _Owners(names, codes)
@@ -259,8 +276,16 @@ class EvalIndex:
         self.near, self.contain = near, contain
 
     @classmethod
-    def build(cls, eval_tasks: dict[str, str], mteb_tasks: list[str | dict] | None = None, near: bool = False,
-              threshold: float = 0.8, num_perm: int = 128, shingle: int = 5, contain_min_chars: int = 0) -> EvalIndex:
+    def build(
+        cls,
+        eval_tasks: dict[str, str],
+        mteb_tasks: list[str | dict] | None = None,
+        near: bool = False,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        shingle: int = 5,
+        contain_min_chars: int = 0,
+    ) -> EvalIndex:
         """``eval_tasks`` maps task name -> local folder; ``mteb_tasks`` are registered MTEB tasks (names
         or ``kalm evaluate`` task specs, with their mirror) loaded from their mirror or the offline cache
         when available (skipped with a note otherwise)."""
@@ -276,8 +301,11 @@ class EvalIndex:
                 index[name] = keys
         index = dict(sorted(index.items()))
         names = list(index)
-        extra = {"eval_tasks": names, "near": near,
-                 "skipped_eval_tasks": sorted(n for n, r in report.items() if "skipped" in r)}
+        extra = {
+            "eval_tasks": names,
+            "near": near,
+            "skipped_eval_tasks": sorted(n for n, r in report.items() if "skipped" in r),
+        }
         for name, keys in index.items():
             report[name] = {"texts": len(keys), "overlapping_records": 0, "examples": []}
             if near or contain_min_chars:
@@ -300,12 +328,22 @@ class EvalIndex:
             extra.update(contain_min_chars=contain_min_chars, eval_texts_long_enough=len(contain_index))
         if near:
             near_index = NearIndex(texts, owners, threshold, num_perm, shingle)
-            extra.update(threshold=threshold, num_perm=num_perm, shingle=shingle,
-                         bands=near_index.bands, rows=near_index.rows)
-        settings = {"near": near, "threshold": threshold, "num_perm": num_perm, "shingle": shingle,
-                    "contain_min_chars": contain_min_chars}
-        log.info("evaluation index: %d texts of %d tasks (%d skipped)", len(texts), len(names),
-                 len(extra["skipped_eval_tasks"]))
+            extra.update(
+                threshold=threshold, num_perm=num_perm, shingle=shingle, bands=near_index.bands, rows=near_index.rows
+            )
+        settings = {
+            "near": near,
+            "threshold": threshold,
+            "num_perm": num_perm,
+            "shingle": shingle,
+            "contain_min_chars": contain_min_chars,
+        }
+        log.info(
+            "evaluation index: %d texts of %d tasks (%d skipped)",
+            len(texts),
+            len(names),
+            len(extra["skipped_eval_tasks"]),
+        )
         return cls(names, report, extra, settings, texts, codes_arr, hashes[order], order, near_index, contain_index)
 
     def save(self, folder: str | Path) -> None:
@@ -317,17 +355,29 @@ class EvalIndex:
                     b = _encode(self.texts[i])
                     f.write(b)
                     offsets[i + 1] = offsets[i] + len(b)
-            arrays = {"text_offsets": offsets, "owners": self.codes, "exact_hash": self.exact_hash,
-                      "exact_ids": self.exact_ids}
+            arrays = {
+                "text_offsets": offsets,
+                "owners": self.codes,
+                "exact_hash": self.exact_hash,
+                "exact_ids": self.exact_ids,
+            }
             if self.near is not None:
                 arrays.update({f"near_{k}": v for k, v in self.near.arrays().items()})
             if self.contain is not None:
                 arrays.update({f"contain_{k}": v for k, v in self.contain.arrays().items()})
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", np.asarray(arr))
-            write_json(tmp / "meta.json", {"format": INDEX_FORMAT, "names": self.names, "report": self.report,
-                                           "stats": self.stats_extra, "settings": self.settings,
-                                           "texts": len(self.texts)})
+            write_json(
+                tmp / "meta.json",
+                {
+                    "format": INDEX_FORMAT,
+                    "names": self.names,
+                    "report": self.report,
+                    "stats": self.stats_extra,
+                    "settings": self.settings,
+                    "texts": len(self.texts),
+                },
+            )
 
     @classmethod
     def load(cls, folder: str | Path) -> EvalIndex:
@@ -347,15 +397,26 @@ class EvalIndex:
         owners = _Owners(names, codes)
         near = contain = None
         if st["near"]:
-            near = NearIndex(texts, owners, st["threshold"], st["num_perm"], st["shingle"],
-                             arrays={k: arr(f"near_{k}") for k in ("sigs", "order", "sorted")})
+            near = NearIndex(
+                texts,
+                owners,
+                st["threshold"],
+                st["num_perm"],
+                st["shingle"],
+                arrays={k: arr(f"near_{k}") for k in ("sigs", "order", "sorted")},
+            )
         if st["contain_min_chars"]:
             from kalm.containment import ContainmentIndex
 
-            contain = ContainmentIndex(texts, owners, st["contain_min_chars"],
-                                       arrays={k: arr(f"contain_{k}") for k in ("anchors", "anchor_ids")})
-        return cls(names, meta["report"], meta["stats"], st, texts, codes, arr("exact_hash"), arr("exact_ids"),
-                   near, contain)
+            contain = ContainmentIndex(
+                texts,
+                owners,
+                st["contain_min_chars"],
+                arrays={k: arr(f"contain_{k}") for k in ("anchors", "anchor_ids")},
+            )
+        return cls(
+            names, meta["report"], meta["stats"], st, texts, codes, arr("exact_hash"), arr("exact_ids"), near, contain
+        )
 
     def exact_owners(self, keys: list[str]) -> list[set[str]]:
         """For each normalised text, the evaluation tasks that have exactly that text."""
@@ -366,7 +427,7 @@ class EvalIndex:
         lo = np.searchsorted(self.exact_hash, h, side="left")
         hi = np.searchsorted(self.exact_hash, h, side="right")
         for i in np.flatnonzero(hi > lo).tolist():
-            for e in np.asarray(self.exact_ids[lo[i]:hi[i]]).tolist():
+            for e in np.asarray(self.exact_ids[lo[i] : hi[i]]).tolist():
                 if self.texts[e] == keys[i]:  # a hash collision is never a hit
                     out[i].add(self.owners[e])
         return out
@@ -379,8 +440,9 @@ def _example_key(example: dict, position: int):
     return (example["id"], 0) if "id" in example else (float("inf"), position)
 
 
-def apply_index(idx: EvalIndex, inputs: str | list[str], out_path: str, stats_path: str, report_path: str,
-                batch: int = BATCH) -> StageStats:
+def apply_index(
+    idx: EvalIndex, inputs: str | list[str], out_path: str, stats_path: str, report_path: str, batch: int = BATCH
+) -> StageStats:
     """Drop the records of ``inputs`` (Parquet shards or JSON Lines, streamed ``batch`` records at a time)
     that overlap the evaluation index; write the kept records (Parquet when ``out_path`` ends with
     ``.parquet``), the stats and this shard's contamination report."""
@@ -410,14 +472,29 @@ def apply_index(idx: EvalIndex, inputs: str | list[str], out_path: str, stats_pa
         report[name]["examples"] = [ex for _, ex in sorted(picked, key=lambda p: p[0])]
     write_json(report_path, report)
     stats.write(stats_path)
-    log.info("decontaminated %s: %d in, %d kept, dropped %s", ", ".join(map(str, paths)), stats.n_in, stats.kept,
-             stats.dropped)
+    log.info(
+        "decontaminated %s: %d in, %d kept, dropped %s",
+        ", ".join(map(str, paths)),
+        stats.n_in,
+        stats.kept,
+        stats.dropped,
+    )
     return stats
 
 
-def decontaminate(inputs: str | list[str], eval_tasks: dict[str, str], out_path: str, stats_path: str,
-                  report_path: str, near: bool = False, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
-                  mteb_tasks: list[str | dict] | None = None, contain_min_chars: int = 0) -> StageStats:
+def decontaminate(
+    inputs: str | list[str],
+    eval_tasks: dict[str, str],
+    out_path: str,
+    stats_path: str,
+    report_path: str,
+    near: bool = False,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 5,
+    mteb_tasks: list[str | dict] | None = None,
+    contain_min_chars: int = 0,
+) -> StageStats:
     """Build the evaluation index and check ``inputs`` against it in one call (``--step all``); see
     :meth:`EvalIndex.build` for the evaluation tasks. ``contain_min_chars`` > 0 also drops records
     containing a whole evaluation text of at least that many (normalised) characters. The index goes
@@ -452,8 +529,9 @@ def _decide(rec, position, keyed, exact, near_hits, contained, idx: EvalIndex, s
             name = idx.owners[e]
             if (name, field) in hits:
                 continue  # an exact hit of the same field and task is reported as exact
-            near_by_task.setdefault(name, []).append({"field": field, "jaccard": round(jac, 3),
-                                                      "eval_text": idx.texts[e]})
+            near_by_task.setdefault(name, []).append(
+                {"field": field, "jaccard": round(jac, 3), "eval_text": idx.texts[e]}
+            )
     contained_by_task: dict[str, list[dict]] = {}
     for field, matches in contained.items():
         for e in matches:
@@ -497,7 +575,9 @@ def merge_reports(paths: list[str]) -> dict:
             merged[name] = first
             continue
         entry = {k: (sum(p[name][k] for p in parts) if k.endswith("_records") else v) for k, v in first.items()}
-        examples = [(_example_key(ex, (s, j)), ex) for s, p in enumerate(parts) for j, ex in enumerate(p[name]["examples"])]
+        examples = [
+            (_example_key(ex, (s, j)), ex) for s, p in enumerate(parts) for j, ex in enumerate(p[name]["examples"])
+        ]
         entry["examples"] = [ex for _, ex in sorted(examples, key=lambda e: e[0])[:N_EXAMPLES]]
         merged[name] = entry
     return merged
@@ -514,9 +594,15 @@ def merge(stats_paths: list[str], report_paths: list[str], stats_out: str, repor
 
 def _index_from_args(args: argparse.Namespace) -> EvalIndex:
     tasks = dict(spec.split("=", 1) for spec in args.eval_task)
-    return EvalIndex.build(tasks, args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json], near=args.near,
-                           threshold=args.threshold, num_perm=args.num_perm, shingle=args.shingle,
-                           contain_min_chars=args.contain_min_chars)
+    return EvalIndex.build(
+        tasks,
+        args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json],
+        near=args.near,
+        threshold=args.threshold,
+        num_perm=args.num_perm,
+        shingle=args.shingle,
+        contain_min_chars=args.contain_min_chars,
+    )
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -540,31 +626,60 @@ def _run(args: argparse.Namespace) -> None:
     else:
         _need(args, "input", "out", "stats", "report")
         tasks = dict(spec.split("=", 1) for spec in args.eval_task)
-        decontaminate(args.input, tasks, args.out, args.stats, args.report, near=args.near, threshold=args.threshold,
-                      num_perm=args.num_perm, shingle=args.shingle, contain_min_chars=args.contain_min_chars,
-                      mteb_tasks=args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json])
+        decontaminate(
+            args.input,
+            tasks,
+            args.out,
+            args.stats,
+            args.report,
+            near=args.near,
+            threshold=args.threshold,
+            num_perm=args.num_perm,
+            shingle=args.shingle,
+            contain_min_chars=args.contain_min_chars,
+            mteb_tasks=args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json],
+        )
 
 
 def register(sub) -> None:
     p = sub.add_parser("decontaminate", help="drop training records that overlap evaluation texts")
-    p.add_argument("--step", choices=["all", "index", "apply", "merge"], default="all",
-                   help="all: index + check --input in one run; index: build the evaluation index into --index-dir "
-                        "(once); apply: check one shard against it; merge: add up the shards' --part-stats and "
-                        "--part-reports into --stats and --report")
+    p.add_argument(
+        "--step",
+        choices=["all", "index", "apply", "merge"],
+        default="all",
+        help="all: index + check --input in one run; index: build the evaluation index into --index-dir "
+        "(once); apply: check one shard against it; merge: add up the shards' --part-stats and "
+        "--part-reports into --stats and --report",
+    )
     p.add_argument("--input", nargs="+", help="training records (.parquet shards or .jsonl), streamed")
     p.add_argument("--index-dir", help="the evaluation index folder (--step index writes it, --step apply reads it)")
     p.add_argument("--eval-task", action="append", default=[], metavar="NAME=DIR", help="a local evaluation task")
-    p.add_argument("--mteb-task", action="append", default=[], metavar="NAME",
-                   help="a registered MTEB task, used when its data is in the offline cache")
-    p.add_argument("--mteb-task-json", action="append", default=[], metavar="SPEC",
-                   help="a registered MTEB task as a `kalm evaluate` task spec (JSON: name, subsets, mirror_root, ...)")
+    p.add_argument(
+        "--mteb-task",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a registered MTEB task, used when its data is in the offline cache",
+    )
+    p.add_argument(
+        "--mteb-task-json",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a registered MTEB task as a `kalm evaluate` task spec (JSON: name, subsets, mirror_root, ...)",
+    )
     p.add_argument("--near", action="store_true", help="also drop near-copies (MinHash/LSH, exact Jaccard check)")
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of a near-copy")
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--shingle", type=int, default=5)
-    p.add_argument("--contain-min-chars", type=int, default=0, metavar="N",
-                   help="also drop records whose query or a positive contains a whole evaluation text of >= N "
-                        "normalised characters (0: off)")
+    p.add_argument(
+        "--contain-min-chars",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also drop records whose query or a positive contains a whole evaluation text of >= N "
+        "normalised characters (0: off)",
+    )
     p.add_argument("--out", help="kept records (.parquet: a shard of kalm.shards.RECORD_SCHEMA; else JSON Lines)")
     p.add_argument("--stats")
     p.add_argument("--report")

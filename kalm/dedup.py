@@ -67,7 +67,9 @@ class TableWriter:
     ``row_group_rows`` rows (the last one shorter), whatever the sizes of the tables written: the
     file's bytes depend on its rows only, so a re-run writes the same file."""
 
-    def __init__(self, path: str | os.PathLike, schema: pa.Schema = RECORD_SCHEMA, row_group_rows: int = ROW_GROUP_ROWS):
+    def __init__(
+        self, path: str | os.PathLike, schema: pa.Schema = RECORD_SCHEMA, row_group_rows: int = ROW_GROUP_ROWS
+    ):
         self.path, self.schema, self.row_group_rows = Path(path), schema, row_group_rows
         self.rows = 0
         self._pending: list[pa.Table] = []
@@ -97,8 +99,9 @@ class TableWriter:
         table = pa.concat_tables(self._pending).combine_chunks()
         full = table.num_rows if final else table.num_rows - table.num_rows % self.row_group_rows
         for start in range(0, full, self.row_group_rows):
-            self._writer.write_table(table.slice(start, min(self.row_group_rows, full - start)),
-                                     row_group_size=self.row_group_rows)
+            self._writer.write_table(
+                table.slice(start, min(self.row_group_rows, full - start)), row_group_size=self.row_group_rows
+            )
         self.rows += full
         rest = table.slice(full)
         self._pending = [rest] if rest.num_rows else []
@@ -122,7 +125,9 @@ def conform(table: pa.Table | pa.RecordBatch, schema: pa.Schema = RECORD_SCHEMA)
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def iter_tables(path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+def iter_tables(
+    path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS
+) -> Iterator[pa.Table]:
     """A Parquet file as tables of at most ``batch_rows`` rows (one batch in memory at a time)."""
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
         yield pa.Table.from_batches([batch])
@@ -138,7 +143,7 @@ def ids_of(table: pa.Table) -> np.ndarray:
 def _digests(table: pa.Table) -> np.ndarray:
     """The ``digest`` column as a ``(hi, lo)`` structured array (big-endian halves of the 128 bits)."""
     arr = table.column("digest").combine_chunks()
-    data = np.frombuffer(arr.buffers()[1], dtype=np.uint8)[arr.offset * 16:(arr.offset + len(arr)) * 16]
+    data = np.frombuffer(arr.buffers()[1], dtype=np.uint8)[arr.offset * 16 : (arr.offset + len(arr)) * 16]
     return data.view(np.dtype([("hi", ">u8"), ("lo", ">u8")]))
 
 
@@ -184,15 +189,17 @@ def scatter_part(input_path: str, out_paths: list[str], batch_rows: int = ROW_GR
         for table in iter_tables(input_path, batch_rows=batch_rows):
             table = conform(table)
             ids_of(table)
-            digests = [bytes.fromhex(record_hash(q, p)) for q, p in
-                       zip(table.column("query").to_pylist(), table.column("pos").to_pylist())]
+            digests = [
+                bytes.fromhex(record_hash(q, p))
+                for q, p in zip(table.column("query").to_pylist(), table.column("pos").to_pylist())
+            ]
             part = np.fromiter((partition_of(d, n_parts) for d in digests), dtype=np.int64, count=len(digests))
             table = table.append_column(DIGEST, pa.array(digests, type=DIGEST.type))
             order = np.argsort(part, kind="stable")
             bounds = np.searchsorted(part[order], np.arange(n_parts + 1))
             for j in range(n_parts):
                 if bounds[j + 1] > bounds[j]:
-                    writers[j].write(table.take(order[bounds[j]:bounds[j + 1]]))
+                    writers[j].write(table.take(order[bounds[j] : bounds[j + 1]]))
             if sum(w.buffered for w in writers) > SCATTER_BUFFER_ROWS:
                 for w in writers:
                     w._flush(final=True)  # a short row group: bounded memory whatever P
@@ -270,14 +277,21 @@ def dedup_partition(inputs: list[str], out_path: str, stats_path: str, partition
 # ---- gather: the stage's funnel ----------------------------------------------------------------
 
 
-def gather_stats(exact_stats: list[str], out_path: str, near_stats: list[str] | None = None,
-                 components: str | None = None, params: dict | None = None) -> dict:
+def gather_stats(
+    exact_stats: list[str],
+    out_path: str,
+    near_stats: list[str] | None = None,
+    components: str | None = None,
+    params: dict | None = None,
+) -> dict:
     """Add up the partition stats into the stage's ``dedup.stats.json``: ``in`` and each task's
     ``in`` from the exact step, ``kept`` from the last step, ``dropped`` from both; checked."""
     ex = merge_stats(exact_stats, stage="dedup")
     total = StageStats("dedup")
     total.n_in, total.kept, total.dropped = ex["in"], ex["kept"], dict(ex["dropped"])
-    total.per_task = {t: {"in": v["in"], "kept": v["kept"], "dropped": dict(v["dropped"])} for t, v in ex["per_task"].items()}
+    total.per_task = {
+        t: {"in": v["in"], "kept": v["kept"], "dropped": dict(v["dropped"])} for t, v in ex["per_task"].items()
+    }
     extra = {"method": "exact", "partitions": len(exact_stats), **(params or {})}
     if near_stats:
         nr = merge_stats(near_stats, stage="dedup")
@@ -289,7 +303,9 @@ def gather_stats(exact_stats: list[str], out_path: str, near_stats: list[str] | 
         for task, v in nr["per_task"].items():
             mine = total.per_task[task]
             if v["in"] != mine["kept"]:
-                raise ValueError(f"task {task}: near-dup filter read {v['in']} records, the exact step kept {mine['kept']}")
+                raise ValueError(
+                    f"task {task}: near-dup filter read {v['in']} records, the exact step kept {mine['kept']}"
+                )
             mine["kept"] = v["kept"]
             for reason, n in v["dropped"].items():
                 mine["dropped"][reason] = mine["dropped"].get(reason, 0) + n
@@ -304,9 +320,16 @@ def gather_stats(exact_stats: list[str], out_path: str, near_stats: list[str] | 
             for path in near_stats:
                 found.update(read_json(path).get("example_records", {}))
             extra["near_duplicate_examples"] = [
-                {"dropped": found[str(d)]["query"], "kept": found[str(k)]["query"], "task": found[str(d)]["task"],
-                 "dropped_id": d, "kept_id": k}
-                for d, k in comp.get("examples", []) if str(d) in found and str(k) in found]
+                {
+                    "dropped": found[str(d)]["query"],
+                    "kept": found[str(k)]["query"],
+                    "task": found[str(d)]["task"],
+                    "dropped_id": d,
+                    "kept_id": k,
+                }
+                for d, k in comp.get("examples", [])
+                if str(d) in found and str(k) in found
+            ]
     total.check()
     out = total.as_dict()
     out.update(extra, seconds=round(ex["seconds"] + (merge_stats(near_stats)["seconds"] if near_stats else 0.0), 3))
@@ -336,9 +359,20 @@ def _as_part(path: str, ordinal: int, workdir: Path) -> str:
     return str(out)
 
 
-def dedup_local(inputs: list[str], out_path: str, stats_path: str, partitions: int = 1, near: bool = False,
-                band_jobs: int = 1, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5, seed: int = 1,
-                workdir: str | None = None, batch: int | None = None) -> dict:
+def dedup_local(
+    inputs: list[str],
+    out_path: str,
+    stats_path: str,
+    partitions: int = 1,
+    near: bool = False,
+    band_jobs: int = 1,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 5,
+    seed: int = 1,
+    workdir: str | None = None,
+    batch: int | None = None,
+) -> dict:
     """Every step of the stage in this process (in the workflow each is a job of its own): scatter
     each input, exact dedup per partition, then (``near``) minhash per partition, the LSH bucket
     jobs, components, filter per partition; the output is one file in input order."""
@@ -361,7 +395,9 @@ def dedup_local(inputs: list[str], out_path: str, stats_path: str, partitions: i
         if near:
             mh = [str(work / f"minhash.p{j}") for j in range(partitions)]
             for j in range(partitions):
-                nd.minhash_partition(exact[j], mh[j], num_perm, shingle, seed, threshold, **({"batch": batch} if batch else {}))
+                nd.minhash_partition(
+                    exact[j], mh[j], num_perm, shingle, seed, threshold, **({"batch": batch} if batch else {})
+                )
             pairs = [str(work / f"pairs{k}.npy") for k in range(band_jobs)]
             for k in range(band_jobs):
                 nd.bucket_pairs(mh, pairs[k], k, band_jobs, threshold)
@@ -371,7 +407,13 @@ def dedup_local(inputs: list[str], out_path: str, stats_path: str, partitions: i
             near_stats = [str(work / f"dedup.p{j}.stats.json") for j in range(partitions)]
             for j in range(partitions):
                 nd.near_filter(exact[j], str(work / "drop.npy"), final[j], near_stats[j], comp, partition=f"p{j}")
-            params = {"threshold": threshold, "num_perm": num_perm, "shingle": shingle, "seed": seed, "band_jobs": band_jobs}
+            params = {
+                "threshold": threshold,
+                "num_perm": num_perm,
+                "shingle": shingle,
+                "seed": seed,
+                "band_jobs": band_jobs,
+            }
         stats = gather_stats(exact_stats, stats_path, near_stats, comp, params)
         stats_inputs = {"inputs": list(inputs)}
         records = iter_output(final)
@@ -421,8 +463,18 @@ def _run(args: argparse.Namespace) -> None:
     out = outs[0]
     if step == "run":
         _need(args, "stats")
-        dedup_local(ins, out, args.stats, args.partitions, args.near_dup, args.band_jobs, args.threshold,
-                    args.num_perm, args.shingle, args.seed)
+        dedup_local(
+            ins,
+            out,
+            args.stats,
+            args.partitions,
+            args.near_dup,
+            args.band_jobs,
+            args.threshold,
+            args.num_perm,
+            args.shingle,
+            args.seed,
+        )
     elif step == "scatter":
         scatter_part(ins[0], outs)
     elif step == "exact":
@@ -431,8 +483,14 @@ def _run(args: argparse.Namespace) -> None:
     elif step == "minhash":
         nd.minhash_partition(ins[0], out, args.num_perm, args.shingle, args.seed, args.threshold)
     elif step == "buckets":
-        nd.bucket_pairs(ins, out, args.band_job, args.band_jobs, args.threshold if args.threshold_given else None,
-                        args.chunk_records)
+        nd.bucket_pairs(
+            ins,
+            out,
+            args.band_job,
+            args.band_jobs,
+            args.threshold if args.threshold_given else None,
+            args.chunk_records,
+        )
     elif step == "components":
         nd.near_components(ins, out, args.stats or str(Path(out).with_suffix(".json")))
     elif step == "filter":
@@ -451,7 +509,8 @@ class _Threshold(argparse.Action):
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "dedup", help="drop exact (and near-) duplicates across a stage: one step at a time, or all at once",
+        "dedup",
+        help="drop exact (and near-) duplicates across a stage: one step at a time, or all at once",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Steps of the sharded dedup stage (workflow/rules/dedup.smk runs each as jobs):
   run (default)  IN... --out FILE.jsonl|.parquet --stats S [--near-dup --partitions P --band-jobs K]
@@ -463,7 +522,8 @@ def register(sub) -> None:
   components     PAIRS... --out drop.npy --stats components.json
   filter         EXACT_j --drop drop.npy --components components.json --out DEDUP_j --stats S
   stats          EXACT_STATS... [--near-stats ... --components C] --params JSON --out dedup.stats.json
-Inputs go before the options (--out takes several files).""")
+Inputs go before the options (--out takes several files).""",
+    )
     p.add_argument("inputs", nargs="+", help="the step's inputs (see the description)")
     p.add_argument("--step", choices=STEPS, default="run")
     p.add_argument("--out", nargs="+", help="output file(s): one per partition for scatter, else one")
@@ -472,13 +532,22 @@ Inputs go before the options (--out takes several files).""")
     p.add_argument("--near-dup", action="store_true", help="run: also remove near-duplicates (MinHash/LSH)")
     p.add_argument("--band-jobs", type=int, default=1, help="run, buckets: jobs the LSH bands are split over")
     p.add_argument("--band-job", type=int, default=0, help="buckets: which of the --band-jobs this is (0-based)")
-    p.add_argument("--chunk-records", type=int, default=1 << 22,
-                   help="buckets: records of one band held at a time (key ranges of about this size)")
+    p.add_argument(
+        "--chunk-records",
+        type=int,
+        default=1 << 22,
+        help="buckets: records of one band held at a time (key ranges of about this size)",
+    )
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--shingle", type=int, default=5, help="character shingle size")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threshold", type=float, default=0.8, action=_Threshold,
-                   help="Jaccard threshold of near-duplicates (buckets: default the minhash step's)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.8,
+        action=_Threshold,
+        help="Jaccard threshold of near-duplicates (buckets: default the minhash step's)",
+    )
     p.add_argument("--drop", help="filter: the components step's drop.npy")
     p.add_argument("--components", help="filter, stats: the components step's stats JSON (examples)")
     p.add_argument("--near-stats", nargs="+", help="stats: the filter step's partition stats")

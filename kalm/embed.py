@@ -36,8 +36,9 @@ PASSAGE_INSTRUCTION = ("symmetric", "always", "never")
 PAD_MULTIPLE = 16  # batch lengths are rounded up to this: few distinct shapes (see pad_to_multiple)
 
 
-def mining_texts(record: dict, symmetric: bool, query_instruction: bool = True,
-                 passage_instruction: str = "symmetric") -> tuple[str, list[str]]:
+def mining_texts(
+    record: dict, symmetric: bool, query_instruction: bool = True, passage_instruction: str = "symmetric"
+) -> tuple[str, list[str]]:
     """The query text and candidate passage texts of one record, as the encoder sees them.
 
     ``query_instruction``: queries carry the KaLM instruction prefix (the retriever is an
@@ -51,8 +52,12 @@ def mining_texts(record: dict, symmetric: bool, query_instruction: bool = True,
     return query, passages
 
 
-def texts_to_embed(records: list[dict], mine_tasks: dict[str, bool], query_instruction: bool = True,
-                   passage_instruction: str = "symmetric") -> list[str]:
+def texts_to_embed(
+    records: list[dict],
+    mine_tasks: dict[str, bool],
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+) -> list[str]:
     """Unique texts of the records of mined tasks; ``mine_tasks`` maps task -> symmetric."""
     texts: set[str] = set()
     for rec in records:
@@ -69,8 +74,14 @@ def text_shard(text: str, num_shards: int) -> int:
     return int.from_bytes(digest, "little") % num_shards
 
 
-def shard_texts(inputs, mine_tasks: dict[str, bool], shard: int, num_shards: int, query_instruction: bool = True,
-                passage_instruction: str = "symmetric") -> list[str]:
+def shard_texts(
+    inputs,
+    mine_tasks: dict[str, bool],
+    shard: int,
+    num_shards: int,
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+) -> list[str]:
     """The sorted texts of shard ``shard`` of ``num_shards``: :func:`texts_to_embed` of the records of
     ``inputs`` (record files, streamed), restricted to the texts that :func:`text_shard` puts there."""
     from kalm.shards import iter_records
@@ -101,7 +112,7 @@ def token_budget_batches(lengths: list[int], token_budget: int, max_batch: int, 
     while start < len(order):
         padded = -(-max(1, lengths[order[start]]) // multiple) * multiple  # the first row is the longest
         rows = max(1, min(max_batch, token_budget // padded))
-        batches.append(order[start:start + rows])
+        batches.append(order[start : start + rows])
         start += rows
     return batches
 
@@ -131,7 +142,7 @@ def token_lengths(tokenizer, texts: list[str], max_length: int | None, chunk: in
     never the token ids of the whole shard (those would cost more memory than the model)."""
     lengths: list[int] = []
     for start in range(0, len(texts), chunk):
-        enc = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
+        enc = tokenizer(texts[start : start + chunk], truncation=True, max_length=max_length)["input_ids"]
         lengths += map(len, enc)
     return lengths
 
@@ -151,8 +162,15 @@ def autocast_dtype(precision: str, device):
     return torch.float16
 
 
-def encode_texts(model, texts: list[str], token_budget: int = 4096, max_batch: int = 64,
-                 precision: str = "auto", progress: bool = True, out_dtype=np.float32) -> np.ndarray:
+def encode_texts(
+    model,
+    texts: list[str],
+    token_budget: int = 4096,
+    max_batch: int = 64,
+    precision: str = "auto",
+    progress: bool = True,
+    out_dtype=np.float32,
+) -> np.ndarray:
     """L2-normalised embeddings of ``texts`` (row i = text i) as ``out_dtype``, token-budget batches.
 
     The defaults suit CPUs (4096 tokens, 64 rows: as fast as larger batches there, and less
@@ -177,8 +195,9 @@ def encode_texts(model, texts: list[str], token_budget: int = 4096, max_batch: i
         bar = tqdm(total=len(texts), desc="encode", unit="text", mininterval=5)
     with torch.inference_mode(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for idx in batches:
-            features = pad_to_multiple(model.preprocess([texts[i] for i in idx]), PAD_MULTIPLE, pad_id,
-                                       model.max_seq_length)
+            features = pad_to_multiple(
+                model.preprocess([texts[i] for i in idx]), PAD_MULTIPLE, pad_id, model.max_seq_length
+            )
             features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
             emb = model(features)["sentence_embedding"].float()
             emb = torch.nn.functional.normalize(emb, dim=-1)
@@ -194,10 +213,23 @@ def encode_texts(model, texts: list[str], token_budget: int = 4096, max_batch: i
     return out
 
 
-def embed_shard(input_path, mine_tasks: dict[str, bool], model_spec: str, shard: int, num_shards: int,
-                out_dir: str, token_budget: int = 4096, max_batch: int = 64, max_seq_length: int | None = None,
-                dtype: str = "float16", precision: str = "auto", query_instruction: bool = True,
-                passage_instruction: str = "symmetric", threads: int | None = None, pooling: str = "mean") -> Path:
+def embed_shard(
+    input_path,
+    mine_tasks: dict[str, bool],
+    model_spec: str,
+    shard: int,
+    num_shards: int,
+    out_dir: str,
+    token_budget: int = 4096,
+    max_batch: int = 64,
+    max_seq_length: int | None = None,
+    dtype: str = "float16",
+    precision: str = "auto",
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+    threads: int | None = None,
+    pooling: str = "mean",
+) -> Path:
     """Encode shard ``shard`` of the texts of ``input_path`` (a record file or a list of them)."""
     texts = shard_texts(input_path, mine_tasks, shard, num_shards, query_instruction, passage_instruction)
     out_dir = Path(out_dir)
@@ -257,7 +289,7 @@ class ShardedEmbeddings:
     def vectors(self, texts: list[str], chunk: int = 65536) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), chunk):
-            part = texts[start:start + chunk]
+            part = texts[start : start + chunk]
             try:
                 rows_all = np.array([self.row[t] for t in part], dtype=np.int64)
             except KeyError as e:
@@ -273,23 +305,49 @@ class ShardedEmbeddings:
 
 
 def _run(args: argparse.Namespace) -> None:
-    embed_shard(args.input, json.loads(args.mine_tasks), args.model, args.shard, args.num_shards,
-                args.out_dir, args.token_budget, args.batch_size, args.max_seq_length, args.dtype,
-                args.precision, args.query_instruction, args.passage_instruction, args.threads, args.pooling)
+    embed_shard(
+        args.input,
+        json.loads(args.mine_tasks),
+        args.model,
+        args.shard,
+        args.num_shards,
+        args.out_dir,
+        args.token_budget,
+        args.batch_size,
+        args.max_seq_length,
+        args.dtype,
+        args.precision,
+        args.query_instruction,
+        args.passage_instruction,
+        args.threads,
+        args.pooling,
+    )
 
 
 def add_instruction_args(p) -> None:
     """Flags shared by `kalm embed` and `kalm mine` (both must format texts the same way)."""
-    p.add_argument("--no-query-instruction", dest="query_instruction", action="store_false",
-                   help="encode queries without their task instruction")
-    p.add_argument("--passage-instruction", choices=PASSAGE_INSTRUCTION, default="symmetric",
-                   help="instruction on passages: symmetric tasks only (KaLM), always, or never")
+    p.add_argument(
+        "--no-query-instruction",
+        dest="query_instruction",
+        action="store_false",
+        help="encode queries without their task instruction",
+    )
+    p.add_argument(
+        "--passage-instruction",
+        choices=PASSAGE_INSTRUCTION,
+        default="symmetric",
+        help="instruction on passages: symmetric tasks only (KaLM), always, or never",
+    )
 
 
 def register(sub) -> None:
     p = sub.add_parser("embed", help="encode one shard of the texts to mine")
-    p.add_argument("--input", required=True, nargs="+",
-                   help="the fine-tuning records (the stage's .parquet shards, or .jsonl), streamed")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="the fine-tuning records (the stage's .parquet shards, or .jsonl), streamed",
+    )
     p.add_argument("--mine-tasks", required=True, help='JSON {"task": symmetric_bool}')
     p.add_argument("--model", required=True)
     p.add_argument("--shard", type=int, required=True)
@@ -299,8 +357,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="most rows per batch")
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="compute precision on GPU (auto: bf16 where supported); CPUs use fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="compute precision on GPU (auto: bf16 where supported); CPUs use fp32",
+    )
     p.add_argument("--threads", type=int)
     add_instruction_args(p)
     add_pooling_argument(p)

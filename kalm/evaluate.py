@@ -71,8 +71,9 @@ class RerankingWithoutCandidates(TaskDataUnavailable):
     """A reranking task whose candidate lists are missing: mteb would score it as full-corpus retrieval."""
 
 
-def task_sides(task_spec: dict, task_type: str, instruction_set: str | None = None,
-               name: str | None = None) -> tuple[bool, bool]:
+def task_sides(
+    task_spec: dict, task_type: str, instruction_set: str | None = None, name: str | None = None
+) -> tuple[bool, bool]:
     """(query side, passage side) of a task's instruction: kalm.instructions.instruction_sides of the
     spec's instruction set (default ``kalm``) and the task's type and name (a local task: its type
     only), or the spec's ``symmetric`` override."""
@@ -171,8 +172,10 @@ def _mirror_target(task, task_spec: dict) -> Path | None:
     if task_spec.get("mirror"):
         folder = Path(task_spec["mirror"])
         if not folder.is_dir():
-            raise MirrorError(f"MTEB task {task.metadata.name!r}: its mirror folder {folder} (eval.tasks."
-                              f"{task.metadata.name}.mirror) not found")
+            raise MirrorError(
+                f"MTEB task {task.metadata.name!r}: its mirror folder {folder} (eval.tasks."
+                f"{task.metadata.name}.mirror) not found"
+            )
         return folder
     root = task_spec.get("mirror_root")
     if not root:
@@ -212,9 +215,13 @@ def load_task_data(task, task_spec: dict) -> dict[str, Any]:
         try:
             sub.load_data()
         except Exception as e:  # datasets/huggingface_hub raise ConnectionError, OSError, FileNotFoundError, ...
-            where = (f"from its mirror {ds.get('path')}" if info["source"] == "mirror"
-                     else f"(dataset {ds.get('path')}@{ds.get('revision')}, no mirror"
-                          + (f" at {Path(root) / ds.get('path', '')}" if root else "") + ")")
+            where = (
+                f"from its mirror {ds.get('path')}"
+                if info["source"] == "mirror"
+                else f"(dataset {ds.get('path')}@{ds.get('revision')}, no mirror"
+                + (f" at {Path(root) / ds.get('path', '')}" if root else "")
+                + ")"
+            )
             raise TaskDataUnavailable(
                 f"{what}: its data could not be loaded {where}: {type(e).__name__}: {e}. "
                 f"{how_to_mirror(name, ds.get('path'), root, ds.get('revision'))}"
@@ -357,8 +364,12 @@ def run_mteb(model, mteb_task, prompts: dict[str, str], batch_size: int = 64, mi
 
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                logger.warning("%s: out of memory at batch size %d; retrying with %d", mteb_task.metadata.name,
-                               batch_size, batch_size // 2)
+                logger.warning(
+                    "%s: out of memory at batch size %d; retrying with %d",
+                    mteb_task.metadata.name,
+                    batch_size,
+                    batch_size // 2,
+                )
                 batch_size //= 2
     finally:
         model.prompts, model.default_prompt_name = saved
@@ -453,10 +464,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a model on one MTEB task (local folder or registered task)")
     p.add_argument("--model", required=True, help="model path or package:<name>")
-    p.add_argument("--task-json", required=True,
-                   help="task spec as JSON: name, type, lang, [path, mirror, mirror_root, benchmark, subsets, splits, "
-                        "instruction, instruction_set, symmetric]")
-    p.add_argument("--out", required=True, help="mteb result JSON to write; the sidecar goes to <out minus .json>.kalm.json")
+    p.add_argument(
+        "--task-json",
+        required=True,
+        help="task spec as JSON: name, type, lang, [path, mirror, mirror_root, benchmark, subsets, splits, "
+        "instruction, instruction_set, symmetric]",
+    )
+    p.add_argument(
+        "--out", required=True, help="mteb result JSON to write; the sidecar goes to <out minus .json>.kalm.json"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="first batch size tried; halved on GPU out-of-memory")
     p.add_argument("--max-seq-length", type=int, default=None)
     add_pooling_argument(p)

@@ -117,13 +117,16 @@ def try_acquire(n: int, pool: list[str], folder: Path) -> tuple[list[str], list[
     return None
 
 
-def acquire(n: int, pool: list[str], folder: Path, poll: float = 0.5, log_every: float = 60.0,
-            timeout: float | None = None) -> tuple[list[str], list[int]]:
+def acquire(
+    n: int, pool: list[str], folder: Path, poll: float = 0.5, log_every: float = 60.0, timeout: float | None = None
+) -> tuple[list[str], list[int]]:
     """Lock n devices of the pool, waiting until they are free (all at once, never part of them)."""
     if n > len(pool):
-        raise SystemExit(f"kalm gpu-slots: the job needs {n} GPU(s) but the device pool has {len(pool)} "
-                         f"({','.join(pool) or 'none'}); set KALM_GPUS or CUDA_VISIBLE_DEVICES, "
-                         "or lower resources.gpus in the config")
+        raise SystemExit(
+            f"kalm gpu-slots: the job needs {n} GPU(s) but the device pool has {len(pool)} "
+            f"({','.join(pool) or 'none'}); set KALM_GPUS or CUDA_VISIBLE_DEVICES, "
+            "or lower resources.gpus in the config"
+        )
     start = last_note = time.monotonic()
     while True:
         got = try_acquire(n, pool, folder)
@@ -149,23 +152,47 @@ def split_env(cmd: list[str]) -> tuple[dict[str, str], list[str]]:
     return assigned, cmd[i:]
 
 
-def torchrun_argv(cmd: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                  rdzv_id: str | None = None) -> list[str]:
+def torchrun_argv(
+    cmd: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None
+) -> list[str]:
     """torchrun (as `python -m torch.distributed.run`, same interpreter) starting CMD per rank."""
     argv = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1 and rdzv_endpoint is None:
         argv += ["--standalone", "--nnodes", "1"]  # a free local port, no rendezvous server to name
     else:
-        argv += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                 "--rdzv-id", rdzv_id or "kalm"]
+        argv += [
+            "--nnodes",
+            str(nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rdzv_endpoint,
+            "--rdzv-id",
+            rdzv_id or "kalm",
+        ]
     return argv + ["--nproc-per-node", str(nproc), "--no-python", *cmd]
 
 
 def srun_argv(cmd: list[str], gpus: int, nodes: int, host: str, port: int) -> list[str]:
     """One task per node of the allocation, each running this launcher for its node's GPUs."""
-    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            sys.executable, "-m", "kalm", "gpu-slots", "--gpus", str(gpus // nodes), "--torchrun",
-            "--rdzv-endpoint", f"{host}:{port}", "--", *cmd]
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "kalm",
+        "gpu-slots",
+        "--gpus",
+        str(gpus // nodes),
+        "--torchrun",
+        "--rdzv-endpoint",
+        f"{host}:{port}",
+        "--",
+        *cmd,
+    ]
 
 
 def _free_port() -> int:
@@ -202,8 +229,14 @@ def plan(args, env: dict[str, str]) -> tuple[list[str], dict[str, str], list[int
         how = f"locked in {folder}"
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     where = f"SLURM job {env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else socket.gethostname()
-    log.info("CUDA_VISIBLE_DEVICES=%s (%d of pool %s on %s; %s)", env["CUDA_VISIBLE_DEVICES"],
-             len(devices), ",".join(pool), where, how)
+    log.info(
+        "CUDA_VISIBLE_DEVICES=%s (%d of pool %s on %s; %s)",
+        env["CUDA_VISIBLE_DEVICES"],
+        len(devices),
+        ",".join(pool),
+        where,
+        how,
+    )
     if args.torchrun and (len(devices) > 1 or args.rdzv_endpoint):
         nnodes = int(env.get("SLURM_NNODES", "1")) if args.rdzv_endpoint else 1
         cmd = torchrun_argv(cmd, len(devices), nnodes, args.rdzv_endpoint, env.get("SLURM_JOB_ID"))
@@ -225,15 +258,21 @@ def _run(args) -> int:
     try:
         os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
-        raise SystemExit(f"kalm gpu-slots: command not found: {argv[0]}")
+        raise SystemExit(f"kalm gpu-slots: command not found: {argv[0]}") from None
 
 
 def register(sub) -> None:
-    p = sub.add_parser("gpu-slots", help="run a command on N GPUs of its own (locks devices, sets "
-                                         "CUDA_VISIBLE_DEVICES; torchrun for multi-GPU training)")
+    p = sub.add_parser(
+        "gpu-slots",
+        help="run a command on N GPUs of its own (locks devices, sets "
+        "CUDA_VISIBLE_DEVICES; torchrun for multi-GPU training)",
+    )
     p.add_argument("--gpus", type=int, required=True, help="devices the command needs (0: hide all GPUs)")
-    p.add_argument("--torchrun", action="store_true", help="start the command with torchrun when it gets "
-                                                           "more than one device (DDP training)")
+    p.add_argument(
+        "--torchrun",
+        action="store_true",
+        help="start the command with torchrun when it gets more than one device (DDP training)",
+    )
     p.add_argument("--nodes", type=int, default=1, help="nodes of a multi-node SLURM job (--gpus is the total)")
     p.add_argument("--rdzv-endpoint", help=argparse.SUPPRESS)  # set by the multi-node launcher for its tasks
     p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)

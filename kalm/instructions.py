@@ -94,8 +94,9 @@ def check_instruction_set(instruction_set: str) -> str:
     return instruction_set
 
 
-def instruction_sides(instruction_set: str | None, task_type: str | None, task: str | None = None,
-                      symmetric: bool | None = None) -> tuple[bool, bool]:
+def instruction_sides(
+    instruction_set: str | None, task_type: str | None, task: str | None = None, symmetric: bool | None = None
+) -> tuple[bool, bool]:
     """``(query side, passage side)``: whether each side of a task carries its instruction (the rule of
     the module docstring), for training and evaluation alike.
 

@@ -136,8 +136,9 @@ class StageStats:
         write_json(path, self.as_dict())
 
 
-def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, settings: Iterable[str] = (),
-                **extra: Any) -> dict[str, Any]:
+def merge_stats(
+    paths: Iterable[str | os.PathLike], stage: str | None = None, settings: Iterable[str] = (), **extra: Any
+) -> dict[str, Any]:
     """The stats of one stage run as shard jobs, added up: ``in``, ``kept``, ``dropped`` and
     ``per_task`` are summed (so the funnel still adds up), numeric extras are summed too (so a
     shard's identifier belongs in a string extra, never a number), other extras are kept when
@@ -181,6 +182,11 @@ def merge_stats(paths: Iterable[str | os.PathLike], stage: str | None = None, se
                 merged_extra[key] = None  # shards disagree: not a property of the whole stage
     total.check()
     out = total.as_dict()
-    out.update({k: v for k, v in merged_extra.items() if v is not None}, **fixed, **extra, shards=len(dicts),
-               seconds=round(sum(d.get("seconds", 0.0) for d in dicts), 3))
+    out.update(
+        {k: v for k, v in merged_extra.items() if v is not None},
+        **fixed,
+        **extra,
+        shards=len(dicts),
+        seconds=round(sum(d.get("seconds", 0.0) for d in dicts), 3),
+    )
     return out

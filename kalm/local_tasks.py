@@ -58,7 +58,9 @@ def eval_langs(lang: str) -> list[str]:
         return list(LANGS[lang])
     if "-" in lang and len(lang.split("-")[0]) == 3:
         return [lang]
-    raise LocalTaskError(f"unsupported task language {lang!r}: use one of {sorted(LANGS)} or an ISO code like 'eng-Latn'")
+    raise LocalTaskError(
+        f"unsupported task language {lang!r}: use one of {sorted(LANGS)} or an ISO code like 'eng-Latn'"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +96,9 @@ def _field(path: Path, lineno: int, rec: dict, name: str, kinds: tuple[type, ...
     # bool is an int subclass; a boolean is never a valid id, score or label here
     if isinstance(value, bool) or not isinstance(value, kinds):
         want = " or ".join(k.__name__ for k in kinds)
-        raise LocalTaskError(f"{path}:{lineno}: field {name!r} must be {want}, got {type(value).__name__} ({value!r:.60})")
+        raise LocalTaskError(
+            f"{path}:{lineno}: field {name!r} must be {want}, got {type(value).__name__} ({value!r:.60})"
+        )
     if isinstance(value, str) and not allow_empty and not value.strip():
         raise LocalTaskError(f"{path}:{lineno}: field {name!r} is empty")
     return value
@@ -166,7 +170,9 @@ def read_retrieval(folder: str | Path) -> tuple[list[dict], list[dict], dict[str
             try:
                 value = int(score)
             except ValueError:
-                raise LocalTaskError(f"{qrels_path}:{lineno}: field 'score' must be an integer, got {score!r}") from None
+                raise LocalTaskError(
+                    f"{qrels_path}:{lineno}: field 'score' must be an integer, got {score!r}"
+                ) from None
             if did in relevant.get(qid, {}):
                 raise LocalTaskError(f"{qrels_path}:{lineno}: duplicate pair ({qid!r}, {did!r})")
             relevant.setdefault(qid, {})[did] = value
@@ -199,7 +205,9 @@ def read_top_ranked(folder: str | Path, queries: list[dict], corpus: list[dict])
         ids = []
         for i, c in enumerate(cands):
             if isinstance(c, bool) or not isinstance(c, (str, int)) or str(c) not in doc_ids:
-                raise LocalTaskError(f"{path}:{lineno}: field 'corpus-ids[{i}]' {c!r} is not a document of corpus.jsonl")
+                raise LocalTaskError(
+                    f"{path}:{lineno}: field 'corpus-ids[{i}]' {c!r} is not a document of corpus.jsonl"
+                )
             ids.append(str(c))
         if qid in query_ids:  # candidates of unjudged queries are not evaluated (like their queries)
             top_ranked[qid] = ids
@@ -269,7 +277,9 @@ def read_classification(folder: str | Path) -> dict[str, dict[str, list]]:
         raise LocalTaskError(f"{Path(folder) / 'train.jsonl'}: need at least 2 distinct labels")
     unseen = set(raw["test"][1]) - train_labels
     if unseen:
-        raise LocalTaskError(f"{Path(folder) / 'test.jsonl'}: labels {sorted(map(str, unseen))} never occur in train.jsonl")
+        raise LocalTaskError(
+            f"{Path(folder) / 'test.jsonl'}: labels {sorted(map(str, unseen))} never occur in train.jsonl"
+        )
     index = {lab: i for i, lab in enumerate(sorted(train_labels, key=lambda x: (isinstance(x, str), str(x))))}
     return {split: {"text": texts, "label": [index[lab] for lab in labels]} for split, (texts, labels) in raw.items()}
 
@@ -325,8 +335,12 @@ def _retrieval_split(self, with_top_ranked: bool) -> None:
 
     queries, corpus, relevant = read_retrieval(self.local_path)
     top_ranked = read_top_ranked(self.local_path, queries, corpus) if with_top_ranked else None
-    split = RetrievalSplitData(queries=Dataset.from_list(queries), corpus=Dataset.from_list(corpus),
-                               relevant_docs=relevant, top_ranked=top_ranked)
+    split = RetrievalSplitData(
+        queries=Dataset.from_list(queries),
+        corpus=Dataset.from_list(corpus),
+        relevant_docs=relevant,
+        top_ranked=top_ranked,
+    )
     self.dataset = {"default": {"test": split}}
     self.data_loaded = True
 
@@ -408,7 +422,9 @@ def _base_class(task_type: str):
         from mteb.abstasks.clustering import AbsTaskClustering
 
         return AbsTaskClustering, "v_measure", _load_clustering
-    raise LocalTaskError(f"local tasks of type {task_type!r} are not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    raise LocalTaskError(
+        f"local tasks of type {task_type!r} are not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+    )
 
 
 def make_task_class(spec: dict) -> type:

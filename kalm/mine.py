@@ -142,8 +142,14 @@ def to_gpu(index, cfg: IndexConfig, k: int):
     return index
 
 
-def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None = None, texts=None,
-                k: int = 100, add_chunk: int = 65536, gpu: bool = True):
+def build_index(
+    vectors: np.ndarray | ShardedEmbeddings,
+    cfg: IndexConfig | None = None,
+    texts=None,
+    k: int = 100,
+    add_chunk: int = 65536,
+    gpu: bool = True,
+):
     """An inner-product index over ``vectors`` (or over ``texts`` of a sharded store), added in chunks;
     ``gpu=False`` keeps it on the CPU (to be written with faiss.write_index)."""
     import faiss
@@ -169,8 +175,11 @@ def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
         train_n = min(n, 64 * nlist)  # faiss wants >= 39 points per centroid; 64 is plenty
         sample = np.sort(np.random.default_rng(0).choice(n, train_n, replace=False))
-        train = vectors.vectors([texts[i] for i in sample]) if texts is not None else \
-            np.ascontiguousarray(vectors[sample], dtype=np.float32)
+        train = (
+            vectors.vectors([texts[i] for i in sample])
+            if texts is not None
+            else np.ascontiguousarray(vectors[sample], dtype=np.float32)
+        )
         index.train(train)
         index.nprobe = min(cfg.nprobe, nlist)
     else:
@@ -187,8 +196,9 @@ def build_index(vectors: np.ndarray | ShardedEmbeddings, cfg: IndexConfig | None
 def key_hash(text: str) -> int:
     """A passage's identity for "the same text" checks: a 64-bit hash of its normalised text (dedup_key)
     as a signed int64 (a collision, ~n^2 / 2^65 for a pool of n, would only ban one candidate)."""
-    return int.from_bytes(hashlib.blake2b(dedup_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(dedup_key(text).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True
+    )
 
 
 TEXTS_FILE = "texts.arrow"  # a pool shard's texts: Arrow IPC, uncompressed, so that mining memory-maps it
@@ -201,8 +211,15 @@ def write_texts(path: Path, texts: list[str], raw: list[str], batch: int = 65536
     schema = pa.schema([("text", pa.large_string()), ("raw", pa.large_string())])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(texts), batch):
-            writer.write_batch(pa.record_batch([pa.array(texts[start:start + batch], pa.large_string()),
-                                                pa.array(raw[start:start + batch], pa.large_string())], schema=schema))
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array(texts[start : start + batch], pa.large_string()),
+                        pa.array(raw[start : start + batch], pa.large_string()),
+                    ],
+                    schema=schema,
+                )
+            )
 
 
 def read_texts(path: Path, column: str = "raw"):
@@ -224,8 +241,16 @@ class PoolBuilder:
         if old is None or order < old[0]:
             self.entries[formatted] = (order, raw)
 
-    def save(self, folder: str | Path, store: ShardedEmbeddings | None, embeddings: list[str] | None = None,
-             index_cfg: IndexConfig | None = None, k: int = 100, name: str = "", chunk: int = 65536) -> int:
+    def save(
+        self,
+        folder: str | Path,
+        store: ShardedEmbeddings | None,
+        embeddings: list[str] | None = None,
+        index_cfg: IndexConfig | None = None,
+        k: int = 100,
+        name: str = "",
+        chunk: int = 65536,
+    ) -> int:
         """Write the pool to ``folder``: its passages sorted by encoder-side text (so the pool, its row
         numbers and everything drawn from them are the same whatever the sharding), their key hashes,
         their vectors (gathered from the embedding shards: ``store``, or the ``embeddings`` files read
@@ -239,10 +264,11 @@ class PoolBuilder:
         with atomic_path(folder, is_dir=True) as tmp:
             write_texts(tmp / TEXTS_FILE, texts, raw)
             np.save(tmp / "keys.npy", np.fromiter((key_hash(r) for r in raw), dtype=np.int64, count=len(raw)))
-            vecs = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=store.dtype,
-                                             shape=(len(texts), store.dim))
+            vecs = np.lib.format.open_memmap(
+                tmp / "vectors.npy", mode="w+", dtype=store.dtype, shape=(len(texts), store.dim)
+            )
             for start in range(0, len(texts), chunk):
-                vecs[start:start + chunk] = store.vectors(texts[start:start + chunk])
+                vecs[start : start + chunk] = store.vectors(texts[start : start + chunk])
             vecs.flush()
             if cfg.type in ("ivf", "hnsw") and len(texts):
                 import faiss
@@ -251,8 +277,15 @@ class PoolBuilder:
                 faiss.write_index(build_index(vecs, cfg, k=k, gpu=False), str(tmp / "index.faiss"))
                 log.info("pool %s: %s index over %d passages in %.1f s", name, cfg.type, len(texts), time.time() - t)
             del vecs
-            write_json(tmp / "meta.json", {"pool": name, "passages": len(texts), "dim": store.dim,
-                                           "index": cfg.type if cfg.type in ("ivf", "hnsw") else None})
+            write_json(
+                tmp / "meta.json",
+                {
+                    "pool": name,
+                    "passages": len(texts),
+                    "dim": store.dim,
+                    "index": cfg.type if cfg.type in ("ivf", "hnsw") else None,
+                },
+            )
         return len(texts)
 
 
@@ -288,8 +321,11 @@ class Pool:
             else:
                 index.hnsw.efSearch = max(cfg.ef_search, k)
             return to_gpu(index, cfg, k)
-        return build_index(self.store, IndexConfig(**{**cfg.__dict__, "type": "flat" if cfg.type in ("ivf", "hnsw")
-                                                      else cfg.type}), k=k)
+        return build_index(
+            self.store,
+            IndexConfig(**{**cfg.__dict__, "type": "flat" if cfg.type in ("ivf", "hnsw") else cfg.type}),
+            k=k,
+        )
 
 
 RANGES_FILE = "ranges.json"  # a pool's text ranges: which shard folder (shard{j}) holds which passages
@@ -354,7 +390,7 @@ class PoolShards:
             index = self._index(j)
             offset = int(self.offsets[j])
             for start in range(0, len(query_vecs), batch):
-                found = search_rescored(index, shard, query_vecs[start:start + batch], min(k, shard.size))
+                found = search_rescored(index, shard, query_vecs[start : start + batch], min(k, shard.size))
                 for q, (ids, scores) in enumerate(found, start):
                     if len(self.shards) == 1:
                         best[q] = (ids + offset, scores)
@@ -364,8 +400,14 @@ class PoolShards:
                     order = np.lexsort((all_ids, -all_scores))[:k]
                     best[q] = (all_ids[order], all_scores[order])
             del index
-            log.info("searched pool shard %d/%d (%d passages) for %d queries in %.1f s", j, len(self.shards),
-                     shard.size, len(query_vecs), time.time() - t)
+            log.info(
+                "searched pool shard %d/%d (%d passages) for %d queries in %.1f s",
+                j,
+                len(self.shards),
+                shard.size,
+                len(query_vecs),
+                time.time() - t,
+            )
         return best
 
 
@@ -469,7 +511,7 @@ def given_negatives(rec: dict, passages: list[str], s: MineSettings, stats: Stag
     labelled = {dedup_key(t) for t in rec["pos"] + [rec["query"]]}
     seen: set[str] = set()
     kept: list[tuple[str, str]] = []
-    for raw, formatted in zip(given, passages[len(rec["pos"]):]):
+    for raw, formatted in zip(given, passages[len(rec["pos"]) :]):
         key = dedup_key(raw)
         if key in labelled:  # a "negative" that is the positive or the query: a label error
             stats.extra["given_negatives_equal_to_positive_or_query"] += 1
@@ -502,9 +544,9 @@ def search_rescored(index, pool, query_vecs: np.ndarray, k: int, block: int = 25
     _, ids = index.search(query_vecs, kk)
     out = []
     for b in range(0, len(query_vecs), block):
-        blk = ids[b:b + block]
+        blk = ids[b : b + block]
         vecs = pool.vectors(np.where(blk >= 0, blk, 0).ravel()).reshape(*blk.shape, -1)
-        scores = exact_scores(vecs, query_vecs[b:b + block, None, :])
+        scores = exact_scores(vecs, query_vecs[b : b + block, None, :])
         for row_ids, row_scores in zip(blk, scores):
             valid = row_ids >= 0
             row_ids, row_scores = row_ids[valid], row_scores[valid]
@@ -519,8 +561,14 @@ def record_rng(rec: dict, s: MineSettings, task: str, i: int) -> random.Random:
     return random.Random(f"{s.seed}:{rec['id']}" if "id" in rec else f"{s.seed}:{task}:{i}")
 
 
-def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: PoolShards,
-                 store: ShardedEmbeddings, s: MineSettings, stats: StageStats) -> list[dict]:
+def mine_records(
+    records: list[dict],
+    texts: list[tuple[str, list[str]]],
+    pool: PoolShards,
+    store: ShardedEmbeddings,
+    s: MineSettings,
+    stats: StageStats,
+) -> list[dict]:
     """Mine negatives for ``records`` (one task) whose encoder-side texts are ``texts``; ``store`` holds
     the vectors of the records' own texts, ``pool`` those of the candidates. Every query is searched
     first (pool shard by shard: one shard's index in memory), then each record is mined."""
@@ -531,11 +579,11 @@ def mine_records(records: list[dict], texts: list[tuple[str, list[str]]], pool: 
     all_found = pool.search(all_query_vecs, k, s.query_batch)
     out = []
     for start in range(0, len(records), s.query_batch):
-        recs, txts = records[start:start + s.query_batch], texts[start:start + s.query_batch]
-        query_vecs, found = all_query_vecs[start:start + s.query_batch], all_found[start:start + s.query_batch]
+        recs, txts = records[start : start + s.query_batch], texts[start : start + s.query_batch]
+        query_vecs, found = all_query_vecs[start : start + s.query_batch], all_found[start : start + s.query_batch]
         for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
             rng = record_rng(rec, s, task, start + j)
-            pos_scores = exact_scores(store.vectors(passages[:len(rec["pos"])]), query_vecs[j])
+            pos_scores = exact_scores(store.vectors(passages[: len(rec["pos"])]), query_vecs[j])
             pos_score = float(pos_scores.max())
             ids, scores = found[j]
             if s.filter_topk and len(scores) > s.filter_topk and pos_score < scores[s.filter_topk]:
@@ -617,8 +665,14 @@ def iter_task_records(paths, tasks: set[str] | None = None, columns: list[str] |
         t_col = names.index("task")
         for g in range(pf.metadata.num_row_groups):
             st = pf.metadata.row_group(g).column(t_col).statistics
-            if tasks is not None and st is not None and st.has_min_max and isinstance(st.min, str) and \
-                    isinstance(st.max, str) and not any(st.min <= t <= st.max for t in tasks):
+            if (
+                tasks is not None
+                and st is not None
+                and st.has_min_max
+                and isinstance(st.min, str)
+                and isinstance(st.max, str)
+                and not any(st.min <= t <= st.max for t in tasks)
+            ):
                 continue
             for row in pf.read_row_group(g, columns=cols).to_pylist():
                 if tasks is None or row["task"] in tasks:
@@ -642,8 +696,9 @@ def task_counts(paths) -> dict[str, int]:
     return dict(counts)
 
 
-def _pool_passages(inputs, mine_tasks: dict[str, bool], pool: str, only: str | None, query_instruction: bool,
-                   passage_instruction: str):
+def _pool_passages(
+    inputs, mine_tasks: dict[str, bool], pool: str, only: str | None, query_instruction: bool, passage_instruction: str
+):
     """(pool name, encoder-side text, raw text, order) of every candidate passage of the mined tasks of
     ``inputs`` (``only``: of that pool), streamed; ``order`` (record id, place) picks a text's first raw form."""
     if pool not in ("task", "global"):
@@ -657,22 +712,40 @@ def _pool_passages(inputs, mine_tasks: dict[str, bool], pool: str, only: str | N
             yield pool_name(task, pool), formatted, raw, (rid, i)
 
 
-def pool_ranges(inputs, mine_tasks: dict[str, bool], shards: int, pool: str = "task", only: str | None = None,
-                query_instruction: bool = True, passage_instruction: str = "symmetric") -> dict[str, list[str]]:
+def pool_ranges(
+    inputs,
+    mine_tasks: dict[str, bool],
+    shards: int,
+    pool: str = "task",
+    only: str | None = None,
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+) -> dict[str, list[str]]:
     """{pool name: the ``shards - 1`` text boundaries of its shards} (:func:`sample_boundaries`)."""
     names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
     if shards <= 1:
         return {name: [] for name in names}
     out = {}
     for name in names:  # one pass per pool: one sample alive at a time
-        texts = (f for n, f, _, _ in _pool_passages(inputs, mine_tasks, pool, name, query_instruction,
-                                                    passage_instruction) if n == name)
+        texts = (
+            f
+            for n, f, _, _ in _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
+            if n == name
+        )
         out[name] = sample_boundaries(texts, shards)
     return out
 
 
-def write_ranges(inputs, mine_tasks: dict[str, bool], pools_dir: str, shards: int, *, pool: str = "task",
-                 only: str | None = None, settings: MineSettings | None = None) -> dict[str, list[str]]:
+def write_ranges(
+    inputs,
+    mine_tasks: dict[str, bool],
+    pools_dir: str,
+    shards: int,
+    *,
+    pool: str = "task",
+    only: str | None = None,
+    settings: MineSettings | None = None,
+) -> dict[str, list[str]]:
     """``kalm mine --step ranges``: each pool's ``ranges.json`` (``only``: one pool's)."""
     s = settings or MineSettings()
     if shards < 1:
@@ -681,9 +754,15 @@ def write_ranges(inputs, mine_tasks: dict[str, bool], pools_dir: str, shards: in
     if only is not None:
         ranges.setdefault(only, [])  # a pool without records: its empty shards
     for name, bounds in ranges.items():
-        write_json(Path(pools_dir) / name / RANGES_FILE, {"pool": name, "shards": shards, "boundaries": bounds,
-                                                         "rule": "shard j holds the texts t with "
-                                                                 "boundaries[j-1] <= t < boundaries[j]"})
+        write_json(
+            Path(pools_dir) / name / RANGES_FILE,
+            {
+                "pool": name,
+                "shards": shards,
+                "boundaries": bounds,
+                "rule": "shard j holds the texts t with boundaries[j-1] <= t < boundaries[j]",
+            },
+        )
     return ranges
 
 
@@ -694,24 +773,41 @@ def shard_of_text(text: str, boundaries: list[str]) -> int:
     return bisect.bisect_right(boundaries, text)
 
 
-def build_pools(inputs, mine_tasks: dict[str, bool], pool: str = "task", only: str | None = None,
-                query_instruction: bool = True, passage_instruction: str = "symmetric",
-                ranges: dict[str, list[str]] | None = None, shard: int | None = None) -> dict[tuple[str, int], PoolBuilder]:
+def build_pools(
+    inputs,
+    mine_tasks: dict[str, bool],
+    pool: str = "task",
+    only: str | None = None,
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+    ranges: dict[str, list[str]] | None = None,
+    shard: int | None = None,
+) -> dict[tuple[str, int], PoolBuilder]:
     """The candidate pools of the mined tasks of ``inputs`` (all records, streamed): {(pool name, shard):
     builder}, split by ``ranges`` ({pool: boundaries}; None: one shard each); ``only``: just that pool,
     ``shard``: just that text range of it (one mine_index job)."""
     pools: dict[tuple[str, int], PoolBuilder] = {}
-    for name, formatted, raw, order in _pool_passages(inputs, mine_tasks, pool, only, query_instruction,
-                                                      passage_instruction):
+    for name, formatted, raw, order in _pool_passages(
+        inputs, mine_tasks, pool, only, query_instruction, passage_instruction
+    ):
         j = shard_of_text(formatted, ranges[name]) if ranges else 0
         if shard is None or j == shard:
             pools.setdefault((name, j), PoolBuilder()).add(formatted, raw, order)
     return pools
 
 
-def write_pools(inputs, shard_paths: list[str], mine_tasks: dict[str, bool], pools_dir: str, *, pool: str = "task",
-                only: str | None = None, shard: int | None = None, index: IndexConfig | None = None,
-                settings: MineSettings | None = None) -> list[str]:
+def write_pools(
+    inputs,
+    shard_paths: list[str],
+    mine_tasks: dict[str, bool],
+    pools_dir: str,
+    *,
+    pool: str = "task",
+    only: str | None = None,
+    shard: int | None = None,
+    index: IndexConfig | None = None,
+    settings: MineSettings | None = None,
+) -> list[str]:
     """``kalm mine --step pool``: build and save the pool shards (``only``: one pool; ``shard``: one of its
     text ranges) under ``pools_dir``, split by the pools' ``ranges.json`` (:func:`write_ranges`; without
     one: a single shard, its ranges.json written here)."""
@@ -726,8 +822,16 @@ def write_pools(inputs, shard_paths: list[str], mine_tasks: dict[str, bool], poo
         ranges[name] = read_json(f)
         if shard is not None and not 0 <= shard < ranges[name]["shards"]:
             raise ValueError(f"{f}: pool {name} has {ranges[name]['shards']} shards, no shard {shard}")
-    builders = build_pools(inputs, mine_tasks, pool, only, s.query_instruction, s.passage_instruction,
-                           {n: r["boundaries"] for n, r in ranges.items()}, shard)
+    builders = build_pools(
+        inputs,
+        mine_tasks,
+        pool,
+        only,
+        s.query_instruction,
+        s.passage_instruction,
+        {n: r["boundaries"] for n, r in ranges.items()},
+        shard,
+    )
     written = []
     for name in names:
         for j in range(ranges[name]["shards"]) if shard is None else [shard]:
@@ -739,19 +843,45 @@ def write_pools(inputs, shard_paths: list[str], mine_tasks: dict[str, bool], poo
 
 
 def _new_stats(s: MineSettings, pool: str, index_cfg: IndexConfig) -> StageStats:
-    return StageStats("mine", window=list(s.window), negative_number=s.negative_number, filter_topk=s.filter_topk,
-                      margin_ratio=s.margin_ratio, pad=s.pad, sampling=s.sampling, pool=pool, index=index_cfg.type,
-                      given_negatives=s.given_negatives, candidates_in_window=0,
-                      candidates_equal_to_positive_or_query=0, candidates_equal_to_given_negative=0,
-                      candidates_repeated=0,
-                      candidates_over_margin=0, given_negatives_seen=0, given_negatives_kept=0,
-                      given_negatives_equal_to_positive_or_query=0, given_negatives_duplicate=0,
-                      given_negatives_truncated=0, given_negatives_replaced=0,
-                      negatives_from_window=0, negatives_padded_random=0, records_short_of_negatives=0)
+    return StageStats(
+        "mine",
+        window=list(s.window),
+        negative_number=s.negative_number,
+        filter_topk=s.filter_topk,
+        margin_ratio=s.margin_ratio,
+        pad=s.pad,
+        sampling=s.sampling,
+        pool=pool,
+        index=index_cfg.type,
+        given_negatives=s.given_negatives,
+        candidates_in_window=0,
+        candidates_equal_to_positive_or_query=0,
+        candidates_equal_to_given_negative=0,
+        candidates_repeated=0,
+        candidates_over_margin=0,
+        given_negatives_seen=0,
+        given_negatives_kept=0,
+        given_negatives_equal_to_positive_or_query=0,
+        given_negatives_duplicate=0,
+        given_negatives_truncated=0,
+        given_negatives_replaced=0,
+        negatives_from_window=0,
+        negatives_padded_random=0,
+        records_short_of_negatives=0,
+    )
 
 
-def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], pools_dir: str, out_path: str,
-               stats_path: str, s: MineSettings, pool: str = "task", index: IndexConfig | None = None) -> StageStats:
+def mine_shard(
+    input_path,
+    shard_paths: list[str],
+    mine_tasks: dict[str, bool],
+    pools_dir: str,
+    out_path: str,
+    stats_path: str,
+    s: MineSettings,
+    pool: str = "task",
+    index: IndexConfig | None = None,
+) -> StageStats:
     """``kalm mine --step apply``: mine one query shard against its tasks' whole pools (from ``pools_dir``).
 
     Memory: one task's records of this shard at a time, the vectors of their own texts (only those are
@@ -776,15 +906,22 @@ def mine_shard(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], 
             if loaded is None or loaded[0] != name:
                 loaded = None  # one pool alive at a time
                 loaded = (name, PoolShards(Path(pools_dir) / name, index_cfg, k + RESCORE_EXTRA))
-                log.info("pool %s: %d passages in %d shards (%s index)", name, loaded[1].size,
-                         len(loaded[1].shards), index_cfg.type)
+                log.info(
+                    "pool %s: %d passages in %d shards (%s index)",
+                    name,
+                    loaded[1].size,
+                    len(loaded[1].shards),
+                    index_cfg.type,
+                )
             log.info("mining %s: %d records", task, len(recs))
             for rec in mine_records(recs, texts, loaded[1], store, s, stats):
                 out.write(rec)
             del recs, texts, store
         passthrough = {t for t in counts if t not in mine_tasks}
         if passthrough:
-            for rec in iter_task_records(input_path, passthrough, RECORD_COLUMNS + ["neg_ranks", "neg_scores", "pos_score"]):
+            for rec in iter_task_records(
+                input_path, passthrough, RECORD_COLUMNS + ["neg_ranks", "neg_scores", "pos_score"]
+            ):
                 stats.seen(task=rec["task"])
                 out.write(rec)
                 stats.keep(task=rec["task"])
@@ -800,18 +937,43 @@ def merge(stats_paths: list[str], stats_out: str) -> dict:
     return merged
 
 
-def mine(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], out_path: str, stats_path: str, *,
-         window: tuple[int, int] = (50, 100), negative_number: int = 7, filter_topk: int | None = 50,
-         pad: str = "random", seed: int = 0, sampling: str = "random", margin_ratio: float | None = None,
-         pool: str = "task", index: IndexConfig | None = None, query_batch: int = 4096,
-         query_instruction: bool = True, passage_instruction: str = "symmetric",
-         given_negatives: str = "keep", pool_shards: int = 1) -> StageStats:
+def mine(
+    input_path,
+    shard_paths: list[str],
+    mine_tasks: dict[str, bool],
+    out_path: str,
+    stats_path: str,
+    *,
+    window: tuple[int, int] = (50, 100),
+    negative_number: int = 7,
+    filter_topk: int | None = 50,
+    pad: str = "random",
+    seed: int = 0,
+    sampling: str = "random",
+    margin_ratio: float | None = None,
+    pool: str = "task",
+    index: IndexConfig | None = None,
+    query_batch: int = 4096,
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+    given_negatives: str = "keep",
+    pool_shards: int = 1,
+) -> StageStats:
     """Mine ``input_path`` (one or several record files) in one call (``--step all``): the pools go
     through a temporary folder, as in the sharded workflow, so both run the same code."""
-    s = MineSettings(window=tuple(window), negative_number=negative_number, filter_topk=filter_topk,
-                     margin_ratio=margin_ratio, pad=pad, sampling=sampling, seed=seed, query_batch=query_batch,
-                     query_instruction=query_instruction, passage_instruction=passage_instruction,
-                     given_negatives=given_negatives)
+    s = MineSettings(
+        window=tuple(window),
+        negative_number=negative_number,
+        filter_topk=filter_topk,
+        margin_ratio=margin_ratio,
+        pad=pad,
+        sampling=sampling,
+        seed=seed,
+        query_batch=query_batch,
+        query_instruction=query_instruction,
+        passage_instruction=passage_instruction,
+        given_negatives=given_negatives,
+    )
     s.check()
     with tempfile.TemporaryDirectory(prefix="kalm-mine-pools-") as d:
         write_ranges(input_path, mine_tasks, d, pool_shards, pool=pool, settings=s)
@@ -820,21 +982,32 @@ def mine(input_path, shard_paths: list[str], mine_tasks: dict[str, bool], out_pa
 
 
 def _settings(args: argparse.Namespace) -> MineSettings:
-    return MineSettings(window=tuple(args.range), negative_number=args.negative_number,
-                        filter_topk=args.filter_topk or None, margin_ratio=args.margin_ratio, pad=args.pad,
-                        sampling=args.sampling, seed=args.seed, query_batch=args.query_batch,
-                        query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-                        given_negatives=args.given_negatives)
+    return MineSettings(
+        window=tuple(args.range),
+        negative_number=args.negative_number,
+        filter_topk=args.filter_topk or None,
+        margin_ratio=args.margin_ratio,
+        pad=args.pad,
+        sampling=args.sampling,
+        seed=args.seed,
+        query_batch=args.query_batch,
+        query_instruction=args.query_instruction,
+        passage_instruction=args.passage_instruction,
+        given_negatives=args.given_negatives,
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
-    index = IndexConfig(type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                        ef_search=args.ef_search)
-    need = {"all": ("input", "embeddings", "mine_tasks", "out", "stats"),
-            "ranges": ("input", "mine_tasks", "pools_dir"),
-            "pool": ("input", "embeddings", "mine_tasks", "pools_dir"),
-            "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
-            "merge": ("input", "stats")}[args.step]
+    index = IndexConfig(
+        type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search
+    )
+    need = {
+        "all": ("input", "embeddings", "mine_tasks", "out", "stats"),
+        "ranges": ("input", "mine_tasks", "pools_dir"),
+        "pool": ("input", "embeddings", "mine_tasks", "pools_dir"),
+        "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
+        "merge": ("input", "stats"),
+    }[args.step]
     missing = [f"--{n.replace('_', '-')}" for n in need if not getattr(args, n)]
     if missing:
         raise SystemExit(f"kalm mine --step {args.step}: {', '.join(missing)} required")
@@ -843,41 +1016,89 @@ def _run(args: argparse.Namespace) -> None:
         return
     mine_tasks = json.loads(args.mine_tasks)
     if args.step == "ranges":
-        write_ranges(args.input, mine_tasks, args.pools_dir, args.pool_shards, pool=args.pool, only=args.only_pool,
-                     settings=_settings(args))
+        write_ranges(
+            args.input,
+            mine_tasks,
+            args.pools_dir,
+            args.pool_shards,
+            pool=args.pool,
+            only=args.only_pool,
+            settings=_settings(args),
+        )
     elif args.step == "pool":
         s = _settings(args)
         s.check()
-        write_pools(args.input, args.embeddings, mine_tasks, args.pools_dir, pool=args.pool, only=args.only_pool,
-                    shard=args.pool_shard, index=index, settings=s)
+        write_pools(
+            args.input,
+            args.embeddings,
+            mine_tasks,
+            args.pools_dir,
+            pool=args.pool,
+            only=args.only_pool,
+            shard=args.pool_shard,
+            index=index,
+            settings=s,
+        )
     elif args.step == "apply":
         if len(args.input) != 1:
             raise SystemExit("kalm mine --step apply: one --input query shard")
-        mine_shard(args.input[0], args.embeddings, mine_tasks, args.pools_dir, args.out, args.stats, _settings(args),
-                   args.pool, index)
+        mine_shard(
+            args.input[0],
+            args.embeddings,
+            mine_tasks,
+            args.pools_dir,
+            args.out,
+            args.stats,
+            _settings(args),
+            args.pool,
+            index,
+        )
     else:
-        mine(args.input, args.embeddings, mine_tasks, args.out, args.stats,
-             window=tuple(args.range), negative_number=args.negative_number,
-             filter_topk=args.filter_topk or None, pad=args.pad, seed=args.seed, sampling=args.sampling,
-             margin_ratio=args.margin_ratio, pool=args.pool, index=index, query_batch=args.query_batch,
-             query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-             given_negatives=args.given_negatives, pool_shards=args.pool_shards)
+        mine(
+            args.input,
+            args.embeddings,
+            mine_tasks,
+            args.out,
+            args.stats,
+            window=tuple(args.range),
+            negative_number=args.negative_number,
+            filter_topk=args.filter_topk or None,
+            pad=args.pad,
+            seed=args.seed,
+            sampling=args.sampling,
+            margin_ratio=args.margin_ratio,
+            pool=args.pool,
+            index=index,
+            query_batch=args.query_batch,
+            query_instruction=args.query_instruction,
+            passage_instruction=args.passage_instruction,
+            given_negatives=args.given_negatives,
+            pool_shards=args.pool_shards,
+        )
 
 
 def register(sub) -> None:
     p = sub.add_parser("mine", help="FAISS search, negative sampling and ranking-consistency filter")
-    p.add_argument("--step", choices=["all", "ranges", "pool", "apply", "merge"], default="all",
-                   help="all: pools + mining of --input in one run; ranges: split each pool (--only-pool: one) into "
-                        "--pool-shards text ranges (its ranges.json under --pools-dir); pool: build the pool shards "
-                        "(--pool-shard: one); apply: mine one query shard against them; merge: add up the query "
-                        "shards' stats (--input) into --stats")
+    p.add_argument(
+        "--step",
+        choices=["all", "ranges", "pool", "apply", "merge"],
+        default="all",
+        help="all: pools + mining of --input in one run; ranges: split each pool (--only-pool: one) into "
+        "--pool-shards text ranges (its ranges.json under --pools-dir); pool: build the pool shards "
+        "(--pool-shard: one); apply: mine one query shard against them; merge: add up the query "
+        "shards' stats (--input) into --stats",
+    )
     p.add_argument("--input", nargs="+", help="records (.parquet shards or .jsonl); --step merge: the shards' stats")
     p.add_argument("--embeddings", nargs="+", help="shard*.npy files from `kalm embed`")
     p.add_argument("--mine-tasks", help='JSON {"task": symmetric_bool}')
     p.add_argument("--pools-dir", help="folder of the candidate pools, one subfolder per pool (a task, or 'global')")
     p.add_argument("--only-pool", help="--step ranges / pool: only this pool (a task name, or 'global')")
-    p.add_argument("--pool-shards", type=int, default=1,
-                   help="--step ranges / all: text-range shards per pool (a mine job holds one shard's index)")
+    p.add_argument(
+        "--pool-shards",
+        type=int,
+        default=1,
+        help="--step ranges / all: text-range shards per pool (a mine job holds one shard's index)",
+    )
     p.add_argument("--pool-shard", type=int, help="--step pool: build only this shard of the pool")
     p.add_argument("--out")
     p.add_argument("--stats")
@@ -887,11 +1108,19 @@ def register(sub) -> None:
     p.add_argument("--margin-ratio", type=float, help="TopK-PercPos: keep negatives below ratio x positive score")
     p.add_argument("--pad", choices=["random", "none"], default="random")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampling", choices=["random", "top"], default="random",
-                   help="random: sample the window (KaLM); top: its best-ranked candidates")
-    p.add_argument("--given-negatives", choices=GIVEN_NEGATIVES, default="keep",
-                   help="keep: a record's own negatives come first, mining fills up to --negative-number (KaLM); "
-                        "replace: mine them all")
+    p.add_argument(
+        "--sampling",
+        choices=["random", "top"],
+        default="random",
+        help="random: sample the window (KaLM); top: its best-ranked candidates",
+    )
+    p.add_argument(
+        "--given-negatives",
+        choices=GIVEN_NEGATIVES,
+        default="keep",
+        help="keep: a record's own negatives come first, mining fills up to --negative-number (KaLM); "
+        "replace: mine them all",
+    )
     p.add_argument("--pool", choices=["task", "global"], default="task", help="candidate pool per task or global")
     p.add_argument("--index", choices=INDEX_TYPES, default="flat")
     p.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")

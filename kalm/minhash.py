@@ -131,8 +131,8 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_w
     s_hi = np.linspace(threshold, 1.0, 200)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = np.trapezoid(1 - (1 - s_lo ** r) ** b, s_lo)
-            fn = np.trapezoid((1 - s_hi ** r) ** b, s_hi)
+            fp = np.trapezoid(1 - (1 - s_lo**r) ** b, s_lo)
+            fn = np.trapezoid((1 - s_hi**r) ** b, s_hi)
             err = fp_weight * fp + fn_weight * fn
             if err < best_err:
                 best, best_err = (b, r), err
@@ -148,17 +148,21 @@ def band_key(sigs: np.ndarray, band: int, rows: int, seed: int = 7) -> np.ndarra
     signature positions mod 2**64, plus the band number (so that bands never share keys). Equal to
     column ``band`` of :func:`band_keys`; a sharded job computes only the bands it owns."""
     if (band + 1) * rows > sigs.shape[1]:
-        raise ValueError(f"band {band} of {rows} rows needs {(band + 1) * rows} permutations, signatures have {sigs.shape[1]}")
+        raise ValueError(
+            f"band {band} of {rows} rows needs {(band + 1) * rows} permutations, signatures have {sigs.shape[1]}"
+        )
     coef = _band_coef(rows, seed)
     with np.errstate(over="ignore"):
-        block = np.asarray(sigs[:, band * rows:(band + 1) * rows]).astype(np.uint64)
+        block = np.asarray(sigs[:, band * rows : (band + 1) * rows]).astype(np.uint64)
         return (block * coef[None, :]).sum(axis=1, dtype=np.uint64) + np.uint64(band)
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int, seed: int = 7) -> np.ndarray:
     """One uint64 key per (record, band): :func:`band_key` of every band, ``uint64[n, bands]``."""
     if bands * rows > sigs.shape[1]:
-        raise ValueError(f"{bands} bands x {rows} rows need {bands * rows} permutations, signatures have {sigs.shape[1]}")
+        raise ValueError(
+            f"{bands} bands x {rows} rows need {bands * rows} permutations, signatures have {sigs.shape[1]}"
+        )
     keys = np.empty((sigs.shape[0], bands), dtype=np.uint64)
     for band in range(bands):
         keys[:, band] = band_key(sigs, band, rows, seed)
@@ -172,6 +176,6 @@ def similarity(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 def exact_jaccard(a: str, b: str, k: int) -> float:
     """Jaccard similarity of the k-character shingle sets (reference for tests and benchmarks)."""
-    sa = {a[i:i + k] for i in range(max(len(a) - k + 1, 1))}
-    sb = {b[i:i + k] for i in range(max(len(b) - k + 1, 1))}
+    sa = {a[i : i + k] for i in range(max(len(a) - k + 1, 1))}
+    sb = {b[i : i + k] for i in range(max(len(b) - k + 1, 1))}
     return len(sa & sb) / len(sa | sb)

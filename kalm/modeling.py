@@ -73,9 +73,13 @@ POOLING_MODES = ("mean", "cls", "lasttoken")
 
 def add_pooling_argument(parser) -> None:
     """``--pooling`` of the commands that load a model (train, embed, evaluate)."""
-    parser.add_argument("--pooling", choices=POOLING_MODES, default="mean",
-                        help="pooling for a plain Hugging Face backbone (mean over non-padding tokens, KaLM's "
-                             "default); a sentence-transformers model keeps its own")
+    parser.add_argument(
+        "--pooling",
+        choices=POOLING_MODES,
+        default="mean",
+        help="pooling for a plain Hugging Face backbone (mean over non-padding tokens, KaLM's "
+        "default); a sentence-transformers model keeps its own",
+    )
 
 
 def resolve_model_path(spec: str) -> str:

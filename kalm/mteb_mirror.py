@@ -100,16 +100,26 @@ def use_mirror(task, folder: str | Path) -> dict[str, Any]:
                 f"python -m kalm.mteb_mirror {name} --root <mirror root>"
             )
         if have is None:
-            logger.warning("%s: mirror %s does not say its revision (no %s); assuming %s", name, target, MIRROR_INFO,
-                           ds.get("revision"))
+            logger.warning(
+                "%s: mirror %s does not say its revision (no %s); assuming %s",
+                name,
+                target,
+                MIRROR_INFO,
+                ds.get("revision"),
+            )
         sub.metadata.dataset = {**ds, "path": str(target)}
-        used[name] = {"path": str(target), "dataset": ds["path"], "revision": ds.get("revision"),
-                      "mirror_revision": have}
+        used[name] = {
+            "path": str(target),
+            "dataset": ds["path"],
+            "revision": ds.get("revision"),
+            "mirror_revision": have,
+        }
     return used
 
 
-def how_to_mirror(name: str, dataset_path: str | None, root: str | Path | None = None,
-                  revision: str | None = None) -> str:
+def how_to_mirror(
+    name: str, dataset_path: str | None, root: str | Path | None = None, revision: str | None = None
+) -> str:
     """The instruction of an error message: how to make a task's data available offline."""
     where = str(mirror_folder(root, dataset_path)) if root and dataset_path else f"<mirror root>/{dataset_path}"
     return (

@@ -109,8 +109,9 @@ def _group_edges(g: np.ndarray, ids: np.ndarray, threshold: float) -> list[tuple
     return edges
 
 
-def verified_pairs(keys: np.ndarray, ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray],
-                   threshold: float) -> np.ndarray:
+def verified_pairs(
+    keys: np.ndarray, ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray], threshold: float
+) -> np.ndarray:
     """The verified pairs ``int64[m, 2]`` (smaller id first) of one band: records with equal keys
     form a bucket; ``fetch(index array)`` returns the signatures of those records."""
     keys, ids = np.asarray(keys), np.asarray(ids)
@@ -135,7 +136,7 @@ def verified_pairs(keys: np.ndarray, ids: np.ndarray, fetch: Callable[[np.ndarra
         ok = sim >= threshold
         out.append(np.stack([ids[order[two[ok]]], ids[order[two[ok] + 1]]], axis=1))
     for s, n in zip(starts[sizes > 2], sizes[sizes > 2]):
-        edges = _group_edges(sigs[s:s + n], ids[order[s:s + n]], threshold)
+        edges = _group_edges(sigs[s : s + n], ids[order[s : s + n]], threshold)
         if edges:
             out.append(np.asarray(edges, dtype=np.int64))
     return np.concatenate(out).astype(np.int64) if out else empty
@@ -196,8 +197,15 @@ def near_duplicates(sigs: np.ndarray, threshold: float, ids: np.ndarray | None =
 # ---- step 1: minhash of one partition -------------------------------------------------------------
 
 
-def minhash_partition(input_path: str, out_dir: str, num_perm: int = 128, shingle: int = 5, seed: int = 1,
-                      threshold: float = 0.8, batch: int = BATCH) -> int:
+def minhash_partition(
+    input_path: str,
+    out_dir: str,
+    num_perm: int = 128,
+    shingle: int = 5,
+    seed: int = 1,
+    threshold: float = 0.8,
+    batch: int = BATCH,
+) -> int:
     """Signatures, ids and sorted band keys of one partition's records into the folder ``out_dir``;
     return the record count."""
     n = count_rows(input_path)
@@ -209,12 +217,14 @@ def minhash_partition(input_path: str, out_dir: str, num_perm: int = 128, shingl
         keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.uint64, shape=(bands, n))
         i = 0
         for table in iter_tables(input_path, columns=["id", "query", "pos"], batch_rows=batch):
-            texts = [record_text({"query": q, "pos": p}) for q, p in
-                     zip(table.column("query").to_pylist(), table.column("pos").to_pylist())]
+            texts = [
+                record_text({"query": q, "pos": p})
+                for q, p in zip(table.column("query").to_pylist(), table.column("pos").to_pylist())
+            ]
             s = signatures(texts, num_perm, shingle, seed)
             m = len(texts)
-            sigs[i:i + m], ids[i:i + m] = s, ids_of(table)
-            keys[:, i:i + m] = band_keys(s, bands, rows).T
+            sigs[i : i + m], ids[i : i + m] = s, ids_of(table)
+            keys[:, i : i + m] = band_keys(s, bands, rows).T
             i += m
             if i // (25 * batch) != (i - m) // (25 * batch):
                 log.info("minhash %s: %d / %d records", input_path, i, n)
@@ -229,8 +239,18 @@ def minhash_partition(input_path: str, out_dir: str, num_perm: int = 128, shingl
         for arr in (sigs, ids, keys, order_rows):
             arr.flush()
         del sigs, ids, keys, order_rows
-        write_json(tmp / "meta.json", {"records": n, "num_perm": num_perm, "shingle": shingle, "seed": seed,
-                                       "threshold": threshold, "bands": bands, "rows": rows})
+        write_json(
+            tmp / "meta.json",
+            {
+                "records": n,
+                "num_perm": num_perm,
+                "shingle": shingle,
+                "seed": seed,
+                "threshold": threshold,
+                "bands": bands,
+                "rows": rows,
+            },
+        )
     log.info("minhash %s: %d records, %d bands x %d rows", input_path, n, bands, rows)
     return n
 
@@ -269,8 +289,14 @@ def _key_ranges(parts: list[_Partition], band: int, chunk: int) -> list[tuple[in
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def bucket_pairs(minhash_dirs: list[str], out_path: str, band_job: int = 0, band_jobs: int = 1,
-                 threshold: float | None = None, chunk_records: int = CHUNK_RECORDS) -> int:
+def bucket_pairs(
+    minhash_dirs: list[str],
+    out_path: str,
+    band_job: int = 0,
+    band_jobs: int = 1,
+    threshold: float | None = None,
+    chunk_records: int = CHUNK_RECORDS,
+) -> int:
     """Verified candidate pairs of the bands of one bucket job, over every partition; return how many."""
     parts = [_Partition(p) for p in minhash_dirs]
     if not parts:
@@ -302,7 +328,7 @@ def bucket_pairs(minhash_dirs: list[str], out_path: str, band_job: int = 0, band
             cut = np.searchsorted(part_of, np.arange(len(parts) + 1))
             ids = np.empty(len(keys), dtype=np.int64)
             for j in np.flatnonzero(np.diff(cut)):  # their ids (memory-mapped reads)
-                ids[cut[j]:cut[j + 1]] = parts[j].ids[rows[cut[j]:cut[j + 1]]]
+                ids[cut[j] : cut[j + 1]] = parts[j].ids[rows[cut[j] : cut[j + 1]]]
 
             def fetch(idx, rows=rows, part_of=part_of):
                 """Signatures of records ``idx`` (read partition by partition, rows ascending)."""
@@ -311,8 +337,8 @@ def bucket_pairs(minhash_dirs: list[str], out_path: str, band_job: int = 0, band
                 src = idx[order]
                 bounds = np.searchsorted(part_of[src], np.arange(len(parts) + 1))
                 for j in np.flatnonzero(np.diff(bounds)):
-                    sel = order[bounds[j]:bounds[j + 1]]
-                    out[sel] = parts[j].sig[rows[src[bounds[j]:bounds[j + 1]]]]
+                    sel = order[bounds[j] : bounds[j + 1]]
+                    out[sel] = parts[j].sig[rows[src[bounds[j] : bounds[j + 1]]]]
                 return out
 
             found.append(verified_pairs(keys, ids, fetch, threshold))
@@ -320,8 +346,15 @@ def bucket_pairs(minhash_dirs: list[str], out_path: str, band_job: int = 0, band
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, pairs)
-    log.info("buckets %d/%d (bands %d-%d of %d): %d verified pairs", band_job, band_jobs, my_bands.start,
-             my_bands.stop - 1, meta["bands"], len(pairs))
+    log.info(
+        "buckets %d/%d (bands %d-%d of %d): %d verified pairs",
+        band_job,
+        band_jobs,
+        my_bands.start,
+        my_bands.stop - 1,
+        meta["bands"],
+        len(pairs),
+    )
     return len(pairs)
 
 
@@ -338,9 +371,14 @@ def near_components(pair_paths: list[str], drop_path: str, stats_path: str, n_ex
     with atomic_path(drop_path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, drop)
-    stats = {"pairs": int(len(pairs)), "clusters": int(len(np.unique(root))), "clustered_records": int(len(nodes)),
-             "near_duplicate": int(len(drop)), "band_jobs": len(pair_paths),
-             "examples": [[int(d), int(k)] for d, k in drop[:n_examples]]}
+    stats = {
+        "pairs": int(len(pairs)),
+        "clusters": int(len(np.unique(root))),
+        "clustered_records": int(len(nodes)),
+        "near_duplicate": int(len(drop)),
+        "band_jobs": len(pair_paths),
+        "examples": [[int(d), int(k)] for d, k in drop[:n_examples]],
+    }
     write_json(stats_path, stats)
     log.info("components: %d pairs, %d clusters, %d records to drop", stats["pairs"], stats["clusters"], len(drop))
     return stats
@@ -349,8 +387,14 @@ def near_components(pair_paths: list[str], drop_path: str, stats_path: str, n_ex
 # ---- step 4: filter one partition -----------------------------------------------------------------
 
 
-def near_filter(input_path: str, drop_path: str, out_path: str, stats_path: str, components_stats: str | None = None,
-                partition: str | None = None) -> StageStats:
+def near_filter(
+    input_path: str,
+    drop_path: str,
+    out_path: str,
+    stats_path: str,
+    components_stats: str | None = None,
+    partition: str | None = None,
+) -> StageStats:
     """Drop the components step's ids from one exact partition (streamed); stats per task, and the
     query of each example id found here (for the gather's ``near_duplicate_examples``)."""
     drop = np.load(drop_path, mmap_mode="r")
@@ -369,12 +413,13 @@ def near_filter(input_path: str, drop_path: str, out_path: str, stats_path: str,
             kept += task_counts(table, keep)
             if wanted:
                 for row in np.flatnonzero(np.isin(ids, list(wanted))):
-                    examples[str(int(ids[row]))] = {"query": table.column("query")[int(row)].as_py(),
-                                                    "task": table.column("task")[int(row)].as_py()}
+                    examples[str(int(ids[row]))] = {
+                        "query": table.column("query")[int(row)].as_py(),
+                        "task": table.column("task")[int(row)].as_py(),
+                    }
             out.write(conform(table.filter(pa.array(keep))))
     add_counts(stats, seen, kept, "near_duplicate")
     stats.extra["example_records"] = examples
     stats.write(stats_path)
     log.info("near filter %s: %d in, %d kept", out_path, stats.n_in, stats.kept)
     return stats
-

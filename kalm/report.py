@@ -38,8 +38,13 @@ log = logging.getLogger(__name__)
 
 # data steps in pipeline order; the stats' "stage" field names the step
 STEP_ORDER = ["validate", "dedup", "decontaminate", "mine", "train"]
-STEP_LABELS = {"validate": "validated", "dedup": "deduplicated", "decontaminate": "decontaminated",
-               "mine": "mined", "train": "trained on"}
+STEP_LABELS = {
+    "validate": "validated",
+    "dedup": "deduplicated",
+    "decontaminate": "decontaminated",
+    "mine": "mined",
+    "train": "trained on",
+}
 KEPT_COLOR = "#4c72b0"
 DROP_COLORS = ["#dd8452", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#55a868"]
 
@@ -50,8 +55,16 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.hashsalt": "kalm", "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "svg.hashsalt": "kalm",
+            "svg.fonttype": "none",
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     return plt
 
 
@@ -74,17 +87,28 @@ def _write_text(out: str | os.PathLike, text: str) -> None:
 
 def _page(title: str, body: str) -> str:
     """A small standalone HTML page (the report shows it in a frame)."""
-    style = ("body{font-family:sans-serif;font-size:13px;margin:1em}table{border-collapse:collapse;margin:0 0 1.5em}"
-             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f2f2f2}"
-             "td.l,th.l{text-align:left}tr.mean td{font-weight:bold;background:#fafafa}"
-             ".pos{color:#1a7f37}.neg{color:#c0392b}caption{text-align:left;font-weight:bold;padding:4px 0}")
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n<h2>{html.escape(title)}</h2>\n{body}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;font-size:13px;margin:1em}table{border-collapse:collapse;margin:0 0 1.5em}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f2f2f2}"
+        "td.l,th.l{text-align:left}tr.mean td{font-weight:bold;background:#fafafa}"
+        ".pos{color:#1a7f37}.neg{color:#c0392b}caption{text-align:left;font-weight:bold;padding:4px 0}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>\n<h2>{html.escape(title)}</h2>\n{body}</body></html>\n"
+    )
 
 
-def _table(caption: str, header: list[str], rows: list[list[Any]], left: int = 1,
-           row_classes: list[str] | None = None, table_id: str | None = None) -> str:
+def _table(
+    caption: str,
+    header: list[str],
+    rows: list[list[Any]],
+    left: int = 1,
+    row_classes: list[str] | None = None,
+    table_id: str | None = None,
+) -> str:
     """An HTML table; the first ``left`` columns are left-aligned text, cells are escaped."""
+
     def cell(tag, i, v):
         cls = ' class="l"' if i < left else ""
         if isinstance(v, tuple):  # (text, css class)
@@ -93,8 +117,10 @@ def _table(caption: str, header: list[str], rows: list[list[Any]], left: int = 1
         return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
 
     tid = f' id="{html.escape(table_id)}"' if table_id else ""
-    out = [f"<table{tid}><caption>{html.escape(caption)}</caption>",
-           "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
+    out = [
+        f"<table{tid}><caption>{html.escape(caption)}</caption>",
+        "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>",
+    ]
     for j, row in enumerate(rows):
         rc = f' class="{row_classes[j]}"' if row_classes and row_classes[j] else ""
         out.append(f"<tr{rc}>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>")
@@ -128,7 +154,9 @@ def funnel(stats_by_stage: dict[str, list[dict]]) -> dict[str, list[dict]]:
             agg["kept"] += s["kept"]
             for reason, n in s.get("dropped", {}).items():
                 agg["dropped"][reason] = agg["dropped"].get(reason, 0) + n
-            per_task = s.get("per_task") or ({s["task"]: {k: s[k] for k in ("in", "kept", "dropped")}} if s.get("task") else {})
+            per_task = s.get("per_task") or (
+                {s["task"]: {k: s[k] for k in ("in", "kept", "dropped")}} if s.get("task") else {}
+            )
             for task, t in per_task.items():
                 at = agg["per_task"].setdefault(task, {"in": 0, "kept": 0, "dropped": {}})
                 at["in"] += t["in"]
@@ -138,8 +166,10 @@ def funnel(stats_by_stage: dict[str, list[dict]]) -> dict[str, list[dict]]:
         for step in steps.values():
             for where, c in [("all tasks", step), *step["per_task"].items()]:
                 if c["in"] != c["kept"] + sum(c["dropped"].values()):
-                    raise ValueError(f"{stage}/{step['step']} ({where}): in={c['in']} but kept+dropped="
-                                     f"{c['kept'] + sum(c['dropped'].values())}")
+                    raise ValueError(
+                        f"{stage}/{step['step']} ({where}): in={c['in']} but kept+dropped="
+                        f"{c['kept'] + sum(c['dropped'].values())}"
+                    )
         out[stage] = [steps[s] for s in STEP_ORDER if s in steps]
     return out
 
@@ -158,8 +188,13 @@ def plot_funnel(fun: dict[str, list[dict]], out: str | os.PathLike) -> None:
     reasons = sorted({r for s in stages for st in fun[s] for r in st["dropped"]})
     colors = {r: DROP_COLORS[i % len(DROP_COLORS)] for i, r in enumerate(reasons)}
     n_rows = max(len(fun[s]) for s in stages) + 1
-    fig, axes = plt.subplots(len(stages), 3, figsize=(13, (0.42 * n_rows + 1.3) * len(stages)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.25, 1, 1]})
+    fig, axes = plt.subplots(
+        len(stages),
+        3,
+        figsize=(13, (0.42 * n_rows + 1.3) * len(stages)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1.25, 1, 1]},
+    )
     for row, stage in enumerate(stages):
         steps = fun[stage]
         labels = ["raw"] + [STEP_LABELS.get(s["step"], s["step"]) for s in steps]
@@ -200,7 +235,9 @@ def plot_funnel(fun: dict[str, list[dict]], out: str | os.PathLike) -> None:
         tasks = sorted({t for s in steps for t in s["per_task"]})
         for task in tasks:
             raw = next((s["per_task"][task]["in"] for s in steps if task in s["per_task"]), 0) or 1
-            ys = [100.0] + [100 * s["per_task"][task]["kept"] / raw if task in s["per_task"] else math.nan for s in steps]
+            ys = [100.0] + [
+                100 * s["per_task"][task]["kept"] / raw if task in s["per_task"] else math.nan for s in steps
+            ]
             ax.plot(range(len(labels)), ys, marker="o", ms=3, label=f"{task} ({raw:,})")
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set_ylabel("% of the task's raw records")
@@ -230,19 +267,39 @@ def funnel_table(fun: dict[str, list[dict]], contamination: dict[str, dict] | No
                 rows.append([name, "skipped", "", "", "", "", r["skipped"]])
             else:
                 ex = "; ".join(e.get("query", "")[:60] for e in r.get("examples", [])[:2])
-                rows.append([name, r.get("texts", ""), r.get("overlapping_records", 0), r.get("exact_records", ""),
-                             r.get("near_records", ""), r.get("contained_records", ""), ex])
-        body.append(_table(f"{stage} data vs the evaluation tasks (decontamination)",
-                           ["eval task", "eval texts", "overlapping records", "exact", "near", "contained", "examples"], rows,
-                           table_id=f"contamination-{stage}"))
+                rows.append(
+                    [
+                        name,
+                        r.get("texts", ""),
+                        r.get("overlapping_records", 0),
+                        r.get("exact_records", ""),
+                        r.get("near_records", ""),
+                        r.get("contained_records", ""),
+                        ex,
+                    ]
+                )
+        body.append(
+            _table(
+                f"{stage} data vs the evaluation tasks (decontamination)",
+                ["eval task", "eval texts", "overlapping records", "exact", "near", "contained", "examples"],
+                rows,
+                table_id=f"contamination-{stage}",
+            )
+        )
     return _page("Data funnel: records in, kept and dropped at each step", "".join(body))
 
 
 # ---------------------------------------------------------------------------------------------
 # training curves
 
-CURVES = [("loss", "loss"), ("terms", "loss terms"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"),
-          ("samples_per_s", "samples / s"), ("tokens_per_s", "tokens / s")]
+CURVES = [
+    ("loss", "loss"),
+    ("terms", "loss terms"),
+    ("lr", "learning rate"),
+    ("grad_norm", "gradient norm (before clipping)"),
+    ("samples_per_s", "samples / s"),
+    ("tokens_per_s", "tokens / s"),
+]
 
 
 def load_metrics(path: str | os.PathLike) -> list[dict]:
@@ -281,8 +338,14 @@ def plot_training(runs: dict[str, list[dict]], out: str | os.PathLike, title: st
                 for j, term in enumerate(terms):
                     pts = [(r["step"], r[term]) for r in rows if r.get(term) is not None]
                     if pts:
-                        ax.plot([p[0] for p in pts], _smooth([p[1] for p in pts], window), color=color,
-                                ls=styles[j % len(styles)], lw=1.2, label=f"{label} {term.removeprefix('loss_')}")
+                        ax.plot(
+                            [p[0] for p in pts],
+                            _smooth([p[1] for p in pts], window),
+                            color=color,
+                            ls=styles[j % len(styles)],
+                            lw=1.2,
+                            label=f"{label} {term.removeprefix('loss_')}",
+                        )
                 continue
             ys = [r.get(key) for r in rows]
             if not any(v is not None for v in ys):
@@ -329,7 +392,10 @@ def plot_mteb(results: dict[str, dict[str, dict]], out: str | os.PathLike) -> No
     cycle = ["#4c72b0", "#55a868", "#8172b3", "#ccb974", "#64b5cd", "#dd8452"]
     for ax, lang in zip(axes[0], langs):
         models = results[lang]
-        groups = list(dict.fromkeys(g for agg in models.values() for g in agg["by_type"])) + ["mean (type)", "mean (task)"]
+        groups = list(dict.fromkeys(g for agg in models.values() for g in agg["by_type"])) + [
+            "mean (type)",
+            "mean (task)",
+        ]
         width = 0.8 / max(1, len(models))
         for i, (label, agg) in enumerate(models.items()):
             vals = _means(agg)
@@ -377,16 +443,28 @@ def mteb_table(results: dict[str, dict[str, dict]]) -> str:
             classes.append("")
         for key in [*first["by_type"], "mean (type)", "mean (task)"]:
             vals = [_means(models[m]).get(key) for m in labels]
-            row = [key if key.startswith("mean") else f"mean {key}", "", "",
-                   *["" if v is None else f"{100 * v:.2f}" for v in vals]]
+            row = [
+                key if key.startswith("mean") else f"mean {key}",
+                "",
+                "",
+                *["" if v is None else f"{100 * v:.2f}" for v in vals],
+            ]
             if has_base:
                 b, f = _means(models["base"]).get(key), _means(models[compare]).get(key)
                 row.append(_delta(None if b is None or f is None else f - b))
             rows.append(row)
             classes.append("mean")
         names = ", ".join(f"{m}: {models[m].get('model')}" for m in labels)
-        body.append(_table(f"MTEB {lang} (main score x100; {names})", header, rows, left=3, row_classes=classes,
-                           table_id=f"mteb-{lang}"))
+        body.append(
+            _table(
+                f"MTEB {lang} (main score x100; {names})",
+                header,
+                rows,
+                left=3,
+                row_classes=classes,
+                table_id=f"mteb-{lang}",
+            )
+        )
     return _page("MTEB results per task", "".join(body))
 
 
@@ -424,8 +502,12 @@ def plot_rulegraph(nodes: dict[str, str], edges: list[tuple[str, str]], out: str
     pos: dict[str, tuple[float, float]] = {}
     for k in sorted(layers):
         layer = layers[k]
-        layer.sort(key=lambda n: (sum(pos[p][0] for p in preds[n] if p in pos) / max(1, sum(p in pos for p in preds[n])),
-                                  nodes[n]))
+        layer.sort(
+            key=lambda n: (
+                sum(pos[p][0] for p in preds[n] if p in pos) / max(1, sum(p in pos for p in preds[n])),
+                nodes[n],
+            )
+        )
         for i, n in enumerate(layer):
             pos[n] = (i - (len(layer) - 1) / 2, -k)
     width = max(len(layer) for layer in layers.values())
@@ -434,12 +516,29 @@ def plot_rulegraph(nodes: dict[str, str], edges: list[tuple[str, str]], out: str
     for a, b in edges:
         if a in pos and b in pos and a != b:
             (x0, y0), (x1, y1) = pos[a], pos[b]
-            ax.annotate("", xy=(x1, y1 + 0.2), xytext=(x0, y0 - 0.2),
-                        arrowprops={"arrowstyle": "-|>", "color": "#888", "lw": 0.8, "shrinkA": 0, "shrinkB": 0,
-                                    "connectionstyle": "arc3,rad=0.0" if y0 - y1 == 1 else "arc3,rad=-0.25"})
+            ax.annotate(
+                "",
+                xy=(x1, y1 + 0.2),
+                xytext=(x0, y0 - 0.2),
+                arrowprops={
+                    "arrowstyle": "-|>",
+                    "color": "#888",
+                    "lw": 0.8,
+                    "shrinkA": 0,
+                    "shrinkB": 0,
+                    "connectionstyle": "arc3,rad=0.0" if y0 - y1 == 1 else "arc3,rad=-0.25",
+                },
+            )
     for n, (x, y) in pos.items():
-        ax.text(x, y, nodes[n], ha="center", va="center", fontsize=8,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "#dde7f3", "ec": "#4c72b0", "lw": 0.9})
+        ax.text(
+            x,
+            y,
+            nodes[n],
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.3", "fc": "#dde7f3", "ec": "#4c72b0", "lw": 0.9},
+        )
     ax.set_xlim(-width / 2 - 0.1, width / 2 + 0.1)
     ax.set_ylim(-height + 0.5, 0.5)
     ax.axis("off")
@@ -453,8 +552,25 @@ def rulegraph_dot(snakefile: str, config: dict, targets: list[str]) -> str:
         json.dump(config, f)
     try:
         env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-        res = subprocess.run([sys.executable, "-m", "snakemake", "-s", snakefile, "--configfile", f.name, "--rulegraph",
-                              "--nolock", "--cores", "1", *targets], env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                snakefile,
+                "--configfile",
+                f.name,
+                "--rulegraph",
+                "--nolock",
+                "--cores",
+                "1",
+                *targets,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     finally:
         os.unlink(f.name)
     if res.returncode != 0:
@@ -517,8 +633,14 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="report_kind", required=True)
 
     f = sub.add_parser("funnel", help="records in/kept/dropped at each data step, per stage and task")
-    f.add_argument("--stage", nargs="+", action="append", required=True, metavar="STAGE_OR_STATS",
-                   help="a data stage name then its stats JSON files (validate, dedup, decontaminate, mine, train); repeatable")
+    f.add_argument(
+        "--stage",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="STAGE_OR_STATS",
+        help="a data stage name then its stats JSON files (validate, dedup, decontaminate, mine, train); repeatable",
+    )
     f.add_argument("--contamination", nargs="*", metavar="STAGE=REPORT", help="contamination_report.json per stage")
     f.add_argument("--out", required=True, help="chart (.svg or .png)")
     f.add_argument("--table", required=True, help="HTML table")
@@ -531,8 +653,14 @@ def register(subparsers: Any) -> None:
     t.set_defaults(func=_run_training)
 
     m = sub.add_parser("mteb", help="MTEB per-type chart and per-task table: base vs runs vs soup")
-    m.add_argument("--lang", nargs="+", action="append", required=True, metavar="LANG_OR_MODEL",
-                   help="a language then LABEL=results/.../mteb_<lang>.json per model; repeatable")
+    m.add_argument(
+        "--lang",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="LANG_OR_MODEL",
+        help="a language then LABEL=results/.../mteb_<lang>.json per model; repeatable",
+    )
     m.add_argument("--out", required=True)
     m.add_argument("--table", required=True)
     m.set_defaults(func=_run_mteb)

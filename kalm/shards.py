@@ -31,17 +31,19 @@ import pyarrow.parquet as pq
 
 from kalm.io import atomic_path
 
-RECORD_SCHEMA = pa.schema([
-    pa.field("id", pa.int64()),
-    pa.field("task", pa.string(), nullable=False),
-    pa.field("query", pa.string(), nullable=False),
-    pa.field("pos", pa.list_(pa.string()), nullable=False),
-    pa.field("neg", pa.list_(pa.string())),
-    pa.field("instruction", pa.string()),
-    pa.field("neg_ranks", pa.list_(pa.int32())),
-    pa.field("neg_scores", pa.list_(pa.float64())),
-    pa.field("pos_score", pa.float64()),
-])
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.int64()),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("pos", pa.list_(pa.string()), nullable=False),
+        pa.field("neg", pa.list_(pa.string())),
+        pa.field("instruction", pa.string()),
+        pa.field("neg_ranks", pa.list_(pa.int32())),
+        pa.field("neg_scores", pa.list_(pa.float64())),
+        pa.field("pos_score", pa.float64()),
+    ]
+)
 FIELDS = tuple(RECORD_SCHEMA.names)
 ROW_GROUP_ROWS = 8192  # ~4 MB of typical fine-tuning records (query, positive, 7 negatives)
 
@@ -130,7 +132,9 @@ def _as_record(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
-def iter_shard(path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[dict]:
+def iter_shard(
+    path: str | os.PathLike, columns: list[str] | None = None, batch_rows: int = ROW_GROUP_ROWS
+) -> Iterator[dict]:
     """The records of one shard in file order, streamed a batch at a time (JSON Lines too)."""
     path = Path(path)
     if path.suffix == ".jsonl":

@@ -70,8 +70,10 @@ def check_compatible(model_dirs: list[str]) -> None:
         other = _architecture(d)
         for key in sorted(set(arch) | set(other)):
             if arch.get(key) != other.get(key):
-                raise ValueError(f"soup ingredient {d} has a different architecture than {first}: "
-                                 f"{key} {other.get(key)!r} vs {arch.get(key)!r}")
+                raise ValueError(
+                    f"soup ingredient {d} has a different architecture than {first}: "
+                    f"{key} {other.get(key)!r} vs {arch.get(key)!r}"
+                )
 
 
 def _check_state(d: str, state: dict, ref: dict, ref_dir: str) -> None:
@@ -80,8 +82,10 @@ def _check_state(d: str, state: dict, ref: dict, ref_dir: str) -> None:
         raise ValueError(f"soup ingredient {d} has a different architecture than {ref_dir}: parameters {diff} differ")
     for k, v in state.items():
         if v.shape != ref[k].shape:
-            raise ValueError(f"soup ingredient {d} has a different architecture than {ref_dir}: "
-                             f"{k} has shape {tuple(v.shape)} vs {tuple(ref[k].shape)}")
+            raise ValueError(
+                f"soup ingredient {d} has a different architecture than {ref_dir}: "
+                f"{k} has shape {tuple(v.shape)} vs {tuple(ref[k].shape)}"
+            )
 
 
 def load_ingredients(model_dirs: list[str]):
@@ -183,7 +187,9 @@ class SnapshotKeeper:
     def __init__(self, folder: str | Path, keep: int, fingerprint: dict | None = None):
         self.folder = Path(folder)
         self.keep = keep
-        self.fingerprint = hashlib.sha256(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256(
+            json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         manifest = self._manifest()
         if manifest is not None and manifest.get("fingerprint") != self.fingerprint:
             log.info("removing soup snapshots of another run configuration in %s", self.folder)
@@ -196,7 +202,9 @@ class SnapshotKeeper:
     def steps(self) -> list[int]:
         if not self.folder.is_dir():
             return []
-        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return sorted(
+            int(p.name.split("-")[1]) for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+        )
 
     def save(self, model, step: int) -> Path | None:
         """Save ``model`` as the snapshot of ``step``; delete snapshots beyond the last ``keep``."""
@@ -207,17 +215,28 @@ class SnapshotKeeper:
         path = self.folder / f"step-{step:08d}"
         save_model(model, path)
         steps = self.steps()
-        for old in steps[:-self.keep]:
+        for old in steps[: -self.keep]:
             shutil.rmtree(self.folder / f"step-{old:08d}", ignore_errors=True)
-        write_json(self.folder / SNAPSHOT_MANIFEST,
-                   {"fingerprint": self.fingerprint, "keep": self.keep, "steps": steps[-self.keep:], "finished": False})
+        write_json(
+            self.folder / SNAPSHOT_MANIFEST,
+            {"fingerprint": self.fingerprint, "keep": self.keep, "steps": steps[-self.keep :], "finished": False},
+        )
         return path
 
     def finish(self, final_dir: str | Path, final_step: int) -> None:
         """Record the run's final model (after it is written): only then are the snapshots usable."""
-        write_json(self.folder / SNAPSHOT_MANIFEST,
-                   {"fingerprint": self.fingerprint, "keep": self.keep, "steps": self.steps(), "finished": True,
-                    "final": str(final_dir), "final_step": final_step, "final_weights": _weights_digest(final_dir)})
+        write_json(
+            self.folder / SNAPSHOT_MANIFEST,
+            {
+                "fingerprint": self.fingerprint,
+                "keep": self.keep,
+                "steps": self.steps(),
+                "finished": True,
+                "final": str(final_dir),
+                "final_step": final_step,
+                "final_weights": _weights_digest(final_dir),
+            },
+        )
 
 
 def last_k_ingredients(final_dir: str, snapshots: str | Path | None, k: int) -> list[str]:
@@ -229,21 +248,27 @@ def last_k_ingredients(final_dir: str, snapshots: str | Path | None, k: int) -> 
     folder = Path(snapshots) if snapshots else None
     manifest_path = folder / SNAPSHOT_MANIFEST if folder else None
     if manifest_path is None or not manifest_path.is_file():
-        raise ValueError(f"soup last_k={k}: run {final_dir} has no snapshots ({manifest_path} not found); the "
-                         f"trainer keeps them when started with --keep-snapshots and --snapshot-every")
+        raise ValueError(
+            f"soup last_k={k}: run {final_dir} has no snapshots ({manifest_path} not found); the "
+            f"trainer keeps them when started with --keep-snapshots and --snapshot-every"
+        )
     manifest = read_json(manifest_path)
     if not manifest.get("finished"):
         raise ValueError(f"soup: the snapshots in {folder} belong to a run that did not finish ({manifest_path})")
     if manifest.get("final_weights") != _weights_digest(final_dir):
-        raise ValueError(f"soup: the snapshots in {folder} belong to another training run than {final_dir} "
-                         f"(its weights differ from those recorded in {manifest_path}); re-run the fine-tuning")
+        raise ValueError(
+            f"soup: the snapshots in {folder} belong to another training run than {final_dir} "
+            f"(its weights differ from those recorded in {manifest_path}); re-run the fine-tuning"
+        )
     steps = [s for s in manifest.get("steps", []) if s < manifest.get("final_step", float("inf"))]
     dirs = [folder / f"step-{s:08d}" for s in steps]
     dirs = [d for d in dirs if d.is_dir()]
     if len(dirs) < k - 1:
-        raise ValueError(f"soup last_k={k}: run {final_dir} kept {len(dirs)} snapshots before its final model in "
-                         f"{folder}, {k - 1} needed (lower soup.last_k or snapshot more often)")
-    return [str(d) for d in dirs[len(dirs) - (k - 1):]] + [str(final_dir)]
+        raise ValueError(
+            f"soup last_k={k}: run {final_dir} kept {len(dirs)} snapshots before its final model in "
+            f"{folder}, {k - 1} needed (lower soup.last_k or snapshot more often)"
+        )
+    return [str(d) for d in dirs[len(dirs) - (k - 1) :]] + [str(final_dir)]
 
 
 def loss_weights(losses: list[float], temperature: float) -> list[float]:
@@ -262,8 +287,11 @@ def dev_loss(model, task: dict, temperature: float = 0.05, max_pairs: int = 256)
     relevant = {q: [d for d, score in docs.items() if score > 0] for q, docs in qrels.items()}
     pairs = [(q["text"], text[relevant[q["id"]][0]]) for q in queries if relevant.get(q["id"])][:max_pairs]
     with torch.no_grad():
-        q = model.encode([format_query(a, task.get("instruction")) for a, _ in pairs], convert_to_tensor=True,
-                         normalize_embeddings=True)
+        q = model.encode(
+            [format_query(a, task.get("instruction")) for a, _ in pairs],
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+        )
         p = model.encode([b for _, b in pairs], convert_to_tensor=True, normalize_embeddings=True)
         return float(info_nce(q, p, temperature))
 
@@ -288,9 +316,17 @@ def _expand_weights(weights: list[float] | None, runs: int, k: int) -> list[floa
     raise ValueError(f"soup weights: got {len(weights)}, need one per run ({runs}) or per ingredient ({runs * k})")
 
 
-def make_soup(model_dirs: list[str], out_dir: str, method: str = "uniform", weights: list[float] | None = None,
-              dev_task: dict | None = None, temperature: float = 5.0, report_path: str | None = None,
-              last_k: int = 1, snapshot_dirs: list[str] | None = None) -> dict:
+def make_soup(
+    model_dirs: list[str],
+    out_dir: str,
+    method: str = "uniform",
+    weights: list[float] | None = None,
+    dev_task: dict | None = None,
+    temperature: float = 5.0,
+    report_path: str | None = None,
+    last_k: int = 1,
+    snapshot_dirs: list[str] | None = None,
+) -> dict:
     """Soup the runs ``model_dirs`` (their final models and, with ``last_k`` > 1, the ``last_k - 1``
     snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model."""
     from kalm.modeling import load_embedding_model, save_model
@@ -298,10 +334,15 @@ def make_soup(model_dirs: list[str], out_dir: str, method: str = "uniform", weig
     if method not in ("uniform", "weighted", "greedy"):
         raise ValueError(f"unknown soup method {method!r} (uniform, weighted, greedy)")
     if last_k > 1 and (snapshot_dirs is None or len(snapshot_dirs) != len(model_dirs)):
-        raise ValueError(f"soup last_k={last_k} needs one snapshot folder per run ({len(model_dirs)}), "
-                         f"got {0 if snapshot_dirs is None else len(snapshot_dirs)}")
-    ingredients = [d for i, run in enumerate(model_dirs)
-                   for d in last_k_ingredients(run, snapshot_dirs[i] if snapshot_dirs else None, last_k)]
+        raise ValueError(
+            f"soup last_k={last_k} needs one snapshot folder per run ({len(model_dirs)}), "
+            f"got {0 if snapshot_dirs is None else len(snapshot_dirs)}"
+        )
+    ingredients = [
+        d
+        for i, run in enumerate(model_dirs)
+        for d in last_k_ingredients(run, snapshot_dirs[i] if snapshot_dirs else None, last_k)
+    ]
     check_compatible(ingredients)
     report: dict = {"method": method, "runs": list(model_dirs), "last_k": last_k, "ingredients": ingredients}
 
@@ -370,8 +411,17 @@ def uniform_soup(model_dirs: list[str], out_dir: str) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     dev = json.loads(args.dev_task_json) if args.dev_task_json else None
-    make_soup(args.models, args.out, args.method, args.weights, dev, args.temperature, args.report,
-              last_k=args.last_k, snapshot_dirs=args.snapshots)
+    make_soup(
+        args.models,
+        args.out,
+        args.method,
+        args.weights,
+        dev,
+        args.temperature,
+        args.report,
+        last_k=args.last_k,
+        snapshot_dirs=args.snapshots,
+    )
 
 
 def register(sub) -> None:
@@ -379,12 +429,22 @@ def register(sub) -> None:
     p.add_argument("models", nargs="+", help="the fine-tune runs' final models")
     p.add_argument("--out", required=True)
     p.add_argument("--method", choices=["uniform", "weighted", "greedy"], default="uniform")
-    p.add_argument("--weights", type=float, nargs="+",
-                   help="weighted soup: one weight per run (split evenly over its last k) or per ingredient, summing to 1")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        help="weighted soup: one weight per run (split evenly over its last k) or per ingredient, summing to 1",
+    )
     p.add_argument("--dev-task-json", help="dev task spec (a local task) for greedy / loss-weighted soups")
     p.add_argument("--temperature", type=float, default=5.0, help="loss-weighted soup: softmax temperature")
-    p.add_argument("--last-k", type=int, default=1,
-                   help="ingredients per run: its final model and the last-k - 1 snapshots before it")
-    p.add_argument("--snapshots", nargs="+", help="with --last-k > 1: each run's snapshot folder, in the order of the models")
+    p.add_argument(
+        "--last-k",
+        type=int,
+        default=1,
+        help="ingredients per run: its final model and the last-k - 1 snapshots before it",
+    )
+    p.add_argument(
+        "--snapshots", nargs="+", help="with --last-k > 1: each run's snapshot folder, in the order of the models"
+    )
     p.add_argument("--report", help="JSON with the ingredients, weights / dev scores / chosen ingredients")
     p.set_defaults(func=_run)

@@ -65,7 +65,7 @@ KALM_TASK_INSTRUCTIONS: dict[str, str] = {
     "AmazonReviewsClassification": "Classifying the given Amazon review into its appropriate rating category",
     "Banking77Classification": "Given a online banking query, find the corresponding intents",
     "EmotionClassification": "Classifying the emotion expressed in the given Twitter message into one of the six "
-                             "emotions: anger, fear, joy, love, sadness, and surprise",
+    "emotions: anger, fear, joy, love, sadness, and surprise",
     "ImdbClassification": "Classifying the sentiment expressed in the given movie review text from the IMDB dataset",
     "MassiveIntentClassification": "Given a user utterance as query, find the user intents",
     "MassiveScenarioClassification": "Given a user utterance as query, find the user scenarios",
@@ -73,7 +73,7 @@ KALM_TASK_INSTRUCTIONS: dict[str, str] = {
     "MTOPIntentClassification": "Classifying the intent of the given utterance in task-oriented conversation",
     "ToxicConversationsClassification": "Classifying the given comments as either toxic or not toxic",
     "TweetSentimentExtractionClassification": "Classifying the sentiment of a given tweet as either positive, "
-                                              "negative, or neutral",
+    "negative, or neutral",
     # classification, C-MTEB
     "TNews": "Categorizing the given news title",
     "IFlyTek": "Given an App description text, find the appropriate fine-grained category",
@@ -123,7 +123,7 @@ KALM_TASK_INSTRUCTIONS: dict[str, str] = {
     "MLSUMClusteringP2P": "Identify the topic or theme of the given articles based on the titles and contents",
     "MLSUMClusteringS2S": "Identify the topic or theme of the given articles based on the titles",
     "EightTagsClustering": "Identify of headlines from social media posts in Polish  into 8 categories: film, history, "
-                           "food, medicine, motorization, work, sport and technology",
+    "food, medicine, motorization, work, sport and technology",
     "GeoreviewClusteringP2P": "Identify the topic or theme of the Russian reviews.",
     "RuSciBenchGRNTIClusteringP2P": "Identify the topic or theme of the Russian articles.",
     "RuSciBenchOECDClusteringP2P": "Identify the topic or theme of the Russian articles.",
@@ -213,8 +213,10 @@ def kalm_v2_task_prompts() -> dict[str, str]:
     try:
         from mteb.models.model_implementations.kalm_models import KaLM_v2_task_prompts
     except ImportError as e:  # pragma: no cover - another mteb layout
-        raise InstructionError(f"instruction set kalm_v2 reads mteb's KaLM_v2_task_prompts, which this mteb does "
-                               f"not have ({e}); use eval.instruction_set kalm or none") from None
+        raise InstructionError(
+            f"instruction set kalm_v2 reads mteb's KaLM_v2_task_prompts, which this mteb does "
+            f"not have ({e}); use eval.instruction_set kalm or none"
+        ) from None
     return dict(KaLM_v2_task_prompts)
 
 
@@ -265,8 +267,9 @@ def kalm_v2_instruction(name: str, task_type: str) -> tuple[str | None, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_instruction(spec: dict, task_type: str, instruction_set: str = DEFAULT_INSTRUCTION_SET
-                        ) -> tuple[str | None, str]:
+def resolve_instruction(
+    spec: dict, task_type: str, instruction_set: str = DEFAULT_INSTRUCTION_SET
+) -> tuple[str | None, str]:
     """The instruction of one task and its source: ``config``, ``kalm:task`` / ``kalm_v2:task``,
     ``kalm:alias`` / ``kalm_v2:alias``, ``kalm:type`` / ``kalm_v2:type`` or ``none``.
 
@@ -281,9 +284,14 @@ def resolve_instruction(spec: dict, task_type: str, instruction_set: str = DEFAU
     query_side, _ = instruction_sides(instruction_set, task_type, symmetric=spec.get("symmetric"))
     if not query_side:
         if spec.get("instruction"):
-            logger.warning("task %s (%s): instruction set %s gives %s tasks no instruction; the configured one "
-                           "(%r) is not used", spec.get("name"), task_type, instruction_set, task_type,
-                           spec["instruction"])
+            logger.warning(
+                "task %s (%s): instruction set %s gives %s tasks no instruction; the configured one (%r) is not used",
+                spec.get("name"),
+                task_type,
+                instruction_set,
+                task_type,
+                spec["instruction"],
+            )
         return None, f"{instruction_set}:type"
     if "instruction" in spec:
         return spec["instruction"] or None, "config"
@@ -301,14 +309,41 @@ def resolve_instruction(spec: dict, task_type: str, instruction_set: str = DEFAU
 # KaLM evaluate/tasks/zh.py, in its order: retrieval, reranking, STS, pair classification,
 # clustering, classification (8 + 4 + 8 + 2 + 4 + 9 = 35).
 KALM_CMTEB_TASKS: list[str] = [
-    "CmedqaRetrieval", "CovidRetrieval", "DuRetrieval", "EcomRetrieval", "MedicalRetrieval", "MMarcoRetrieval",
-    "T2Retrieval", "VideoRetrieval",
-    "CMedQAv1-reranking", "CMedQAv2-reranking", "MMarcoReranking", "T2Reranking",
-    "AFQMC", "ATEC", "BQ", "LCQMC", "PAWSX", "QBQTC", "STS22", "STSB",
-    "Cmnli", "Ocnli",
-    "CLSClusteringP2P", "CLSClusteringS2S", "ThuNewsClusteringP2P", "ThuNewsClusteringS2S",
-    "AmazonReviewsClassification", "IFlyTek", "JDReview", "MassiveIntentClassification",
-    "MassiveScenarioClassification", "MultilingualSentiment", "OnlineShopping", "TNews", "Waimai",
+    "CmedqaRetrieval",
+    "CovidRetrieval",
+    "DuRetrieval",
+    "EcomRetrieval",
+    "MedicalRetrieval",
+    "MMarcoRetrieval",
+    "T2Retrieval",
+    "VideoRetrieval",
+    "CMedQAv1-reranking",
+    "CMedQAv2-reranking",
+    "MMarcoReranking",
+    "T2Reranking",
+    "AFQMC",
+    "ATEC",
+    "BQ",
+    "LCQMC",
+    "PAWSX",
+    "QBQTC",
+    "STS22",
+    "STSB",
+    "Cmnli",
+    "Ocnli",
+    "CLSClusteringP2P",
+    "CLSClusteringS2S",
+    "ThuNewsClusteringP2P",
+    "ThuNewsClusteringS2S",
+    "AmazonReviewsClassification",
+    "IFlyTek",
+    "JDReview",
+    "MassiveIntentClassification",
+    "MassiveScenarioClassification",
+    "MultilingualSentiment",
+    "OnlineShopping",
+    "TNews",
+    "Waimai",
 ]
 
 # Multilingual tasks of the list: the subset C-MTEB reports. Without it the language filter would also
@@ -334,8 +369,10 @@ def benchmark_tasks(name: str) -> list[str]:
     try:
         bench = mteb.get_benchmark(name)
     except (KeyError, ValueError) as e:
-        raise InstructionError(f"unknown benchmark {name!r} (KaLM lists: {', '.join(KALM_BENCHMARKS)}; "
-                               f"otherwise an mteb benchmark name): {e}") from None
+        raise InstructionError(
+            f"unknown benchmark {name!r} (KaLM lists: {', '.join(KALM_BENCHMARKS)}; "
+            f"otherwise an mteb benchmark name): {e}"
+        ) from None
     return [t.metadata.name for t in bench.tasks]
 
 

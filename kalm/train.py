@@ -29,8 +29,8 @@ import logging
 import math
 import os
 import random
-import time
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +41,14 @@ import torch.nn.functional as F
 
 from kalm.instructions import format_passage, format_query
 from kalm.io import StageStats, atomic_path, write_jsonl
-from kalm.losses import ColumnMask, false_negative_mask, focal_weights, matryoshka, mix_hard_negatives, positive_log_probs
+from kalm.losses import (
+    ColumnMask,
+    false_negative_mask,
+    focal_weights,
+    matryoshka,
+    mix_hard_negatives,
+    positive_log_probs,
+)
 from kalm.modeling import add_pooling_argument
 from kalm.train_data import FEW_NEGATIVES, convert_parts, data_parts, open_data, parts_fingerprint, remove_cache
 
@@ -83,8 +90,14 @@ class TrainConfig:
 # Batches
 # --------------------------------------------------------------------------------------------
 
-def task_homogeneous_batches(rows: Sequence[int] | np.ndarray, tasks: Sequence[int] | np.ndarray, batch_size: int,
-                             rng: random.Random, homogeneous_ratio: float = 1.0) -> list[np.ndarray]:
+
+def task_homogeneous_batches(
+    rows: Sequence[int] | np.ndarray,
+    tasks: Sequence[int] | np.ndarray,
+    batch_size: int,
+    rng: random.Random,
+    homogeneous_ratio: float = 1.0,
+) -> list[np.ndarray]:
     """Batches of ``rows`` (``tasks[i]``: the task code of ``rows[i]``, codes in sorted task-name order).
 
     Shuffle within each task, cut into full batches, pool every task's leftover tail into
@@ -111,11 +124,11 @@ def task_homogeneous_batches(rows: Sequence[int] | np.ndarray, tasks: Sequence[i
     for recs in np.split(grouped, bounds[:-1]):
         rng.shuffle(recs)  # a view of ``grouped``: shuffled in place
         full = len(recs) - len(recs) % batch_size
-        batches += [recs[i:i + batch_size] for i in range(0, full, batch_size)]
+        batches += [recs[i : i + batch_size] for i in range(0, full, batch_size)]
         tails.append(recs[full:])
     pooled = np.concatenate(tails) if tails else grouped
     rng.shuffle(pooled)
-    batches += [b for i in range(0, len(pooled), batch_size) if len(b := pooled[i:i + batch_size]) >= 2]
+    batches += [b for i in range(0, len(pooled), batch_size) if len(b := pooled[i : i + batch_size]) >= 2]
     rng.shuffle(batches)
     if homogeneous_ratio < 1.0:
         _mix_tails(batches, homogeneous_ratio, rng)
@@ -149,7 +162,7 @@ def _mix_tails(batches: list[np.ndarray], ratio: float, rng: random.Random) -> N
     start = 0
     for i, (b, k) in enumerate(zip(batches, own)):
         take = len(b) - k
-        batches[i] = np.concatenate([b[:k], pool[start:start + take]])
+        batches[i] = np.concatenate([b[:k], pool[start : start + take]])
         start += take
 
 
@@ -172,8 +185,9 @@ class BatchSchedule:
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch != self._epoch:
             rng = random.Random(f"{self.cfg.seed}:epoch:{epoch}")
-            self._batches = task_homogeneous_batches(self.rows, self.tasks, self.cfg.batch_size, rng,
-                                                     self.cfg.homogeneous_ratio)
+            self._batches = task_homogeneous_batches(
+                self.rows, self.tasks, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio
+            )
             self._epoch = epoch
         return self._batches
 
@@ -185,6 +199,7 @@ class BatchSchedule:
 # --------------------------------------------------------------------------------------------
 # Texts and negatives
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BatchTexts:
@@ -216,8 +231,14 @@ class BatchTexts:
 PadFn = Callable[[str, int, set[str], random.Random], list[str]]  # (task, k, exclude, rng) -> passages
 
 
-def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: random.Random,
-                pad: PadFn | None = None, in_batch: dict[str, bool] | None = None) -> BatchTexts:
+def batch_texts(
+    batch: list[dict],
+    n_neg: int,
+    symmetric: dict[str, bool],
+    rng: random.Random,
+    pad: PadFn | None = None,
+    in_batch: dict[str, bool] | None = None,
+) -> BatchTexts:
     """Query texts, one positive per query, and ``n_neg`` hard negatives per query.
 
     ``in_batch``: {task: False} for tasks whose queries see only their own hard negatives (the
@@ -253,9 +274,16 @@ def batch_texts(batch: list[dict], n_neg: int, symmetric: dict[str, bool], rng: 
 # Loss
 # --------------------------------------------------------------------------------------------
 
-def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_per_query: int = 0,
-                     generator: torch.Generator | None = None, terms: dict[str, float] | None = None,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+
+def contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    cfg: TrainConfig,
+    negs_per_query: int = 0,
+    generator: torch.Generator | None = None,
+    terms: dict[str, float] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """InfoNCE (+ focal weights, + mixed negatives, + Matryoshka prefixes) as configured.
 
     ``p`` is laid out as the B positives, then ``negs_per_query`` negatives per query in query
@@ -286,7 +314,11 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_pe
         return value
 
     per_dim: dict[int, torch.Tensor] = {}
-    loss = matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights, per_dim) if cfg.matryoshka_dims else nce(q, p)
+    loss = (
+        matryoshka(nce, q, p, cfg.matryoshka_dims, cfg.matryoshka_weights, per_dim)
+        if cfg.matryoshka_dims
+        else nce(q, p)
+    )
     if terms is not None:
         terms["loss_infonce"] = first["loss_infonce"].item()
         if cfg.focal_gamma:
@@ -298,8 +330,10 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, cfg: TrainConfig, negs_pe
 def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight matrices (and embeddings) decay; biases and norm weights (1-d tensors) never do, as
     in transformers' Trainer. KaLM's reference trains with weight decay 0 (the default)."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -323,6 +357,7 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
 # --------------------------------------------------------------------------------------------
 # Encoding: precision, gradient checkpointing, GradCache
 # --------------------------------------------------------------------------------------------
+
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast or none. ``auto``: bf16 on a CUDA device that supports it, else fp32.
@@ -384,8 +419,9 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def forward_backward(model, queries: list[str], passages: list[str], loss_on, mini_batch_size: int = 0,
-                     amp: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+def forward_backward(
+    model, queries: list[str], passages: list[str], loss_on, mini_batch_size: int = 0, amp: torch.dtype | None = None
+) -> tuple[torch.Tensor, int]:
     """Encode this process's texts, compute ``loss_on(q_emb, p_emb)`` and backpropagate into the model.
 
     Returns the (detached) loss and the number of non-padding tokens encoded.
@@ -416,7 +452,7 @@ def forward_backward(model, queries: list[str], passages: list[str], loss_on, mi
         return loss.detach(), sum(int(f["attention_mask"].sum()) for f in feats if f)
 
     m = mini_batch_size
-    chunks = [[tokenize(model, t[i:i + m]) for i in range(0, len(t), m)] for t in (queries, passages)]
+    chunks = [[tokenize(model, t[i : i + m]) for i in range(0, len(t), m)] for t in (queries, passages)]
     states, embs = [[], []], [[], []]
     with torch.no_grad():
         for side in (0, 1):
@@ -439,6 +475,7 @@ def forward_backward(model, queries: list[str], passages: list[str], loss_on, mi
 # --------------------------------------------------------------------------------------------
 # Several processes (torchrun)
 # --------------------------------------------------------------------------------------------
+
 
 def rank_slices(n: int, world: int) -> list[tuple[int, int]]:
     """Contiguous slices of n records over ``world`` ranks, sizes differing by at most one."""
@@ -491,7 +528,7 @@ class Distributed:
         import torch.distributed as dist
 
         buf = x.detach().new_zeros((max(sizes), x.shape[1]))  # all_gather needs equal shapes
-        buf[:x.shape[0]] = x.detach()
+        buf[: x.shape[0]] = x.detach()
         parts = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(parts, buf)
         parts[self.rank] = x
@@ -543,6 +580,7 @@ class Distributed:
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
+
 class Checkpoint:
     """Resumable training state, kept OUTSIDE the rule's declared output.
 
@@ -569,8 +607,17 @@ class Checkpoint:
         if not self.path:
             return
         with atomic_path(self.path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, "step": step, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "metrics": metrics, "padded": padded}, tmp)
+            torch.save(
+                {
+                    "fingerprint": self.fingerprint,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "metrics": metrics,
+                    "padded": padded,
+                },
+                tmp,
+            )
 
     def remove(self) -> None:
         if self.path:
@@ -579,13 +626,17 @@ class Checkpoint:
 
 def _fingerprint(model_spec: str, parts: list[Path], cfg: TrainConfig) -> dict:
     """What a checkpoint was made for: start model, every data part (path, size, mtime), config."""
-    return {"model": model_spec, "data": parts_fingerprint(parts),
-            "config": {k: v for k, v in asdict(cfg).items() if k != "threads"}}
+    return {
+        "model": model_spec,
+        "data": parts_fingerprint(parts),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "threads"},
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
 
 def fp32_master_weights(model) -> torch.dtype | None:
     """Cast the model's floating-point weights to fp32 when the checkpoint stored another dtype.
@@ -604,11 +655,22 @@ def fp32_master_weights(model) -> torch.dtype | None:
     return found
 
 
-def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str, cfg: TrainConfig,
-          symmetric: dict[str, bool], metrics_path: str | None = None, checkpoint_dir: str | None = None,
-          checkpoint_every: int = 0, stop_after_steps: int | None = None, stats_path: str | None = None,
-          keep_snapshots: int = 0, snapshot_every: int = 0, in_batch: dict[str, bool] | None = None,
-          data_cache: str | None = None) -> dict:
+def train(
+    model_spec: str,
+    data_path: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str,
+    cfg: TrainConfig,
+    symmetric: dict[str, bool],
+    metrics_path: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    stop_after_steps: int | None = None,
+    stats_path: str | None = None,
+    keep_snapshots: int = 0,
+    snapshot_every: int = 0,
+    in_batch: dict[str, bool] | None = None,
+    data_cache: str | None = None,
+) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
     ``data_path``: Parquet parts (``kalm.shards``) or JSON Lines files, or folders of them, read
@@ -641,8 +703,9 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
     ddp.start(device)
     scratch = None if data_cache or checkpoint_dir else tempfile.TemporaryDirectory(prefix="kalm-train-arrow-")
     try:
-        model = load_embedding_model(model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device),
-                                     pooling=cfg.pooling)
+        model = load_embedding_model(
+            model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device), pooling=cfg.pooling
+        )
         device = model.device
         loaded_dtype = fp32_master_weights(model)
         if cfg.gradient_checkpointing:
@@ -663,8 +726,10 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
         if not len(data):
             raise ValueError(f"{', '.join(map(str, parts))}: no training records")
         if n_neg == 0 and in_batch and not all(in_batch.values()):
-            raise ValueError(f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
-                             "leaves those queries no negative (this stage has no hard negatives)")
+            raise ValueError(
+                f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
+                "leaves those queries no negative (this stage has no hard negatives)"
+            )
         schedule = BatchSchedule(data.rows, data.tasks, cfg)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
         warmup = int(cfg.warmup_ratio * total)
@@ -680,13 +745,26 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
         first_step = step
         keeper = None
         if ddp.rank == 0 and keep_snapshots > 0:
-            keeper = SnapshotKeeper(snapshot_dir(checkpoint_dir), keep=keep_snapshots,
-                                    fingerprint=_fingerprint(model_spec, parts, cfg))
-        log.info("%s: %d records in %d part(s), index %.1f bytes per record, %d steps (%d per epoch), batch %d over "
-                 "%d process(es), group %d, %s, homogeneous ratio %.2f, mini-batch %s, checkpointing %s", cfg.stage,
-                 len(data), len(parts), data.index_nbytes / len(data), total,
-                 schedule.steps_per_epoch, cfg.batch_size, ddp.world, n_neg + 1, amp or torch.float32,
-                 cfg.homogeneous_ratio, cfg.mini_batch_size or "-", cfg.gradient_checkpointing)
+            keeper = SnapshotKeeper(
+                snapshot_dir(checkpoint_dir), keep=keep_snapshots, fingerprint=_fingerprint(model_spec, parts, cfg)
+            )
+        log.info(
+            "%s: %d records in %d part(s), index %.1f bytes per record, %d steps (%d per epoch), batch %d over "
+            "%d process(es), group %d, %s, homogeneous ratio %.2f, mini-batch %s, checkpointing %s",
+            cfg.stage,
+            len(data),
+            len(parts),
+            data.index_nbytes / len(data),
+            total,
+            schedule.steps_per_epoch,
+            cfg.batch_size,
+            ddp.world,
+            n_neg + 1,
+            amp or torch.float32,
+            cfg.homogeneous_ratio,
+            cfg.mini_batch_size or "-",
+            cfg.gradient_checkpointing,
+        )
         t_start, cpu_start = time.time(), time.process_time()
         while step < total:
             t0 = time.time()
@@ -711,14 +789,19 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
 
             def loss_on(q_local, p_local):
                 q = ddp.gather_rows(q_local, q_sizes)
-                p = torch.cat([ddp.gather_rows(p_local[:hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo:], neg_sizes)])
+                p = torch.cat(
+                    [ddp.gather_rows(p_local[: hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo :], neg_sizes)]
+                )
                 return contrastive_loss(q, p, cfg, per_query, mix_gen, terms, masked.mask)
 
             optimizer.zero_grad(set_to_none=True)
-            loss, tokens = forward_backward(model, texts.queries[lo:hi], texts.passages(lo, hi), loss_on,
-                                            cfg.mini_batch_size, amp)
+            loss, tokens = forward_backward(
+                model, texts.queries[lo:hi], texts.passages(lo, hi), loss_on, cfg.mini_batch_size, amp
+            )
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})")
+                raise FloatingPointError(
+                    f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})"
+                )
             ddp.all_reduce_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping
             optimizer.step()
@@ -726,15 +809,27 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
             step += 1
             padded_total += texts.padded
             dt = time.time() - t0
-            metrics.append({"step": step, "stage": cfg.stage, "task": batch[0]["task"], "loss": round(loss.item(), 6),
-                            **{k: round(v, 6) for k, v in terms.items()}, "grad_norm": round(grad_norm.item(), 6),
-                            "lr": lr, "batch": len(batch),
-                            "passages": len(texts.positives) + sum(map(len, texts.negatives)),
-                            "padded_negatives": texts.padded, "short_records": texts.short,
-                            "false_negatives_masked": masked.false_negatives, "duplicates_masked": masked.duplicates,
-                            "tokens": int(tokens), "samples_per_s": round(len(batch) / dt, 3),
-                            "tokens_per_s": round(tokens / dt, 1),
-                            "elapsed_s": round(time.time() - t_start, 3)})
+            metrics.append(
+                {
+                    "step": step,
+                    "stage": cfg.stage,
+                    "task": batch[0]["task"],
+                    "loss": round(loss.item(), 6),
+                    **{k: round(v, 6) for k, v in terms.items()},
+                    "grad_norm": round(grad_norm.item(), 6),
+                    "lr": lr,
+                    "batch": len(batch),
+                    "passages": len(texts.positives) + sum(map(len, texts.negatives)),
+                    "padded_negatives": texts.padded,
+                    "short_records": texts.short,
+                    "false_negatives_masked": masked.false_negatives,
+                    "duplicates_masked": masked.duplicates,
+                    "tokens": int(tokens),
+                    "samples_per_s": round(len(batch) / dt, 3),
+                    "tokens_per_s": round(tokens / dt, 1),
+                    "elapsed_s": round(time.time() - t_start, 3),
+                }
+            )
             if step == 1 or step % 10 == 0 or step == total:
                 log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
             if keeper is not None and step % snapshot_every == 0 and step < total:
@@ -754,14 +849,21 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
                 keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
             stats.extra.update(
-                negatives_padded_random=padded_total, steps=total, world_size=ddp.world,
+                negatives_padded_random=padded_total,
+                steps=total,
+                world_size=ddp.world,
                 records_left_out_per_epoch=schedule.left_out_per_epoch,
-                loaded_dtype=str(loaded_dtype or torch.float32).replace("torch.", ""), save_dtype=cfg.save_dtype,
+                loaded_dtype=str(loaded_dtype or torch.float32).replace("torch.", ""),
+                save_dtype=cfg.save_dtype,
                 false_negatives_masked=sum(m["false_negatives_masked"] for m in metrics),
-                precision=str(amp or torch.float32).replace("torch.", ""), gradient_checkpointing=cfg.gradient_checkpointing,
-                mini_batch_size=cfg.mini_batch_size, homogeneous_ratio=cfg.homogeneous_ratio,
-                loss_first=metrics[0]["loss"] if metrics else None, loss_last=metrics[-1]["loss"] if metrics else None,
-                samples_per_s=round(sum(m["batch"] for m in metrics[first_step:]) / max(seconds, 1e-9), 3))
+                precision=str(amp or torch.float32).replace("torch.", ""),
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                mini_batch_size=cfg.mini_batch_size,
+                homogeneous_ratio=cfg.homogeneous_ratio,
+                loss_first=metrics[0]["loss"] if metrics else None,
+                loss_last=metrics[-1]["loss"] if metrics else None,
+                samples_per_s=round(sum(m["batch"] for m in metrics[first_step:]) / max(seconds, 1e-9), 3),
+            )
             stats.write(stats_path or f"{out_dir}.stats.json")
             checkpoint.remove()
         ddp.barrier()  # every rank returns once the model is on disk
@@ -775,21 +877,47 @@ def train(model_spec: str, data_path: str | os.PathLike | Sequence[str | os.Path
 
 
 def _run(args: argparse.Namespace) -> None:
-    cfg = TrainConfig(stage=args.stage, batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                      temperature=args.temperature, epochs=args.epochs, max_steps=args.max_steps,
-                      warmup_ratio=args.warmup_ratio, seed=args.seed, max_seq_length=args.max_seq_length,
-                      threads=args.threads, focal_gamma=args.focal_gamma, mix_negatives=args.mix_negatives,
-                      matryoshka_dims=tuple(args.matryoshka_dims or ()),
-                      matryoshka_weights=tuple(args.matryoshka_weights or ()),
-                      homogeneous_ratio=args.homogeneous_ratio, few_negatives=args.few_negatives,
-                      precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                      mini_batch_size=args.mini_batch_size, pooling=args.pooling, weight_decay=args.weight_decay,
-                      save_dtype=args.save_dtype)
-    train(args.model, args.data, args.out, cfg, json.loads(args.symmetric), args.metrics,
-          checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-          stop_after_steps=args.stop_after_steps, stats_path=args.stats,
-          keep_snapshots=args.keep_snapshots, snapshot_every=args.snapshot_every,
-          in_batch=json.loads(args.in_batch_negatives), data_cache=args.data_cache)
+    cfg = TrainConfig(
+        stage=args.stage,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        lr=args.lr,
+        temperature=args.temperature,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        seed=args.seed,
+        max_seq_length=args.max_seq_length,
+        threads=args.threads,
+        focal_gamma=args.focal_gamma,
+        mix_negatives=args.mix_negatives,
+        matryoshka_dims=tuple(args.matryoshka_dims or ()),
+        matryoshka_weights=tuple(args.matryoshka_weights or ()),
+        homogeneous_ratio=args.homogeneous_ratio,
+        few_negatives=args.few_negatives,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        mini_batch_size=args.mini_batch_size,
+        pooling=args.pooling,
+        weight_decay=args.weight_decay,
+        save_dtype=args.save_dtype,
+    )
+    train(
+        args.model,
+        args.data,
+        args.out,
+        cfg,
+        json.loads(args.symmetric),
+        args.metrics,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        stop_after_steps=args.stop_after_steps,
+        stats_path=args.stats,
+        keep_snapshots=args.keep_snapshots,
+        snapshot_every=args.snapshot_every,
+        in_batch=json.loads(args.in_batch_negatives),
+        data_cache=args.data_cache,
+    )
 
 
 def _ratio(value: str) -> float:
@@ -803,16 +931,26 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="contrastive pretraining or fine-tuning (torchrun: data parallel)")
     p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
     p.add_argument("--model", required=True, help="model spec to start from")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="Parquet parts or JSON Lines files, or folders of them (read in this order)")
-    p.add_argument("--data-cache", help="folder of the Arrow copies of the data, kept "
-                   "(default: CHECKPOINT_DIR/arrow, removed after the run; without it a temporary folder)")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="Parquet parts or JSON Lines files, or folders of them (read in this order)",
+    )
+    p.add_argument(
+        "--data-cache",
+        help="folder of the Arrow copies of the data, kept "
+        "(default: CHECKPOINT_DIR/arrow, removed after the run; without it a temporary folder)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", help="per-step metrics JSONL (default: OUT.metrics.jsonl)")
     p.add_argument("--stats", help="counts JSON (default: OUT.stats.json)")
     p.add_argument("--symmetric", default="{}", help='JSON {"task": bool}: instruction on both sides')
-    p.add_argument("--in-batch-negatives", default="{}",
-                   help='JSON {"task": false}: those tasks\' queries see only their own hard negatives')
+    p.add_argument(
+        "--in-batch-negatives",
+        default="{}",
+        help='JSON {"task": false}: those tasks\' queries see only their own hard negatives',
+    )
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun ranks)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -820,29 +958,53 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices (never norms, biases)")
-    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",
-                   help="dtype of the saved model (training always keeps fp32 master weights)")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices (never norms, biases)"
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=sorted(SAVE_DTYPES),
+        default="float32",
+        help="dtype of the saved model (training always keeps fp32 master weights)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
     add_pooling_argument(p)
-    p.add_argument("--keep-snapshots", type=int, default=0,
-                   help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots")
+    p.add_argument(
+        "--keep-snapshots",
+        type=int,
+        default=0,
+        help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots",
+    )
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
-    p.add_argument("--mix-negatives", type=int, default=0,
-                   help="synthetic mixed negatives per query (-1: as many as its hard negatives)")
+    p.add_argument(
+        "--mix-negatives",
+        type=int,
+        default=0,
+        help="synthetic mixed negatives per query (-1: as many as its hard negatives)",
+    )
     p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
     p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
-    p.add_argument("--homogeneous-ratio", type=_ratio, default=1.0,
-                   help="share of a batch's slots from its own task; the rest from other tasks (1: task-homogeneous)")
-    p.add_argument("--few-negatives", choices=FEW_NEGATIVES, default="pad_random",
-                   help="records with fewer than group-size - 1 negatives: drop, pad with random same-task passages, or keep")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast (auto: on CUDA when supported)")
+    p.add_argument(
+        "--homogeneous-ratio",
+        type=_ratio,
+        default=1.0,
+        help="share of a batch's slots from its own task; the rest from other tasks (1: task-homogeneous)",
+    )
+    p.add_argument(
+        "--few-negatives",
+        choices=FEW_NEGATIVES,
+        default="pad_random",
+        help="records with fewer than group-size - 1 negatives: drop, pad with random same-task passages, or keep",
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast (auto: on CUDA when supported)"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--mini-batch-size", type=int, default=0, help="GradCache chunk in texts (0: whole batch at once)")
     p.set_defaults(func=_run)

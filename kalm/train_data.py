@@ -98,6 +98,7 @@ DRAWS_PER_PASSAGE = 32  # rejection sampling: at most this many draws per passag
 # Parts and their Arrow cache
 # --------------------------------------------------------------------------------------------
 
+
 def _natural_key(path: Path) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
 
@@ -110,8 +111,10 @@ def data_parts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[P
     parts: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted((p for p in path.iterdir() if p.suffix in PART_SUFFIXES and not p.name.startswith(".")),
-                           key=_natural_key)
+            found = sorted(
+                (p for p in path.iterdir() if p.suffix in PART_SUFFIXES and not p.name.startswith(".")),
+                key=_natural_key,
+            )
             if not found:
                 raise FileNotFoundError(f"{path}: no {' or '.join(PART_SUFFIXES)} parts in this folder")
             parts += found
@@ -143,8 +146,9 @@ def arrow_path(part: Path, cache_dir: Path) -> Path:
 def _conform(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     """``batch`` with exactly ``ARROW_SCHEMA``'s columns (absent ones null)."""
     n = batch.num_rows
-    cols = [batch.column(f.name).cast(f.type) if f.name in batch.schema.names else pa.nulls(n, f.type)
-            for f in ARROW_SCHEMA]
+    cols = [
+        batch.column(f.name).cast(f.type) if f.name in batch.schema.names else pa.nulls(n, f.type) for f in ARROW_SCHEMA
+    ]
     if isinstance(batch, pa.Table):
         cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
     return pa.RecordBatch.from_arrays(cols, schema=ARROW_SCHEMA)
@@ -205,6 +209,7 @@ def remove_cache(cache_dir: str | os.PathLike) -> None:
 # The memory-mapped data and its index
 # --------------------------------------------------------------------------------------------
 
+
 def _row_dtype(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
 
@@ -229,8 +234,13 @@ class TrainData:
         self._code = {t: i for i, t in enumerate(self.task_names)}
         code_type = np.uint16 if len(self.task_names) < 2**16 else np.int32
         values = pa.array(self.task_names, pa.string())
-        self.tasks = np.concatenate([pc.index_in(b.column("task"), value_set=values).to_numpy().astype(code_type)
-                                     for b in batches]) if batches else np.zeros(0, code_type)
+        self.tasks = (
+            np.concatenate(
+                [pc.index_in(b.column("task"), value_set=values).to_numpy().astype(code_type) for b in batches]
+            )
+            if batches
+            else np.zeros(0, code_type)
+        )
         self.rows = np.arange(self.num_rows, dtype=_row_dtype(self.num_rows))
         self.columns = list(TEXT_COLUMNS)
         self._by_task: np.ndarray | None = None  # rows grouped by task (padding only)
@@ -294,9 +304,17 @@ class TrainData:
             stats.keep(int(seen[code] - dropped[code]), task=task)
         stats.extra.update(few_negatives=policy, negatives_wanted=n_neg, records_short_of_negatives=n_short)
         if n_short:
-            log.warning("%d of %d records have fewer than %d hard negatives: %s", n_short, len(short), n_neg,
-                        {"drop": "dropped", "pad_random": "padded with random passages of their task",
-                         "keep": "kept with fewer (ragged batches skip hard-negative mixing)"}[policy])
+            log.warning(
+                "%d of %d records have fewer than %d hard negatives: %s",
+                n_short,
+                len(short),
+                n_neg,
+                {
+                    "drop": "dropped",
+                    "pad_random": "padded with random passages of their task",
+                    "keep": "kept with fewer (ragged batches skip hard-negative mixing)",
+                }[policy],
+            )
         if policy == "drop" and n_short:
             keep = ~short
             self.rows, self.tasks = self.rows[keep], self.tasks[keep]
@@ -333,9 +351,11 @@ class TrainData:
         if self._by_task is None:
             order = np.argsort(self.tasks, kind="stable")
             self._by_task = self.rows[order]
-            self._task_bounds = np.concatenate([[0], np.cumsum(np.bincount(self.tasks, minlength=len(self.task_names)))])
+            self._task_bounds = np.concatenate(
+                [[0], np.cumsum(np.bincount(self.tasks, minlength=len(self.task_names)))]
+            )
         code = self._code[task]
-        return self._by_task[self._task_bounds[code]:self._task_bounds[code + 1]]
+        return self._by_task[self._task_bounds[code] : self._task_bounds[code + 1]]
 
     def random_passages(self, task: str, k: int, exclude: set[str], rng: random.Random) -> list[str]:
         """Up to ``k`` distinct passages (positives or negatives) of ``task``'s records, none in

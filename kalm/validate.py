@@ -65,8 +65,12 @@ def _text(value, path: str, line: int, field: str) -> str:
         try:  # JSON's \ud800-style escapes can encode half a surrogate pair: not text, and unwritable as UTF-8
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValidationError(path, line, field, f"lone surrogate U+{ord(value[e.start]):04X} at character "
-                                  f"{e.start} (half of a UTF-16 pair, not text)") from None
+            raise ValidationError(
+                path,
+                line,
+                field,
+                f"lone surrogate U+{ord(value[e.start]):04X} at character {e.start} (half of a UTF-16 pair, not text)",
+            ) from None
     text = normalize_text(value)
     if not text:
         raise ValidationError(path, line, field, "empty text")
@@ -133,16 +137,25 @@ def task_files(path: str | Path) -> list[Path]:
     """The shard files of a task: the file itself, or the .jsonl/.parquet files of a folder."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SHARD_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file()
+            and f.suffix in SHARD_SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
         if not files:
             raise ValidationError(str(path), 0, "<file>", f"folder has no {' or '.join(SHARD_SUFFIXES)} shards")
         return files
     if not path.is_file():
         raise ValidationError(str(path), 0, "<file>", "no such file or folder")
     if path.suffix not in SHARD_SUFFIXES:
-        raise ValidationError(str(path), 0, "<file>", f"unsupported format {path.suffix or '(no suffix)'!r}: "
-                              f"use {' or '.join(SHARD_SUFFIXES)}")
+        raise ValidationError(
+            str(path),
+            0,
+            "<file>",
+            f"unsupported format {path.suffix or '(no suffix)'!r}: use {' or '.join(SHARD_SUFFIXES)}",
+        )
     return [path]
 
 
@@ -263,8 +276,19 @@ def validate_file(
                         raise
                     stats.drop(f"invalid:{e.field.split('[')[0]}", task=task)
                     if rejects is not None:
-                        rejects.write(json.dumps({"file": str(shard), e.unit: where, "field": e.field,
-                                                  "reason": e.reason, "raw": _raw_repr(item)}, ensure_ascii=False) + "\n")
+                        rejects.write(
+                            json.dumps(
+                                {
+                                    "file": str(shard),
+                                    e.unit: where,
+                                    "field": e.field,
+                                    "reason": e.reason,
+                                    "raw": _raw_repr(item),
+                                },
+                                ensure_ascii=False,
+                            )
+                            + "\n"
+                        )
                     continue
                 if drop_instructions:
                     dropped += rec.pop("instruction", None) is not None
@@ -284,25 +308,43 @@ def validate_file(
 
 def _run(args: argparse.Namespace) -> None:
     try:
-        validate_file(args.input, args.task, args.out, args.stats, args.on_error, args.rejects, args.instruction,
-                      args.drop_instructions, args.shard_ordinal)
+        validate_file(
+            args.input,
+            args.task,
+            args.out,
+            args.stats,
+            args.on_error,
+            args.rejects,
+            args.instruction,
+            args.drop_instructions,
+            args.shard_ordinal,
+        )
     except ValidationError as e:
         raise SystemExit(f"kalm validate: {e}") from None
 
 
 def register(sub) -> None:
-    p = sub.add_parser("validate", help="validate and normalise one training task (a .jsonl/.parquet file or a folder of shards)")
+    p = sub.add_parser(
+        "validate", help="validate and normalise one training task (a .jsonl/.parquet file or a folder of shards)"
+    )
     p.add_argument("--input", required=True, help="a .jsonl or .parquet file, or a folder of them")
     p.add_argument("--task", required=True, help="task name (the file's task)")
     p.add_argument("--out", required=True, help="a .parquet shard (the format between stages) or .jsonl")
     p.add_argument("--stats", required=True)
     p.add_argument("--rejects", help="quarantine file (written with --on-error quarantine)")
-    p.add_argument("--shard-ordinal", type=int, metavar="N",
-                   help="the input file's place among the stage's files: records get id = (N << 32) | (line or row - 1) "
-                        "(a folder's files N, N+1, ...); default 0 for .parquet output, no ids in .jsonl")
+    p.add_argument(
+        "--shard-ordinal",
+        type=int,
+        metavar="N",
+        help="the input file's place among the stage's files: records get id = (N << 32) | (line or row - 1) "
+        "(a folder's files N, N+1, ...); default 0 for .parquet output, no ids in .jsonl",
+    )
     p.add_argument("--on-error", choices=["stop", "quarantine"], default="stop")
     instr = p.add_mutually_exclusive_group()
     instr.add_argument("--instruction", help="task instruction for records that carry none")
-    instr.add_argument("--drop-instructions", action="store_true",
-                       help="records get no instruction, their own removed (a task type evaluated without one)")
+    instr.add_argument(
+        "--drop-instructions",
+        action="store_true",
+        help="records get no instruction, their own removed (a task type evaluated without one)",
+    )
     p.set_defaults(func=_run)

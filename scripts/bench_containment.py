@@ -44,8 +44,12 @@ def side(name: str, n_eval: int, n_train: int, min_chars: int) -> None:
 
         index = ContainmentIndex(evals, ["t"] * len(evals), min_chars)
         t1 = time.perf_counter()
-        pairs = [(s + t, e) for s in range(0, len(train), BATCH)
-                 for t, hits in enumerate(index.query(train[s:s + BATCH])) for e in hits]
+        pairs = [
+            (s + t, e)
+            for s in range(0, len(train), BATCH)
+            for t, hits in enumerate(index.query(train[s : s + BATCH]))
+            for e in hits
+        ]
     else:
         import ahocorasick
 
@@ -65,8 +69,21 @@ def side(name: str, n_eval: int, n_train: int, min_chars: int) -> None:
 
 
 def run(name: str, args) -> tuple[dict, float]:
-    proc = subprocess.Popen([sys.executable, __file__, "--side", name, "--eval", str(args.eval), "--train",
-                             str(args.train), "--min-chars", str(args.min_chars)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            name,
+            "--eval",
+            str(args.eval),
+            "--train",
+            str(args.train),
+            "--min-chars",
+            str(args.min_chars),
+        ],
+        stdout=subprocess.PIPE,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -87,13 +104,19 @@ def main() -> None:
     (ours, m_ours), (peer, m_peer) = run("kalm", args), run("pyahocorasick", args)
     assert ours["pairs"] == peer["pairs"], "the two sides disagree"
     mchars = ours["chars"] / 1e6
-    print(f"{args.eval:,} eval texts, {args.train:,} training texts ({mchars:.1f} M chars), min {args.min_chars} chars, "
-          f"{len(ours['pairs'])} contained pairs (equal on both sides), {os.cpu_count()} CPU cores")
+    print(
+        f"{args.eval:,} eval texts, {args.train:,} training texts ({mchars:.1f} M chars), min {args.min_chars} chars, "
+        f"{len(ours['pairs'])} contained pairs (equal on both sides), {os.cpu_count()} CPU cores"
+    )
     for label, r, m in (("kalm.containment", ours, m_ours), ("pyahocorasick", peer, m_peer)):
-        print(f"  {label:17s} build {r['build_s']:6.1f} s  search {r['search_s']:6.1f} s "
-              f"({mchars / r['search_s']:5.1f} M chars/s)  peak RSS {m:7.0f} MiB")
-    print(f"  kalm vs pyahocorasick: search x{peer['search_s'] / ours['search_s']:.2f}, "
-          f"build x{peer['build_s'] / ours['build_s']:.2f}, memory x{m_ours / m_peer:.2f}")
+        print(
+            f"  {label:17s} build {r['build_s']:6.1f} s  search {r['search_s']:6.1f} s "
+            f"({mchars / r['search_s']:5.1f} M chars/s)  peak RSS {m:7.0f} MiB"
+        )
+    print(
+        f"  kalm vs pyahocorasick: search x{peer['search_s'] / ours['search_s']:.2f}, "
+        f"build x{peer['build_s'] / ours['build_s']:.2f}, memory x{m_ours / m_peer:.2f}"
+    )
 
 
 if __name__ == "__main__":

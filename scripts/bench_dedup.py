@@ -55,7 +55,9 @@ def _zipf_weights(n: int, s: float = 1.05) -> list[float]:
 class Generator:
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
-        self.en_vocab = ["".join(self.rng.choice(EN_LETTERS) for _ in range(self.rng.randint(2, 9))) for _ in range(20000)]
+        self.en_vocab = [
+            "".join(self.rng.choice(EN_LETTERS) for _ in range(self.rng.randint(2, 9))) for _ in range(20000)
+        ]
         self.en_cum = list(_accumulate(_zipf_weights(len(self.en_vocab))))
         self.zh_cum = list(_accumulate(_zipf_weights(len(ZH_CHARS), 0.9)))
 
@@ -113,7 +115,9 @@ def generate(path: Path, n: int, dup_rate: float, seed: int, k: int) -> dict:
         recs.append(rec)
     with open(path, "w", encoding="utf-8") as f:
         for i, rec in enumerate(recs):
-            f.write(json.dumps({"id": i, **rec, "task": "en" if " " in rec["pos"][0] else "zh"}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"id": i, **rec, "task": "en" if " " in rec["pos"][0] else "zh"}, ensure_ascii=False) + "\n"
+            )
     return {str(c): list(v) for c, v in planted.items()}
 
 
@@ -124,9 +128,18 @@ def side_kalm(data, work, args):
     from kalm.dedup import dedup_local
     from kalm.io import read_jsonl
 
-    dedup_local([str(data)], str(work / "out.jsonl"), str(work / "stats.json"), partitions=args.shards, near=True,
-                band_jobs=args.band_jobs, threshold=args.threshold, num_perm=args.num_perm, shingle=args.shingle,
-                workdir=str(work / "steps"))
+    dedup_local(
+        [str(data)],
+        str(work / "out.jsonl"),
+        str(work / "stats.json"),
+        partitions=args.shards,
+        near=True,
+        band_jobs=args.band_jobs,
+        threshold=args.threshold,
+        num_perm=args.num_perm,
+        shingle=args.shingle,
+        workdir=str(work / "steps"),
+    )
     return [r["id"] for r in read_jsonl(work / "out.jsonl")]
 
 
@@ -141,8 +154,9 @@ def side_kalm_core(data, work, args):
     recs = list(read_jsonl(data))
     texts = [record_text(r) for r in recs]
     t0 = time.perf_counter()
-    sigs = np.concatenate([signatures(texts[i:i + 4096], args.num_perm, args.shingle)
-                           for i in range(0, len(texts), 4096)])
+    sigs = np.concatenate(
+        [signatures(texts[i : i + 4096], args.num_perm, args.shingle) for i in range(0, len(texts), 4096)]
+    )
     keep, _ = near_duplicates(sigs, args.threshold)
     CORE["seconds"] = time.perf_counter() - t0
     return [r["id"] for r, k in zip(recs, keep) if k]
@@ -152,7 +166,7 @@ CORE = {"seconds": 0.0}
 
 
 def _shingles(text, k):
-    return {text[i:i + k] for i in range(max(len(text) - k + 1, 1))}
+    return {text[i : i + k] for i in range(max(len(text) - k + 1, 1))}
 
 
 def _greedy(data, work, make, lsh):
@@ -209,8 +223,13 @@ def side_rensa(data, work, args):
     return _greedy(data, work, make, RMinHashLSH(threshold=args.threshold, num_perm=args.num_perm, num_bands=bands))
 
 
-SIDES = {"kalm": side_kalm, "kalm_core": side_kalm_core, "datasketch": side_datasketch,
-         "datasketch_batch": lambda d, w, a: side_datasketch(d, w, a, batch=True), "rensa": side_rensa}
+SIDES = {
+    "kalm": side_kalm,
+    "kalm_core": side_kalm_core,
+    "datasketch": side_datasketch,
+    "datasketch_batch": lambda d, w, a: side_datasketch(d, w, a, batch=True),
+    "rensa": side_rensa,
+}
 
 
 def run_side(args):
@@ -221,8 +240,16 @@ def run_side(args):
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     (work / "kept.json").write_text(json.dumps(kept))
-    print(json.dumps({"seconds": seconds, "core_seconds": CORE["seconds"] or None, "peak_rss_mib": peak / 1024,
-                      "start_rss_mib": start_rss / 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "core_seconds": CORE["seconds"] or None,
+                "peak_rss_mib": peak / 1024,
+                "start_rss_mib": start_rss / 1024,
+            }
+        )
+    )
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -259,17 +286,44 @@ def main():
     t0 = time.perf_counter()
     # generated in a subprocess: a child inherits its parent's peak RSS (ru_maxrss survives fork
     # and exec on Linux), so the driver must stay small for the sides' peaks to be their own
-    subprocess.run([sys.executable, __file__, "--run-generate", "--data", str(data), "--records", str(args.records),
-                    "--dup-rate", str(args.dup_rate), "--seed", str(args.seed), "--shingle", str(args.shingle)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--run-generate",
+            "--data",
+            str(data),
+            "--records",
+            str(args.records),
+            "--dup-rate",
+            str(args.dup_rate),
+            "--seed",
+            str(args.seed),
+            "--shingle",
+            str(args.shingle),
+        ],
+        check=True,
+    )
     planted = json.loads((base / "planted.json").read_text())
     n_above = sum(1 for _, j in planted.values() if j >= args.threshold)
     jac = sorted(j for _, j in planted.values())
-    print(f"generated {args.records} records ({data.stat().st_size / 2**20:.0f} MiB) with {len(planted)} planted "
-          f"near copies ({n_above} at Jaccard >= {args.threshold}; median {jac[len(jac) // 2]:.2f}, "
-          f"min {jac[0]:.2f}) in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-               "records": args.records, "planted": len(planted), "planted_above_threshold": n_above,
-               "threshold": args.threshold, "num_perm": args.num_perm, "shingle": args.shingle, "sides": {}}
+    print(
+        f"generated {args.records} records ({data.stat().st_size / 2**20:.0f} MiB) with {len(planted)} planted "
+        f"near copies ({n_above} at Jaccard >= {args.threshold}; median {jac[len(jac) // 2]:.2f}, "
+        f"min {jac[0]:.2f}) in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "records": args.records,
+        "planted": len(planted),
+        "planted_above_threshold": n_above,
+        "threshold": args.threshold,
+        "num_perm": args.num_perm,
+        "shingle": args.shingle,
+        "sides": {},
+    }
     for side in args.sides.split(","):
         if side == "rensa":
             try:
@@ -279,9 +333,26 @@ def main():
                 continue
         work = base / side
         work.mkdir(exist_ok=True)
-        cmd = [sys.executable, __file__, "--run-side", side, "--data", str(data), "--work", str(work),
-               "--threshold", str(args.threshold), "--num-perm", str(args.num_perm), "--shingle", str(args.shingle),
-               "--shards", str(args.shards), "--band-jobs", str(args.band_jobs)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run-side",
+            side,
+            "--data",
+            str(data),
+            "--work",
+            str(work),
+            "--threshold",
+            str(args.threshold),
+            "--num-perm",
+            str(args.num_perm),
+            "--shingle",
+            str(args.shingle),
+            "--shards",
+            str(args.shards),
+            "--band-jobs",
+            str(args.band_jobs),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(f"{side}: failed\n{res.stderr[-3000:]}")
@@ -291,16 +362,24 @@ def main():
         dropped = set(range(args.records)) - kept
         copies = {int(c) for c in planted}
         above = {int(c) for c, (_, j) in planted.items() if j >= args.threshold}
-        r.update(records_per_s=args.records / r["seconds"], dropped=len(dropped),
-                 core_records_per_s=args.records / r["core_seconds"] if r["core_seconds"] else None,
-                 recall=len(dropped & above) / max(len(above), 1), recall_all_planted=len(dropped & copies) / max(len(copies), 1),
-                 precision=len(dropped & copies) / max(len(dropped), 1), false_drops=len(dropped - copies),
-                 originals_dropped=sum(1 for c, (o, _) in planted.items() if o in dropped))
+        r.update(
+            records_per_s=args.records / r["seconds"],
+            dropped=len(dropped),
+            core_records_per_s=args.records / r["core_seconds"] if r["core_seconds"] else None,
+            recall=len(dropped & above) / max(len(above), 1),
+            recall_all_planted=len(dropped & copies) / max(len(copies), 1),
+            precision=len(dropped & copies) / max(len(dropped), 1),
+            false_drops=len(dropped - copies),
+            originals_dropped=sum(1 for c, (o, _) in planted.items() if o in dropped),
+        )
         results["sides"][side] = r
         core = f"{r['core_records_per_s']:9.0f}" if r["core_records_per_s"] else "        -"
-        print(f"{side:17s} {r['records_per_s']:9.0f} rec/s (MinHash+LSH only {core})  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
-              f"recall {r['recall']:.3f} (all planted {r['recall_all_planted']:.3f})  precision {r['precision']:.3f}  "
-              f"false drops {r['false_drops']}", flush=True)
+        print(
+            f"{side:17s} {r['records_per_s']:9.0f} rec/s (MinHash+LSH only {core})  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+            f"recall {r['recall']:.3f} (all planted {r['recall_all_planted']:.3f})  precision {r['precision']:.3f}  "
+            f"false drops {r['false_drops']}",
+            flush=True,
+        )
     sides = results["sides"]
     if "kalm" in sides:
         for side, r in sides.items():

@@ -67,8 +67,14 @@ def make_corpus(folder: Path, n_queries: int, n_passages: int, seed: int = 0) ->
     records = []
     for i in range(n_queries):
         words = rng.choice(passages[i].split(". ")).split()
-        records.append({"query": " ".join(words[:max(3, len(words) * 2 // 3)]) + f" #{i}",
-                        "pos": [passages[i]], "neg": [], "task": "bench"})
+        records.append(
+            {
+                "query": " ".join(words[: max(3, len(words) * 2 // 3)]) + f" #{i}",
+                "pos": [passages[i]],
+                "neg": [],
+                "task": "bench",
+            }
+        )
     for j, p in enumerate(passages[n_queries:]):  # the rest of the corpus rides along as given negatives
         records[j % n_queries]["neg"].append(p)
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,13 +97,57 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
 def ours(records: Path, work: Path, max_len: int) -> tuple[float, float]:
     """`kalm embed` (one shard) then `kalm mine`: time is the sum, peak the larger of the two."""
     tasks = json.dumps({"bench": False})
-    t1, m1 = run([sys.executable, "-m", "kalm", "embed", "--input", str(records), "--mine-tasks", tasks,
-                  "--model", MODEL, "--shard", "0", "--num-shards", "1", "--out-dir", str(work / "emb"),
-                  "--max-seq-length", str(max_len), "--no-query-instruction"], work / "ours.log")
-    t2, m2 = run([sys.executable, "-m", "kalm", "mine", "--input", str(records), "--embeddings",
-                  str(work / "emb/shard0.npy"), "--mine-tasks", tasks, "--out", str(work / "ours.jsonl"),
-                  "--stats", str(work / "ours.stats.json"), "--range", "50", "100", "--negative-number", "7",
-                  "--filter-topk", "50", "--no-query-instruction"], work / "ours.log")
+    t1, m1 = run(
+        [
+            sys.executable,
+            "-m",
+            "kalm",
+            "embed",
+            "--input",
+            str(records),
+            "--mine-tasks",
+            tasks,
+            "--model",
+            MODEL,
+            "--shard",
+            "0",
+            "--num-shards",
+            "1",
+            "--out-dir",
+            str(work / "emb"),
+            "--max-seq-length",
+            str(max_len),
+            "--no-query-instruction",
+        ],
+        work / "ours.log",
+    )
+    t2, m2 = run(
+        [
+            sys.executable,
+            "-m",
+            "kalm",
+            "mine",
+            "--input",
+            str(records),
+            "--embeddings",
+            str(work / "emb/shard0.npy"),
+            "--mine-tasks",
+            tasks,
+            "--out",
+            str(work / "ours.jsonl"),
+            "--stats",
+            str(work / "ours.stats.json"),
+            "--range",
+            "50",
+            "100",
+            "--negative-number",
+            "7",
+            "--filter-topk",
+            "50",
+            "--no-query-instruction",
+        ],
+        work / "ours.log",
+    )
     return t1 + t2, max(m1, m2)
 
 
@@ -112,15 +162,35 @@ def peer_main(records: str, out: str, cache: str, max_len: int) -> None:
     corpus = [p for r in recs for p in r["pos"] + r["neg"]]
     data = Dataset.from_dict({"query": [r["query"] for r in recs], "pos": [r["pos"][0] for r in recs]})
     model = load_embedding_model(MODEL, max_seq_length=max_len)
-    result = mine_hard_negatives(data, model, corpus=corpus, range_min=50, range_max=100, num_negatives=7,
-                                 sampling_strategy="random", output_format="n-tuple", use_faiss=True,
-                                 cache_folder=cache, verbose=True)
+    result = mine_hard_negatives(
+        data,
+        model,
+        corpus=corpus,
+        range_min=50,
+        range_max=100,
+        num_negatives=7,
+        sampling_strategy="random",
+        output_format="n-tuple",
+        use_faiss=True,
+        cache_folder=cache,
+        verbose=True,
+    )
     result.to_json(out)
 
 
 def peer(records: Path, work: Path, max_len: int) -> tuple[float, float]:
-    return run([sys.executable, __file__, "--peer-run", str(records), str(work / "peer.jsonl"),
-                str(work / "peer_cache"), str(max_len)], work / "peer.log")
+    return run(
+        [
+            sys.executable,
+            __file__,
+            "--peer-run",
+            str(records),
+            str(work / "peer.jsonl"),
+            str(work / "peer_cache"),
+            str(max_len),
+        ],
+        work / "peer.log",
+    )
 
 
 def memory_bound(work: Path, n: int = 1_000_000, dim: int = 896, n_queries: int = 2000) -> None:
@@ -137,22 +207,51 @@ def memory_bound(work: Path, n: int = 1_000_000, dim: int = 896, n_queries: int 
     store = np.lib.format.open_memmap(emb / "shard0.npy", mode="w+", dtype=np.float16, shape=(len(texts), dim))
     for s in range(0, len(texts), 100_000):
         block = rng.standard_normal((min(100_000, len(texts) - s), dim), dtype=np.float32)
-        store[s:s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        store[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     store.flush()
     del store
     (emb / "shard0.ids.json").write_text(json.dumps(texts), encoding="utf-8")
     per = n // n_queries
     with open(work / "records.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"query": f"q{i}", "pos": [f"p{i * per}"], "neg": passages[i * per + 1:(i + 1) * per],
-                                 "task": "big"}) + "\n" for i in range(n_queries))
-    print(f"memory bound: {n:,} passages x {dim} (float16 store {len(texts) * dim * 2 / 2**30:.2f} GiB), "
-          f"{n_queries:,} queries, window 50-100, 7 negatives")
+        f.writelines(
+            json.dumps(
+                {"query": f"q{i}", "pos": [f"p{i * per}"], "neg": passages[i * per + 1 : (i + 1) * per], "task": "big"}
+            )
+            + "\n"
+            for i in range(n_queries)
+        )
+    print(
+        f"memory bound: {n:,} passages x {dim} (float16 store {len(texts) * dim * 2 / 2**30:.2f} GiB), "
+        f"{n_queries:,} queries, window 50-100, 7 negatives"
+    )
     for index in ("flat", "flat_fp16"):
-        secs, peak = run([sys.executable, "-m", "kalm", "mine", "--input", str(work / "records.jsonl"),
-                          "--embeddings", str(emb / "shard0.npy"), "--mine-tasks", '{"big": false}',
-                          "--out", str(work / f"{index}.jsonl"), "--stats", str(work / f"{index}.stats.json"),
-                          "--range", "50", "100", "--filter-topk", "0", "--index", index,
-                          "--no-query-instruction"], work / "memory.log")
+        secs, peak = run(
+            [
+                sys.executable,
+                "-m",
+                "kalm",
+                "mine",
+                "--input",
+                str(work / "records.jsonl"),
+                "--embeddings",
+                str(emb / "shard0.npy"),
+                "--mine-tasks",
+                '{"big": false}',
+                "--out",
+                str(work / f"{index}.jsonl"),
+                "--stats",
+                str(work / f"{index}.stats.json"),
+                "--range",
+                "50",
+                "100",
+                "--filter-topk",
+                "0",
+                "--index",
+                index,
+                "--no-query-instruction",
+            ],
+            work / "memory.log",
+        )
         print(f"  index {index:10s} wall {secs:7.1f} s  peak RSS {peak / 1024:6.2f} GiB")
 
 
@@ -175,18 +274,25 @@ def main() -> None:
 
     shutil.rmtree(work, ignore_errors=True)
     records = make_corpus(work, args.queries, args.passages)
-    print(f"{args.queries:,} queries, {args.passages:,} passages (sentences from "
-          f"{'../shared/data' if SHARED.exists() else 'data/demo'}), all-MiniLM-L6-v2, {os.cpu_count()} CPU cores")
+    print(
+        f"{args.queries:,} queries, {args.passages:,} passages (sentences from "
+        f"{'../shared/data' if SHARED.exists() else 'data/demo'}), all-MiniLM-L6-v2, {os.cpu_count()} CPU cores"
+    )
     rows = []
     for setting in ("computing embeddings", "cached embeddings"):
         t_ours, m_ours = ours(records, work, args.max_seq_length)
         t_peer, m_peer = peer(records, work, args.max_seq_length)
         rows.append((setting, t_ours, m_ours, t_peer, m_peer))
-        print(f"{setting:22s} ours {t_ours:7.1f} s {m_ours:6.0f} MiB | mine_hard_negatives {t_peer:7.1f} s "
-              f"{m_peer:6.0f} MiB | speed-up x{t_peer / t_ours:.2f}, memory x{m_ours / m_peer:.2f}", flush=True)
+        print(
+            f"{setting:22s} ours {t_ours:7.1f} s {m_ours:6.0f} MiB | mine_hard_negatives {t_peer:7.1f} s "
+            f"{m_peer:6.0f} MiB | speed-up x{t_peer / t_ours:.2f}, memory x{m_ours / m_peer:.2f}",
+            flush=True,
+        )
     stats = json.loads((work / "ours.stats.json").read_text(encoding="utf-8"))
-    print(f"ours: kept {stats['kept']} of {stats['in']}, dropped {stats['dropped']}, "
-          f"negatives from window {stats['negatives_from_window']}, padded {stats['negatives_padded_random']}")
+    print(
+        f"ours: kept {stats['kept']} of {stats['in']}, dropped {stats['dropped']}, "
+        f"negatives from window {stats['negatives_from_window']}, padded {stats['negatives_padded_random']}"
+    )
 
 
 if __name__ == "__main__":

@@ -105,10 +105,42 @@ ATTRS = demo.ATTRS
 BASE_NAMES = {"en": 10_000, "zh": 950}
 HELD_OUT = 100
 # more towns from the same names: qualifiers (and, in Chinese, the three suffixes 城/镇/州)
-EN_QUALIFIERS = ["", "Upper ", "Lower ", "North ", "South ", "East ", "West ", "Old ", "New ", "Great ",
-                 "Little ", "Nether "]
-ZH_QUALIFIERS = ["", "东", "西", "南", "北", "新", "老", "上", "下", "前", "后", "大", "小", "中", "高", "外",
-                 "内", "古", "长", "安"]
+EN_QUALIFIERS = [
+    "",
+    "Upper ",
+    "Lower ",
+    "North ",
+    "South ",
+    "East ",
+    "West ",
+    "Old ",
+    "New ",
+    "Great ",
+    "Little ",
+    "Nether ",
+]
+ZH_QUALIFIERS = [
+    "",
+    "东",
+    "西",
+    "南",
+    "北",
+    "新",
+    "老",
+    "上",
+    "下",
+    "前",
+    "后",
+    "大",
+    "小",
+    "中",
+    "高",
+    "外",
+    "内",
+    "古",
+    "长",
+    "安",
+]
 # other facts of the town after the asked one: passages of 2-4 (English) / 4-6 (Chinese) sentences
 EXTRA_FACTS = {"en": (1, 3), "zh": (3, 5)}
 EN_FILLERS = ["also", "still", "now", "very", "really", "today", "then", "quite", "even", "just"]
@@ -130,7 +162,7 @@ class World:
     def __init__(self, lang: str, seed: int):
         self.lang, self.seed = lang, seed
         names = demo.make_names(lang, BASE_NAMES[lang] + HELD_OUT, demo.rng_for(seed, lang, "names"))
-        self.base, self.held_names = names[:BASE_NAMES[lang]], names[BASE_NAMES[lang]:]
+        self.base, self.held_names = names[: BASE_NAMES[lang]], names[BASE_NAMES[lang] :]
         self.entity = functools.lru_cache(maxsize=4096)(self._entity)
 
     def name(self, k: int) -> str:
@@ -140,8 +172,11 @@ class World:
             q, extra = EN_QUALIFIERS[v % len(EN_QUALIFIERS)], v // len(EN_QUALIFIERS)
             return f"{q}{base}" + (f" {extra + 1}" if extra else "")
         suffixes = demo.ZH["suffixes"]
-        q, s, extra = (ZH_QUALIFIERS[v % len(ZH_QUALIFIERS)], suffixes[(v // len(ZH_QUALIFIERS)) % len(suffixes)],
-                       v // (len(ZH_QUALIFIERS) * len(suffixes)))
+        q, s, extra = (
+            ZH_QUALIFIERS[v % len(ZH_QUALIFIERS)],
+            suffixes[(v // len(ZH_QUALIFIERS)) % len(suffixes)],
+            v // (len(ZH_QUALIFIERS) * len(suffixes)),
+        )
         return f"{q}{base[:-1]}{s}" + (f"第{extra + 1}区" if extra else "")
 
     def _entity(self, k: int) -> dict:
@@ -170,8 +205,16 @@ class World:
             r = demo.rng_for(self.seed, self.lang, "eval", str(h))
             for attr in ATTRS:
                 t = r.randrange(demo.n_query_templates(self.lang, attr))
-                facts.append({"n": len(facts), "query": demo.query(self.lang, ent, attr, t), "t": t,
-                              "passage": demo.rand_passage(self.lang, ent, attr, r), "ent": ent, "attr": attr})
+                facts.append(
+                    {
+                        "n": len(facts),
+                        "query": demo.query(self.lang, ent, attr, t),
+                        "t": t,
+                        "passage": demo.rand_passage(self.lang, ent, attr, r),
+                        "ent": ent,
+                        "attr": attr,
+                    }
+                )
         return facts
 
 
@@ -202,7 +245,7 @@ def _edit(text: str, lang: str, rng: random.Random) -> str:
         if op < 0.3 and len(toks[j]) > 3:  # typo: one letter replaced
             w = toks[j]
             i = rng.randrange(1, len(w) - 1)
-            toks[j] = w[:i] + rng.choice("aeiourstln") + w[i + 1:]
+            toks[j] = w[:i] + rng.choice("aeiourstln") + w[i + 1 :]
         elif op < 0.6:
             toks.insert(j, rng.choice(EN_FILLERS))
         elif op < 0.8 and len(toks) > 3:
@@ -246,7 +289,9 @@ class _ShardWriters:
     def __init__(self, folder: Path, n: int, shards: int):
         self.folder, self.n, self.shards = folder, n, shards
         self.bounds = [n * s // shards for s in range(shards + 1)]
-        self.paths = [folder / f"shard-{s:0{FILE_DIGITS}d}.{'jsonl' if s % 2 == 0 else 'parquet'}" for s in range(shards)]
+        self.paths = [
+            folder / f"shard-{s:0{FILE_DIGITS}d}.{'jsonl' if s % 2 == 0 else 'parquet'}" for s in range(shards)
+        ]
         folder.mkdir(parents=True, exist_ok=True)
         self.s, self.buf, self.f, self.pq = -1, [], None, None
 
@@ -299,8 +344,17 @@ class _ShardWriters:
         self.close()
 
 
-def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate: float = 0.02,
-             near_rate: float = 0.02, leak_rate: float = 0.0005, threshold: float = 0.9, shingle: int = 5) -> dict:
+def generate(
+    out: Path,
+    records: int,
+    seed: int = 0,
+    shards: int = 4,
+    exact_rate: float = 0.02,
+    near_rate: float = 0.02,
+    leak_rate: float = 0.0005,
+    threshold: float = 0.9,
+    shingle: int = 5,
+) -> dict:
     """Write the input shards, the evaluation tasks and ``planted.json`` under ``out``; return the manifest.
 
     Stream position i of a task is row i - start of its shard; the records' ids (what ``kalm validate``
@@ -312,9 +366,16 @@ def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate
 
     out = Path(out)
     tasks = sorted(TASKS.values())
-    manifest = {"records": records, "seed": seed, "shards_per_task": shards, "threshold": threshold,
-                "shingle": shingle, "rates": {"exact": exact_rate, "near": near_rate, "leak": leak_rate},
-                "tasks": {}, "eval_tasks": {}}
+    manifest = {
+        "records": records,
+        "seed": seed,
+        "shards_per_task": shards,
+        "threshold": threshold,
+        "shingle": shingle,
+        "rates": {"exact": exact_rate, "near": near_rate, "leak": leak_rate},
+        "tasks": {},
+        "eval_tasks": {},
+    }
     for lang in LANGS:
         task = TASKS[lang]
         n = records // 2 + (records % 2 if lang == "en" else 0)
@@ -325,7 +386,9 @@ def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate
         pre = f"{lang}-"
         with open(ev / "corpus.jsonl", "w", encoding="utf-8") as f:
             for fact in facts:
-                f.write(json.dumps({"id": f"{pre}d{fact['n']:05d}", "text": fact["passage"]}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({"id": f"{pre}d{fact['n']:05d}", "text": fact["passage"]}, ensure_ascii=False) + "\n"
+                )
         with open(ev / "queries.jsonl", "w", encoding="utf-8") as f:
             for fact in facts:
                 f.write(json.dumps({"id": f"{pre}q{fact['n']:05d}", "text": fact["query"]}, ensure_ascii=False) + "\n")
@@ -333,8 +396,12 @@ def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate
             f.write("query-id\tcorpus-id\tscore\n")
             for fact in facts:
                 f.write(f"{pre}q{fact['n']:05d}\t{pre}d{fact['n']:05d}\t1\n")
-        manifest["eval_tasks"][EVAL_TASKS[lang]] = {"path": str(ev), "lang": lang, "queries": len(facts),
-                                                    "corpus": len(facts)}
+        manifest["eval_tasks"][EVAL_TASKS[lang]] = {
+            "path": str(ev),
+            "lang": lang,
+            "queries": len(facts),
+            "corpus": len(facts),
+        }
 
         rng = demo.rng_for(seed, lang, "stream")
         n_leaks = min(max(MIN_LEAKS, round(leak_rate * n)), len(facts), n // 4) if n >= 8 else 0
@@ -377,8 +444,9 @@ def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate
                         else:
                             rec, edits = near_edit(orig, lang, rng)
                             j = exact_jaccard(record_text(orig), record_text(rec), shingle)
-                            near.append({"orig": rid(clean_pos[c]), "copy": rid(i), "jaccard": round(j, 4),
-                                         "edits": edits})
+                            near.append(
+                                {"orig": rid(clean_pos[c]), "copy": rid(i), "jaccard": round(j, 4), "edits": edits}
+                            )
                             kinds["near"] += 1
                 if rec is None:
                     rec = world.clean(len(clean_pos))
@@ -387,22 +455,30 @@ def generate(out: Path, records: int, seed: int = 0, shards: int = 4, exact_rate
         writers.finish()
         above = sum(1 for p in near if p["jaccard"] >= threshold)
         manifest["tasks"][task] = {
-            "lang": lang, "records": n, "clean": len(clean_pos),
-            "files": [str(p) for p in writers.paths], "first_ordinal": ordinal0,
-            "exact_duplicates": len(exact), "exact_kinds": {k: kinds["exact_" + k] for k in ("exact", "whitespace", "width")},
-            "near_duplicates": len(near), "near_above_threshold": above,
-            "leaks": len(leaks), "leak_kinds": {k: kinds["leak_" + k] for k in ("query", "passage", "both")},
+            "lang": lang,
+            "records": n,
+            "clean": len(clean_pos),
+            "files": [str(p) for p in writers.paths],
+            "first_ordinal": ordinal0,
+            "exact_duplicates": len(exact),
+            "exact_kinds": {k: kinds["exact_" + k] for k in ("exact", "whitespace", "width")},
+            "near_duplicates": len(near),
+            "near_above_threshold": above,
+            "leaks": len(leaks),
+            "leak_kinds": {k: kinds["leak_" + k] for k in ("query", "passage", "both")},
             "instruction": _task_instruction(task),
         }
         manifest.setdefault("planted", {})[task] = {"exact": exact, "near": near, "leaks": leaks}
-    totals = {k: sum(t[k] for t in manifest["tasks"].values())
-              for k in ("records", "clean", "exact_duplicates", "near_duplicates", "near_above_threshold", "leaks")}
+    totals = {
+        k: sum(t[k] for t in manifest["tasks"].values())
+        for k in ("records", "clean", "exact_duplicates", "near_duplicates", "near_above_threshold", "leaks")
+    }
     manifest["totals"] = totals
     (out / "planted.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
     return manifest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_config() -> dict:
     import yaml
 
@@ -448,8 +524,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     AutoModel.from_config(config).save_pretrained(out / "hf")
     AutoTokenizer.from_pretrained(base).save_pretrained(out / "hf")
     word = Transformer(str(out / "hf"), max_seq_length=64)
-    st = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), "mean"), Normalize()],
-                             device="cpu")
+    st = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), "mean"), Normalize()], device="cpu")
     st.save(str(out / "model"))
     shutil.rmtree(out / "hf")
     return out / "model"
@@ -463,8 +538,16 @@ def default_pool_shards(pool_passages: int) -> int:
     return max(1, round(pool_passages / POOL_SHARD_PASSAGES))
 
 
-def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1, steps: int = 20,
-                 mine_index: str = "auto", base_model: str = MINILM, pool_shards: int | None = None) -> dict:
+def build_config(
+    manifest: dict,
+    partitions: int,
+    band_jobs: int,
+    cores: int = 1,
+    steps: int = 20,
+    mine_index: str = "auto",
+    base_model: str = MINILM,
+    pool_shards: int | None = None,
+) -> dict:
     """config/config.yaml turned into the benchmark's (module docstring, step 2)."""
     import copy
 
@@ -473,11 +556,18 @@ def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1
     cfg["max_seq_length"] = 64
     cfg["threads"] = cores
     dd = cfg["data"].setdefault("dedup", {})
-    dd.update(near_dup=True, threshold=manifest["threshold"], shingle=manifest["shingle"], shards=partitions,
-              band_jobs=band_jobs)
+    dd.update(
+        near_dup=True,
+        threshold=manifest["threshold"],
+        shingle=manifest["shingle"],
+        shards=partitions,
+        band_jobs=band_jobs,
+    )
     cfg["data"]["pretrain"] = {}
-    cfg["data"]["finetune"] = {task: {"path": str(Path(t["files"][0]).parent), "type": "retrieval",
-                                      "instruction": t["instruction"]} for task, t in sorted(manifest["tasks"].items())}
+    cfg["data"]["finetune"] = {
+        task: {"path": str(Path(t["files"][0]).parent), "type": "retrieval", "instruction": t["instruction"]}
+        for task, t in sorted(manifest["tasks"].items())
+    }
     cfg["embed"].update(shards=partitions, model=None)
     per_pool = max(t["records"] for t in manifest["tasks"].values())
     kind = mine_index if mine_index != "auto" else ("flat" if per_pool <= 200_000 else "ivf")
@@ -490,9 +580,10 @@ def build_config(manifest: dict, partitions: int, band_jobs: int, cores: int = 1
     cfg["pretrain"]["enabled"] = False
     cfg["finetune"].update(runs=1, max_steps=steps, checkpoint_every=0)
     cfg["soup"] = {"method": "uniform"}
-    cfg["eval"]["tasks"] = {name: {"type": "Retrieval", "path": t["path"],
-                                   "instruction": _task_instruction(TASKS[t["lang"]])}
-                            for name, t in sorted(manifest["eval_tasks"].items())}
+    cfg["eval"]["tasks"] = {
+        name: {"type": "Retrieval", "path": t["path"], "instruction": _task_instruction(TASKS[t["lang"]])}
+        for name, t in sorted(manifest["eval_tasks"].items())
+    }
     cfg["eval"]["languages"] = {t["lang"]: [name] for name, t in sorted(manifest["eval_tasks"].items())}
     cfg.setdefault("report", {})["eval_runs"] = False
     cfg["resources"]["gpus"] = {k: 0 for k in cfg["resources"]["gpus"]}
@@ -512,8 +603,20 @@ def snakemake_env() -> dict:
 
 
 def snakemake_cmd(work: Path, cores: int, notemp: bool, dry_run: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "snakemake", TARGET, "-s", str(ROOT / "workflow" / "Snakefile"),
-           "--configfile", str(work / "config.yaml"), "--directory", str(work), "--cores", str(cores)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        TARGET,
+        "-s",
+        str(ROOT / "workflow" / "Snakefile"),
+        "--configfile",
+        str(work / "config.yaml"),
+        "--directory",
+        str(work),
+        "--cores",
+        str(cores),
+    ]
     if notemp:
         cmd.append("--notemp")
     if dry_run:
@@ -574,8 +677,11 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
             return _stats_in(d / parts[0] / "decontaminated" / f"{parts[1]}.stats.json")
         if rule == "eval_index":  # the evaluation texts indexed
             cfg = _read_yaml(work / "config.yaml")
-            return sum(_rows(Path(t["path"]) / f) or 0 for t in cfg["eval"]["tasks"].values()
-                       for f in ("corpus.jsonl", "queries.jsonl"))
+            return sum(
+                _rows(Path(t["path"]) / f) or 0
+                for t in cfg["eval"]["tasks"].values()
+                for f in ("corpus.jsonl", "queries.jsonl")
+            )
         if rule == "embed":  # the texts of its hash slice
             ids = _read_json(work / "work" / "embed" / f"{parts[0]}.ids.json")
             return len(ids) if isinstance(ids, list) else None
@@ -643,9 +749,14 @@ def collect_jobs(work: Path) -> list[dict]:
             stage = rest[0].split("_", 1)[0]
         row = read_benchmark(tsv)
         rss, cpu = _num(row.get("max_rss")), _num(row.get("cpu_time"))
-        job = {"stage": stage, "job": "/".join(rest) or stage, "records": job_records(work, rule, rest),
-               "peak_rss_mib": None if rss is None else round(rss, 1), "seconds": _num(row.get("s")),
-               "cpu_seconds": cpu}
+        job = {
+            "stage": stage,
+            "job": "/".join(rest) or stage,
+            "records": job_records(work, rule, rest),
+            "peak_rss_mib": None if rss is None else round(rss, 1),
+            "seconds": _num(row.get("s")),
+            "cpu_seconds": cpu,
+        }
         usage = job_usage(work / "logs" / tsv.relative_to(bench).with_suffix(".log"))
         if usage is not None:  # the job's own log line (VmHWM): exact, however short the job
             job.update(peak_rss_mib=round(usage[0], 1), cpu_seconds=round(usage[1], 2), peak_rss="kalm_log")
@@ -674,13 +785,19 @@ def _dropped(paths, reason_prefix: str = "") -> int:
 def planted_vs_caught(work: Path, manifest: dict) -> dict:
     d = work / "work" / "data" / "finetune"
     t = manifest["totals"]
-    return {"stage": "planted", "records": t["records"],
-            "exact_duplicates": t["exact_duplicates"],
-            "exact_dropped": _dropped(sorted((d / "exact").glob("p*.stats.json")), "exact"),
-            "near_duplicates": t["near_duplicates"], "near_above_threshold": t["near_above_threshold"],
-            "near_dropped": _dropped(sorted((d / "dedup").glob("p*.stats.json")), "near"),
-            "leaks": t["leaks"], "decontaminated": _dropped(sorted((d / "decontaminated").glob("p*.stats.json"))),
-            "peak_rss_mib": None, "seconds": None}
+    return {
+        "stage": "planted",
+        "records": t["records"],
+        "exact_duplicates": t["exact_duplicates"],
+        "exact_dropped": _dropped(sorted((d / "exact").glob("p*.stats.json")), "exact"),
+        "near_duplicates": t["near_duplicates"],
+        "near_above_threshold": t["near_above_threshold"],
+        "near_dropped": _dropped(sorted((d / "dedup").glob("p*.stats.json")), "near"),
+        "leaks": t["leaks"],
+        "decontaminated": _dropped(sorted((d / "decontaminated").glob("p*.stats.json"))),
+        "peak_rss_mib": None,
+        "seconds": None,
+    }
 
 
 # ---- --compare-datatrove -----------------------------------------------------------------------------
@@ -704,12 +821,21 @@ def _measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     usage = log.with_name(log.name + ".usage.json")
     t0 = time.perf_counter()
     with open(log, "ab") as f:
-        code = subprocess.run([sys.executable, "-c", _LAUNCHER, str(usage), *cmd], stdout=f, stderr=subprocess.STDOUT,
-                              env=env or snakemake_env(), cwd=str(ROOT)).returncode
+        code = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(usage), *cmd],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env or snakemake_env(),
+            cwd=str(ROOT),
+        ).returncode
     if code:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({code}); see {log}")
     ru = json.loads(usage.read_text())
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": ru["cpu_seconds"], "peak_rss_mib": ru["maxrss_kib"] / 1024}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": ru["cpu_seconds"],
+        "peak_rss_mib": ru["maxrss_kib"] / 1024,
+    }
 
 
 def _add(steps: dict, name: str, m: dict) -> None:
@@ -727,25 +853,72 @@ def compare_kalm(exact_parts: list[Path], out: Path, dd: dict, band_jobs: int) -
     kalm = [sys.executable, "-m", "kalm", "dedup"]
     out.mkdir(parents=True, exist_ok=True)
     log, steps = out / "steps.log", {}
-    opts = ["--num-perm", str(dd["num_perm"]), "--shingle", str(dd["shingle"]), "--seed", str(dd.get("seed", 1)),
-            "--threshold", str(dd["threshold"])]
+    opts = [
+        "--num-perm",
+        str(dd["num_perm"]),
+        "--shingle",
+        str(dd["shingle"]),
+        "--seed",
+        str(dd.get("seed", 1)),
+        "--threshold",
+        str(dd["threshold"]),
+    ]
     mh = [out / "minhash" / p.stem for p in exact_parts]
     (out / "minhash").mkdir(exist_ok=True)
     for part, d in zip(exact_parts, mh):
         _add(steps, "minhash", _measure(kalm + ["--step", "minhash", str(part), "--out", str(d), *opts], log))
     pairs = [out / f"pairs{k}.npy" for k in range(band_jobs)]
     for k, p in enumerate(pairs):
-        _add(steps, "buckets", _measure(kalm + ["--step", "buckets", *map(str, mh), "--band-job", str(k),
-                                                "--band-jobs", str(band_jobs), "--out", str(p)], log))
+        _add(
+            steps,
+            "buckets",
+            _measure(
+                kalm
+                + [
+                    "--step",
+                    "buckets",
+                    *map(str, mh),
+                    "--band-job",
+                    str(k),
+                    "--band-jobs",
+                    str(band_jobs),
+                    "--out",
+                    str(p),
+                ],
+                log,
+            ),
+        )
     drop, comp = out / "drop.npy", out / "components.json"
-    _add(steps, "components", _measure(kalm + ["--step", "components", *map(str, pairs), "--out", str(drop),
-                                               "--stats", str(comp)], log))
+    _add(
+        steps,
+        "components",
+        _measure(kalm + ["--step", "components", *map(str, pairs), "--out", str(drop), "--stats", str(comp)], log),
+    )
     (out / "dedup").mkdir(exist_ok=True)
     for part in exact_parts:
-        _add(steps, "filter", _measure(kalm + ["--step", "filter", str(part), "--drop", str(drop), "--components",
-                                               str(comp), "--partition", part.stem, "--out",
-                                               str(out / "dedup" / part.name), "--stats",
-                                               str(out / "dedup" / f"{part.stem}.stats.json")], log))
+        _add(
+            steps,
+            "filter",
+            _measure(
+                kalm
+                + [
+                    "--step",
+                    "filter",
+                    str(part),
+                    "--drop",
+                    str(drop),
+                    "--components",
+                    str(comp),
+                    "--partition",
+                    part.stem,
+                    "--out",
+                    str(out / "dedup" / part.name),
+                    "--stats",
+                    str(out / "dedup" / f"{part.stem}.stats.json"),
+                ],
+                log,
+            ),
+        )
     dropped = np.load(drop)
     return steps, {int(i) for i in (dropped[:, 0] if dropped.ndim == 2 else dropped)}
 
@@ -764,15 +937,36 @@ def compare_datatrove(exact_parts: list[Path], out: Path, dd: dict) -> tuple[dic
             for rec in iter_shard(part, columns=["id", "query", "pos"]):
                 f.write(json.dumps({"id": str(rec["id"]), "text": record_text(rec)}, ensure_ascii=False) + "\n")
     bands, rows = optimal_bands(dd["threshold"], dd["num_perm"])
-    settings = {"num_buckets": bands, "hashes_per_bucket": rows, "n_grams": dd["shingle"], "seed": dd.get("seed", 1),
-                "tokenizer": "characters", "normalisation": "datatrove TextNormConfig() defaults",
-                "hash": "xxhash64 of the UTF-8 shingle (datatrove's default, str encoded first: xxhash 4 rejects str)",
-                "partitions": len(exact_parts)}
+    settings = {
+        "num_buckets": bands,
+        "hashes_per_bucket": rows,
+        "n_grams": dd["shingle"],
+        "seed": dd.get("seed", 1),
+        "tokenizer": "characters",
+        "normalisation": "datatrove TextNormConfig() defaults",
+        "hash": "xxhash64 of the UTF-8 shingle (datatrove's default, str encoded first: xxhash 4 rejects str)",
+        "partitions": len(exact_parts),
+    }
     log, steps = out / "steps.log", {}
     for stage in ("signature", "buckets", "cluster", "filter"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-datatrove", stage, "--work", str(out),
-               "--partitions", str(len(exact_parts)), "--shingle", str(dd["shingle"]), "--seed", str(dd.get("seed", 1)),
-               "--dt-bands", str(bands), "--dt-rows", str(rows)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--run-datatrove",
+            stage,
+            "--work",
+            str(out),
+            "--partitions",
+            str(len(exact_parts)),
+            "--shingle",
+            str(dd["shingle"]),
+            "--seed",
+            str(dd.get("seed", 1)),
+            "--dt-bands",
+            str(bands),
+            "--dt-rows",
+            str(rows),
+        ]
         _add(steps, stage, _measure(cmd, log))
     dropped = set()
     for f in sorted((out / "removed").rglob("*.jsonl*")):
@@ -803,7 +997,12 @@ def run_datatrove_stage(args) -> None:
     """One datatrove step (a child of compare_datatrove): LocalPipelineExecutor, one worker."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashDedupSignature
-    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.word_tokenizers import WordTokenizer
@@ -827,22 +1026,40 @@ def run_datatrove_stage(args) -> None:
     if args.run_datatrove == "signature":
         sig = MinhashDedupSignature(output_folder=str(w / "signatures"), config=cfg, language=CharTokenizer("chars"))
         sig._hash_func = _xxhash64_str  # its default hash, xxhash64 (see _xxhash64_str)
-        ex = LocalPipelineExecutor(pipeline=[JsonlReader(str(w / "docs")), sig],
-                                   tasks=P, logging_dir=str(w / "logs/signature"), **common)
+        ex = LocalPipelineExecutor(
+            pipeline=[JsonlReader(str(w / "docs")), sig], tasks=P, logging_dir=str(w / "logs/signature"), **common
+        )
     elif args.run_datatrove == "buckets":
-        ex = LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(input_folder=str(w / "signatures"),
-                                                                 output_folder=str(w / "buckets"), config=cfg)],
-                                   tasks=cfg.num_buckets, logging_dir=str(w / "logs/buckets"), **common)
+        ex = LocalPipelineExecutor(
+            pipeline=[
+                MinhashDedupBuckets(input_folder=str(w / "signatures"), output_folder=str(w / "buckets"), config=cfg)
+            ],
+            tasks=cfg.num_buckets,
+            logging_dir=str(w / "logs/buckets"),
+            **common,
+        )
     elif args.run_datatrove == "cluster":
-        ex = LocalPipelineExecutor(pipeline=[MinhashDedupCluster(input_folder=str(w / "buckets"),
-                                                                 output_folder=str(w / "remove_ids"), config=cfg)],
-                                   tasks=1, logging_dir=str(w / "logs/cluster"), **common)
+        ex = LocalPipelineExecutor(
+            pipeline=[
+                MinhashDedupCluster(input_folder=str(w / "buckets"), output_folder=str(w / "remove_ids"), config=cfg)
+            ],
+            tasks=1,
+            logging_dir=str(w / "logs/cluster"),
+            **common,
+        )
     else:
-        ex = LocalPipelineExecutor(pipeline=[JsonlReader(str(w / "docs")),
-                                             MinhashDedupFilter(input_folder=str(w / "remove_ids"),
-                                                                exclusion_writer=JsonlWriter(str(w / "removed"))),
-                                             JsonlWriter(output_folder=str(w / "deduplicated"))],
-                                   tasks=P, logging_dir=str(w / "logs/filter"), **common)
+        ex = LocalPipelineExecutor(
+            pipeline=[
+                JsonlReader(str(w / "docs")),
+                MinhashDedupFilter(
+                    input_folder=str(w / "remove_ids"), exclusion_writer=JsonlWriter(str(w / "removed"))
+                ),
+                JsonlWriter(output_folder=str(w / "deduplicated")),
+            ],
+            tasks=P,
+            logging_dir=str(w / "logs/filter"),
+            **common,
+        )
     ex.run()
 
 
@@ -860,22 +1077,33 @@ def near_dup_compare(work: Path, manifest: dict, cfg: dict, dag_jobs: list[dict]
         members = {p["orig"] for p in pairs} | {p["copy"] for p in pairs}
         found = [p for p in pairs if p["orig"] in dropped or p["copy"] in dropped]
         above = [p for p in pairs if p["jaccard"] >= thr]
-        return {"recall": round(sum(1 for p in found if p["jaccard"] >= thr) / max(len(above), 1), 4),
-                "recall_all_planted": round(len(found) / max(len(pairs), 1), 4),
-                "dropped": len(dropped), "dropped_unplanted": len(dropped - members)}
+        return {
+            "recall": round(sum(1 for p in found if p["jaccard"] >= thr) / max(len(above), 1), 4),
+            "recall_all_planted": round(len(found) / max(len(pairs), 1), 4),
+            "dropped": len(dropped),
+            "dropped_unplanted": len(dropped - members),
+        }
 
     def line(side: str, steps: dict, dropped: set[int] | None, **extra) -> dict:
         cpu = sum(s["cpu_seconds"] or 0 for s in steps.values())
         sec = sum(s["seconds"] or 0 for s in steps.values())
         peak = max((s["peak_rss_mib"] or 0 for s in steps.values()), default=0) or None
-        rec = {"stage": "near_dup_compare", "side": side, "records": kept_exact,
-               "peak_rss_mib": None if peak is None else round(peak, 1), "seconds": round(sec, 2),
-               "cpu_seconds": round(cpu, 2), "records_per_s_per_core": round(kept_exact / cpu, 1) if cpu else None,
-               "planted_pairs": len(pairs), "planted_above_threshold": sum(1 for p in pairs if p["jaccard"] >= thr)}
+        rec = {
+            "stage": "near_dup_compare",
+            "side": side,
+            "records": kept_exact,
+            "peak_rss_mib": None if peak is None else round(peak, 1),
+            "seconds": round(sec, 2),
+            "cpu_seconds": round(cpu, 2),
+            "records_per_s_per_core": round(kept_exact / cpu, 1) if cpu else None,
+            "planted_pairs": len(pairs),
+            "planted_above_threshold": sum(1 for p in pairs if p["jaccard"] >= thr),
+        }
         if dropped is not None:
             rec.update(scores(dropped))
-        rec["steps"] = {k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()}
-                        for k, v in steps.items()}
+        rec["steps"] = {
+            k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in steps.items()
+        }
         rec.update(extra)
         return rec
 
@@ -884,8 +1112,15 @@ def near_dup_compare(work: Path, manifest: dict, cfg: dict, dag_jobs: list[dict]
     dag_steps = {}
     for j in dag_jobs:
         if j["stage"] in ("minhash", "near_buckets", "near_components", "near_filter"):
-            _add(dag_steps, j["stage"], {"seconds": j["seconds"] or 0, "cpu_seconds": j["cpu_seconds"] or 0,
-                                          "peak_rss_mib": (j["peak_rss_mib"] or 0) if j.get("sampled", True) else 0})
+            _add(
+                dag_steps,
+                j["stage"],
+                {
+                    "seconds": j["seconds"] or 0,
+                    "cpu_seconds": j["cpu_seconds"] or 0,
+                    "peak_rss_mib": (j["peak_rss_mib"] or 0) if j.get("sampled", True) else 0,
+                },
+            )
     drop = work / "work/data/finetune/near/drop.npy"
     dag_dropped = None
     if drop.is_file():
@@ -902,13 +1137,24 @@ def near_dup_compare(work: Path, manifest: dict, cfg: dict, dag_jobs: list[dict]
     try:
         import datatrove  # noqa: F401
     except ImportError:
-        out.append({"stage": "near_dup_compare", "side": "datatrove", "records": kept_exact, "peak_rss_mib": None,
-                    "seconds": None, "skipped": "datatrove is not installed (.venv/bin/pip install datatrove)"})
+        out.append(
+            {
+                "stage": "near_dup_compare",
+                "side": "datatrove",
+                "records": kept_exact,
+                "peak_rss_mib": None,
+                "seconds": None,
+                "skipped": "datatrove is not installed (.venv/bin/pip install datatrove)",
+            }
+        )
         return out
     shutil.rmtree(work / "compare" / "datatrove", ignore_errors=True)
     steps, dropped, settings = compare_datatrove(exact_parts, work / "compare" / "datatrove", dd)
-    out.append(line("datatrove", steps, dropped, measured="os.wait4 per step", settings=settings,
-                    version=_version("datatrove")))
+    out.append(
+        line(
+            "datatrove", steps, dropped, measured="os.wait4 per step", settings=settings, version=_version("datatrove")
+        )
+    )
     return out
 
 
@@ -925,8 +1171,17 @@ def _version(pkg: str) -> str | None:
 
 # How a stage's jobs scale on a cluster: (jobs at the target, records per job at the target), from
 # the stage's record count N and the partition counts; "fixed" = independent of N.
-DATA_STAGES = ["validate", "dedup_scatter", "dedup", "minhash", "near_buckets", "near_components", "near_filter",
-               "eval_index", "decontaminate"]
+DATA_STAGES = [
+    "validate",
+    "dedup_scatter",
+    "dedup",
+    "minhash",
+    "near_buckets",
+    "near_components",
+    "near_filter",
+    "eval_index",
+    "decontaminate",
+]
 MINE_STAGES = ["embed", "mine_ranges", "mine_index", "mine"]
 TRAIN_STAGES = ["finetune", "pretrain"]
 
@@ -974,8 +1229,14 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
     for j in jobs:
         by[j["stage"]].append(j)
     n = run["records"]
-    conf = {"input_files": run["input_files"], "partitions": run["partitions"], "band_jobs": run["band_jobs"],
-            "embed_shards": run["embed_shards"], "pools": run["pools"], "pool_shards": run.get("pool_shards", 1)}
+    conf = {
+        "input_files": run["input_files"],
+        "partitions": run["partitions"],
+        "band_jobs": run["band_jobs"],
+        "embed_shards": run["embed_shards"],
+        "pools": run["pools"],
+        "pool_shards": run.get("pool_shards", 1),
+    }
     out = {}
     for stage, js in by.items():
         secs = [j["seconds"] for j in js if j["seconds"] is not None]
@@ -985,12 +1246,16 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
         _, work = _jobs_and_work(stage, n, conf)
         if stage in TRAIN_STAGES:
             work = float(run.get("steps") or 1)  # a training job's work: its steps
-        out[stage] = {"jobs": len(js), "work": work, "records": sum(recs) if recs else None,
-                      "seconds_per_job": sum(secs) / len(secs) if secs else None,
-                      "seconds_total": sum(secs) if secs else None,
-                      "peak_rss_mib": max(peaks) if peaks else None,
-                      "anon_rss_mib": max(anon) if anon else None,
-                      "seconds_per_record": (sum(secs) / n) if secs and n else None}
+        out[stage] = {
+            "jobs": len(js),
+            "work": work,
+            "records": sum(recs) if recs else None,
+            "seconds_per_job": sum(secs) / len(secs) if secs else None,
+            "seconds_total": sum(secs) if secs else None,
+            "peak_rss_mib": max(peaks) if peaks else None,
+            "anon_rss_mib": max(anon) if anon else None,
+            "seconds_per_record": (sum(secs) / n) if secs and n else None,
+        }
     return out
 
 
@@ -1021,11 +1286,14 @@ def summary(paths: list[str], args) -> str:
     ta, tb = stage_table(ra, ja), stage_table(rb, jb)
     stages = sorted(set(ta) | set(tb), key=_order)
     na, nb = ra["records"], rb["records"]
-    lines = [f"## Ratio table: {nb:,} records against {na:,} (records x{nb / na:.1f}; "
-             f"partitions {ra['partitions']} -> {rb['partitions']})", "",
-             "| stage | jobs | peak RSS MiB (small) | peak RSS MiB (large) | RSS ratio | anonymous MiB (small) | "
-             "anonymous MiB (large) | anonymous ratio | s/record (small) | s/record (large) | s/record ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Ratio table: {nb:,} records against {na:,} (records x{nb / na:.1f}; "
+        f"partitions {ra['partitions']} -> {rb['partitions']})",
+        "",
+        "| stage | jobs | peak RSS MiB (small) | peak RSS MiB (large) | RSS ratio | anonymous MiB (small) | "
+        "anonymous MiB (large) | anonymous ratio | s/record (small) | s/record (large) | s/record ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(x, fmt="{:.1f}"):
         return "-" if x is None else fmt.format(x)
@@ -1035,25 +1303,39 @@ def summary(paths: list[str], args) -> str:
         pa_, pb_ = a.get("peak_rss_mib"), b.get("peak_rss_mib")
         sa, sb = a.get("seconds_per_record"), b.get("seconds_per_record")
         aa, ab = a.get("anon_rss_mib"), b.get("anon_rss_mib")
-        lines.append(f"| {s} | {a.get('jobs', '-')} -> {b.get('jobs', '-')} | {f(pa_)} | {f(pb_)} | "
-                     f"{f(pb_ / pa_ if pa_ and pb_ else None, '{:.2f}')} | {f(aa)} | {f(ab)} | "
-                     f"{f(ab / aa if aa and ab else None, '{:.2f}')} | {f(sa, '{:.2e}')} | {f(sb, '{:.2e}')} | "
-                     f"{f(sb / sa if sa and sb else None, '{:.2f}')} |")
-    cluster = {"input_files": args.input_files, "partitions": args.partitions, "band_jobs": args.band_jobs,
-               "embed_shards": args.embed_shards, "pools": args.pools}
-    for label, n_target, kinds in (("pretraining pairs", args.target_pretrain, DATA_STAGES),
-                                   ("fine-tuning examples", args.target_finetune, DATA_STAGES + MINE_STAGES)):
+        lines.append(
+            f"| {s} | {a.get('jobs', '-')} -> {b.get('jobs', '-')} | {f(pa_)} | {f(pb_)} | "
+            f"{f(pb_ / pa_ if pa_ and pb_ else None, '{:.2f}')} | {f(aa)} | {f(ab)} | "
+            f"{f(ab / aa if aa and ab else None, '{:.2f}')} | {f(sa, '{:.2e}')} | {f(sb, '{:.2e}')} | "
+            f"{f(sb / sa if sa and sb else None, '{:.2f}')} |"
+        )
+    cluster = {
+        "input_files": args.input_files,
+        "partitions": args.partitions,
+        "band_jobs": args.band_jobs,
+        "embed_shards": args.embed_shards,
+        "pools": args.pools,
+    }
+    for label, n_target, kinds in (
+        ("pretraining pairs", args.target_pretrain, DATA_STAGES),
+        ("fine-tuning examples", args.target_finetune, DATA_STAGES + MINE_STAGES),
+    ):
         c = dict(cluster)
         if not c["input_files"]:
             c["input_files"] = max(1, math.ceil(n_target / 1e6))  # one input shard per million records
-        lines += ["", f"## Extrapolation: {n_target:,.0f} {label} on SLURM", "",
-                  f"input files {c['input_files']}, partitions {c['partitions']}, band jobs {c['band_jobs']}, "
-                  f"embed shards {c['embed_shards']}, pools {c['pools']} (pool shards of about "
-                  f"{POOL_SHARD_PASSAGES:,} passages); per job: peak RSS and seconds fitted "
-                  f"linearly in records per job between the two runs (one core per job, as measured; RSS differences "
-                  f"within {RSS_NOISE_MIB:.0f} MiB or {RSS_NOISE_SHARE:.0%} taken as flat; '-': never sampled).", "",
-                  "| stage | jobs | records/job | peak RSS/job GiB | hours/job | jobs x GiB | core-hours |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Extrapolation: {n_target:,.0f} {label} on SLURM",
+            "",
+            f"input files {c['input_files']}, partitions {c['partitions']}, band jobs {c['band_jobs']}, "
+            f"embed shards {c['embed_shards']}, pools {c['pools']} (pool shards of about "
+            f"{POOL_SHARD_PASSAGES:,} passages); per job: peak RSS and seconds fitted "
+            f"linearly in records per job between the two runs (one core per job, as measured; RSS differences "
+            f"within {RSS_NOISE_MIB:.0f} MiB or {RSS_NOISE_SHARE:.0%} taken as flat; '-': never sampled).",
+            "",
+            "| stage | jobs | records/job | peak RSS/job GiB | hours/job | jobs x GiB | core-hours |",
+            "|---|---|---|---|---|---|---|",
+        ]
         total_h = 0.0
         for s in [s for s in stages if s in kinds]:
             a, b = ta.get(s), tb.get(s)
@@ -1066,20 +1348,26 @@ def summary(paths: list[str], args) -> str:
             mem = max(ma + mb_ * work, min(peaks)) / 1024 if peaks else None  # never below a measured peak
             hours = max(sa_ + sb_ * work, 0.0) / 3600
             total_h += jobs * hours
-            lines.append(f"| {s} | {jobs} | {work:,.0f} | {f(mem, '{:.2f}')} | {hours:.3g} | "
-                         f"{f(None if mem is None else jobs * mem)} | {jobs * hours:.3g} |")
+            lines.append(
+                f"| {s} | {jobs} | {work:,.0f} | {f(mem, '{:.2f}')} | {hours:.3g} | "
+                f"{f(None if mem is None else jobs * mem)} | {jobs * hours:.3g} |"
+            )
         lines.append(f"| total | | | | | | {total_h:.3g} |")
     t = tb.get("finetune")
     if t and t["seconds_per_job"]:
         steps = rb.get("steps") or 20
         per_step = t["seconds_per_job"] / steps
-        lines += ["", f"## Training (measured on {rb.get('device', 'the bench machine')}: {steps} steps, batch "
-                  f"{rb.get('batch_size', '?')})", "",
-                  f"{per_step:.2f} s/step, peak RSS {t['peak_rss_mib'] or 0:.0f} MiB; one epoch of "
-                  f"{args.target_finetune:,.0f} examples at batch {rb.get('batch_size', 16)} is "
-                  f"{args.target_finetune / (rb.get('batch_size') or 16):,.0f} steps = "
-                  f"{args.target_finetune / (rb.get('batch_size') or 16) * per_step / 3600:,.1f} hours at this rate "
-                  "(training time belongs to the GPU benchmark, scripts/bench_train.py)."]
+        lines += [
+            "",
+            f"## Training (measured on {rb.get('device', 'the bench machine')}: {steps} steps, batch "
+            f"{rb.get('batch_size', '?')})",
+            "",
+            f"{per_step:.2f} s/step, peak RSS {t['peak_rss_mib'] or 0:.0f} MiB; one epoch of "
+            f"{args.target_finetune:,.0f} examples at batch {rb.get('batch_size', 16)} is "
+            f"{args.target_finetune / (rb.get('batch_size') or 16):,.0f} steps = "
+            f"{args.target_finetune / (rb.get('batch_size') or 16) * per_step / 3600:,.1f} hours at this rate "
+            "(training time belongs to the GPU benchmark, scripts/bench_train.py).",
+        ]
     return "\n".join(lines)
 
 
@@ -1111,29 +1399,55 @@ def run(args) -> int:
     work = Path(args.work).resolve()
     prepare_work(work, args.overwrite)
     t0 = time.perf_counter()
-    manifest = generate(work, args.records, args.seed, args.input_shards, args.exact_dup_rate, args.near_dup_rate,
-                        args.leak_rate, args.threshold, args.shingle)
+    manifest = generate(
+        work,
+        args.records,
+        args.seed,
+        args.input_shards,
+        args.exact_dup_rate,
+        args.near_dup_rate,
+        args.leak_rate,
+        args.threshold,
+        args.shingle,
+    )
     gen_s = time.perf_counter() - t0
     band_jobs = args.band_jobs or default_band_jobs(args.partitions, args.threshold, 128)
     base_model = str(build_tiny_model(work / "tiny_model", args.seed)) if args.model == "tiny" else MINILM
-    cfg = build_config(manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model,
-                       args.pool_shards)
+    cfg = build_config(
+        manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model, args.pool_shards
+    )
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:
-        res = subprocess.run(snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove,
-                                           dry_run=True),
-                             cwd=str(work), env=snakemake_env(), capture_output=True, text=True)
+        res = subprocess.run(
+            snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove, dry_run=True),
+            cwd=str(work),
+            env=snakemake_env(),
+            capture_output=True,
+            text=True,
+        )
         print(res.stdout[-6000:], res.stderr[-6000:], sep="\n")
         return res.returncode
     fh = open(work / "bench.jsonl", "w", encoding="utf-8")
-    emit({"stage": "generate", "job": "generate", "records": args.records,
-          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-          "seconds": round(gen_s, 2), "planted": manifest["totals"]}, fh)
+    emit(
+        {
+            "stage": "generate",
+            "job": "generate",
+            "records": args.records,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "seconds": round(gen_s, 2),
+            "planted": manifest["totals"],
+        },
+        fh,
+    )
     t1 = time.perf_counter()
     with open(work / "snakemake.log", "w", encoding="utf-8") as log:
-        res = subprocess.run(snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove),
-                             cwd=str(work),
-                             env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT)
+        res = subprocess.run(
+            snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=args.compare_datatrove),
+            cwd=str(work),
+            env=snakemake_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     dag_s = time.perf_counter() - t1
     if res.returncode:
         tail = (work / "snakemake.log").read_text(encoding="utf-8", errors="replace")[-4000:]
@@ -1147,58 +1461,107 @@ def run(args) -> int:
         for rec in near_dup_compare(work, manifest, cfg, jobs):
             emit(rec, fh)
     n_files = sum(len(t["files"]) for t in manifest["tasks"].values())
-    emit({"stage": "run", "records": args.records, "peak_rss_mib": None, "seconds": round(dag_s, 1),
-          "wall_seconds_total": round(time.perf_counter() - t0, 1), "jobs": len(jobs),
-          "partitions": args.partitions, "band_jobs": band_jobs, "embed_shards": args.partitions,
-          "input_files": n_files, "pools": len(manifest["tasks"]), "cores": args.cores,
-          "parallel_jobs": args.parallel_jobs, "steps": args.steps,
-          "batch_size": cfg["finetune"]["batch_size"], "mine_index": cfg["mine"]["index"]["type"],
-          "pool_shards": cfg["mine"]["pool_shards"],
-          "model": args.model,
-          "device": f"{platform.machine()}, {os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d")}, fh)
+    emit(
+        {
+            "stage": "run",
+            "records": args.records,
+            "peak_rss_mib": None,
+            "seconds": round(dag_s, 1),
+            "wall_seconds_total": round(time.perf_counter() - t0, 1),
+            "jobs": len(jobs),
+            "partitions": args.partitions,
+            "band_jobs": band_jobs,
+            "embed_shards": args.partitions,
+            "input_files": n_files,
+            "pools": len(manifest["tasks"]),
+            "cores": args.cores,
+            "parallel_jobs": args.parallel_jobs,
+            "steps": args.steps,
+            "batch_size": cfg["finetune"]["batch_size"],
+            "mine_index": cfg["mine"]["index"]["type"],
+            "pool_shards": cfg["mine"]["pool_shards"],
+            "model": args.model,
+            "device": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        fh,
+    )
     fh.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See docs/bench_scale.md.")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See docs/bench_scale.md.",
+    )
     p.add_argument("--records", type=int, default=10_000, help="records to generate (half English, half Chinese)")
     p.add_argument("--work", help="work folder of the run (created; --overwrite to reuse one of an earlier run)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="generate, write the config, `snakemake -n` (no jobs run)")
-    p.add_argument("--partitions", type=int, default=2,
-                   help="run: data.dedup.shards and embed.shards; --summary: the cluster's partitions")
-    p.add_argument("--band-jobs", type=int, default=None,
-                   help="data.dedup.band_jobs (default: min(partitions, LSH bands)); --summary: the cluster's")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=2,
+        help="run: data.dedup.shards and embed.shards; --summary: the cluster's partitions",
+    )
+    p.add_argument(
+        "--band-jobs",
+        type=int,
+        default=None,
+        help="data.dedup.band_jobs (default: min(partitions, LSH bands)); --summary: the cluster's",
+    )
     p.add_argument("--input-shards", type=int, default=4, help="input files per task (.jsonl and .parquet alternating)")
     p.add_argument("--cores", type=int, default=1, help="snakemake --cores and config threads (1: one job at a time)")
-    p.add_argument("--parallel-jobs", type=int, default=1,
-                   help="jobs run at once, each on --cores cores (snakemake --cores = cores x parallel jobs): "
-                        "per job the same threads as with 1, so its seconds stay comparable where cores are free")
+    p.add_argument(
+        "--parallel-jobs",
+        type=int,
+        default=1,
+        help="jobs run at once, each on --cores cores (snakemake --cores = cores x parallel jobs): "
+        "per job the same threads as with 1, so its seconds stay comparable where cores are free",
+    )
     p.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
-    p.add_argument("--pool-shards", type=int, help="mine.pool_shards (default: pool passages / "
-                   f"{POOL_SHARD_PASSAGES:,}, rounded: the same pool shard size at every N)")
-    p.add_argument("--mine-index", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
-                   help="mine.index.type (auto: flat up to 200k records per pool, ivf above)")
-    p.add_argument("--model", default="minilm", choices=["minilm", "tiny"],
-                   help="embedding model of the run: all-MiniLM-L6-v2, or the same architecture shrunk to "
-                        "2 layers x 128 dims, randomly initialised (TINY_BERT; the embed jobs then stop dominating)")
+    p.add_argument(
+        "--pool-shards",
+        type=int,
+        help="mine.pool_shards (default: pool passages / "
+        f"{POOL_SHARD_PASSAGES:,}, rounded: the same pool shard size at every N)",
+    )
+    p.add_argument(
+        "--mine-index",
+        default="auto",
+        choices=["auto", "flat", "ivf", "hnsw"],
+        help="mine.index.type (auto: flat up to 200k records per pool, ivf above)",
+    )
+    p.add_argument(
+        "--model",
+        default="minilm",
+        choices=["minilm", "tiny"],
+        help="embedding model of the run: all-MiniLM-L6-v2, or the same architecture shrunk to "
+        "2 layers x 128 dims, randomly initialised (TINY_BERT; the embed jobs then stop dominating)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exact-dup-rate", type=float, default=0.02)
     p.add_argument("--near-dup-rate", type=float, default=0.02)
     p.add_argument("--leak-rate", type=float, default=0.0005)
     p.add_argument("--threshold", type=float, default=0.9, help="near-dup Jaccard threshold (config/config.yaml's)")
     p.add_argument("--shingle", type=int, default=5)
-    p.add_argument("--compare-datatrove", action="store_true",
-                   help="also compare the near-dup stage with datatrove's MinHash dedup on the same records")
+    p.add_argument(
+        "--compare-datatrove",
+        action="store_true",
+        help="also compare the near-dup stage with datatrove's MinHash dedup on the same records",
+    )
     p.add_argument("--summary", nargs=2, metavar="RUN.jsonl", help="ratio table and extrapolation of two runs")
     p.add_argument("--target-pretrain", type=float, default=470e6)
     p.add_argument("--target-finetune", type=float, default=6e6)
     p.add_argument("--embed-shards", type=int, default=None, help="--summary: embed jobs (default --partitions)")
-    p.add_argument("--input-files", type=int, default=None,
-                   help="--summary: input files of a stage (validate jobs; default one per million records)")
+    p.add_argument(
+        "--input-files",
+        type=int,
+        default=None,
+        help="--summary: input files of a stage (validate jobs; default one per million records)",
+    )
     p.add_argument("--pools", type=int, default=None, help="--summary: mining pools (default: the runs' number)")
     p.add_argument("--run-datatrove", choices=["signature", "buckets", "cluster", "filter"], help=argparse.SUPPRESS)
     p.add_argument("--dt-bands", type=int, help=argparse.SUPPRESS)

@@ -61,10 +61,20 @@ def make_data(path: Path, records: int, group_size: int, seed: int = 0) -> None:
 def kalm_config(args: argparse.Namespace):
     from kalm.train import TrainConfig
 
-    return TrainConfig(stage="finetune", batch_size=args.batch_size, group_size=args.group_size, lr=args.lr,
-                       temperature=1 / args.scale, max_steps=args.steps, warmup_ratio=args.warmup_ratio,
-                       weight_decay=0.01, max_grad_norm=1.0, seed=0, max_seq_length=args.max_seq_length,
-                       threads=args.threads)
+    return TrainConfig(
+        stage="finetune",
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        lr=args.lr,
+        temperature=1 / args.scale,
+        max_steps=args.steps,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=0,
+        max_seq_length=args.max_seq_length,
+        threads=args.threads,
+    )
 
 
 def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
@@ -72,24 +82,32 @@ def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
 
     result = train(MODEL, str(data), str(work / "kalm_model"), kalm_config(args), {}, str(work / "kalm.metrics.jsonl"))
     losses = [json.loads(line)["loss"] for line in (work / "kalm.metrics.jsonl").open()]
-    return {"loop_seconds": result["seconds"], "loop_cpu_seconds": result["cpu_seconds"], "loss_first": losses[0],
-            "loss_last": losses[-1]}
+    return {
+        "loop_seconds": result["seconds"],
+        "loop_cpu_seconds": result["cpu_seconds"],
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
 
 
 def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
     try:
         import accelerate  # noqa: F401  (transformers' Trainer needs it; the pipeline does not)
     except ImportError:
-        raise SystemExit("the sentence-transformers side needs accelerate>=1.1: pip install 'accelerate>=1.1'") from None
+        raise SystemExit(
+            "the sentence-transformers side needs accelerate>=1.1: pip install 'accelerate>=1.1'"
+        ) from None
     import torch
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-    from kalm.modeling import resolve_model_path
-
     from torch.utils.data import BatchSampler, SequentialSampler
 
+    from kalm.modeling import resolve_model_path
     from kalm.train import BatchSchedule
     from kalm.train_data import TrainData
 
@@ -106,11 +124,25 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.max_seq_length = args.max_seq_length
     targs = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "st_out"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=0.01, max_grad_norm=1.0,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_drop_last=True, seed=0, disable_tqdm=True,
-        batch_sampler=lambda dataset, batch_size, drop_last, **_: BatchSampler(SequentialSampler(dataset), batch_size, drop_last))
+        output_dir=str(work / "st_out"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_drop_last=True,
+        seed=0,
+        disable_tqdm=True,
+        batch_sampler=lambda dataset, batch_size, drop_last, **_: BatchSampler(
+            SequentialSampler(dataset), batch_size, drop_last
+        ),
+    )
     losses = []
 
     from transformers import TrainerCallback
@@ -120,13 +152,21 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(columns),
-                                         loss=MultipleNegativesRankingLoss(model, scale=args.scale), callbacks=[Losses()])
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=targs,
+        train_dataset=Dataset.from_dict(columns),
+        loss=MultipleNegativesRankingLoss(model, scale=args.scale),
+        callbacks=[Losses()],
+    )
     cpu = time.process_time()
     out = trainer.train()
-    return {"loop_seconds": out.metrics["train_runtime"], "loop_cpu_seconds": round(time.process_time() - cpu, 3),
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None}
+    return {
+        "loop_seconds": out.metrics["train_runtime"],
+        "loop_cpu_seconds": round(time.process_time() - cpu, 3),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -138,24 +178,46 @@ def child(args: argparse.Namespace) -> None:
     result = (run_kalm if args.side == "kalm" else run_st)(args, Path(args.data), work)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss / 1024  # KiB on Linux
-    result.update(process_user_s=round(usage.ru_utime, 2), process_sys_s=round(usage.ru_stime, 2),
-                  minor_faults=usage.ru_minflt)
-    result.update(side=args.side, wall_seconds=round(time.time() - t0, 3), start_rss_mib=round(start_rss, 1),
-                  peak_rss_mib=round(peak, 1), samples_per_s=round(args.steps * args.batch_size / result["loop_seconds"], 2))
+    result.update(
+        process_user_s=round(usage.ru_utime, 2), process_sys_s=round(usage.ru_stime, 2), minor_faults=usage.ru_minflt
+    )
+    result.update(
+        side=args.side,
+        wall_seconds=round(time.time() - t0, 3),
+        start_rss_mib=round(start_rss, 1),
+        peak_rss_mib=round(peak, 1),
+        samples_per_s=round(args.steps * args.batch_size / result["loop_seconds"], 2),
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(side: str, args: argparse.Namespace, data: Path, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--data", str(data), "--work", str(work),
-           *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-             ("steps", "batch_size", "group_size", "max_seq_length", "threads", "lr", "warmup_ratio", "scale")]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        *[
+            f"--{k.replace('_', '-')}={getattr(args, k)}"
+            for k in ("steps", "batch_size", "group_size", "max_seq_length", "threads", "lr", "warmup_ratio", "scale")
+        ],
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"{side} failed:\n{proc.stderr[-3000:]}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     return result
 
 
@@ -189,20 +251,29 @@ def main() -> None:
         make_data(data, args.records, args.group_size)
         for r in range(args.repeats):
             # kalm, st, st, kalm, ...: a load trend from other processes on the machine hits both alike
-            for side in (("kalm", "st") if r % 2 == 0 else ("st", "kalm")):
+            for side in ("kalm", "st") if r % 2 == 0 else ("st", "kalm"):
                 work = Path(tmp) / f"{side}{r}"
                 work.mkdir()
                 res = spawn(side, args, data, work)
                 runs.append(res)
-                print(f"{side:5s} run {r + 1}: {res['samples_per_s']:8.2f} samples/s  loop {res['loop_seconds']:7.2f} s"
-                      f" (CPU {res['loop_cpu_seconds']:7.2f} s)  peak RSS {res['peak_rss_mib']:7.1f} MiB"
-                      f"  loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}", flush=True)
-    best = {side: max((r for r in runs if r["side"] == side), key=lambda r: r["samples_per_s"]) for side in ("kalm", "st")}
-    print(f"\nbest of {args.repeats} (MiniLM-L6, batch {args.batch_size}, group {args.group_size}, max_seq_length "
-          f"{args.max_seq_length}, {args.steps} steps, {args.threads} threads, {platform.processor() or platform.machine()}):")
+                print(
+                    f"{side:5s} run {r + 1}: {res['samples_per_s']:8.2f} samples/s  loop {res['loop_seconds']:7.2f} s"
+                    f" (CPU {res['loop_cpu_seconds']:7.2f} s)  peak RSS {res['peak_rss_mib']:7.1f} MiB"
+                    f"  loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}",
+                    flush=True,
+                )
+    best = {
+        side: max((r for r in runs if r["side"] == side), key=lambda r: r["samples_per_s"]) for side in ("kalm", "st")
+    }
+    print(
+        f"\nbest of {args.repeats} (MiniLM-L6, batch {args.batch_size}, group {args.group_size}, max_seq_length "
+        f"{args.max_seq_length}, {args.steps} steps, {args.threads} threads, {platform.processor() or platform.machine()}):"
+    )
     for side, r in best.items():
-        print(f"  {side:5s} {r['samples_per_s']:8.2f} samples/s   loop CPU {r['loop_cpu_seconds']:7.2f} s"
-              f"   peak RSS {r['peak_rss_mib']:7.1f} MiB")
+        print(
+            f"  {side:5s} {r['samples_per_s']:8.2f} samples/s   loop CPU {r['loop_cpu_seconds']:7.2f} s"
+            f"   peak RSS {r['peak_rss_mib']:7.1f} MiB"
+        )
     print(f"  kalm / st speed: {best['kalm']['samples_per_s'] / best['st']['samples_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "best": best}, indent=1))

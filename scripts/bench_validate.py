@@ -23,7 +23,9 @@ import unicodedata
 from pathlib import Path
 
 EN = "the of and to in is was for on that with as by at from river bridge market town harvest mill".split()
-ZH = list("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所")
+ZH = list(
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所"
+)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -36,7 +38,11 @@ def make(path: Path, n: int, negatives: int, seed: int = 0) -> int:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            rec = {"query": f"{_text(rng, 60)} {i}", "pos": [_text(rng, 300)], "neg": [_text(rng, 300) for _ in range(negatives)]}
+            rec = {
+                "query": f"{_text(rng, 60)} {i}",
+                "pos": [_text(rng, 300)],
+                "neg": [_text(rng, 300) for _ in range(negatives)],
+            }
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path.stat().st_size
 
@@ -88,14 +94,18 @@ def main() -> None:
                     out = d / f"out{suffix}"
                     with _regex_normalize(regex):
                         t = time.perf_counter()
-                        validate_file(str(d / "in.jsonl"), "t", str(out), str(d / "s.json"), shard_ordinal=0,
-                                      fast_json=fast)
+                        validate_file(
+                            str(d / "in.jsonl"), "t", str(out), str(d / "s.json"), shard_ordinal=0, fast_json=fast
+                        )
                         best = min(best, time.perf_counter() - t)
                 name = ("orjson" if fast else "json") + (", regex whitespace (before)" if regex else "")
                 print(f"output {suffix:8s} parser {name:32s}: {best:6.2f} s, {args.records / best:9,.0f} records/s")
-                outputs[(suffix, fast, regex)] = (d / f"out{suffix}").read_bytes() if suffix == ".jsonl" else \
-                    list(iter_shard(d / f"out{suffix}"))
-            print(f"  same output in the three runs: {len({repr(v) for k, v in outputs.items() if k[0] == suffix}) == 1}")
+                outputs[(suffix, fast, regex)] = (
+                    (d / f"out{suffix}").read_bytes() if suffix == ".jsonl" else list(iter_shard(d / f"out{suffix}"))
+                )
+            print(
+                f"  same output in the three runs: {len({repr(v) for k, v in outputs.items() if k[0] == suffix}) == 1}"
+            )
 
 
 if __name__ == "__main__":

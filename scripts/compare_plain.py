@@ -74,6 +74,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PA
 # The split
 # --------------------------------------------------------------------------------------------
 
+
 def write_split(shared: Path, work: Path, share: float, max_papers: int | None) -> dict:
     """Training pairs and the held-out retrieval task, as scripts/prepare_real_data.py writes its CSL part."""
     papers = read_csl_ts(shared / "csl" / "ts" / "dev.tsv")
@@ -82,22 +83,32 @@ def write_split(shared: Path, work: Path, share: float, max_papers: int | None) 
     test = [(t, a) for t, a in papers if held_out(t, share)]
     train = [(t, a) for t, a in papers if not held_out(t, share)]
     if not test or not train:
-        raise SystemExit(f"--held-out-share {share} with {len(papers)} papers leaves {len(test)} held out and "
-                         f"{len(train)} to train on: both must be non-empty")
+        raise SystemExit(
+            f"--held-out-share {share} with {len(papers)} papers leaves {len(test)} held out and "
+            f"{len(train)} to train on: both must be non-empty"
+        )
     data = work / "data" / f"{TRAIN_TASK}.jsonl"
     write_jsonl(data, [{"query": t, "pos": [a]} for t, a in train])
     folder = work / "eval" / TASK
     write_jsonl(folder / "queries.jsonl", [{"id": f"q{i}", "text": t} for i, (t, _) in enumerate(test)])
     write_jsonl(folder / "corpus.jsonl", [{"id": f"d{i}", "text": a} for i, (_, a) in enumerate(test)])
-    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(test))),
-                                      encoding="utf-8")
+    (folder / "qrels.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(test))), encoding="utf-8"
+    )
     digest = hashlib.sha256(json.dumps([test, train], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
     test_abstracts = {a for _, a in test}
-    split = {"papers": len(papers), "train": len(train), "held_out": len(test), "held_out_share": share,
-             "max_papers": max_papers, "fingerprint": digest,
-             # the same abstract on both sides (a paper listed twice under two titles): plain trains on it
-             "train_abstracts_also_held_out": sum(a in test_abstracts for _, a in train),
-             "data": str(data), "eval_task": str(folder)}
+    split = {
+        "papers": len(papers),
+        "train": len(train),
+        "held_out": len(test),
+        "held_out_share": share,
+        "max_papers": max_papers,
+        "fingerprint": digest,
+        # the same abstract on both sides (a paper listed twice under two titles): plain trains on it
+        "train_abstracts_also_held_out": sum(a in test_abstracts for _, a in train),
+        "data": str(data),
+        "eval_task": str(folder),
+    }
     (work / "split.json").write_text(json.dumps(split, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return split
 
@@ -105,6 +116,7 @@ def write_split(shared: Path, work: Path, share: float, max_papers: int | None) 
 # --------------------------------------------------------------------------------------------
 # ours: the pipeline
 # --------------------------------------------------------------------------------------------
+
 
 def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
     """``a.b.c=value`` -> (["a", "b", "c"], value): 5e-5, 47, [10, 60], null, false, text."""
@@ -162,8 +174,19 @@ def snakemake_cmd() -> list[str]:
 def run_snakemake(folder: Path, targets: list[str], threads: int, log: Path, extra: tuple[str, ...] = ()) -> float:
     """One Snakemake call in ``folder`` (targets before --configfile, which takes several values); its wall seconds."""
     env = {**os.environ, **OFFLINE_ENV, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local")}
-    cmd = [*snakemake_cmd(), *targets, "--cores", str(threads), *extra, "-s", str(ROOT / "workflow/Snakefile"),
-           "--directory", str(folder), "--configfile", str(folder / "config.yaml")]
+    cmd = [
+        *snakemake_cmd(),
+        *targets,
+        "--cores",
+        str(threads),
+        *extra,
+        "-s",
+        str(ROOT / "workflow/Snakefile"),
+        "--directory",
+        str(folder),
+        "--configfile",
+        str(folder / "config.yaml"),
+    ]
     t0 = time.time()
     with log.open("w", encoding="utf-8") as f:
         proc = subprocess.run(cmd, cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -198,10 +221,12 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-FUNNEL_STATS = {"validate": f"work/data/finetune/validated/{TRAIN_TASK}.stats.json",
-                "dedup": "work/data/finetune/dedup.stats.json",
-                "decontaminate": "work/data/finetune/decontaminated.stats.json",
-                "mine": "work/data/finetune/mined.stats.json"}
+FUNNEL_STATS = {
+    "validate": f"work/data/finetune/validated/{TRAIN_TASK}.stats.json",
+    "dedup": "work/data/finetune/dedup.stats.json",
+    "decontaminate": "work/data/finetune/decontaminated.stats.json",
+    "mine": "work/data/finetune/mined.stats.json",
+}
 """The stage gathers (`kalm shards merge-stats`) ours' training call builds beside models/soup: with the
 sharded data plane the soup needs only the per-shard stats, not these."""
 
@@ -219,9 +244,17 @@ def funnel(folder: Path, cfg: dict) -> dict:
         path = folder / "models" / "finetune" / f"run{r}.stats.json"
         if path.exists():
             s = _read_json(path)
-            runs.append({"in": s.get("in"), "kept": s.get("kept"), "dropped": s.get("dropped", {}),
-                         "steps": s.get("steps"), "negatives_padded_random": s.get("negatives_padded_random"),
-                         "loss_first": s.get("loss_first"), "loss_last": s.get("loss_last")})
+            runs.append(
+                {
+                    "in": s.get("in"),
+                    "kept": s.get("kept"),
+                    "dropped": s.get("dropped", {}),
+                    "steps": s.get("steps"),
+                    "negatives_padded_random": s.get("negatives_padded_random"),
+                    "loss_first": s.get("loss_first"),
+                    "loss_last": s.get("loss_last"),
+                }
+            )
     out["finetune_runs"] = runs
     return out
 
@@ -255,9 +288,16 @@ def ours_texts_encoded(folder: Path, cfg: dict) -> dict:
         train += sum(m.get("batch", 0) + m.get("passages", 0) for m in metrics)
         train_tokens += sum(m["tokens"] for m in metrics)
     embed_tokens = count_tokens(cfg["base_model"], embed_texts, cfg["max_seq_length"])
-    return {"embed": len(embed_texts), "train": train, "total": len(embed_texts) + train, "steps": steps,
-            "queries": queries, "embed_tokens": embed_tokens, "train_tokens": train_tokens,
-            "token_passes": EMBED_PASSES * embed_tokens + TRAIN_PASSES * train_tokens}
+    return {
+        "embed": len(embed_texts),
+        "train": train,
+        "total": len(embed_texts) + train,
+        "steps": steps,
+        "queries": queries,
+        "embed_tokens": embed_tokens,
+        "train_tokens": train_tokens,
+        "token_passes": EMBED_PASSES * embed_tokens + TRAIN_PASSES * train_tokens,
+    }
 
 
 def _tree_mtime(folder: Path) -> float:
@@ -266,8 +306,12 @@ def _tree_mtime(folder: Path) -> float:
 
 def score_of(sidecar: Path) -> dict:
     s = _read_json(sidecar)
-    return {"ndcg_at_10": s["main_score"], "metric": s["metric"], "instruction": s.get("instruction"),
-            "eval_seconds": s.get("seconds")}
+    return {
+        "ndcg_at_10": s["main_score"],
+        "metric": s["metric"],
+        "instruction": s.get("instruction"),
+        "eval_seconds": s.get("seconds"),
+    }
 
 
 def run_ours(args: argparse.Namespace, work: Path, split: dict, overrides) -> tuple[dict, dict, dict]:
@@ -279,39 +323,70 @@ def run_ours(args: argparse.Namespace, work: Path, split: dict, overrides) -> tu
     cfg = ours_config(args.config, overrides, split)
     import yaml
 
-    (folder / "config.yaml").write_text("# Written by scripts/compare_plain.py from " + str(args.config) + "\n"
-                                        + yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    (folder / "config.yaml").write_text(
+        "# Written by scripts/compare_plain.py from "
+        + str(args.config)
+        + "\n"
+        + yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False),
+        encoding="utf-8",
+    )
     print(f"ours: snakemake models/soup in {folder} ...", file=sys.stderr, flush=True)
-    train_s = run_snakemake(folder, ["models/soup", *FUNNEL_STATS.values()], args.threads,
-                            folder / "snakemake.train.log")
+    train_s = run_snakemake(
+        folder, ["models/soup", *FUNNEL_STATS.values()], args.threads, folder / "snakemake.train.log"
+    )
     print(f"ours: trained in {train_s:.1f} s; evaluating ...", file=sys.stderr, flush=True)
     built = _tree_mtime(folder / "models")
     # --rerun-triggers mtime: only evaluate what was just trained, even if the workflow's code changed
     # in the meantime (Snakemake would otherwise rebuild everything before evaluating it)
-    eval_s = run_snakemake(folder, ["results/mteb_zh.json", "results/baseline/mteb_zh.json"], args.threads,
-                           folder / "snakemake.eval.log", ("--rerun-triggers", "mtime"))
+    eval_s = run_snakemake(
+        folder,
+        ["results/mteb_zh.json", "results/baseline/mteb_zh.json"],
+        args.threads,
+        folder / "snakemake.eval.log",
+        ("--rerun-triggers", "mtime"),
+    )
     if _tree_mtime(folder / "models") != built:
-        raise SystemExit(f"ours: the evaluation call rebuilt models/ (see {folder / 'snakemake.eval.log'}): "
-                         "the training wall time would not be the evaluated model's")
+        raise SystemExit(
+            f"ours: the evaluation call rebuilt models/ (see {folder / 'snakemake.eval.log'}): "
+            "the training wall time would not be the evaluated model's"
+        )
     texts = ours_texts_encoded(folder, cfg)
     ft = cfg["finetune"]
     batch = round(texts["queries"] / max(1, sum(texts["steps"])))  # below batch_size when the data is smaller
     sizes = f"{ft['runs']}x{max(texts['steps'], default=0)}x{batch} (group {ft['group_size']})"
-    details = {"rule_seconds": rule_seconds(folder), "funnel": funnel(folder, cfg), "overrides":
-               {".".join(k): v for k, v in overrides}, "eval_wall_s": round(eval_s, 2)}
-    ours = {"side": "ours", "model": "models/soup", **score_of(folder / "results/mteb/zh" / f"{TASK}.kalm.json"),
-            "train_wall_s": round(train_s, 2), "steps_x_batch": sizes,
-            "train_queries": texts["queries"], "texts_encoded": texts["total"], "token_passes": texts["token_passes"],
-            "texts_encoded_detail": texts}
-    base = {"side": "base", "model": cfg["base_model"],
-            **score_of(folder / "results/baseline/mteb/zh" / f"{TASK}.kalm.json"),
-            "train_wall_s": 0.0, "steps_x_batch": "-", "train_queries": 0, "texts_encoded": 0}
+    details = {
+        "rule_seconds": rule_seconds(folder),
+        "funnel": funnel(folder, cfg),
+        "overrides": {".".join(k): v for k, v in overrides},
+        "eval_wall_s": round(eval_s, 2),
+    }
+    ours = {
+        "side": "ours",
+        "model": "models/soup",
+        **score_of(folder / "results/mteb/zh" / f"{TASK}.kalm.json"),
+        "train_wall_s": round(train_s, 2),
+        "steps_x_batch": sizes,
+        "train_queries": texts["queries"],
+        "texts_encoded": texts["total"],
+        "token_passes": texts["token_passes"],
+        "texts_encoded_detail": texts,
+    }
+    base = {
+        "side": "base",
+        "model": cfg["base_model"],
+        **score_of(folder / "results/baseline/mteb/zh" / f"{TASK}.kalm.json"),
+        "train_wall_s": 0.0,
+        "steps_x_batch": "-",
+        "train_queries": 0,
+        "texts_encoded": 0,
+    }
     return ours, base, details
 
 
 # --------------------------------------------------------------------------------------------
 # plain: sentence-transformers' recipe
 # --------------------------------------------------------------------------------------------
+
 
 def plain_child(spec_path: Path) -> None:
     """Runs in its own process: train with SentenceTransformerTrainer + MNRL, save, write a result JSON."""
@@ -320,8 +395,9 @@ def plain_child(spec_path: Path) -> None:
     try:
         import accelerate  # noqa: F401  (transformers' Trainer needs it; the pipeline does not)
     except ImportError:
-        raise SystemExit("the plain side needs accelerate>=1.1 (pyproject's bench extra): "
-                         ".venv/bin/pip install 'accelerate>=1.1'") from None
+        raise SystemExit(
+            "the plain side needs accelerate>=1.1 (pyproject's bench extra): .venv/bin/pip install 'accelerate>=1.1'"
+        ) from None
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -334,8 +410,9 @@ def plain_child(spec_path: Path) -> None:
     records = list(read_jsonl(spec["data"]))
     dataset = Dataset.from_dict({"anchor": [r["query"] for r in records], "positive": [r["pos"][0] for r in records]})
     device = "cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu"
-    model = load_embedding_model(spec["model"], max_seq_length=spec["max_seq_length"], device=device,
-                                 pooling=spec["pooling"])
+    model = load_embedding_model(
+        spec["model"], max_seq_length=spec["max_seq_length"], device=device, pooling=spec["pooling"]
+    )
     counts = {"texts": 0, "steps": 0, "tokens": 0}
 
     class CountingMNRL(MultipleNegativesRankingLoss):
@@ -349,11 +426,20 @@ def plain_child(spec_path: Path) -> None:
             return super().forward(sentence_features, labels)
 
     targs = SentenceTransformerTrainingArguments(
-        output_dir=str(Path(spec["out"]) / "trainer"), num_train_epochs=spec["epochs"],
-        max_steps=spec["max_steps"] or -1, per_device_train_batch_size=spec["batch_size"],
-        learning_rate=spec["lr"], warmup_steps=spec["warmup"], lr_scheduler_type="linear", seed=spec["seed"],
-        logging_steps=max(1, spec["log_every"]), save_strategy="no", report_to="none", use_cpu=device == "cpu",
-        disable_tqdm=True)
+        output_dir=str(Path(spec["out"]) / "trainer"),
+        num_train_epochs=spec["epochs"],
+        max_steps=spec["max_steps"] or -1,
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["lr"],
+        warmup_steps=spec["warmup"],
+        lr_scheduler_type="linear",
+        seed=spec["seed"],
+        logging_steps=max(1, spec["log_every"]),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+    )
     losses = []
 
     from transformers import TrainerCallback
@@ -363,15 +449,26 @@ def plain_child(spec_path: Path) -> None:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=dataset,
-                                         loss=CountingMNRL(model, scale=spec["scale"]), callbacks=[Losses()])
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        loss=CountingMNRL(model, scale=spec["scale"]),
+        callbacks=[Losses()],
+    )
     out = trainer.train()
     model.save(str(Path(spec["out"]) / "model"))
-    result = {"steps": trainer.state.global_step, "loss_steps": counts["steps"], "texts_encoded": counts["texts"],
-              "tokens": counts["tokens"],
-              "train_runtime_s": out.metrics.get("train_runtime"), "loss_first": losses[0] if losses else None,
-              "loss_last": losses[-1] if losses else None, "records": len(records),
-              "process_wall_s": round(time.time() - t0, 2)}
+    result = {
+        "steps": trainer.state.global_step,
+        "loss_steps": counts["steps"],
+        "texts_encoded": counts["texts"],
+        "tokens": counts["tokens"],
+        "train_runtime_s": out.metrics.get("train_runtime"),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "records": len(records),
+        "process_wall_s": round(time.time() - t0, 2),
+    }
     (Path(spec["out"]) / "train.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
 
 
@@ -380,20 +477,35 @@ def run_plain(args: argparse.Namespace, work: Path, split: dict, cfg: dict) -> t
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    spec = {"data": split["data"], "model": cfg["base_model"], "pooling": cfg.get("pooling") or "mean",
-            "max_seq_length": args.plain_max_seq_length or cfg["max_seq_length"], "threads": args.threads,
-            "epochs": args.plain_epochs, "max_steps": args.plain_max_steps, "batch_size": args.plain_batch_size,
-            "lr": args.plain_lr, "warmup": args.plain_warmup, "scale": args.plain_scale, "seed": cfg["seed"],
-            "log_every": 1, "out": str(folder),
-            # on a GPU only where ours fine-tunes on one (config resources.gpus.finetune)
-            "gpu": bool(cfg["resources"]["gpus"].get("finetune", 0))}
+    spec = {
+        "data": split["data"],
+        "model": cfg["base_model"],
+        "pooling": cfg.get("pooling") or "mean",
+        "max_seq_length": args.plain_max_seq_length or cfg["max_seq_length"],
+        "threads": args.threads,
+        "epochs": args.plain_epochs,
+        "max_steps": args.plain_max_steps,
+        "batch_size": args.plain_batch_size,
+        "lr": args.plain_lr,
+        "warmup": args.plain_warmup,
+        "scale": args.plain_scale,
+        "seed": cfg["seed"],
+        "log_every": 1,
+        "out": str(folder),
+        # on a GPU only where ours fine-tunes on one (config resources.gpus.finetune)
+        "gpu": bool(cfg["resources"]["gpus"].get("finetune", 0)),
+    }
     (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(args.threads)}
     print(f"plain: SentenceTransformerTrainer in {folder} ...", file=sys.stderr, flush=True)
     t0 = time.time()
     with (folder / "train.log").open("w", encoding="utf-8") as f:
-        proc = subprocess.run([sys.executable, __file__, "--plain-child", str(folder / "spec.json")],
-                              env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--plain-child", str(folder / "spec.json")],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     wall = time.time() - t0
     if proc.returncode:
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace")[-4000:]
@@ -403,17 +515,23 @@ def run_plain(args: argparse.Namespace, work: Path, split: dict, cfg: dict) -> t
     t0 = time.time()
     score = evaluate(args, work, cfg, str(folder / "model"), "plain", instruction=False)
     res["eval_wall_s"] = round(time.time() - t0, 2)
-    row = {"side": "plain", "model": str(folder / "model"), **score,
-           "train_wall_s": round(wall, 2),
-           "steps_x_batch": f"{res['steps']}x{round(res['texts_encoded'] / 2 / max(1, res['loss_steps']))}",
-           "train_queries": res["texts_encoded"] // 2, "texts_encoded": res["texts_encoded"],
-           "token_passes": TRAIN_PASSES * res["tokens"]}
+    row = {
+        "side": "plain",
+        "model": str(folder / "model"),
+        **score,
+        "train_wall_s": round(wall, 2),
+        "steps_x_batch": f"{res['steps']}x{round(res['texts_encoded'] / 2 / max(1, res['loss_steps']))}",
+        "train_queries": res["texts_encoded"] // 2,
+        "texts_encoded": res["texts_encoded"],
+        "token_passes": TRAIN_PASSES * res["tokens"],
+    }
     return row, {"train": res, "spec": spec}
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation outside the pipeline: the pipeline's own `kalm evaluate` command
 # --------------------------------------------------------------------------------------------
+
 
 def constructed_task_spec(cfg: dict) -> dict:
     """The task spec the pipeline's evaluate rule gives `kalm evaluate` (eval_task_spec of workflow/rules/common.smk)."""
@@ -434,7 +552,7 @@ def pipeline_task_spec(folder: Path) -> dict | None:
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if "--task-json" in line:
             try:
-                words = shlex.split(line[line.index(" -m kalm evaluate"):])
+                words = shlex.split(line[line.index(" -m kalm evaluate") :])
                 return json.loads(words[words.index("--task-json") + 1])
             except (ValueError, IndexError):
                 return None
@@ -449,9 +567,22 @@ def evaluate(args: argparse.Namespace, work: Path, cfg: dict, model: str, name: 
         spec["instruction"] = ""
     out = work / "evals" / f"{name}.{'instr' if instruction else 'noinstr'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kalm", "evaluate", "--model", model, "--task-json", json.dumps(spec, ensure_ascii=False),
-           "--out", str(out), "--batch-size", str(cfg["eval"]["batch_size"]), "--max-seq-length", str(cfg["max_seq_length"]),
-           ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kalm",
+        "evaluate",
+        "--model",
+        model,
+        "--task-json",
+        json.dumps(spec, ensure_ascii=False),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(cfg["eval"]["batch_size"]),
+        "--max-seq-length",
+        str(cfg["max_seq_length"]),
+    ]
     if cfg.get("pooling"):
         cmd += ["--pooling", cfg["pooling"]]
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(args.threads)}
@@ -470,20 +601,25 @@ def evaluate(args: argparse.Namespace, work: Path, cfg: dict, model: str, name: 
 # Report
 # --------------------------------------------------------------------------------------------
 
+
 def markdown(rows: list[dict], split: dict, details: dict) -> str:
-    lines = [f"CSL title -> abstract, {split['held_out']} held-out papers (queries = their titles, corpus = their "
-             f"abstracts), {split['train']} training pairs; split fingerprint {split['fingerprint']}.", "",
-             "| side | instruction | nDCG@10 (held out) | train wall s | steps x batch | texts encoded "
-             "| compute (M token-passes) |",
-             "|---|---|---:|---:|---|---:|---:|"]
+    lines = [
+        f"CSL title -> abstract, {split['held_out']} held-out papers (queries = their titles, corpus = their "
+        f"abstracts), {split['train']} training pairs; split fingerprint {split['fingerprint']}.",
+        "",
+        "| side | instruction | nDCG@10 (held out) | train wall s | steps x batch | texts encoded "
+        "| compute (M token-passes) |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
     for r in rows:
         side = r["side"] + (" (earlier run)" if r.get("earlier_run") else "")
         instr = "task's" if r.get("instruction") else "none"
         wall = f"{r['train_wall_s']:.1f}" if r.get("train_wall_s") else "-"
         texts = f"{r['texts_encoded']:,}" if r.get("texts_encoded") else "-"
         compute = f"{r['token_passes'] / 1e6:.2f}" if r.get("token_passes") else "-"
-        lines.append(f"| {side} | {instr} | {100 * r['ndcg_at_10']:.2f} | {wall} | {r['steps_x_batch']} | {texts} "
-                     f"| {compute} |")
+        lines.append(
+            f"| {side} | {instr} | {100 * r['ndcg_at_10']:.2f} | {wall} | {r['steps_x_batch']} | {texts} | {compute} |"
+        )
     ours = details.get("ours") or {}
     if ours.get("funnel"):
         f = ours["funnel"]
@@ -498,34 +634,59 @@ def markdown(rows: list[dict], split: dict, details: dict) -> str:
             parts.append(f"finetune run{r} {run['in']} -> {run['kept']}" + (f" ({drops})" if drops else ""))
         lines += ["", "ours, training records: " + "; ".join(parts) + "."]
     if ours.get("rule_seconds"):
-        lines += ["", "ours, wall seconds per rule (Snakemake benchmarks, summed over jobs): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in ours["rule_seconds"].items()) + "."]
+        lines += [
+            "",
+            "ours, wall seconds per rule (Snakemake benchmarks, summed over jobs): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ours["rule_seconds"].items())
+            + ".",
+        ]
     if details.get("comparison_wall_s"):
-        lines += ["", f"This comparison (split, both sides' training and every evaluation): "
-                  f"{details['comparison_wall_s']:.0f} s wall."]
+        lines += [
+            "",
+            f"This comparison (split, both sides' training and every evaluation): "
+            f"{details['comparison_wall_s']:.0f} s wall.",
+        ]
     if ours.get("overrides"):
         lines += ["", "ours, --set: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in ours["overrides"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
-    p.add_argument("--work", type=Path, default=ROOT / "real" / "compare_plain",
-                   help="output folder (git-ignored by default; its sides' folders are replaced on each run)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "real" / "compare_plain",
+        help="output folder (git-ignored by default; its sides' folders are replaced on each run)",
+    )
     p.add_argument("--config", type=Path, default=ROOT / "config" / "csl_compare.yaml", help="ours' recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of --config, dotted, value in YAML (repeatable): finetune.lr=5e-5, "
-                        "mine.range_for_sampling=[10,60], mine.margin_ratio=null")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of --config, dotted, value in YAML (repeatable): finetune.lr=5e-5, "
+        "mine.range_for_sampling=[10,60], mine.margin_ratio=null",
+    )
     p.add_argument("--held-out-share", type=float, default=0.5, help="share of the papers held out for evaluation")
     p.add_argument("--max-papers", type=int, default=None, help="only the first N papers of the file (smoke runs)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of every job on both sides (and Snakemake's --cores)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads of every job on both sides (and Snakemake's --cores)"
+    )
     p.add_argument("--sides", default="ours,plain", help="comma-separated sides to run now: ours, plain")
-    p.add_argument("--cross-instructions", action="store_true",
-                   help="also score ours without and plain with the task's instruction")
+    p.add_argument(
+        "--cross-instructions",
+        action="store_true",
+        help="also score ours without and plain with the task's instruction",
+    )
     p.add_argument("--plain-epochs", type=float, default=3)
-    p.add_argument("--plain-max-steps", type=int, default=None, help="stop plain after this many steps (overrides epochs)")
+    p.add_argument(
+        "--plain-max-steps", type=int, default=None, help="stop plain after this many steps (overrides epochs)"
+    )
     p.add_argument("--plain-batch-size", type=int, default=32)
     p.add_argument("--plain-lr", type=float, default=5e-5)
     p.add_argument("--plain-warmup", type=float, default=0.1, help="warm-up, share of the steps")
@@ -573,25 +734,44 @@ def main(argv: list[str] | None = None) -> int:
                 rows["base"] = {**earlier[side]["base"], "earlier_run": True}
     store = dict(earlier)
     for side in sides:
-        store[side] = {"fingerprint": split["fingerprint"], "row": rows[side], "details": details[side],
-                       **({"base": rows["base"]} if side == "ours" else {})}
+        store[side] = {
+            "fingerprint": split["fingerprint"],
+            "row": rows[side],
+            "details": details[side],
+            **({"base": rows["base"]} if side == "ours" else {}),
+        }
     earlier_path.write_text(json.dumps(store, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     # the base model as plain sees it (no instruction), and optional cross-instruction scores
-    rows["base_noinstr"] = {"side": "base", "model": cfg["base_model"],
-                            **evaluate(args, work, cfg, cfg["base_model"], "base", instruction=False),
-                            "train_wall_s": 0.0, "steps_x_batch": "-", "train_queries": 0, "texts_encoded": 0}
+    rows["base_noinstr"] = {
+        "side": "base",
+        "model": cfg["base_model"],
+        **evaluate(args, work, cfg, cfg["base_model"], "base", instruction=False),
+        "train_wall_s": 0.0,
+        "steps_x_batch": "-",
+        "train_queries": 0,
+        "texts_encoded": 0,
+    }
     if args.cross_instructions:
         if "ours" in rows and (work / "ours" / "models" / "soup").is_dir():
-            rows["ours_noinstr"] = {**rows["ours"], **evaluate(args, work, cfg, str(work / "ours/models/soup"),
-                                                               "ours", instruction=False)}
+            rows["ours_noinstr"] = {
+                **rows["ours"],
+                **evaluate(args, work, cfg, str(work / "ours/models/soup"), "ours", instruction=False),
+            }
         if "plain" in rows and Path(rows["plain"]["model"]).is_dir():
-            rows["plain_instr"] = {**rows["plain"], **evaluate(args, work, cfg, rows["plain"]["model"], "plain",
-                                                               instruction=True)}
+            rows["plain_instr"] = {
+                **rows["plain"],
+                **evaluate(args, work, cfg, rows["plain"]["model"], "plain", instruction=True),
+            }
     order = ["base", "base_noinstr", "ours", "ours_noinstr", "plain", "plain_instr"]
     table = [rows[k] for k in order if k in rows]
-    jsonl = [json.dumps({**r, "held_out_papers": split["held_out"], "train_pairs": split["train"],
-                         "threads": args.threads}, ensure_ascii=False) for r in table]
+    jsonl = [
+        json.dumps(
+            {**r, "held_out_papers": split["held_out"], "train_pairs": split["train"], "threads": args.threads},
+            ensure_ascii=False,
+        )
+        for r in table
+    ]
     details["comparison_wall_s"] = round(time.time() - t_start, 1)
     md = markdown(table, split, details)
     (work / "comparison.jsonl").write_text("\n".join(jsonl) + "\n", encoding="utf-8")

@@ -89,81 +89,226 @@ P_CONTEXT = 0.5  # share of retrieval-style passages that get a generic context 
 P_SAME_TEMPLATE = 0.8  # STS grades 3 and 1: share of pairs worded with the same template
 REPO = Path(__file__).resolve().parent.parent
 
-ATTRS = ["founding", "population", "economy", "climate", "landmark", "river", "dish", "festival",
-         "elevation", "native"]
+ATTRS = ["founding", "population", "economy", "climate", "landmark", "river", "dish", "festival", "elevation", "native"]
 
 # --------------------------------------------------------------------------------------
 # English world
 # --------------------------------------------------------------------------------------
 EN = {
     "onsets": [
-        "Bel", "Cor", "Dun", "Ash", "Mar", "Wen", "Hal", "Tor", "Eld", "Fen", "Gar", "Kes",
-        "Lor", "Ost", "Pen", "Ros", "Sil", "Tam", "Val", "Wyn", "Bra", "Cal", "Dor", "Ev",
-        "Far", "Gil", "Har", "Isel", "Jun", "Kel", "Lan", "Mor", "Nor", "Orr", "Pel",
-        "Quen", "Rav", "Sto", "Thal", "Ul", "Ver", "Wil", "Yar", "Zel",
+        "Bel",
+        "Cor",
+        "Dun",
+        "Ash",
+        "Mar",
+        "Wen",
+        "Hal",
+        "Tor",
+        "Eld",
+        "Fen",
+        "Gar",
+        "Kes",
+        "Lor",
+        "Ost",
+        "Pen",
+        "Ros",
+        "Sil",
+        "Tam",
+        "Val",
+        "Wyn",
+        "Bra",
+        "Cal",
+        "Dor",
+        "Ev",
+        "Far",
+        "Gil",
+        "Har",
+        "Isel",
+        "Jun",
+        "Kel",
+        "Lan",
+        "Mor",
+        "Nor",
+        "Orr",
+        "Pel",
+        "Quen",
+        "Rav",
+        "Sto",
+        "Thal",
+        "Ul",
+        "Ver",
+        "Wil",
+        "Yar",
+        "Zel",
     ],
     "mids": ["", "", "a", "e", "i", "o", "an", "en", "ar", "or", "el", "in"],
     "codas": [
-        "mora", "ford", "wick", "dale", "holm", "stead", "by", "ton", "mere", "gate",
-        "crest", "haven", "bury", "thorpe", "moor", "field", "ridge", "wood", "vale",
-        "more", "ley", "ham", "stow", "combe", "ness",
+        "mora",
+        "ford",
+        "wick",
+        "dale",
+        "holm",
+        "stead",
+        "by",
+        "ton",
+        "mere",
+        "gate",
+        "crest",
+        "haven",
+        "bury",
+        "thorpe",
+        "moor",
+        "field",
+        "ridge",
+        "wood",
+        "vale",
+        "more",
+        "ley",
+        "ham",
+        "stow",
+        "combe",
+        "ness",
     ],
     "values": {
         "industry": [
-            "shipbuilding", "textile weaving", "tea growing", "porcelain making", "copper mining",
-            "fishing", "wine making", "timber and sawmills", "papermaking", "silk production",
-            "glassblowing", "clockmaking", "beekeeping", "salt harvesting", "apple orchards",
-            "sheep farming", "printing and publishing", "iron casting", "cheese making",
+            "shipbuilding",
+            "textile weaving",
+            "tea growing",
+            "porcelain making",
+            "copper mining",
+            "fishing",
+            "wine making",
+            "timber and sawmills",
+            "papermaking",
+            "silk production",
+            "glassblowing",
+            "clockmaking",
+            "beekeeping",
+            "salt harvesting",
+            "apple orchards",
+            "sheep farming",
+            "printing and publishing",
+            "iron casting",
+            "cheese making",
             "leather tanning",
         ],
         "climate": [
-            "mild, rainy winters and cool summers", "hot, dry summers and short, mild winters",
-            "long, snowy winters and brief summers", "humid heat and heavy summer rain",
-            "thick sea fog and steady coastal winds", "dry, dusty winds and very little rain",
+            "mild, rainy winters and cool summers",
+            "hot, dry summers and short, mild winters",
+            "long, snowy winters and brief summers",
+            "humid heat and heavy summer rain",
+            "thick sea fog and steady coastal winds",
+            "dry, dusty winds and very little rain",
             "warm, sunny weather for most of the year",
             "large swings between hot days and cold nights",
-            "frequent thunderstorms in late summer", "cold, clear winters and pleasant springs",
-            "damp, grey weather for much of the year", "frosty mornings even in late spring",
+            "frequent thunderstorms in late summer",
+            "cold, clear winters and pleasant springs",
+            "damp, grey weather for much of the year",
+            "frosty mornings even in late spring",
             "a short rainy season followed by months of drought",
             "gentle breezes and moderate temperatures",
         ],
         "landmark": [
-            "the old stone bell tower", "a covered wooden bridge", "the cliffside lighthouse",
-            "a ruined hilltop castle", "the glass-domed market hall", "a seven-arched aqueduct",
-            "the great clock on the town hall", "a thousand-year-old ginkgo tree",
-            "the white pagoda", "a windmill on the harbour wall", "the painted city gate",
-            "the twin towers of the cathedral", "a marble fountain in the main square",
-            "the old observatory", "a botanical garden with a palm house",
-            "a terraced vineyard above the old quarter", "the copper-roofed opera house",
-            "a stone labyrinth", "the long wooden pier", "a riverside theatre built in timber",
+            "the old stone bell tower",
+            "a covered wooden bridge",
+            "the cliffside lighthouse",
+            "a ruined hilltop castle",
+            "the glass-domed market hall",
+            "a seven-arched aqueduct",
+            "the great clock on the town hall",
+            "a thousand-year-old ginkgo tree",
+            "the white pagoda",
+            "a windmill on the harbour wall",
+            "the painted city gate",
+            "the twin towers of the cathedral",
+            "a marble fountain in the main square",
+            "the old observatory",
+            "a botanical garden with a palm house",
+            "a terraced vineyard above the old quarter",
+            "the copper-roofed opera house",
+            "a stone labyrinth",
+            "the long wooden pier",
+            "a riverside theatre built in timber",
         ],
         "river": [
-            "Oster", "Vail", "Maren", "Tessel", "Drune", "Aldra", "Corrin", "Isca", "Wendle",
-            "Sable", "Orme", "Tavy", "Quill", "Hollin", "Sorrel", "Fennick", "Morrow", "Glenna",
-            "Rillan", "Amberlo",
+            "Oster",
+            "Vail",
+            "Maren",
+            "Tessel",
+            "Drune",
+            "Aldra",
+            "Corrin",
+            "Isca",
+            "Wendle",
+            "Sable",
+            "Orme",
+            "Tavy",
+            "Quill",
+            "Hollin",
+            "Sorrel",
+            "Fennick",
+            "Morrow",
+            "Glenna",
+            "Rillan",
+            "Amberlo",
         ],
         "dish": [
-            "smoked eel with rye bread", "lamb and barley stew", "honey almond cakes",
-            "fried river trout", "mushroom dumplings", "spiced pumpkin soup", "pickled herring",
-            "roast duck with plums", "chestnut bread", "cabbage rolls with rice",
-            "fish baked in salt", "walnut pastries", "beef and onion pie", "sweet corn fritters",
-            "goat cheese pancakes", "peppered sausages", "crayfish in butter", "berry pudding",
-            "sour cherry soup", "buckwheat noodles",
+            "smoked eel with rye bread",
+            "lamb and barley stew",
+            "honey almond cakes",
+            "fried river trout",
+            "mushroom dumplings",
+            "spiced pumpkin soup",
+            "pickled herring",
+            "roast duck with plums",
+            "chestnut bread",
+            "cabbage rolls with rice",
+            "fish baked in salt",
+            "walnut pastries",
+            "beef and onion pie",
+            "sweet corn fritters",
+            "goat cheese pancakes",
+            "peppered sausages",
+            "crayfish in butter",
+            "berry pudding",
+            "sour cherry soup",
+            "buckwheat noodles",
         ],
         "festival": [
-            "a lantern festival in late autumn", "a summer boat race", "a spring flower fair",
-            "a midwinter bonfire night", "a harvest parade", "a kite-flying contest",
-            "a week-long music fair", "a cheese and wine market", "a torchlight procession",
-            "an autumn horse fair", "a midsummer dance on the riverbank",
-            "a snow sculpture contest", "a night market under the stars", "a masked carnival",
-            "a pumpkin-carving show", "a poetry contest",
+            "a lantern festival in late autumn",
+            "a summer boat race",
+            "a spring flower fair",
+            "a midwinter bonfire night",
+            "a harvest parade",
+            "a kite-flying contest",
+            "a week-long music fair",
+            "a cheese and wine market",
+            "a torchlight procession",
+            "an autumn horse fair",
+            "a midsummer dance on the riverbank",
+            "a snow sculpture contest",
+            "a night market under the stars",
+            "a masked carnival",
+            "a pumpkin-carving show",
+            "a poetry contest",
         ],
         "person": [
-            "painter Ilse Varn", "poet Tomas Hale", "composer Mira Oakes", "explorer Juno Brandt",
-            "astronomer Edda Keel", "novelist Piet Lammer", "architect Lina Sorb",
-            "singer Oskar Rune", "inventor Felix Dahl", "mathematician Nora Quist",
-            "sculptor Anton Wey", "chess champion Runa Telk", "actress Greta Moll",
-            "botanist Hugo Farr", "mapmaker Ada Penrick", "violinist Emil Strand",
+            "painter Ilse Varn",
+            "poet Tomas Hale",
+            "composer Mira Oakes",
+            "explorer Juno Brandt",
+            "astronomer Edda Keel",
+            "novelist Piet Lammer",
+            "architect Lina Sorb",
+            "singer Oskar Rune",
+            "inventor Felix Dahl",
+            "mathematician Nora Quist",
+            "sculptor Anton Wey",
+            "chess champion Runa Telk",
+            "actress Greta Moll",
+            "botanist Hugo Farr",
+            "mapmaker Ada Penrick",
+            "violinist Emil Strand",
         ],
     },
     "passages": {
@@ -325,16 +470,28 @@ EN = {
     ],
     "titles": ["{name} — {topic}", "{name}: {topic}", "{Topic} of {name}"],
     "topics": {
-        "founding": "founding", "population": "population", "economy": "economy",
-        "climate": "climate", "landmark": "landmarks", "river": "river", "dish": "cuisine",
-        "festival": "festivals", "elevation": "elevation", "native": "famous people",
+        "founding": "founding",
+        "population": "population",
+        "economy": "economy",
+        "climate": "climate",
+        "landmark": "landmarks",
+        "river": "river",
+        "dish": "cuisine",
+        "festival": "festivals",
+        "elevation": "elevation",
+        "native": "famous people",
     },
     "labels": {
-        "founding": "history and founding", "population": "population and size",
-        "economy": "economy and industry", "climate": "climate and weather",
-        "landmark": "landmarks and sights", "river": "rivers and waterways",
-        "dish": "food and cuisine", "festival": "festivals and events",
-        "elevation": "altitude and terrain", "native": "famous people",
+        "founding": "history and founding",
+        "population": "population and size",
+        "economy": "economy and industry",
+        "climate": "climate and weather",
+        "landmark": "landmarks and sights",
+        "river": "rivers and waterways",
+        "dish": "food and cuisine",
+        "festival": "festivals and events",
+        "elevation": "altitude and terrain",
+        "native": "famous people",
     },
 }
 
@@ -347,51 +504,213 @@ ZH = {
     "suffixes": list("城镇州"),
     # Well-known real place names are skipped so that the world stays fictional.
     "avoid": {
-        "长安", "安阳", "平阳", "清远", "永州", "长沙", "云南", "河源", "兴宁", "宁波", "金门",
-        "丰城", "明水", "龙门", "玉林", "松原", "桂林", "春城", "白城", "梅州", "金州", "泉州",
-        "龙口", "青岛", "石门", "河口", "清河", "安庆", "阳泉", "嘉兴", "凤阳", "临安", "长春",
-        "阳江", "兰州", "青州", "湖州", "柳州", "松江", "云浮", "玉溪", "临沂", "白山", "鹤岗",
-        "长岭", "永安", "平原", "明港", "金堡", "兴城", "凤城", "龙泉", "丰原", "桐庐", "松山",
-        "龙岩", "安源", "临河", "清水", "长兴", "平谷", "石林", "兴安", "安宁", "永宁", "泉港",
+        "长安",
+        "安阳",
+        "平阳",
+        "清远",
+        "永州",
+        "长沙",
+        "云南",
+        "河源",
+        "兴宁",
+        "宁波",
+        "金门",
+        "丰城",
+        "明水",
+        "龙门",
+        "玉林",
+        "松原",
+        "桂林",
+        "春城",
+        "白城",
+        "梅州",
+        "金州",
+        "泉州",
+        "龙口",
+        "青岛",
+        "石门",
+        "河口",
+        "清河",
+        "安庆",
+        "阳泉",
+        "嘉兴",
+        "凤阳",
+        "临安",
+        "长春",
+        "阳江",
+        "兰州",
+        "青州",
+        "湖州",
+        "柳州",
+        "松江",
+        "云浮",
+        "玉溪",
+        "临沂",
+        "白山",
+        "鹤岗",
+        "长岭",
+        "永安",
+        "平原",
+        "明港",
+        "金堡",
+        "兴城",
+        "凤城",
+        "龙泉",
+        "丰原",
+        "桐庐",
+        "松山",
+        "龙岩",
+        "安源",
+        "临河",
+        "清水",
+        "长兴",
+        "平谷",
+        "石林",
+        "兴安",
+        "安宁",
+        "永宁",
+        "泉港",
     },
     "values": {
         "industry": [
-            "造船业", "纺织业", "种茶制茶", "烧制瓷器", "开采铜矿", "打鱼", "酿酒", "木材加工",
-            "造纸", "缫丝织绸", "吹制玻璃", "制作钟表", "养蜂", "晒盐", "种植果园", "养羊",
-            "印刷出版", "铸铁", "制作奶酪", "鞣制皮革",
+            "造船业",
+            "纺织业",
+            "种茶制茶",
+            "烧制瓷器",
+            "开采铜矿",
+            "打鱼",
+            "酿酒",
+            "木材加工",
+            "造纸",
+            "缫丝织绸",
+            "吹制玻璃",
+            "制作钟表",
+            "养蜂",
+            "晒盐",
+            "种植果园",
+            "养羊",
+            "印刷出版",
+            "铸铁",
+            "制作奶酪",
+            "鞣制皮革",
         ],
         "climate": [
-            "冬季温和多雨，夏季凉爽", "夏季炎热干燥，冬季短暂", "冬季漫长，大雪纷飞",
-            "全年湿热，雨水充沛", "常年多雾，海风不断", "干旱少雨，风沙较大", "四季如春，阳光充足",
-            "昼夜温差很大，早晚寒凉", "夏末雷雨频繁", "冬季寒冷晴朗，春天温暖宜人",
-            "终年阴湿，难得见到晴天", "到了晚春仍有霜冻", "雨季短促，随后是几个月的旱季",
+            "冬季温和多雨，夏季凉爽",
+            "夏季炎热干燥，冬季短暂",
+            "冬季漫长，大雪纷飞",
+            "全年湿热，雨水充沛",
+            "常年多雾，海风不断",
+            "干旱少雨，风沙较大",
+            "四季如春，阳光充足",
+            "昼夜温差很大，早晚寒凉",
+            "夏末雷雨频繁",
+            "冬季寒冷晴朗，春天温暖宜人",
+            "终年阴湿，难得见到晴天",
+            "到了晚春仍有霜冻",
+            "雨季短促，随后是几个月的旱季",
             "微风和煦，气温适中",
         ],
         "landmark": [
-            "古老的石砌钟楼", "一座木制廊桥", "悬崖上的灯塔", "山顶的古堡遗址", "玻璃穹顶的集市大厅",
-            "七孔石拱桥", "市政厅楼顶的大钟", "一棵千年银杏", "白塔寺", "港口堤岸上的风车",
-            "彩绘城门", "双塔大教堂", "广场中央的大理石喷泉", "老天文台", "带温室的植物园",
-            "山坡上的梯田葡萄园", "铜顶歌剧院", "石砌迷宫", "伸进水里的长木栈桥", "临河的百年戏台",
+            "古老的石砌钟楼",
+            "一座木制廊桥",
+            "悬崖上的灯塔",
+            "山顶的古堡遗址",
+            "玻璃穹顶的集市大厅",
+            "七孔石拱桥",
+            "市政厅楼顶的大钟",
+            "一棵千年银杏",
+            "白塔寺",
+            "港口堤岸上的风车",
+            "彩绘城门",
+            "双塔大教堂",
+            "广场中央的大理石喷泉",
+            "老天文台",
+            "带温室的植物园",
+            "山坡上的梯田葡萄园",
+            "铜顶歌剧院",
+            "石砌迷宫",
+            "伸进水里的长木栈桥",
+            "临河的百年戏台",
         ],
         "river": [
-            "白沙江", "青龙河", "玉带河", "柳叶溪", "金鳞江", "乌石河", "碧波江", "黄泥河", "双溪",
-            "月牙河", "雁鸣江", "桃花溪", "铁索河", "古渡江", "长虹河", "银滩河", "芦花江",
-            "松涛河", "落霞江", "石门溪",
+            "白沙江",
+            "青龙河",
+            "玉带河",
+            "柳叶溪",
+            "金鳞江",
+            "乌石河",
+            "碧波江",
+            "黄泥河",
+            "双溪",
+            "月牙河",
+            "雁鸣江",
+            "桃花溪",
+            "铁索河",
+            "古渡江",
+            "长虹河",
+            "银滩河",
+            "芦花江",
+            "松涛河",
+            "落霞江",
+            "石门溪",
         ],
         "dish": [
-            "烟熏鳗鱼配黑麦面包", "羊肉大麦汤", "蜂蜜杏仁糕", "香煎河鳟", "蘑菇饺子", "五香南瓜汤",
-            "酸菜炖鱼", "桂花糯米藕", "栗子面包", "葱油饼", "盐焗鱼", "核桃酥", "牛肉洋葱馅饼",
-            "玉米甜饼", "羊奶酪煎饼", "胡椒腊肠", "黄油焗小龙虾", "红烧肉", "酸樱桃汤", "荞麦面",
+            "烟熏鳗鱼配黑麦面包",
+            "羊肉大麦汤",
+            "蜂蜜杏仁糕",
+            "香煎河鳟",
+            "蘑菇饺子",
+            "五香南瓜汤",
+            "酸菜炖鱼",
+            "桂花糯米藕",
+            "栗子面包",
+            "葱油饼",
+            "盐焗鱼",
+            "核桃酥",
+            "牛肉洋葱馅饼",
+            "玉米甜饼",
+            "羊奶酪煎饼",
+            "胡椒腊肠",
+            "黄油焗小龙虾",
+            "红烧肉",
+            "酸樱桃汤",
+            "荞麦面",
         ],
         "festival": [
-            "深秋的灯会", "夏天的龙舟赛", "春季花市", "冬至篝火夜", "秋收游行", "放风筝比赛",
-            "为期一周的音乐集市", "奶酪美酒市集", "火把游行", "秋季赛马会", "仲夏河畔舞会",
-            "雪雕大赛", "星空夜市", "假面狂欢节", "南瓜雕刻展", "赛诗会",
+            "深秋的灯会",
+            "夏天的龙舟赛",
+            "春季花市",
+            "冬至篝火夜",
+            "秋收游行",
+            "放风筝比赛",
+            "为期一周的音乐集市",
+            "奶酪美酒市集",
+            "火把游行",
+            "秋季赛马会",
+            "仲夏河畔舞会",
+            "雪雕大赛",
+            "星空夜市",
+            "假面狂欢节",
+            "南瓜雕刻展",
+            "赛诗会",
         ],
         "person": [
-            "画家林素", "诗人周远山", "作曲家沈默", "探险家陆青", "天文学家梁星河", "小说家何晚",
-            "建筑师许一川", "歌唱家唐铃", "发明家顾长风", "数学家白若", "书法家程墨", "棋手秦简",
-            "演员苏蔓", "植物学家方草", "地图绘制师韩量", "小提琴家叶弦",
+            "画家林素",
+            "诗人周远山",
+            "作曲家沈默",
+            "探险家陆青",
+            "天文学家梁星河",
+            "小说家何晚",
+            "建筑师许一川",
+            "歌唱家唐铃",
+            "发明家顾长风",
+            "数学家白若",
+            "书法家程墨",
+            "棋手秦简",
+            "演员苏蔓",
+            "植物学家方草",
+            "地图绘制师韩量",
+            "小提琴家叶弦",
         ],
     },
     "passages": {
@@ -551,21 +870,41 @@ ZH = {
     ],
     "titles": ["{name} · {topic}", "{name}：{topic}", "{name}的{topic}"],
     "topics": {
-        "founding": "建城", "population": "人口", "economy": "经济", "climate": "气候",
-        "landmark": "地标", "river": "河流", "dish": "美食", "festival": "节庆",
-        "elevation": "海拔", "native": "名人",
+        "founding": "建城",
+        "population": "人口",
+        "economy": "经济",
+        "climate": "气候",
+        "landmark": "地标",
+        "river": "河流",
+        "dish": "美食",
+        "festival": "节庆",
+        "elevation": "海拔",
+        "native": "名人",
     },
     "labels": {
-        "founding": "历史与建城", "population": "人口与规模", "economy": "经济与产业",
-        "climate": "气候与天气", "landmark": "名胜与地标", "river": "河流与水系",
-        "dish": "饮食与美食", "festival": "节庆与活动", "elevation": "地势与海拔",
+        "founding": "历史与建城",
+        "population": "人口与规模",
+        "economy": "经济与产业",
+        "climate": "气候与天气",
+        "landmark": "名胜与地标",
+        "river": "河流与水系",
+        "dish": "饮食与美食",
+        "festival": "节庆与活动",
+        "elevation": "地势与海拔",
         "native": "人物与名人",
     },
 }
 
 WORLDS = {"en": EN, "zh": ZH}
-VALUE_KEY = {"economy": "industry", "climate": "climate", "landmark": "landmark",
-             "river": "river", "dish": "dish", "festival": "festival", "native": "person"}
+VALUE_KEY = {
+    "economy": "industry",
+    "climate": "climate",
+    "landmark": "landmark",
+    "river": "river",
+    "dish": "dish",
+    "festival": "festival",
+    "native": "person",
+}
 VALUE_FIELDS = ("industry", "climate", "landmark", "river", "dish", "festival", "person")
 
 
@@ -653,8 +992,12 @@ def fmt_pop(lang: str, pop: int) -> str:
 
 
 def fill(lang: str, template: str, ent: dict) -> str:
-    slots = {"name": ent["name"], "year": ent["year"], "pop": fmt_pop(lang, ent["pop"]),
-             "alt": f"{ent['alt']:,}" if lang == "en" else str(ent["alt"])}
+    slots = {
+        "name": ent["name"],
+        "year": ent["year"],
+        "pop": fmt_pop(lang, ent["pop"]),
+        "alt": f"{ent['alt']:,}" if lang == "en" else str(ent["alt"]),
+    }
     for key in VALUE_FIELDS:
         slots[key] = ent[key]
         slots[cap(key)] = cap(ent[key])
@@ -699,7 +1042,7 @@ def whitespace_variant(text: str, rng: random.Random) -> str:
     spaces = [i for i, c in enumerate(text) if c == " "]
     if spaces:
         i = rng.choice(spaces)
-        return text[:i] + "  " + text[i + 1:]
+        return text[:i] + "  " + text[i + 1 :]
     return rng.choice([" " + text, text + " ", " " + text + " "])
 
 
@@ -712,7 +1055,7 @@ def width_variant(text: str, rng: random.Random) -> str | None:
     fw = [i for i, c in enumerate(text) if 0xFF01 <= ord(c) <= 0xFF5E]
     if fw:  # e.g. "，" -> ",", "？" -> "?", "：" -> ":"
         i = rng.choice(fw)
-        return text[:i] + unicodedata.normalize("NFKC", text[i]) + text[i + 1:]
+        return text[:i] + unicodedata.normalize("NFKC", text[i]) + text[i + 1 :]
     return None
 
 
@@ -764,8 +1107,7 @@ def plant_duplicates(records: list[dict], rng: random.Random, protected: int = 0
     n_ws = sum(1 for j in range(n_exact, n) if (j - n_exact) % 2 == 0)
     out = records + dups
     rng.shuffle(out)
-    stats = {"clean": len(clean), "exact": n_exact, "whitespace": n_ws, "width": n_near - n_ws,
-             "duplicates": n}
+    stats = {"clean": len(clean), "exact": n_exact, "whitespace": n_ws, "width": n_near - n_ws, "duplicates": n}
     return out, stats
 
 
@@ -777,11 +1119,10 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
     r = rng_for(seed, lang, "entities")
     names = make_names(lang, N_TRAIN + N_EVAL + N_DISTRACT, r)
     ents = [make_entity(lang, nm, r) for nm in names]
-    train, held, distract = ents[:N_TRAIN], ents[N_TRAIN:N_TRAIN + N_EVAL], ents[N_TRAIN + N_EVAL:]
+    train, held, distract = ents[:N_TRAIN], ents[N_TRAIN : N_TRAIN + N_EVAL], ents[N_TRAIN + N_EVAL :]
     facts_train = [(e, a) for e in train for a in ATTRS]
     files: dict[str, bytes] = {}
-    info: dict = {"train_entities": len(train), "eval_entities": len(held),
-                  "distractor_entities": len(distract)}
+    info: dict = {"train_entities": len(train), "eval_entities": len(held), "distractor_entities": len(distract)}
     Lang = lang.capitalize()
 
     # ---- evaluation: retrieval --------------------------------------------------------
@@ -813,8 +1154,9 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
     base = f"eval/DemoRetrieval{Lang}"
     files[f"{base}/corpus.jsonl"] = jsonl(corpus)
     files[f"{base}/queries.jsonl"] = jsonl(queries)
-    files[f"{base}/qrels.tsv"] = ("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t1\n" for q, d in qrels)).encode("utf-8")
+    files[f"{base}/qrels.tsv"] = ("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels)).encode(
+        "utf-8"
+    )
     info["eval_corpus"], info["eval_queries"], info["eval_qrels"] = len(corpus), len(queries), len(qrels)
     eval_texts = {normalise(d["text"]) for d in corpus} | {normalise(q["text"]) for q in queries}
 
@@ -878,8 +1220,9 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
     for e, a in r.sample(facts_train, 800):
         title = r.choice(w["titles"])
         topic = w["topics"][a]
-        weak.append({"query": title.format(name=e["name"], topic=topic, Topic=cap(topic)),
-                     "pos": [rand_passage(lang, e, a, r)]})
+        weak.append(
+            {"query": title.format(name=e["name"], topic=topic, Topic=cap(topic)), "pos": [rand_passage(lang, e, a, r)]}
+        )
     check_clean(weak, "weak")
     weak, info["weak"] = plant_duplicates(weak, r)
     files[f"pretrain/weak_{lang}.jsonl"] = jsonl(weak)
@@ -888,8 +1231,9 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
     r = rng_for(seed, lang, "retrieval")
     retr = []
     for e, a in facts_train:
-        retr.append({"query": query(lang, e, a, r.randrange(n_query_templates(lang, a))),
-                     "pos": [rand_passage(lang, e, a, r)]})
+        retr.append(
+            {"query": query(lang, e, a, r.randrange(n_query_templates(lang, a))), "pos": [rand_passage(lang, e, a, r)]}
+        )
     check_clean(retr, "retrieval")
     leak_facts = r.sample([(e, a) for e in held for a in ATTRS], 5)
     leaks = []
@@ -929,8 +1273,7 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
         cand.append((query(lang, e, a, r.randrange(n_query_templates(lang, a))), a))
     cls = []
     for text, a in r.sample(cand, 400):
-        cls.append({"query": text, "pos": [labels[a]],
-                    "neg": [labels[b] for b in ATTRS if b != a]})
+        cls.append({"query": text, "pos": [labels[a]], "neg": [labels[b] for b in ATTRS if b != a]})
     check_clean(cls, "cls")
     cls, info["cls"] = plant_duplicates(cls, r)
     files[f"finetune/cls_{lang}.jsonl"] = jsonl(cls)
@@ -952,23 +1295,35 @@ def readme(files: dict[str, bytes], info: dict, seed: int) -> str:
     def dup_row(lang: str, key: str, path: str) -> str:
         s = info[lang][key]
         leaks = sum(s.get("leaks", {}).values())
-        return (f"| `{path}` | {lines(path)} | {s['clean']} | {s['duplicates']} | {s['exact']} | "
-                f"{s['whitespace']} | {s['width']} | {leaks} |")
+        return (
+            f"| `{path}` | {lines(path)} | {s['clean']} | {s['duplicates']} | {s['exact']} | "
+            f"{s['whitespace']} | {s['width']} | {leaks} |"
+        )
 
     rows = []
     for lang in ("en", "zh"):
-        rows += [dup_row(lang, "weak", f"pretrain/weak_{lang}.jsonl"),
-                 dup_row(lang, "retrieval", f"finetune/retrieval_{lang}.jsonl"),
-                 dup_row(lang, "sts", f"finetune/sts_{lang}.jsonl"),
-                 dup_row(lang, "cls", f"finetune/cls_{lang}.jsonl")]
+        rows += [
+            dup_row(lang, "weak", f"pretrain/weak_{lang}.jsonl"),
+            dup_row(lang, "retrieval", f"finetune/retrieval_{lang}.jsonl"),
+            dup_row(lang, "sts", f"finetune/sts_{lang}.jsonl"),
+            dup_row(lang, "cls", f"finetune/cls_{lang}.jsonl"),
+        ]
     ev = []
     for lang, Lang in (("en", "En"), ("zh", "Zh")):
         b = f"eval/DemoRetrieval{Lang}"
-        ev.append(f"| `{b}/corpus.jsonl` | {lines(b + '/corpus.jsonl')} | passages of the {info[lang]['eval_entities']} held-out towns (one per town × attribute) + {info[lang]['distractor_entities']} distractor towns |")
-        ev.append(f"| `{b}/queries.jsonl` | {lines(b + '/queries.jsonl')} | one or two questions per held-out town × attribute |")
-        ev.append(f"| `{b}/qrels.tsv` | {lines(b + '/qrels.tsv')} (+ header) | `query-id`, `corpus-id`, `score` (always 1) |")
+        ev.append(
+            f"| `{b}/corpus.jsonl` | {lines(b + '/corpus.jsonl')} | passages of the {info[lang]['eval_entities']} held-out towns (one per town × attribute) + {info[lang]['distractor_entities']} distractor towns |"
+        )
+        ev.append(
+            f"| `{b}/queries.jsonl` | {lines(b + '/queries.jsonl')} | one or two questions per held-out town × attribute |"
+        )
+        ev.append(
+            f"| `{b}/qrels.tsv` | {lines(b + '/qrels.tsv')} (+ header) | `query-id`, `corpus-id`, `score` (always 1) |"
+        )
         g = info[lang]["eval_sts_grades"]
-        ev.append(f"| `eval/DemoSTS{Lang}/test.jsonl` | {lines(f'eval/DemoSTS{Lang}/test.jsonl')} | graded pairs; per grade 5/3/2/1/0: {g['5.0']}/{g['3.0']}/{g['2.0']}/{g['1.0']}/{g['0.0']} |")
+        ev.append(
+            f"| `eval/DemoSTS{Lang}/test.jsonl` | {lines(f'eval/DemoSTS{Lang}/test.jsonl')} | graded pairs; per grade 5/3/2/1/0: {g['5.0']}/{g['3.0']}/{g['2.0']}/{g['1.0']}/{g['0.0']} |"
+        )
     total_dups = sum(info[l][k]["duplicates"] for l in ("en", "zh") for k in ("weak", "retrieval", "sts", "cls"))
     return f"""# Demo corpus (English + Chinese)
 
@@ -994,7 +1349,7 @@ generic second sentence (`Most people there know each other by name.` /
 `这里的人彼此都叫得出名字。`) that answers no question but makes one town's passages more
 alike. Chinese templates are written natively.
 
-Per language: {info['en']['train_entities']} training towns, {info['en']['eval_entities']} held-out evaluation towns, {info['en']['distractor_entities']} distractor towns
+Per language: {info["en"]["train_entities"]} training towns, {info["en"]["eval_entities"]} held-out evaluation towns, {info["en"]["distractor_entities"]} distractor towns
 (all disjoint; English and Chinese towns are separate sets). Training files use
 training towns only; evaluation files use held-out and distractor towns only.
 
@@ -1067,13 +1422,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "data" / "demo", help="output directory")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    ap.add_argument("--check", action="store_true",
-                    help="do not write; exit 1 unless the files on disk are identical")
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 unless the files on disk are identical")
     args = ap.parse_args(argv)
     files = build(args.seed)
     if args.check:
-        bad = [p for p, data in files.items()
-               if not (args.out / p).is_file() or (args.out / p).read_bytes() != data]
+        bad = [p for p, data in files.items() if not (args.out / p).is_file() or (args.out / p).read_bytes() != data]
         for p in bad:
             print(f"differs: {args.out / p}", file=sys.stderr)
         return 1 if bad else 0

@@ -58,7 +58,9 @@ def read_csl_ts(path: Path) -> list[tuple[str, str]]:
         for line, raw in enumerate(f, 1):
             parts = raw.rstrip("\n").split("\t")
             if len(parts) != 3:
-                raise ValueError(f"{path}:{line}: expected 3 tab-separated columns (tag, abstract, title), got {len(parts)}")
+                raise ValueError(
+                    f"{path}:{line}: expected 3 tab-separated columns (tag, abstract, title), got {len(parts)}"
+                )
             out.append((parts[2].strip(), parts[1].strip()))
     return out
 
@@ -77,11 +79,16 @@ def prepare(shared: Path, out: Path, sts_min_score: float = 4.0, csl_eval_share:
         pairs = [{"query": a, "pos": [b]} for a, b, s in train if s >= sts_min_score]
         name = f"stsb_{lang}"
         write_jsonl(out / "data" / f"{name}.jsonl", pairs)
-        train_tasks[name] = {"path": str(out / "data" / f"{name}.jsonl"), "type": "sts",
-                             "instruction": STS_INSTRUCTION[lang]}
+        train_tasks[name] = {
+            "path": str(out / "data" / f"{name}.jsonl"),
+            "type": "sts",
+            "instruction": STS_INSTRUCTION[lang],
+        }
         dev = read_sts(shared / "stsb_multi_mt" / f"stsb-{lang}-dev.csv")
         task = f"STSBDev{lang.capitalize()}"
-        write_jsonl(out / "eval" / task / "test.jsonl", [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in dev])
+        write_jsonl(
+            out / "eval" / task / "test.jsonl", [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in dev]
+        )
         eval_tasks[task] = {"type": "STS", "path": str(out / "eval" / task), "instruction": STS_INSTRUCTION[lang]}
         languages[lang].append(task)
         counts[name] = {"train_pairs_in": len(train), "kept_score_ge_min": len(pairs), "eval_pairs": len(dev)}
@@ -90,13 +97,17 @@ def prepare(shared: Path, out: Path, sts_min_score: float = 4.0, csl_eval_share:
     test = [(t, a) for t, a in papers if held_out(t, csl_eval_share)]
     train = [(t, a) for t, a in papers if not held_out(t, csl_eval_share)]
     write_jsonl(out / "data" / "csl_title_abstract.jsonl", [{"query": t, "pos": [a]} for t, a in train])
-    train_tasks["csl_title_abstract"] = {"path": str(out / "data" / "csl_title_abstract.jsonl"), "type": "retrieval",
-                                         "instruction": CSL_INSTRUCTION}
+    train_tasks["csl_title_abstract"] = {
+        "path": str(out / "data" / "csl_title_abstract.jsonl"),
+        "type": "retrieval",
+        "instruction": CSL_INSTRUCTION,
+    }
     folder = out / "eval" / "CSLTitleAbstract"
     write_jsonl(folder / "queries.jsonl", [{"id": f"q{i}", "text": t} for i, (t, _) in enumerate(test)])
     write_jsonl(folder / "corpus.jsonl", [{"id": f"d{i}", "text": a} for i, (_, a) in enumerate(test)])
-    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(test))),
-                                      encoding="utf-8")
+    (folder / "qrels.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(test))), encoding="utf-8"
+    )
     eval_tasks["CSLTitleAbstract"] = {"type": "Retrieval", "path": str(folder), "instruction": CSL_INSTRUCTION}
     languages["zh"].insert(0, "CSLTitleAbstract")
     counts["csl_title_abstract"] = {"papers": len(papers), "train": len(train), "held_out": len(test)}
@@ -123,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=ROOT / "real")
-    p.add_argument("--sts-min-score", type=float, default=4.0, help="STS-B train pairs at or above this score are positives")
+    p.add_argument(
+        "--sts-min-score", type=float, default=4.0, help="STS-B train pairs at or above this score are positives"
+    )
     p.add_argument("--csl-eval-share", type=float, default=0.3, help="share of CSL papers held out for evaluation")
     args = p.parse_args(argv)
     if not (args.shared / "stsb_multi_mt").is_dir():

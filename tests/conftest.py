@@ -39,8 +39,16 @@ def make_bilingual_sentences(n: int = 300, seed: int = 0) -> list[str]:
     en_subjects = ["The cat", "A student", "My neighbour", "The old man", "Our team", "The robot", "A doctor", "She"]
     en_verbs = ["reads", "writes", "finds", "cooks", "repairs", "paints", "explains", "sells", "buys", "studies"]
     en_objects = [
-        "a book about rivers", "the broken bicycle", "fresh bread", "a long letter", "the answer",
-        "an old map", "green tea", "the search engine", "a small garden", "the weather report",
+        "a book about rivers",
+        "the broken bicycle",
+        "fresh bread",
+        "a long letter",
+        "the answer",
+        "an old map",
+        "green tea",
+        "the search engine",
+        "a small garden",
+        "the weather report",
     ]
     en_tails = ["every morning.", "in the library.", "before dinner.", "with great care.", "on Sunday.", "quickly."]
     zh_subjects = ["我", "他们", "老师", "这个学生", "我的朋友", "小猫", "医生", "我们公司"]
@@ -50,7 +58,9 @@ def make_bilingual_sentences(n: int = 300, seed: int = 0) -> list[str]:
     out = []
     for i in range(n):
         if i % 2 == 0:
-            out.append(f"{rng.choice(en_subjects)} {rng.choice(en_verbs)} {rng.choice(en_objects)} {rng.choice(en_tails)}")
+            out.append(
+                f"{rng.choice(en_subjects)} {rng.choice(en_verbs)} {rng.choice(en_objects)} {rng.choice(en_tails)}"
+            )
         else:
             out.append(f"{rng.choice(zh_subjects)}{rng.choice(zh_verbs)}{rng.choice(zh_objects)}{rng.choice(zh_tails)}")
     return out
@@ -139,11 +149,32 @@ def _build_tiny_run(work: Path, tiny_qwen_dir: str) -> None:
     cfg["pretrain"].update(max_steps=3, batch_size=16)
     cfg["finetune"].update(max_steps=4, batch_size=8, runs=2)
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     # the results, and the fine-tuning funnel's gathers (what the report reads; tests/test_e2e.py checks them)
     funnel = [f"work/data/finetune/{name}.stats.json" for name in ("dedup", "decontaminated", "mined")]
-    res = subprocess.run([sys.executable, "-m", "snakemake", "results/mteb_zh.json", "results/mteb_en.json", *funnel,
-                          "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(work / "tiny.yaml")],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "results/mteb_zh.json",
+            "results/mteb_en.json",
+            *funnel,
+            "-s",
+            str(ROOT / "workflow/Snakefile"),
+            "--configfile",
+            str(work / "tiny.yaml"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-5000:]

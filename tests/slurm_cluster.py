@@ -62,12 +62,22 @@ def ensure_packages(quiet: bool = True) -> None:
         raise ClusterUnavailable(f"{', '.join(b for b in BINARIES if not shutil.which(b))} missing and no apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     out = subprocess.DEVNULL if quiet else None
-    res = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-                         env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+    res = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        env=env,
+        stdout=out,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if res.returncode != 0:  # a stale package index: update once and retry
         subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=out, stderr=subprocess.DEVNULL)
-        res = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-                             env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+        res = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     missing = [b for b in BINARIES if not shutil.which(b)]
     if res.returncode != 0 or missing:
         raise ClusterUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {res.stderr.strip()[-500:]}")
@@ -115,7 +125,7 @@ class SlurmCluster:
         return self.root / "log" / "jobcomp.txt"
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         if os.geteuid() != 0:
             raise ClusterUnavailable("needs root (slurmd runs jobs as their user; munged as 'munge')")
         ensure_packages()
@@ -123,8 +133,9 @@ class SlurmCluster:
             self._write_config()
             self._start_munge()
             self._start("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-            self._wait(lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
-                       timeout, "slurmctld")
+            self._wait(
+                lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]), timeout, "slurmctld"
+            )
             self._start("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
             self._wait(self._node_idle, timeout, "slurmd (node idle)")
         except BaseException:
@@ -135,8 +146,12 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel this cluster's jobs, then stop the daemons this object started (by pid)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--user", pwd.getpwuid(os.geteuid()).pw_name],
-                           env=self.env, capture_output=True, timeout=30)
+            subprocess.run(
+                ["scancel", "--full", "--user", pwd.getpwuid(os.geteuid()).pw_name],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+            )
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self._out(["squeue", "-h", "-t", "R,CG"]).strip():
                 time.sleep(0.5)
@@ -154,7 +169,7 @@ class SlurmCluster:
             SYSTEM_CONF.unlink(missing_ok=True)
             self._owns_system_conf = False
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -205,7 +220,8 @@ class SlurmCluster:
         gres = f"Gres=gpu:{self.gpu_type}:{self.gpus}"
         parts = "\n".join(
             f"PartitionName={p} Nodes={self.node} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
-            for i, p in enumerate(self.partitions))
+            for i, p in enumerate(self.partitions)
+        )
         self.conf.write_text(f"""\
 ClusterName=kalmtest
 SlurmctldHost={self.node}(127.0.0.1)
@@ -216,12 +232,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket}
-StateSaveLocation={self.root / 'state'}
-SlurmdSpoolDir={self.root / 'spool'}
-SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={self.root / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={self.root / 'log' / 'slurmd.log'}
+StateSaveLocation={self.root / "state"}
+SlurmdSpoolDir={self.root / "spool"}
+SlurmctldPidFile={self.root / "run" / "slurmctld.pid"}
+SlurmdPidFile={self.root / "run" / "slurmd.pid"}
+SlurmctldLogFile={self.root / "log" / "slurmctld.log"}
+SlurmdLogFile={self.root / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -282,16 +298,26 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
             os.setgroups([])
             os.setuid(munge.pw_uid)
 
-        self._start("munged", ["munged", "--foreground", f"--socket={mdir / 'munge.socket.2'}",
-                               f"--key-file={key}", f"--pid-file={mdir / 'munged.pid'}",
-                               f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"],
-                    preexec_fn=as_munge)
+        self._start(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={mdir / 'munge.socket.2'}",
+                f"--key-file={key}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+            preexec_fn=as_munge,
+        )
         self._wait(lambda: (mdir / "munge.socket.2").exists(), 20, "munged")
 
     def _start(self, name: str, cmd: list[str], **kw) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True, **kw)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, **kw
+        )
         log.close()
 
     def _wait(self, check, timeout: float, what: str) -> None:
@@ -303,12 +329,16 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
             if check():
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"{what} not ready after {timeout} s; logs:\n"
-                           + "\n".join(self._tail(n) for n in self.procs))
+        raise RuntimeError(
+            f"{what} not ready after {timeout} s; logs:\n" + "\n".join(self._tail(n) for n in self.procs)
+        )
 
     def _tail(self, name: str) -> str:
-        files = [self.root / "log" / f"{name}.log", self.root / "log" / f"{name}.out",
-                 self.root / "munge" / "munged.log"][: 3 if name == "munged" else 2]
+        files = [
+            self.root / "log" / f"{name}.log",
+            self.root / "log" / f"{name}.out",
+            self.root / "munge" / "munged.log",
+        ][: 3 if name == "munged" else 2]
         texts = [f.read_text(errors="replace") for f in files if f.exists()]
         return f"--- {name}\n" + "\n".join(t[-3000:] for t in texts if t)
 

@@ -27,11 +27,23 @@ def write_sidecars(folder: Path, scores: dict, model: str = "results/models/fina
         raw = folder / f"{name}.json"
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text("{}")  # stands in for mteb's raw result; the sidecar is what is read
-        write_json(folder / f"{name}.kalm.json", {
-            "task": name, "type": ty, "lang": "zh", "main_score": score, "metric": metric, "model": model,
-            "instruction": instruction, "prompts": {}, "max_seq_length": 512, "dtype": "float32",
-            "mteb_version": "2.26.24", "seconds": 1.0,
-        })
+        write_json(
+            folder / f"{name}.kalm.json",
+            {
+                "task": name,
+                "type": ty,
+                "lang": "zh",
+                "main_score": score,
+                "metric": metric,
+                "model": model,
+                "instruction": instruction,
+                "prompts": {},
+                "max_seq_length": 512,
+                "dtype": "float32",
+                "mteb_version": "2.26.24",
+                "seconds": 1.0,
+            },
+        )
         paths.append(str(raw))
     return paths
 
@@ -127,8 +139,9 @@ def test_raw_mteb_result_without_sidecar(tmp_path):
         "dataset_revision": "a0d554a64d88156834ff5ae9920b964011b16384",
         "task_name": "STS12",
         "mteb_version": "2.26.24",
-        "scores": {"test": [{"cosine_spearman": 0.7, "main_score": 0.7, "hf_subset": "default",
-                             "languages": ["eng-Latn"]}]},
+        "scores": {
+            "test": [{"cosine_spearman": 0.7, "main_score": 0.7, "hf_subset": "default", "languages": ["eng-Latn"]}]
+        },
         "evaluation_time": 1.0,
         "kg_co2_emissions": None,
     }
@@ -143,10 +156,23 @@ def test_cli(tmp_path, capsys):
 
     base_scores = {n: (FINAL[n][0], s, FINAL[n][2], None) for n, s in BASE.items()}
     base_out = tmp_path / "baseline.json"
-    assert main(["aggregate", "--model", "base", "--out", str(base_out), *write_sidecars(tmp_path / "b", base_scores)]) == 0
+    assert (
+        main(["aggregate", "--model", "base", "--out", str(base_out), *write_sidecars(tmp_path / "b", base_scores)])
+        == 0
+    )
     out = tmp_path / "results" / "mteb_zh.json"
-    rc = main(["aggregate", "--model", "final", "--out", str(out), "--baseline", str(base_out),
-               *write_sidecars(tmp_path / "f", FINAL)])
+    rc = main(
+        [
+            "aggregate",
+            "--model",
+            "final",
+            "--out",
+            str(out),
+            "--baseline",
+            str(base_out),
+            *write_sidecars(tmp_path / "f", FINAL),
+        ]
+    )
     assert rc == 0
     assert read_json(out)["gain"]["mean_task"] == pytest.approx(0.6 - sum(BASE.values()) / 5)
     assert out.with_suffix(".md").exists()
@@ -156,13 +182,18 @@ def test_cli(tmp_path, capsys):
 def test_instruction_set_sources_and_differing_instructions(tmp_path):
     """The instruction set and where each task's instruction and data came from are recorded; a baseline
     evaluated with other instructions is flagged (its gain would not be the model's alone)."""
+
     def sidecars(folder, scores, instruction_of):
         paths = write_sidecars(folder, scores)
         for p in paths:
             side = Path(p.replace(".json", ".kalm.json"))
             rec = read_json(side)
-            rec.update(instruction=instruction_of(rec["task"]), instruction_set="kalm",
-                       instruction_source="kalm:task", source="mirror")
+            rec.update(
+                instruction=instruction_of(rec["task"]),
+                instruction_set="kalm",
+                instruction_source="kalm:task",
+                source="mirror",
+            )
             write_json(side, rec)
         return paths
 
@@ -171,8 +202,12 @@ def test_instruction_set_sources_and_differing_instructions(tmp_path):
     base = aggregate(sidecars(tmp_path / "b", base_scores, lambda n: FINAL[n][3]), "base", str(base_out))
     assert base["instruction_set"] == "kalm" and base["data_sources"]["TNews"] == "mirror"
     assert base["instruction_sources"]["TNews"] == "kalm:task" and base["instructions"]["TNews"] == FINAL["TNews"][3]
-    agg = aggregate(sidecars(tmp_path / "f", FINAL, lambda n: "other" if n == "TNews" else FINAL[n][3]), "final",
-                    str(tmp_path / "f.json"), str(base_out))
+    agg = aggregate(
+        sidecars(tmp_path / "f", FINAL, lambda n: "other" if n == "TNews" else FINAL[n][3]),
+        "final",
+        str(tmp_path / "f.json"),
+        str(base_out),
+    )
     assert agg["gain"]["instructions_differ"] == ["TNews"]
     assert agg["baseline"]["instruction_set"] == "kalm"
     assert "instruction set kalm; max length 512, dtype float32" in (tmp_path / "f.md").read_text()

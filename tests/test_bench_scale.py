@@ -44,8 +44,13 @@ def _validated(task: dict, name: str, tmp: Path) -> dict[int, dict]:
     from kalm.validate import validate_file
 
     out = tmp / f"{name}.parquet"
-    validate_file(str(Path(task["files"][0]).parent), name, str(out), str(tmp / f"{name}.stats.json"),
-                  shard_ordinal=task["first_ordinal"])
+    validate_file(
+        str(Path(task["files"][0]).parent),
+        name,
+        str(out),
+        str(tmp / f"{name}.stats.json"),
+        shard_ordinal=task["first_ordinal"],
+    )
     return {r["id"]: r for r in iter_shard(out)}
 
 
@@ -121,15 +126,20 @@ def test_the_generator_is_deterministic_for_a_seed(bs, tmp_path):
         out = {}
         for f in sorted(d.rglob("*")):
             if f.is_file():
-                out[str(f.relative_to(d))] = (pq.read_table(f).to_pylist() if f.suffix == ".parquet"
-                                              else f.read_bytes().replace(str(d).encode(), b"<dir>"))
+                out[str(f.relative_to(d))] = (
+                    pq.read_table(f).to_pylist()
+                    if f.suffix == ".parquet"
+                    else f.read_bytes().replace(str(d).encode(), b"<dir>")
+                )
         return out
 
     a, b, c = (bs.generate(tmp_path / name, 400, seed=seed, shards=2) for name, seed in (("a", 1), ("b", 1), ("c", 2)))
     assert a["totals"] == b["totals"]
     fa, fb, fc = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert fa == fb
-    assert fa.keys() == fc.keys() and fa["input/retrieval_en/shard-000.jsonl"] != fc["input/retrieval_en/shard-000.jsonl"]
+    assert (
+        fa.keys() == fc.keys() and fa["input/retrieval_en/shard-000.jsonl"] != fc["input/retrieval_en/shard-000.jsonl"]
+    )
 
 
 def test_the_config_follows_the_options_and_is_valid(bs, corpus):
@@ -156,7 +166,7 @@ def test_the_tiny_model_is_minilm_shrunk_and_becomes_the_base_model(bs, corpus, 
     path = bs.build_tiny_model(tmp_path / "tiny", seed=0)
     model = SentenceTransformer(str(path), device="cpu")
     emb = model.encode(["a question about a town", "一个关于小镇的问题"], normalize_embeddings=False)
-    assert emb.shape == (2, 128) and abs(float((emb ** 2).sum(axis=1).max()) - 1.0) < 1e-4  # Normalize module
+    assert emb.shape == (2, 128) and abs(float((emb**2).sum(axis=1).max()) - 1.0) < 1e-4  # Normalize module
     backbone = model[0].auto_model.config
     assert (backbone.num_hidden_layers, backbone.hidden_size) == (2, 128) and model.max_seq_length == 64
     # the same weights for the same seed, so two runs of the benchmark embed alike
@@ -171,16 +181,34 @@ def test_the_tiny_model_is_minilm_shrunk_and_becomes_the_base_model(bs, corpus, 
 def test_a_step_peak_is_its_own_not_the_benchmark_processes(bs, tmp_path):
     hog = bytearray(400 * 2**20)  # this process: 400 MiB more than the step needs
     hog[::4096] = b"x" * len(hog[::4096])
-    m = bs._measure([sys.executable, "-c", "b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
-                    tmp_path / "step.log")
+    m = bs._measure(
+        [sys.executable, "-c", "b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096])"], tmp_path / "step.log"
+    )
     assert 60 <= m["peak_rss_mib"] < 150 and m["cpu_seconds"] > 0  # forked straight from here: > 400
     del hog
 
 
 def test_dry_run_plans_the_sharded_dag(tmp_path):
-    res = subprocess.run([sys.executable, str(SCRIPT), "--records", "300", "--work", str(tmp_path / "w"),
-                          "--partitions", "3", "--input-shards", "2", "--dry-run"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--records",
+            "300",
+            "--work",
+            str(tmp_path / "w"),
+            "--partitions",
+            "3",
+            "--input-shards",
+            "2",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     counts = {}
     for line in res.stdout.splitlines():
@@ -193,13 +221,25 @@ def test_dry_run_plans_the_sharded_dag(tmp_path):
     assert counts.get("near_buckets") == 3 and counts.get("finetune") == 1 and "pretrain" not in counts
     assert yaml.safe_load((tmp_path / "w" / "config.yaml").read_text(encoding="utf-8"))["embed"]["shards"] == 3
     # a second run into the same folder needs --overwrite; a foreign folder is never removed
-    again = subprocess.run([sys.executable, str(SCRIPT), "--records", "300", "--work", str(tmp_path / "w"), "--dry-run"],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--records", "300", "--work", str(tmp_path / "w"), "--dry-run"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode != 0 and "--overwrite" in again.stderr
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "keep.txt").write_text("x")
-    res = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / "foreign"), "--overwrite", "--dry-run"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--work", str(tmp_path / "foreign"), "--overwrite", "--dry-run"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0 and (tmp_path / "foreign" / "keep.txt").exists()
 
 
@@ -227,8 +267,14 @@ def test_jobs_come_from_the_benchmark_tsvs_and_the_stats(bs, tmp_path):
     (w / "models/finetune/run0.stats.json").write_text(json.dumps({"in": 9}))
     jobs = {j["stage"]: j for j in bs.collect_jobs(w)}
     assert [j["stage"] for j in bs.collect_jobs(w)] == ["validate", "dedup", "near_buckets", "finetune"]
-    assert jobs["validate"] == {"stage": "validate", "job": "finetune/retrieval_en/part0", "records": 7,
-                                "peak_rss_mib": 120.2, "seconds": 2.5, "cpu_seconds": 1.5}
+    assert jobs["validate"] == {
+        "stage": "validate",
+        "job": "finetune/retrieval_en/part0",
+        "records": 7,
+        "peak_rss_mib": 120.2,
+        "seconds": 2.5,
+        "cpu_seconds": 1.5,
+    }
     assert jobs["dedup"]["records"] == 6
     assert jobs["near_buckets"]["records"] == 9 and jobs["near_buckets"]["peak_rss_mib"] is None
     assert jobs["near_buckets"]["sampled"] is False
@@ -253,8 +299,23 @@ def test_every_kalm_command_logs_its_exact_peak_memory(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"stage": "x", "in": 1, "kept": 1, "dropped": {}}))
     # started straight from this pytest process (torch and models loaded: far above 500 MiB), whose
     # high-water mark Linux's getrusage would hand on to the child
-    res = subprocess.run([sys.executable, "-m", "kalm", "shards", "merge-stats", "--out", str(tmp_path / "m.json"),
-                          str(tmp_path / "a.json")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kalm",
+            "shards",
+            "merge-stats",
+            "--out",
+            str(tmp_path / "m.json"),
+            str(tmp_path / "a.json"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     log = tmp_path / "job.log"
     log.write_text(res.stderr)
@@ -283,14 +344,43 @@ def test_the_anonymous_peak_sees_an_allocation_freed_before_the_end():
 
 
 def _run_lines(path: Path, n: int, peak: float, seconds: float, partitions: int = 2) -> Path:
-    lines = [{"stage": "minhash", "job": f"finetune/p{j}", "records": n // partitions, "peak_rss_mib": peak - 10 * j,
-              "seconds": seconds, "cpu_seconds": seconds} for j in range(partitions)]
-    lines.append({"stage": "finetune", "job": "finetune_run0", "records": n, "peak_rss_mib": 2000.0,
-                  "seconds": 40.0, "cpu_seconds": 40.0})
+    lines = [
+        {
+            "stage": "minhash",
+            "job": f"finetune/p{j}",
+            "records": n // partitions,
+            "peak_rss_mib": peak - 10 * j,
+            "seconds": seconds,
+            "cpu_seconds": seconds,
+        }
+        for j in range(partitions)
+    ]
+    lines.append(
+        {
+            "stage": "finetune",
+            "job": "finetune_run0",
+            "records": n,
+            "peak_rss_mib": 2000.0,
+            "seconds": 40.0,
+            "cpu_seconds": 40.0,
+        }
+    )
     lines.append({"stage": "planted", "records": n, "peak_rss_mib": None, "seconds": None})
-    lines.append({"stage": "run", "records": n, "peak_rss_mib": None, "seconds": 100.0, "partitions": partitions,
-                  "band_jobs": 2, "embed_shards": partitions, "input_files": 8, "pools": 2, "steps": 20,
-                  "batch_size": 16})
+    lines.append(
+        {
+            "stage": "run",
+            "records": n,
+            "peak_rss_mib": None,
+            "seconds": 100.0,
+            "partitions": partitions,
+            "band_jobs": 2,
+            "embed_shards": partitions,
+            "input_files": 8,
+            "pools": 2,
+            "steps": 20,
+            "batch_size": 16,
+        }
+    )
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
@@ -298,9 +388,28 @@ def _run_lines(path: Path, n: int, peak: float, seconds: float, partitions: int 
 def test_summary_gives_ratios_and_a_linear_extrapolation(bs, tmp_path):
     small = _run_lines(tmp_path / "small.jsonl", 1000, 110.0, 1.0)
     large = _run_lines(tmp_path / "large.jsonl", 10000, 200.0, 10.0)
-    res = subprocess.run([sys.executable, str(SCRIPT), "--summary", str(large), str(small), "--partitions", "100",
-                          "--band-jobs", "9", "--embed-shards", "10", "--input-files", "6"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--summary",
+            str(large),
+            str(small),
+            "--partitions",
+            "100",
+            "--band-jobs",
+            "9",
+            "--embed-shards",
+            "10",
+            "--input-files",
+            "6",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     out = res.stdout
     row = next(line for line in out.splitlines() if line.startswith("| minhash | 2 -> 2"))
@@ -321,8 +430,14 @@ def test_summary_gives_ratios_and_a_linear_extrapolation(bs, tmp_path):
 @pytest.mark.skipif(os.environ.get("KALM_BENCH") != "1", reason="opt-in (minutes): KALM_BENCH=1")
 def test_a_2000_record_run_through_the_dag(tmp_path):
     work = tmp_path / "bench"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--records", "2000", "--work", str(work), "--compare-datatrove"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=3600)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--records", "2000", "--work", str(work), "--compare-datatrove"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert lines == [json.loads(line) for line in (work / "bench.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -334,7 +449,9 @@ def test_a_2000_record_run_through_the_dag(tmp_path):
     for stage in ("dedup", "minhash", "near_buckets", "near_filter", "decontaminate", "embed", "mine"):
         assert by[stage] == 2, (stage, by)
     assert sum(j["records"] for j in jobs if j["stage"] == "validate") == 2000
-    assert all(j["records"] for j in jobs if j["stage"] in ("validate", "dedup", "near_filter", "decontaminate", "mine"))
+    assert all(
+        j["records"] for j in jobs if j["stage"] in ("validate", "dedup", "near_filter", "decontaminate", "mine")
+    )
     planted = next(x for x in lines if x["stage"] == "planted")
     assert planted["exact_dropped"] == planted["exact_duplicates"] > 0
     assert planted["decontaminated"] == planted["leaks"] >= 6

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_workflow import job_counts
 
 from kalm.io import read_jsonl
@@ -51,8 +50,9 @@ def test_the_split_holds_out_half_the_papers_and_never_trains_on_them(cp, tmp_pa
 
 def test_set_overrides_the_recipe_and_bad_keys_are_refused_before_anything_runs(cp, tmp_path):
     split = cp.write_split(SHARED, tmp_path, 0.5, 80)
-    overrides = cp.parse_set(["finetune.lr=5e-5", "mine.filter_topk=0", "mine.range_for_sampling=[10, 60]",
-                              "mine.margin_ratio=null"])
+    overrides = cp.parse_set(
+        ["finetune.lr=5e-5", "mine.filter_topk=0", "mine.range_for_sampling=[10, 60]", "mine.margin_ratio=null"]
+    )
     cfg = cp.ours_config(ROOT / "config/csl_compare.yaml", overrides, split)
     assert cfg["finetune"]["lr"] == 5e-5 and cfg["mine"]["filter_topk"] == 0
     assert cfg["mine"]["range_for_sampling"] == [10, 60] and cfg["mine"]["margin_ratio"] is None
@@ -74,10 +74,25 @@ def test_ours_config_is_a_dag_of_one_run_and_two_evaluations(cp, tmp_path):
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, **cp.OFFLINE_ENV, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local")}
-    res = subprocess.run([*cp.snakemake_cmd(), "results/mteb_zh.json", "results/baseline/mteb_zh.json", "-n",
-                          "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(folder),
-                          "--configfile", str(folder / "config.yaml")],
-                         cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            *cp.snakemake_cmd(),
+            "results/mteb_zh.json",
+            "results/baseline/mteb_zh.json",
+            "-n",
+            "-s",
+            str(ROOT / "workflow/Snakefile"),
+            "--directory",
+            str(folder),
+            "--configfile",
+            str(folder / "config.yaml"),
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = job_counts(res.stdout)
     assert jobs["finetune"] == 1 and jobs["soup"] == 1 and jobs["evaluate"] == 2 and "pretrain" not in jobs
@@ -87,9 +102,26 @@ def test_ours_config_is_a_dag_of_one_run_and_two_evaluations(cp, tmp_path):
 def test_a_tiny_comparison_runs_both_sides_and_reports_them(tmp_path):
     work = tmp_path / "cmp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--max-papers", "80",
-                          "--set", "finetune.max_steps=2", "--set", "max_seq_length=128", "--plain-epochs", "3"],
-                         env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--work",
+            str(work),
+            "--max-papers",
+            "80",
+            "--set",
+            "finetune.max_steps=2",
+            "--set",
+            "max_seq_length=128",
+            "--plain-epochs",
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     rows = [json.loads(line) for line in (work / "comparison.jsonl").read_text(encoding="utf-8").splitlines()]
     by = {(r["side"], bool(r["instruction"])): r for r in rows}

@@ -44,15 +44,25 @@ def test_bad_record_stops_with_file_line_and_field(tmp_path, line, field, reason
 
 
 def test_quarantine_keeps_good_records_and_counts_rejects(tmp_path):
-    src = write_lines(tmp_path / "t.jsonl", [
-        '{"query": "Ｑｕｅｒｙ  one", "pos": ["a\\tb"]}',
-        '{"pos": ["x"]}',
-        "",
-        "not json",
-        '{"query": "q2", "pos": ["p"], "neg": ["n"]}',
-    ])
-    stats = validate_file(str(src), "t", str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                          on_error="quarantine", rejects_path=str(tmp_path / "r.jsonl"), instruction="Find it")
+    src = write_lines(
+        tmp_path / "t.jsonl",
+        [
+            '{"query": "Ｑｕｅｒｙ  one", "pos": ["a\\tb"]}',
+            '{"pos": ["x"]}',
+            "",
+            "not json",
+            '{"query": "q2", "pos": ["p"], "neg": ["n"]}',
+        ],
+    )
+    validate_file(
+        str(src),
+        "t",
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        on_error="quarantine",
+        rejects_path=str(tmp_path / "r.jsonl"),
+        instruction="Find it",
+    )
     kept = list(read_jsonl(tmp_path / "o.jsonl"))
     assert [r["query"] for r in kept] == ["Query one", "q2"]  # NFKC + whitespace folding
     assert kept[0]["pos"] == ["a b"] and kept[0]["task"] == "t" and kept[0]["instruction"] == "Find it"
@@ -67,11 +77,16 @@ def test_quarantine_keeps_good_records_and_counts_rejects(tmp_path):
 some_text = st.text("a 中Ａ\t\ud800\udfff", min_size=1, max_size=8) | st.text(min_size=1, max_size=8)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | some_text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 record_like = st.fixed_dictionaries(  # mostly well-formed, so that both outcomes are common
     {"query": some_text | json_values, "pos": st.lists(some_text, min_size=1, max_size=3) | json_values},
-    optional={"neg": st.lists(some_text, max_size=2) | json_values, "instruction": some_text | json_values})
-lines = st.lists(st.one_of(record_like.map(json.dumps), json_values.map(json.dumps), st.binary(max_size=12)), max_size=12)
+    optional={"neg": st.lists(some_text, max_size=2) | json_values, "instruction": some_text | json_values},
+)
+lines = st.lists(
+    st.one_of(record_like.map(json.dumps), json_values.map(json.dumps), st.binary(max_size=12)), max_size=12
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -82,8 +97,9 @@ def test_quarantine_never_crashes_and_accounts_for_every_line(tmp_path_factory, 
     and the kept records validate again unchanged (normalisation is idempotent)."""
     d = tmp_path_factory.mktemp("fuzz")
     src = write_lines(d / "t.jsonl", [l.replace(b"\n", b" ") if isinstance(l, bytes) else l for l in raw_lines])
-    stats = validate_file(str(src), "t", str(d / "o.jsonl"), str(d / "s.json"), on_error="quarantine",
-                          rejects_path=str(d / "r.jsonl"))
+    stats = validate_file(
+        str(src), "t", str(d / "o.jsonl"), str(d / "s.json"), on_error="quarantine", rejects_path=str(d / "r.jsonl")
+    )
     kept, rejects = list(read_jsonl(d / "o.jsonl")), list(read_jsonl(d / "r.jsonl"))
     assert stats.n_in == stats.kept + len(rejects) == stats.kept + sum(stats.dropped.values())
     assert len(kept) == stats.kept and all(r["file"] == str(src) and r["field"] and r["reason"] for r in rejects)
@@ -91,13 +107,17 @@ def test_quarantine_never_crashes_and_accounts_for_every_line(tmp_path_factory, 
     assert list(read_jsonl(d / "o2.jsonl")) == kept and again.kept == len(kept)
 
 
-texts = st.text(alphabet=st.sampled_from(list("ab 中文Ａ\t")), min_size=1, max_size=6).filter(lambda t: normalize_text(t))
+texts = st.text(alphabet=st.sampled_from(list("ab 中文Ａ\t")), min_size=1, max_size=6).filter(
+    lambda t: normalize_text(t)
+)
 records = st.lists(st.tuples(texts, st.lists(texts, min_size=1, max_size=2)), max_size=30)
 
 
 def _write_records(path, recs, task="t"):
-    path.write_text("".join(json.dumps({"query": q, "pos": p, "task": task}, ensure_ascii=False) + "\n" for q, p in recs),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"query": q, "pos": p, "task": task}, ensure_ascii=False) + "\n" for q, p in recs),
+        encoding="utf-8",
+    )
     return str(path)
 
 
@@ -119,6 +139,7 @@ def test_dedup_invariants(tmp_path_factory, recs, partitions):
     assert stats["partitions"] == partitions and stats["method"] == "exact"
     # a record without duplicates is never dropped
     from collections import Counter
+
     counts = Counter(record_hash(q, p) for q, p in recs)
     assert all(k in set(keys) for k, c in counts.items() if c == 1)
     # idempotent (and the same whatever the partitions)
@@ -141,15 +162,25 @@ def test_decontamination_drops_planted_eval_copies(tmp_path):
     (task / "corpus.jsonl").write_text('{"id": "d1", "text": "The bridge is in Belmora."}\n', encoding="utf-8")
     sts = tmp_path / "EvalSTS"
     sts.mkdir()
-    (sts / "test.jsonl").write_text('{"sentence1": "A cat sleeps.", "sentence2": "A dog runs.", "score": 1}\n', encoding="utf-8")
-    src = _write_records(tmp_path / "train.jsonl", [
-        ("where is the  old bridge?", ["unrelated"]),      # copy of an eval query (normalised)
-        ("clean query", ["The bridge is in Belmora."]),    # eval passage as a positive
-        ("a cat sleeps.", ["x"]),                          # STS sentence
-        ("clean", ["clean passage"]),
-    ])
-    stats = decontaminate(src, {"EvalRetrieval": str(task), "EvalSTS": str(sts)}, str(tmp_path / "o.jsonl"),
-                          str(tmp_path / "s.json"), str(tmp_path / "r.json"))
+    (sts / "test.jsonl").write_text(
+        '{"sentence1": "A cat sleeps.", "sentence2": "A dog runs.", "score": 1}\n', encoding="utf-8"
+    )
+    src = _write_records(
+        tmp_path / "train.jsonl",
+        [
+            ("where is the  old bridge?", ["unrelated"]),  # copy of an eval query (normalised)
+            ("clean query", ["The bridge is in Belmora."]),  # eval passage as a positive
+            ("a cat sleeps.", ["x"]),  # STS sentence
+            ("clean", ["clean passage"]),
+        ],
+    )
+    stats = decontaminate(
+        src,
+        {"EvalRetrieval": str(task), "EvalSTS": str(sts)},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        str(tmp_path / "r.json"),
+    )
     assert [r["query"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["clean"]
     assert stats.dropped == {"overlaps_eval": 3}
     report = read_json(tmp_path / "r.json")

@@ -65,7 +65,10 @@ def make_clustered_corpus(seed, n, n_exact, n_near, n_parts, tasks=("a", "b")):
     recs, origin = [recs[i] for i in order], [origin[i] for i in order]
     cuts = sorted(rng.randint(0, len(recs)) for _ in range(n_parts - 1))
     bounds = [0, *cuts, len(recs)]
-    corpus = [[{**r, "id": record_id(o, k)} for k, r in enumerate(recs[a:b])] for o, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    corpus = [
+        [{**r, "id": record_id(o, k)} for k, r in enumerate(recs[a:b])]
+        for o, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
     ids = [r["id"] for part in corpus for r in part]
     return corpus, dict(zip(ids, origin))
 
@@ -89,8 +92,12 @@ def run_steps(d: Path, parts: list[str], partitions: int, band_jobs: int, batch:
     final = [str(d / f"dedup{j}.parquet") for j in range(partitions)]
     for j in range(partitions):
         nd.near_filter(exact[j], str(d / "drop.npy"), final[j], str(d / f"dedup{j}.json"), str(d / "components.json"))
-    stats = gather_stats([str(d / f"exact{j}.json") for j in range(partitions)], str(d / "stats.json"),
-                         [str(d / f"dedup{j}.json") for j in range(partitions)], str(d / "components.json"))
+    stats = gather_stats(
+        [str(d / f"exact{j}.json") for j in range(partitions)],
+        str(d / "stats.json"),
+        [str(d / f"dedup{j}.json") for j in range(partitions)],
+        str(d / "components.json"),
+    )
     return exact, final, stats
 
 
@@ -141,10 +148,18 @@ def read_partitions(paths):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), n=st.integers(0, 25), n_exact=st.integers(0, 6), n_near=st.integers(0, 8),
-       n_parts=st.integers(1, 3), partitions=st.integers(1, 4), band_jobs=st.integers(1, 3))
-def test_result_does_not_depend_on_partitions_or_band_jobs(tmp_path_factory, seed, n, n_exact, n_near, n_parts,
-                                                           partitions, band_jobs):
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(0, 25),
+    n_exact=st.integers(0, 6),
+    n_near=st.integers(0, 8),
+    n_parts=st.integers(1, 3),
+    partitions=st.integers(1, 4),
+    band_jobs=st.integers(1, 3),
+)
+def test_result_does_not_depend_on_partitions_or_band_jobs(
+    tmp_path_factory, seed, n, n_exact, n_near, n_parts, partitions, band_jobs
+):
     d = tmp_path_factory.mktemp("shuffle")
     corpus, origin = make_clustered_corpus(seed, n, n_exact, n_near, n_parts)
     records = [r for part in corpus for r in part]
@@ -186,16 +201,23 @@ def test_planted_cluster_keeps_its_smallest_id_and_chains_are_one_cluster(tmp_pa
         sig = signatures([nd.record_text({"query": "q", "pos": [t]}) for t in (a, b, c)])
         keys = band_keys(sig, *optimal_bands(THRESHOLD, 128))
         sim = lambda i, j: (sig[i] == sig[j]).mean()  # noqa: E731
-        if (sim(0, 1) >= 0.85 and sim(1, 2) >= 0.85 and sim(0, 2) < 0.75 and (keys[0] == keys[1]).any()
-                and (keys[1] == keys[2]).any()):
+        if (
+            sim(0, 1) >= 0.85
+            and sim(1, 2) >= 0.85
+            and sim(0, 2) < 0.75
+            and (keys[0] == keys[1]).any()
+            and (keys[1] == keys[2]).any()
+        ):
             break
     else:
         pytest.fail("no chain found")
     rng = random.Random(0)
     others = [{"query": random_text(rng, 3), "pos": [random_text(rng, 25)], "task": "t"} for _ in range(10)]
     chain = [{"query": "q", "pos": [t], "task": "t"} for t in (c, a, b)]  # C first in input order: it is kept
-    corpus = [[{**r, "id": record_id(0, i)} for i, r in enumerate(others[:5] + chain[:1])],
-              [{**r, "id": record_id(1, i)} for i, r in enumerate(others[5:] + chain[1:])]]
+    corpus = [
+        [{**r, "id": record_id(0, i)} for i, r in enumerate(others[:5] + chain[:1])],
+        [{**r, "id": record_id(1, i)} for i, r in enumerate(others[5:] + chain[1:])],
+    ]
     parts = write_parts(tmp_path / "in", corpus)
     _, final, stats = run_steps(tmp_path / "run", parts, 3, 2)
     kept = {r["pos"][0] for r in read_partitions(final)}
@@ -258,7 +280,9 @@ def test_exact_step_takes_parts_in_any_order_and_rejects_duplicate_ids(tmp_path)
         scatter_part(str(tmp_path / f"{n}.parquet"), o)
     dedup_partition([h[0] for h in halves], str(tmp_path / "m.parquet"), str(tmp_path / "m.json"))
     assert list(iter_shard(tmp_path / "m.parquet")) == list(iter_shard(tmp_path / "a.parquet"))
-    assert read_json(tmp_path / "m.json")["dropped"] == read_json(tmp_path / "a.json")["dropped"] == {"exact_duplicate": 6}
+    assert (
+        read_json(tmp_path / "m.json")["dropped"] == read_json(tmp_path / "a.json")["dropped"] == {"exact_duplicate": 6}
+    )
     with pytest.raises(ValueError, match="occurs twice"):
         dedup_partition([outs[0][0], outs[0][0]], str(tmp_path / "c.parquet"), str(tmp_path / "c.json"))
     assert not (tmp_path / "c.parquet").exists()
@@ -278,37 +302,148 @@ def test_cli_steps(tmp_path):
     parts = write_parts(tmp_path / "in", corpus)
     d = tmp_path / "cli"
     for i, p in enumerate(parts):
-        assert kalm_main(["dedup", "--step", "scatter", p, "--out", *[str(d / f"s{i}.p{j}.parquet") for j in range(2)]]) == 0
+        assert (
+            kalm_main(["dedup", "--step", "scatter", p, "--out", *[str(d / f"s{i}.p{j}.parquet") for j in range(2)]])
+            == 0
+        )
     for j in range(2):
-        assert kalm_main(["dedup", "--step", "exact", *[str(d / f"s{i}.p{j}.parquet") for i in range(2)],
-                          "--partition", f"p{j}", "--out", str(d / f"e{j}.parquet"), "--stats", str(d / f"e{j}.json")]) == 0
-        assert kalm_main(["dedup", "--step", "minhash", str(d / f"e{j}.parquet"), "--out", str(d / f"m{j}"),
-                          "--num-perm", "128", "--threshold", "0.8"]) == 0
+        assert (
+            kalm_main(
+                [
+                    "dedup",
+                    "--step",
+                    "exact",
+                    *[str(d / f"s{i}.p{j}.parquet") for i in range(2)],
+                    "--partition",
+                    f"p{j}",
+                    "--out",
+                    str(d / f"e{j}.parquet"),
+                    "--stats",
+                    str(d / f"e{j}.json"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            kalm_main(
+                [
+                    "dedup",
+                    "--step",
+                    "minhash",
+                    str(d / f"e{j}.parquet"),
+                    "--out",
+                    str(d / f"m{j}"),
+                    "--num-perm",
+                    "128",
+                    "--threshold",
+                    "0.8",
+                ]
+            )
+            == 0
+        )
     for k in range(2):
-        assert kalm_main(["dedup", "--step", "buckets", str(d / "m0"), str(d / "m1"), "--band-job", str(k),
-                          "--band-jobs", "2", "--out", str(d / f"pairs{k}.npy")]) == 0
-    assert kalm_main(["dedup", "--step", "components", str(d / "pairs0.npy"), str(d / "pairs1.npy"),
-                      "--out", str(d / "drop.npy"), "--stats", str(d / "components.json")]) == 0
+        assert (
+            kalm_main(
+                [
+                    "dedup",
+                    "--step",
+                    "buckets",
+                    str(d / "m0"),
+                    str(d / "m1"),
+                    "--band-job",
+                    str(k),
+                    "--band-jobs",
+                    "2",
+                    "--out",
+                    str(d / f"pairs{k}.npy"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        kalm_main(
+            [
+                "dedup",
+                "--step",
+                "components",
+                str(d / "pairs0.npy"),
+                str(d / "pairs1.npy"),
+                "--out",
+                str(d / "drop.npy"),
+                "--stats",
+                str(d / "components.json"),
+            ]
+        )
+        == 0
+    )
     for j in range(2):
-        assert kalm_main(["dedup", "--step", "filter", str(d / f"e{j}.parquet"), "--drop", str(d / "drop.npy"),
-                          "--components", str(d / "components.json"), "--out", str(d / f"o{j}.parquet"),
-                          "--stats", str(d / f"o{j}.json")]) == 0
-    assert kalm_main(["dedup", "--step", "stats", str(d / "e0.json"), str(d / "e1.json"), "--near-stats",
-                      str(d / "o0.json"), str(d / "o1.json"), "--components", str(d / "components.json"),
-                      "--params", '{"threshold": 0.8}', "--out", str(d / "stats.json")]) == 0
+        assert (
+            kalm_main(
+                [
+                    "dedup",
+                    "--step",
+                    "filter",
+                    str(d / f"e{j}.parquet"),
+                    "--drop",
+                    str(d / "drop.npy"),
+                    "--components",
+                    str(d / "components.json"),
+                    "--out",
+                    str(d / f"o{j}.parquet"),
+                    "--stats",
+                    str(d / f"o{j}.json"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        kalm_main(
+            [
+                "dedup",
+                "--step",
+                "stats",
+                str(d / "e0.json"),
+                str(d / "e1.json"),
+                "--near-stats",
+                str(d / "o0.json"),
+                str(d / "o1.json"),
+                "--components",
+                str(d / "components.json"),
+                "--params",
+                '{"threshold": 0.8}',
+                "--out",
+                str(d / "stats.json"),
+            ]
+        )
+        == 0
+    )
     s = read_json(d / "stats.json")
     assert s["in"] == 27 == s["kept"] + sum(s["dropped"].values()) and s["threshold"] == 0.8
     assert s["method"] == "exact+near" and s["partitions"] == 2
     # all in one process: the same records
-    assert kalm_main(["dedup", *parts, "--near-dup", "--partitions", "3", "--out", str(tmp_path / "all.parquet"),
-                      "--stats", str(tmp_path / "all.json")]) == 0
+    assert (
+        kalm_main(
+            [
+                "dedup",
+                *parts,
+                "--near-dup",
+                "--partitions",
+                "3",
+                "--out",
+                str(tmp_path / "all.parquet"),
+                "--stats",
+                str(tmp_path / "all.json"),
+            ]
+        )
+        == 0
+    )
     assert list(iter_shard(tmp_path / "all.parquet")) == read_partitions([str(d / "o0.parquet"), str(d / "o1.parquet")])
     assert read_json(tmp_path / "all.json")["dropped"] == s["dropped"]
 
 
 # ---- the Snakemake rules (workflow/rules/dedup.smk) on their own ---------------------------------
 
-HARNESS = '''
+HARNESS = """
 import shlex, sys
 # `kalm`, through a wrapper that fails the job whose command matches $KALM_TEST_FAIL (a killed job)
 KALM = f"{shlex.quote(sys.executable)} {shlex.quote(str(workflow.basedir))}/kalm_wrapper.py"
@@ -324,23 +459,38 @@ wildcard_constraints:
     stage="pretrain|finetune",
     dtask="[^/]+",
 include: "%s"
-'''
+"""
 
-WRAPPER = '''
+WRAPPER = """
 import os, re, sys
 if os.environ.get("KALM_TEST_FAIL") and re.search(os.environ["KALM_TEST_FAIL"], " ".join(sys.argv[1:])):
     sys.exit("killed (test)")
 from kalm.cli import main
 raise SystemExit(main(sys.argv[1:]))
-'''
+"""
 
 
 def _snakemake(work, *args, fail=None):
     env = {k: v for k, v in __import__("os").environ.items() if k != "SNAKEMAKE_PROFILE"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **({"KALM_TEST_FAIL": fail} if fail else {}))
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(work / "Snakefile"), "--configfile",
-                           str(work / "config.yaml"), "--nolock"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            *args,
+            "-s",
+            str(work / "Snakefile"),
+            "--configfile",
+            str(work / "config.yaml"),
+            "--nolock",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _jobs(output):
@@ -352,16 +502,32 @@ def test_snakemake_rules_rerun_a_failed_partition_job_alone(tmp_path):
     work = tmp_path
     (work / "Snakefile").write_text(HARNESS % (ROOT / "workflow/rules/dedup.smk"), encoding="utf-8")
     (work / "kalm_wrapper.py").write_text(WRAPPER, encoding="utf-8")
-    (work / "config.yaml").write_text(json.dumps({"data": {"finetune": {"a": 2, "b": 1}, "dedup": {
-        "near_dup": True, "threshold": THRESHOLD, "shards": 2, "band_jobs": 2}}}), encoding="utf-8")
+    (work / "config.yaml").write_text(
+        json.dumps(
+            {
+                "data": {
+                    "finetune": {"a": 2, "b": 1},
+                    "dedup": {"near_dup": True, "threshold": THRESHOLD, "shards": 2, "band_jobs": 2},
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
     corpus = make_corpus(6, 40, 6, 8, 3)
     for (task, i), recs in zip([("a", 0), ("a", 1), ("b", 0)], corpus):
         write_shard(work / f"work/data/finetune/validated/{task}/part{i}.parquet", [{**r, "task": task} for r in recs])
     target = "work/data/finetune/dedup.stats.json"
     res = _snakemake(work, target, "-n")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _jobs(res.stdout) == {"dedup_scatter": 3, "dedup": 2, "minhash": 2, "near_buckets": 2,
-                                 "near_components": 1, "near_filter": 2, "dedup_stats": 1}
+    assert _jobs(res.stdout) == {
+        "dedup_scatter": 3,
+        "dedup": 2,
+        "minhash": 2,
+        "near_buckets": 2,
+        "near_components": 1,
+        "near_filter": 2,
+        "dedup_stats": 1,
+    }
     # partition 1's filter job is killed; everything else finishes (-k)
     res = _snakemake(work, target, "-c2", "-k", fail=r"--step filter \S*exact/p1\.parquet")
     assert res.returncode != 0 and (work / "work/data/finetune/dedup/p0.parquet").exists()
@@ -374,8 +540,12 @@ def test_snakemake_rules_rerun_a_failed_partition_job_alone(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (work / "work/data/finetune/dedup/p0.parquet").read_bytes() == p0
     # temporary intermediates are gone; the outputs equal the steps run by hand with other settings
-    left = {str(p.relative_to(work / "work/data/finetune")) for p in (work / "work/data/finetune").rglob("*") if p.is_file()}
-    assert not {p for p in left if p.startswith(("scatter/", "minhash/", "exact/p")) and p.endswith((".parquet", ".npy"))}
+    left = {
+        str(p.relative_to(work / "work/data/finetune")) for p in (work / "work/data/finetune").rglob("*") if p.is_file()
+    }
+    assert not {
+        p for p in left if p.startswith(("scatter/", "minhash/", "exact/p")) and p.endswith((".parquet", ".npy"))
+    }
     assert "near/pairs0.npy" not in left
     parts = [str(work / f"work/data/finetune/validated/{t}/part{i}.parquet") for t, i in [("a", 0), ("a", 1), ("b", 0)]]
     _, final, ref = run_steps(tmp_path / "ref", parts, 3, 1)
@@ -392,7 +562,9 @@ def test_snakemake_rules_exact_only(tmp_path):
     work = tmp_path
     (work / "Snakefile").write_text(HARNESS % (ROOT / "workflow/rules/dedup.smk"), encoding="utf-8")
     (work / "kalm_wrapper.py").write_text(WRAPPER, encoding="utf-8")
-    (work / "config.yaml").write_text(json.dumps({"data": {"finetune": {"a": 1}, "dedup": {"shards": 3}}}), encoding="utf-8")
+    (work / "config.yaml").write_text(
+        json.dumps({"data": {"finetune": {"a": 1}, "dedup": {"shards": 3}}}), encoding="utf-8"
+    )
     corpus = make_corpus(7, 10, 4, 0, 1, tasks=("a",))
     write_shard(work / "work/data/finetune/validated/a/part0.parquet", corpus[0])
     target = "work/data/finetune/dedup.stats.json"

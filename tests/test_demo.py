@@ -27,12 +27,32 @@ def test_demo_soup_beats_the_base_model(tmp_path):
     for spec in cfg["eval"]["tasks"].values():
         spec["path"] = str(ROOT / spec["path"])
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "snakemake", "results/mteb_zh.json", "results/mteb_en.json",
-                          "-s", str(ROOT / "workflow/Snakefile"), "--configfile", str(tmp_path / "demo.yaml")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "results/mteb_zh.json",
+            "results/mteb_en.json",
+            "-s",
+            str(ROOT / "workflow/Snakefile"),
+            "--configfile",
+            str(tmp_path / "demo.yaml"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     print(f"demo DAG finished in {time.time() - t0:.0f} s")
     for lang, task in (("en", "DemoRetrievalEn"), ("zh", "DemoRetrievalZh")):

@@ -61,5 +61,7 @@ def test_souped_model_is_a_bidirectional_sentence_transformer(tiny_run):
     model = SentenceTransformer(str(work / "models/soup"))
     assert is_bidirectional(model) and attention_is_bidirectional(model)
     for run in (0, 1):
-        metrics = [json.loads(line) for line in (work / f"models/finetune/run{run}.metrics.jsonl").read_text().splitlines()]
+        metrics = [
+            json.loads(line) for line in (work / f"models/finetune/run{run}.metrics.jsonl").read_text().splitlines()
+        ]
         assert len(metrics) == 4 and all(m["passages"] > m["batch"] for m in metrics)  # hard negatives used

@@ -16,8 +16,12 @@ from kalm.embed import (
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=st.lists(st.integers(1, 600), max_size=300), budget=st.integers(1, 4096), max_batch=st.integers(1, 64),
-       multiple=st.sampled_from([1, 8, 16]))
+@given(
+    lengths=st.lists(st.integers(1, 600), max_size=300),
+    budget=st.integers(1, 4096),
+    max_batch=st.integers(1, 64),
+    multiple=st.sampled_from([1, 8, 16]),
+)
 def test_token_budget_batches_cover_every_text_once_within_budget(lengths, budget, max_batch, multiple):
     batches = token_budget_batches(lengths, budget, max_batch, multiple)
     flat = np.concatenate(batches) if batches else np.array([], dtype=int)
@@ -31,8 +35,14 @@ def test_token_budget_batches_cover_every_text_once_within_budget(lengths, budge
     assert firsts == sorted(firsts, reverse=True)
 
 
-TEXTS = ["short", "a somewhat longer sentence about the river town and its old bridge",
-         "城镇的旧桥", "x " * 150, "Instruct: Find the passage \n Query: where is the bridge", "b"]
+TEXTS = [
+    "short",
+    "a somewhat longer sentence about the river town and its old bridge",
+    "城镇的旧桥",
+    "x " * 150,
+    "Instruct: Find the passage \n Query: where is the bridge",
+    "b",
+]
 
 
 @pytest.mark.parametrize("which", ["minilm", "tiny_qwen"])

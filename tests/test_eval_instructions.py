@@ -44,8 +44,15 @@ def test_table_is_kalms_and_matches_mtebs_copy_up_to_known_edits():
     assert set(ti.KALM_TASK_INSTRUCTIONS) == set(KaLM_task_prompts)
     differ = {k for k, v in ti.KALM_TASK_INSTRUCTIONS.items() if KaLM_task_prompts[k] != v}
     # the published script's strings (KaLM evaluate/utils.py) where mteb's copy edited them
-    assert differ == {"Banking77Classification", "MultilingualSentiment", "JDReview", "OnlineShopping",
-                      "RedditClustering", "StackExchangeClustering", "EightTagsClustering"}
+    assert differ == {
+        "Banking77Classification",
+        "MultilingualSentiment",
+        "JDReview",
+        "OnlineShopping",
+        "RedditClustering",
+        "StackExchangeClustering",
+        "EightTagsClustering",
+    }
     assert ti.KALM_TASK_INSTRUCTIONS["JDReview"].endswith("for iPhoneinto positive or negative")
 
 
@@ -75,8 +82,14 @@ def test_kalm_cmteb_list():
     for name in names:
         t = mteb.get_task(name).metadata.type
         counts[t] = counts.get(t, 0) + 1
-    assert counts == {"Retrieval": 8, "Reranking": 4, "STS": 8, "PairClassification": 2, "Clustering": 4,
-                      "Classification": 9}
+    assert counts == {
+        "Retrieval": 8,
+        "Reranking": 4,
+        "STS": 8,
+        "PairClassification": 2,
+        "Clustering": 4,
+        "Classification": 9,
+    }
     cmn = set(ti.benchmark_tasks("MTEB(cmn, v1)"))
     assert cmn < set(names) and set(names) - cmn == set(ti.KALM_CMTEB_SUBSETS)
     # the C-MTEB subsets, not STS22's zh-en pairs nor MASSIVE's traditional Chinese
@@ -87,20 +100,31 @@ def test_kalm_cmteb_list():
 
 
 def test_mteb_benchmark_task_keeps_the_benchmarks_subsets():
-    spec = {"name": "AmazonCounterfactualClassification", "lang": "en",
-            **ti.benchmark_task_defaults("MTEB(eng, v2)", "AmazonCounterfactualClassification")}
+    spec = {
+        "name": "AmazonCounterfactualClassification",
+        "lang": "en",
+        **ti.benchmark_task_defaults("MTEB(eng, v2)", "AmazonCounterfactualClassification"),
+    }
     assert spec["benchmark"] == "MTEB(eng, v2)"
     assert resolve_task(spec).hf_subsets == ["en"]  # the language filter alone would add 'en-ext'
     assert sorted(resolve_task({"name": "AmazonCounterfactualClassification", "lang": "en"}).hf_subsets) == [
-        "en", "en-ext"]
+        "en",
+        "en-ext",
+    ]
     with pytest.raises(TaskSpecError, match="not in mteb benchmark"):
         resolve_task({"name": "T2Retrieval", "benchmark": "MTEB(eng, v2)"})
 
 
 def test_config_instruction_wins_and_local_tasks_take_only_the_configs():
-    assert ti.resolve_instruction({"name": "TNews", "instruction": "Classify"}, "Classification") == ("Classify", "config")
+    assert ti.resolve_instruction({"name": "TNews", "instruction": "Classify"}, "Classification") == (
+        "Classify",
+        "config",
+    )
     assert ti.resolve_instruction({"name": "TNews", "instruction": ""}, "Classification") == (None, "config")
-    assert ti.resolve_instruction({"name": "TNews"}, "Classification") == ("Categorizing the given news title", "kalm:task")
+    assert ti.resolve_instruction({"name": "TNews"}, "Classification") == (
+        "Categorizing the given news title",
+        "kalm:task",
+    )
     assert ti.resolve_instruction({"name": "TNews", "path": "x"}, "Classification") == (None, "none")
     assert ti.resolve_instruction({"name": "ArXivHierarchicalClusteringP2P"}, "Clustering")[1] == "kalm:alias"
     with pytest.raises(ti.InstructionError, match="NewClassification.*no instruction in KaLM's published table"):
@@ -117,18 +141,26 @@ def test_prepared_mteb_task_gets_kalm_prompts_without_data(no_data):
     assert (rr.instruction_set, rr.instruction_source) == ("kalm", "kalm:type")
     assert prepare_task({"name": "AFQMC", "lang": "zh"}).prompts == {}
     assert prepare_task({"name": "TNews", "lang": "zh"}).prompts == {
-        "Classification": prefix.format("Categorizing the given news title")}
+        "Classification": prefix.format("Categorizing the given news title")
+    }
     assert prepare_task({"name": "CLSClusteringS2S", "lang": "zh"}).prompts == {
-        "Clustering": prefix.format(ti.KALM_TASK_INSTRUCTIONS["CLSClusteringS2S"])}
+        "Clustering": prefix.format(ti.KALM_TASK_INSTRUCTIONS["CLSClusteringS2S"])
+    }
     assert prepare_task({"name": "T2Retrieval", "lang": "zh", "instruction_set": "none"}).prompts == {}
 
 
 def test_one_definition_of_symmetric():
     # data types of the config and MTEB types agree
-    for data_type, mteb_name in [("sts", "STS"), ("pair_classification", "PairClassification"),
-                                 ("pair-classification", "PairClassification"), ("clustering", "Clustering"),
-                                 ("retrieval", "Retrieval"), ("classification", "Classification"),
-                                 ("reranking", "Reranking"), ("weak", "Retrieval")]:
+    for data_type, mteb_name in [
+        ("sts", "STS"),
+        ("pair_classification", "PairClassification"),
+        ("pair-classification", "PairClassification"),
+        ("clustering", "Clustering"),
+        ("retrieval", "Retrieval"),
+        ("classification", "Classification"),
+        ("reranking", "Reranking"),
+        ("weak", "Retrieval"),
+    ]:
         assert mteb_type(data_type) == mteb_name
         assert is_symmetric(data_type) == is_symmetric(mteb_name) == (mteb_name in SYMMETRIC_MTEB_TYPES)
         for instruction_set in ("kalm", "kalm_v2", "none"):
@@ -201,16 +233,21 @@ def test_kalm_v2_instructs_sts_on_both_sides_and_kalm_v1_not_at_all(no_data):
     assert prepare_task({"name": "STSB", "lang": "zh", "instruction_set": "kalm"}).prompts == {}
     # retrieval: queries only (V2's own string), except the tasks whose table entry has both sides
     assert prepare_task({"name": "T2Retrieval", "lang": "zh", "instruction_set": "kalm_v2"}).prompts == {
-        "Retrieval-query": PREFIX.format(table["T2Retrieval"])}
+        "Retrieval-query": PREFIX.format(table["T2Retrieval"])
+    }
     assert prepare_task({"name": "QuoraRetrieval", "lang": "en", "instruction_set": "kalm_v2"}).prompts == {
-        "Retrieval": PREFIX.format(table["QuoraRetrieval-query"])}
+        "Retrieval": PREFIX.format(table["QuoraRetrieval-query"])
+    }
     assert prepare_task({"name": "TNews", "lang": "zh", "instruction_set": "kalm_v2"}).prompts == {
-        "Classification": PREFIX.format(table["TNews"])}
+        "Classification": PREFIX.format(table["TNews"])
+    }
     # the aggregate CQADupstackRetrieval (MTEB(eng, v1)) takes its subtasks' one instruction, on both sides
     subtasks = {k: v for k, v in table.items() if k.startswith("CQADupstack")}
     assert len(subtasks) == 24 and len(set(subtasks.values())) == 1
     assert ti.resolve_instruction({"name": "CQADupstackRetrieval"}, "Retrieval", "kalm_v2") == (
-        next(iter(subtasks.values())), "kalm_v2:alias")
+        next(iter(subtasks.values())),
+        "kalm_v2:alias",
+    )
 
 
 def test_a_configured_instruction_follows_the_rule_too(no_data, tmp_path, caplog):

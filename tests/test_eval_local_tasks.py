@@ -28,12 +28,27 @@ TOP_RANKED = {
     "q4": ["d4", "d2"],
 }
 CLUSTERS = {
-    "animals": ["The cat sleeps on the mat.", "Dogs bark at the postman.", "A horse runs in the field.",
-                "The parrot repeats every word.", "Cows graze on the hill."],
-    "food": ["Fresh bread from the bakery.", "A bowl of spicy noodle soup.", "Chocolate cake with cream.",
-             "Grilled fish with lemon.", "Rice and beans for dinner."],
-    "computing": ["The laptop needs more memory.", "Python code runs slowly.", "The server crashed at night.",
-                  "Install the new graphics driver.", "The database query timed out."],
+    "animals": [
+        "The cat sleeps on the mat.",
+        "Dogs bark at the postman.",
+        "A horse runs in the field.",
+        "The parrot repeats every word.",
+        "Cows graze on the hill.",
+    ],
+    "food": [
+        "Fresh bread from the bakery.",
+        "A bowl of spicy noodle soup.",
+        "Chocolate cake with cream.",
+        "Grilled fish with lemon.",
+        "Rice and beans for dinner.",
+    ],
+    "computing": [
+        "The laptop needs more memory.",
+        "Python code runs slowly.",
+        "The server crashed at night.",
+        "Install the new graphics driver.",
+        "The database query timed out.",
+    ],
 }
 
 
@@ -77,8 +92,11 @@ def test_local_reranking_equals_mteb_and_is_not_retrieval(reranking_spec, tmp_pa
     task.dataset["default"]["test"]["top_ranked"] = None
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.prompts = prompts
-    as_retrieval = mteb.evaluate(model, [task], cache=None, encode_kwargs={"batch_size": 8},
-                                 show_progress_bar=False).task_results[0].get_score()
+    as_retrieval = (
+        mteb.evaluate(model, [task], cache=None, encode_kwargs={"batch_size": 8}, show_progress_bar=False)
+        .task_results[0]
+        .get_score()
+    )
     assert as_retrieval != pytest.approx(sidecar["main_score"], abs=1e-3)
     with pytest.raises(RerankingWithoutCandidates, match="'TinyReranking'.*candidate lists.*did not load"):
         run_mteb(model, task, prompts)
@@ -88,17 +106,24 @@ def test_guard_names_queries_without_candidates(reranking_spec):
     task = local_tasks.make_task(reranking_spec)
     task.load_data()
     del task.dataset["default"]["test"]["top_ranked"]["q3"]
-    with pytest.raises(RerankingWithoutCandidates, match=r"1 of 5 evaluated queries have no candidate list \(first: 'q3'\)"):
+    with pytest.raises(
+        RerankingWithoutCandidates, match=r"1 of 5 evaluated queries have no candidate list \(first: 'q3'\)"
+    ):
         run_mteb(object(), task, {})  # stops before the model is used
 
 
-@pytest.mark.parametrize("rows, pattern", [
-    ([{"query-id": "q0", "corpus-ids": ["d0"]}], r"top_ranked\.jsonl: 4 judged queries have no candidate list"),
-    ([{"query-id": "q0", "corpus-ids": ["nope"]}], r"top_ranked\.jsonl:1: field 'corpus-ids\[0\]' 'nope'"),
-    ([{"query-id": "q0", "corpus-ids": []}], r"top_ranked\.jsonl:1: field 'corpus-ids' is empty"),
-    ([{"query-id": "q0", "corpus-ids": ["d0"]}, {"query-id": "q0", "corpus-ids": ["d1"]}],
-     r"top_ranked\.jsonl:2: field 'query-id' 'q0' is a duplicate of line 1"),
-])
+@pytest.mark.parametrize(
+    "rows, pattern",
+    [
+        ([{"query-id": "q0", "corpus-ids": ["d0"]}], r"top_ranked\.jsonl: 4 judged queries have no candidate list"),
+        ([{"query-id": "q0", "corpus-ids": ["nope"]}], r"top_ranked\.jsonl:1: field 'corpus-ids\[0\]' 'nope'"),
+        ([{"query-id": "q0", "corpus-ids": []}], r"top_ranked\.jsonl:1: field 'corpus-ids' is empty"),
+        (
+            [{"query-id": "q0", "corpus-ids": ["d0"]}, {"query-id": "q0", "corpus-ids": ["d1"]}],
+            r"top_ranked\.jsonl:2: field 'query-id' 'q0' is a duplicate of line 1",
+        ),
+    ],
+)
 def test_malformed_top_ranked(tmp_path, rows, pattern):
     folder = make_retrieval(tmp_path / "bad")
     _jsonl(folder / "top_ranked.jsonl", rows)
@@ -108,8 +133,14 @@ def test_malformed_top_ranked(tmp_path, rows, pattern):
 
 
 def test_local_clustering_equals_mteb(tmp_path):
-    spec = {"name": "TinyClustering", "type": "Clustering", "lang": "en", "path": str(make_clustering(tmp_path / "cl")),
-            "instruction": "Identify the topic of the sentence", "n_experiments": 3}  # k-means runs: CI time
+    spec = {
+        "name": "TinyClustering",
+        "type": "Clustering",
+        "lang": "en",
+        "path": str(make_clustering(tmp_path / "cl")),
+        "instruction": "Identify the topic of the sentence",
+        "n_experiments": 3,
+    }  # k-means runs: CI time
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / "TinyClustering.json"), batch_size=8)
     prompts = {"Clustering": "Instruct: Identify the topic of the sentence \n Query: "}
     assert sidecar["metric"] == "v_measure" and sidecar["prompts"] == prompts and sidecar["symmetric"] is True

@@ -21,9 +21,18 @@ from kalm.task_instructions import KALM_RETRIEVAL_INSTRUCTION
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 T2_REVISION = "a34fe6bc0dff185af1228e49a0f6fb1de1565627"  # what mteb 2.26 pins for T2Reranking
 
-DOCS = ["猫坐在厨房的垫子上。", "巴黎是法国的首都和最大城市。", "Python 是一种流行的编程语言。", "长城有几千公里长。",
-        "香蕉是一种富含钾的黄色水果。", "足球比赛由两队各十一名球员进行。", "里昂是法国的一座大城市，以美食闻名。",
-        "Java 是一种运行在虚拟机上的编程语言。", "没人在家时，狗常常睡在沙发上。", "北京是中国的首都。"]
+DOCS = [
+    "猫坐在厨房的垫子上。",
+    "巴黎是法国的首都和最大城市。",
+    "Python 是一种流行的编程语言。",
+    "长城有几千公里长。",
+    "香蕉是一种富含钾的黄色水果。",
+    "足球比赛由两队各十一名球员进行。",
+    "里昂是法国的一座大城市，以美食闻名。",
+    "Java 是一种运行在虚拟机上的编程语言。",
+    "没人在家时，狗常常睡在沙发上。",
+    "北京是中国的首都。",
+]
 QUERIES = {"q0": "猫在哪里？", "q1": "法国的首都是哪里？", "q2": "有哪些编程语言？", "q3": "介绍一下中国。"}
 QRELS = [("q0", "d0", 1), ("q1", "d1", 1), ("q2", "d2", 1), ("q2", "d7", 1), ("q3", "d9", 1)]
 TOP_RANKED = {"q0": ["d8", "d0", "d4"], "q1": ["d6", "d1", "d9"], "q2": ["d7", "d3", "d5"], "q3": ["d3", "d9", "d1"]}
@@ -57,8 +66,9 @@ def t2reranking_mirror(root: Path, top_ranked: bool = True, revision: str | None
         configs["top_ranked"] = {"dev": [{"query-id": q, "corpus-ids": c} for q, c in TOP_RANKED.items()]}
     folder = make_hf_mirror(mteb_mirror.mirror_folder(root, "mteb/T2Reranking"), configs)
     if revision:
-        (folder / mteb_mirror.MIRROR_INFO).write_text(json.dumps({"task": "T2Reranking", "path": "mteb/T2Reranking",
-                                                                  "revision": revision}))
+        (folder / mteb_mirror.MIRROR_INFO).write_text(
+            json.dumps({"task": "T2Reranking", "path": "mteb/T2Reranking", "revision": revision})
+        )
     return folder
 
 
@@ -89,7 +99,13 @@ def mteb_reference(name: str, folder: Path, prompts: dict, splits: list[str] | N
 def test_mteb_reranking_task_from_mirror_equals_mteb(tmp_path):
     root = tmp_path / "mirror"
     folder = t2reranking_mirror(root)
-    spec = {"name": "T2Reranking", "type": "Reranking", "lang": "zh", "mirror_root": str(root), "instruction_set": "kalm"}
+    spec = {
+        "name": "T2Reranking",
+        "type": "Reranking",
+        "lang": "zh",
+        "mirror_root": str(root),
+        "instruction_set": "kalm",
+    }
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / "out" / "T2Reranking.json"), batch_size=8)
     prompts = {"Reranking-query": "Instruct: Given a query, retrieve documents that answer the query. \n Query: "}
     assert sidecar["prompts"] == prompts and KALM_RETRIEVAL_INSTRUCTION in prompts["Reranking-query"]
@@ -139,8 +155,9 @@ def test_single_config_mirror_in_a_task_folder(tmp_path):
     """STS12 (mteb/sts12-sts) is one config of split files: a folder with test.jsonl mirrors it."""
     folder = tmp_path / "sts12"
     _jsonl(folder / "test.jsonl", [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS])
-    sidecar = evaluate_task(MODEL, {"name": "STS12", "lang": "en", "mirror": str(folder)}, str(tmp_path / "STS12.json"),
-                            batch_size=8)
+    sidecar = evaluate_task(
+        MODEL, {"name": "STS12", "lang": "en", "mirror": str(folder)}, str(tmp_path / "STS12.json"), batch_size=8
+    )
     assert sidecar["source"] == "mirror" and sidecar["prompts"] == {} and sidecar["instruction_source"] == "kalm:type"
     assert sidecar["main_score"] == pytest.approx(mteb_reference("STS12", folder, {}), abs=1e-9)
 
@@ -155,8 +172,13 @@ def test_real_sts_benchmark_dev_pairs_from_a_mirror(tmp_path):
         rows = [{"sentence1": a, "sentence2": b, "score": float(s)} for a, b, s in list(csv.reader(f))[:50]]
     folder = tmp_path / "stsbenchmark"
     _jsonl(folder / "validation.jsonl", rows)
-    spec = {"name": "STSBenchmark", "lang": "en", "mirror": str(folder), "splits": ["validation"],
-            "instruction_set": "none"}
+    spec = {
+        "name": "STSBenchmark",
+        "lang": "en",
+        "mirror": str(folder),
+        "splits": ["validation"],
+        "instruction_set": "none",
+    }
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / "STSBenchmark.json"), batch_size=32)
     assert sidecar["splits"] == ["validation"] and sidecar["metric"] == "cosine_spearman"
     assert 0.6 < sidecar["main_score"] < 1.0
@@ -184,5 +206,5 @@ def test_mirror_download_command(tmp_path, monkeypatch):
     (folder / mteb_mirror.MIRROR_INFO).unlink()
     meta = folder / ".cache" / "huggingface" / "download" / "README.md.metadata"
     meta.parent.mkdir(parents=True)
-    meta.write_text(f"{T2_REVISION}\n\"etag\"\n1700000000.0\n")
+    meta.write_text(f'{T2_REVISION}\n"etag"\n1700000000.0\n')
     assert mteb_mirror.mirror_revision(folder) == T2_REVISION

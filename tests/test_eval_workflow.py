@@ -20,9 +20,17 @@ def demo_config_with(tmp_path, **sections) -> str:
 
 def test_kalm_cmteb_list_instruction_set_and_mirror_reach_the_evaluate_jobs(tmp_path):
     finetune = {**yaml.safe_load((ROOT / "config/config.yaml").read_text())["finetune"], "snapshot_every": 5}
-    cfg = demo_config_with(tmp_path, soup={"method": "uniform", "last_k": 3}, finetune=finetune,
-                           eval={"batch_size": 8, "instruction_set": "kalm", "mirror": "mirrors",
-                                 "languages": {"zh": {"benchmark": "KaLM-C-MTEB"}}})
+    cfg = demo_config_with(
+        tmp_path,
+        soup={"method": "uniform", "last_k": 3},
+        finetune=finetune,
+        eval={
+            "batch_size": 8,
+            "instruction_set": "kalm",
+            "mirror": "mirrors",
+            "languages": {"zh": {"benchmark": "KaLM-C-MTEB"}},
+        },
+    )
     res = snakemake("results/mteb_zh.json", "-n", "-p", "--forceall", "--configfile", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     assert job_counts(res.stdout)["evaluate"] == 2 * 35  # final and base model, one job per task
@@ -32,12 +40,24 @@ def test_kalm_cmteb_list_instruction_set_and_mirror_reach_the_evaluate_jobs(tmp_
         specs[(m[1], spec["name"])] = spec
     assert len(specs) == 70
     massive = specs[("models/soup", "MassiveIntentClassification")]
-    assert massive == {"subsets": ["zh-CN"], "name": "MassiveIntentClassification", "lang": "zh",
-                       "instruction_set": "kalm", "mirror_root": "mirrors"}
-    assert specs[("models/soup", "T2Retrieval")] == {"name": "T2Retrieval", "lang": "zh", "instruction_set": "kalm",
-                                                     "mirror_root": "mirrors"}
+    assert massive == {
+        "subsets": ["zh-CN"],
+        "name": "MassiveIntentClassification",
+        "lang": "zh",
+        "instruction_set": "kalm",
+        "mirror_root": "mirrors",
+    }
+    assert specs[("models/soup", "T2Retrieval")] == {
+        "name": "T2Retrieval",
+        "lang": "zh",
+        "instruction_set": "kalm",
+        "mirror_root": "mirrors",
+    }
     soup = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
-    assert "--last-k 3 --snapshots work/checkpoints/finetune_run0/snapshots work/checkpoints/finetune_run1/snapshots" in soup
+    assert (
+        "--last-k 3 --snapshots work/checkpoints/finetune_run0/snapshots work/checkpoints/finetune_run1/snapshots"
+        in soup
+    )
     finetune = [line for line in res.stdout.splitlines() if "train --stage finetune" in line]
     assert len(finetune) == 2 and all("--keep-snapshots 2 --snapshot-every 5" in line for line in finetune)
 
@@ -52,8 +72,10 @@ def test_mteb_eng_v1_is_selectable_and_kalm_full_uses_kalm_v2(tmp_path):
     """MTEB(eng, v1), the 56 English tasks the KaLM papers report, beside v2; the full recipe evaluates
     (and so trains) with KaLM V2's instructions."""
     assert yaml.safe_load((ROOT / "config/kalm_full.yaml").read_text())["eval"]["instruction_set"] == "kalm_v2"
-    cfg = demo_config_with(tmp_path, eval={"batch_size": 8, "instruction_set": "kalm_v2",
-                                           "languages": {"en": {"benchmark": "MTEB(eng, v1)"}}})
+    cfg = demo_config_with(
+        tmp_path,
+        eval={"batch_size": 8, "instruction_set": "kalm_v2", "languages": {"en": {"benchmark": "MTEB(eng, v1)"}}},
+    )
     res = snakemake("results/mteb_en.json", "-n", "-p", "--forceall", "--configfile", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     assert job_counts(res.stdout)["evaluate"] == 2 * 56
@@ -90,8 +112,11 @@ def test_soup_dev_task_must_not_be_a_reported_task(tmp_path):
     # a held-out local task, listed in no language: accepted, and its spec reaches the soup job
     dev = tmp_path / "dev"
     dev.mkdir()
-    res, _ = _soup_dry_run(tmp_path, {"method": "greedy", "dev_task": "HeldOut"},
-                           {"HeldOut": {"type": "Retrieval", "path": str(dev), "instruction": "Find it"}})
+    res, _ = _soup_dry_run(
+        tmp_path,
+        {"method": "greedy", "dev_task": "HeldOut"},
+        {"HeldOut": {"type": "Retrieval", "path": str(dev), "instruction": "Find it"}},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
     assert "--method greedy --dev-task-json" in cmd and f'"path": "{dev}"' in cmd and '"name": "HeldOut"' in cmd

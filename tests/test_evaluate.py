@@ -46,8 +46,16 @@ QUERIES = {
     "q4": "Which fruit is yellow?",
     "q5": "an unjudged query",  # no qrels: not evaluated
 }
-QRELS = [("q0", "d0", 1), ("q1", "d1", 1), ("q1", "d6", 0), ("q2", "d2", 1), ("q2", "d7", 1),
-         ("q3", "d3", 1), ("q3", "d9", 2), ("q4", "d4", 1)]
+QRELS = [
+    ("q0", "d0", 1),
+    ("q1", "d1", 1),
+    ("q1", "d6", 0),
+    ("q2", "d2", 1),
+    ("q2", "d7", 1),
+    ("q3", "d3", 1),
+    ("q3", "d9", 2),
+    ("q4", "d4", 1),
+]
 STS_PAIRS = [
     ("A man is playing a guitar.", "A person plays the guitar.", 4.8),
     ("A dog runs in the park.", "A cat sleeps on the sofa.", 0.8),
@@ -96,8 +104,13 @@ def reference_score(spec: dict, prompts: dict) -> float:
 @pytest.fixture(scope="module")
 def retrieval_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ret")
-    spec = {"name": "TinyRetrieval", "type": "Retrieval", "lang": "en", "path": str(make_retrieval(root / "data")),
-            "instruction": INSTRUCTION}
+    spec = {
+        "name": "TinyRetrieval",
+        "type": "Retrieval",
+        "lang": "en",
+        "path": str(make_retrieval(root / "data")),
+        "instruction": INSTRUCTION,
+    }
     out = root / "mteb" / "en" / "TinyRetrieval.json"
     sidecar = evaluate_task(MODEL, spec, str(out), batch_size=8)
     return spec, out, sidecar
@@ -113,8 +126,20 @@ def test_retrieval_files_and_sidecar(retrieval_run):
     raw = TaskResult.from_disk(out)  # mteb's own format, loadable by mteb
     assert raw.task_name == "TinyRetrieval"
     assert raw.get_score() == pytest.approx(sidecar["main_score"], abs=1e-6)
-    for key in ("task", "type", "lang", "main_score", "metric", "model", "instruction", "prompts",
-                "max_seq_length", "dtype", "mteb_version", "seconds"):
+    for key in (
+        "task",
+        "type",
+        "lang",
+        "main_score",
+        "metric",
+        "model",
+        "instruction",
+        "prompts",
+        "max_seq_length",
+        "dtype",
+        "mteb_version",
+        "seconds",
+    ):
         assert key in sidecar
     assert sidecar["task"] == "TinyRetrieval" and sidecar["type"] == "Retrieval" and sidecar["lang"] == "en"
     assert sidecar["metric"] == "ndcg_at_10" and sidecar["model"] == MODEL
@@ -158,7 +183,9 @@ def test_build_prompts_symmetry():
     meta = local_tasks._metadata("X", "Retrieval", "en", Path("."), "ndcg_at_10", "r")
     assert get_prompt(sym, meta, PromptType.query) == p and get_prompt(sym, meta, PromptType.document) == p
     # single-input tasks only have a query side
-    assert build_prompts("Classification", "Classify the sentiment", False) == {"Classification": kalm_prefix("Classify the sentiment")}
+    assert build_prompts("Classification", "Classify the sentiment", False) == {
+        "Classification": kalm_prefix("Classify the sentiment")
+    }
 
 
 def test_sts_via_cli_matches_mteb_reference(tmp_path, capsys):
@@ -176,8 +203,14 @@ def test_sts_via_cli_matches_mteb_reference(tmp_path, capsys):
 
 def test_sts_instruction_on_both_sides(tmp_path):
     # KaLM V2's rule (under V1's, the default, STS gets no instruction: tests/test_eval_instructions.py)
-    spec = {"name": "TinySTSi", "type": "STS", "lang": "zh", "path": str(make_sts(tmp_path / "sts")),
-            "instruction": "Retrieve semantically similar text", "instruction_set": "kalm_v2"}
+    spec = {
+        "name": "TinySTSi",
+        "type": "STS",
+        "lang": "zh",
+        "path": str(make_sts(tmp_path / "sts")),
+        "instruction": "Retrieve semantically similar text",
+        "instruction_set": "kalm_v2",
+    }
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / "TinySTSi.json"), batch_size=8, max_seq_length=64)
     assert sidecar["prompts"] == {"STS": kalm_prefix("Retrieve semantically similar text")}
     assert sidecar["symmetric"] is True and sidecar["max_seq_length"] == 64 and sidecar["lang"] == "zh"
@@ -189,21 +222,41 @@ def test_pair_classification_and_classification(tmp_path):
     pc = tmp_path / "pc"
     pc.mkdir()
     _jsonl(pc / "test.jsonl", [{"sentence1": a, "sentence2": b, "label": int(s > 2.5)} for a, b, s in STS_PAIRS])
-    sidecar = evaluate_task(MODEL, {"name": "TinyPC", "type": "PairClassification", "lang": "en", "path": str(pc)},
-                            str(tmp_path / "TinyPC.json"), batch_size=8)
+    sidecar = evaluate_task(
+        MODEL,
+        {"name": "TinyPC", "type": "PairClassification", "lang": "en", "path": str(pc)},
+        str(tmp_path / "TinyPC.json"),
+        batch_size=8,
+    )
     assert sidecar["metric"] == "max_ap" and 0.0 < sidecar["main_score"] <= 1.0
 
     cl = tmp_path / "cl"
     cl.mkdir()
-    pos = ["I love this film", "What a wonderful day", "Great food and friendly staff", "Best purchase ever",
-           "I am very happy with it", "Fantastic service"]
-    neg = ["I hate this film", "What a terrible day", "Awful food and rude staff", "Worst purchase ever",
-           "I am very unhappy with it", "Horrible service"]
+    pos = [
+        "I love this film",
+        "What a wonderful day",
+        "Great food and friendly staff",
+        "Best purchase ever",
+        "I am very happy with it",
+        "Fantastic service",
+    ]
+    neg = [
+        "I hate this film",
+        "What a terrible day",
+        "Awful food and rude staff",
+        "Worst purchase ever",
+        "I am very unhappy with it",
+        "Horrible service",
+    ]
     rows = [{"text": t, "label": "pos"} for t in pos] + [{"text": t, "label": "neg"} for t in neg]
     _jsonl(cl / "train.jsonl", rows)
     _jsonl(cl / "test.jsonl", rows[::2])
-    sidecar = evaluate_task(MODEL, {"name": "TinyCls", "type": "Classification", "lang": "en", "path": str(cl)},
-                            str(tmp_path / "TinyCls.json"), batch_size=8)
+    sidecar = evaluate_task(
+        MODEL,
+        {"name": "TinyCls", "type": "Classification", "lang": "en", "path": str(cl)},
+        str(tmp_path / "TinyCls.json"),
+        batch_size=8,
+    )
     assert sidecar["metric"] == "accuracy" and 0.5 <= sidecar["main_score"] <= 1.0
 
 
@@ -242,7 +295,12 @@ def test_malformed_qrels_line(tmp_path, no_model):
         ("qrels.tsv", 1, "qid\tdid\tscore", r"qrels\.tsv:1: header"),
         ("corpus.jsonl", 2, '{"id": "d1", "text": "x"', r"corpus\.jsonl:2: invalid JSON"),
         ("corpus.jsonl", 3, '{"id": "d2", "body": "x"}', r"corpus\.jsonl:3: field 'text' is missing"),
-        ("corpus.jsonl", 2, '{"id": "d0", "text": "dup"}', r"corpus\.jsonl:2: field 'id' 'd0' is a duplicate of line 1"),
+        (
+            "corpus.jsonl",
+            2,
+            '{"id": "d0", "text": "dup"}',
+            r"corpus\.jsonl:2: field 'id' 'd0' is a duplicate of line 1",
+        ),
         ("queries.jsonl", 1, '{"id": "q0", "text": 5}', r"queries\.jsonl:1: field 'text' must be str"),
     ],
 )
@@ -273,7 +331,17 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, no_model):
     folder = make_retrieval(tmp_path / "bad")
     (folder / "queries.jsonl").write_text("not json\n")
     with pytest.raises(SystemExit, match=r"kalm evaluate: .*queries\.jsonl:1: invalid JSON"):
-        main(["evaluate", "--model", MODEL, "--task-json", json.dumps(_ret_spec(folder)), "--out", str(tmp_path / "o.json")])
+        main(
+            [
+                "evaluate",
+                "--model",
+                MODEL,
+                "--task-json",
+                json.dumps(_ret_spec(folder)),
+                "--out",
+                str(tmp_path / "o.json"),
+            ]
+        )
 
 
 # --- real MTEB tasks offline ----------------------------------------------------------------------
@@ -295,8 +363,9 @@ def test_uncached_mteb_task_fails_fast(tmp_path, no_model):
     assert "--local-dir <mirror root>/mteb/sts12-sts" in msg and "kalm/mteb_mirror.py" in msg
     assert not (tmp_path / "STS12.json").exists()
     with pytest.raises(TaskDataUnavailable, match=r"no mirror at .*roots/mteb/sts12-sts\)"):
-        evaluate_task(MODEL, {"name": "STS12", "lang": "en", "mirror_root": str(tmp_path / "roots")},
-                      str(tmp_path / "STS12.json"))
+        evaluate_task(
+            MODEL, {"name": "STS12", "lang": "en", "mirror_root": str(tmp_path / "roots")}, str(tmp_path / "STS12.json")
+        )
 
 
 def test_unknown_or_mistyped_mteb_task(tmp_path, no_model):

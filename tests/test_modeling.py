@@ -201,7 +201,12 @@ def test_tiny_qwen_cli(tmp_path):
     data = tmp_path / "pairs.jsonl"
     rows = [
         *(
-            {"query": f"what does the cat read {i}", "pos": [f"The cat reads book {i}."], "neg": ["老师介绍了绿茶。"], "id": i}
+            {
+                "query": f"what does the cat read {i}",
+                "pos": [f"The cat reads book {i}."],
+                "neg": ["老师介绍了绿茶。"],
+                "id": i,
+            }
             for i in range(3)
         ),
         {"sentence1": "我们公司买了一张旧地图", "sentence2": "Our team buys an old map", "score": 0.9},
@@ -214,7 +219,9 @@ def test_tiny_qwen_cli(tmp_path):
     assert "Our team buys an old map" in texts and "plain line two" in texts and "" not in texts
 
     out = tmp_path / "tq"
-    rc = main(["tiny-qwen", "--out", str(out), "--texts", str(data), str(notes), "--hidden-size", "32", "--num-layers", "1"])
+    rc = main(
+        ["tiny-qwen", "--out", str(out), "--texts", str(data), str(notes), "--hidden-size", "32", "--num-layers", "1"]
+    )
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 32 and config["num_hidden_layers"] == 1

@@ -34,7 +34,7 @@ def one_word_changed(rng, text):
         words[rng.randrange(len(words))] = "changed"
         return " ".join(words)
     i = rng.randrange(len(text))
-    return text[:i] + "变" + text[i + 1:]
+    return text[:i] + "变" + text[i + 1 :]
 
 
 def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name="in", band_jobs=2):
@@ -42,9 +42,18 @@ def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name
     exact dedup per partition, minhash per partition, LSH bucket jobs, components, filter, gather."""
     src = d / f"{name}.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    stats = dedup_local([str(src)], str(d / f"{name}.out.jsonl"), str(d / f"{name}.stats.json"), partitions=shards,
-                        near=True, band_jobs=band_jobs, threshold=threshold, num_perm=num_perm, shingle=shingle,
-                        batch=7)  # tiny batches: batch boundaries must not matter
+    stats = dedup_local(
+        [str(src)],
+        str(d / f"{name}.out.jsonl"),
+        str(d / f"{name}.stats.json"),
+        partitions=shards,
+        near=True,
+        band_jobs=band_jobs,
+        threshold=threshold,
+        num_perm=num_perm,
+        shingle=shingle,
+        batch=7,
+    )  # tiny batches: batch boundaries must not matter
     return list(read_jsonl(d / f"{name}.out.jsonl")), stats
 
 
@@ -89,8 +98,14 @@ words = st.text(alphabet=st.sampled_from(list("abcdefghij中文字")), min_size=
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), n_dups=st.integers(0, 10), n_near=st.integers(0, 10),
-       shards=st.integers(1, 4), band_jobs=st.integers(1, 3))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 40),
+    n_dups=st.integers(0, 10),
+    n_near=st.integers(0, 10),
+    shards=st.integers(1, 4),
+    band_jobs=st.integers(1, 3),
+)
 def test_near_dedup_invariants(tmp_path_factory, seed, n, n_dups, n_near, shards, band_jobs):
     d = tmp_path_factory.mktemp("nd")
     rng = random.Random(seed)
@@ -133,8 +148,28 @@ def test_cli_runs_every_step_with_near_dup(tmp_path):
     recs = [{"query": random_text(rng, 5), "pos": [random_text(rng, 30)], "task": "t"} for _ in range(20)]
     recs.append({**recs[3], "pos": [one_word_changed(rng, recs[3]["pos"][0])]})
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    assert kalm_main(["dedup", str(src), "--near-dup", "--partitions", "2", "--band-jobs", "2", "--num-perm", "64",
-                      "--threshold", "0.8", "--out", str(tmp_path / "o.jsonl"), "--stats", str(tmp_path / "o.json")]) == 0
+    assert (
+        kalm_main(
+            [
+                "dedup",
+                str(src),
+                "--near-dup",
+                "--partitions",
+                "2",
+                "--band-jobs",
+                "2",
+                "--num-perm",
+                "64",
+                "--threshold",
+                "0.8",
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--stats",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 0
+    )
     s = read_json(tmp_path / "o.json")
     assert s["in"] == 21 and s["kept"] == 20 and s["dropped"] == {"near_duplicate": 1}
     assert s["num_perm"] == 64 and s["partitions"] == 2 and s["near_duplicate_examples"][0]["kept_id"] == 3
@@ -142,8 +177,21 @@ def test_cli_runs_every_step_with_near_dup(tmp_path):
     assert [r["id"] for r in out] == list(range(20))  # ids by input order, kept in the output
     # the minhash step writes a folder of memory-mappable arrays
     write_shard(tmp_path / "p.parquet", out)
-    assert kalm_main(["dedup", "--step", "minhash", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "mh"),
-                      "--num-perm", "64"]) == 0
+    assert (
+        kalm_main(
+            [
+                "dedup",
+                "--step",
+                "minhash",
+                str(tmp_path / "p.parquet"),
+                "--out",
+                str(tmp_path / "mh"),
+                "--num-perm",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "mh/sig.npy", mmap_mode="r").shape == (20, 64)
     meta = read_json(tmp_path / "mh/meta.json")
     assert np.load(tmp_path / "mh/keys.npy").shape == (meta["bands"], 20)
@@ -151,7 +199,9 @@ def test_cli_runs_every_step_with_near_dup(tmp_path):
 
 def test_buckets_reject_signatures_of_other_settings(tmp_path):
     a = tmp_path / "a.parquet"
-    write_shard(a, [{"id": 0, "query": "q", "pos": ["p"], "task": "t"}, {"id": 1, "query": "r", "pos": ["p"], "task": "t"}])
+    write_shard(
+        a, [{"id": 0, "query": "q", "pos": ["p"], "task": "t"}, {"id": 1, "query": "r", "pos": ["p"], "task": "t"}]
+    )
     minhash_partition(str(a), str(tmp_path / "m0"))
     minhash_partition(str(a), str(tmp_path / "m1"), shingle=3)
     with pytest.raises(ValueError, match="shingle"):
@@ -167,34 +217,76 @@ def eval_tasks(tmp_path):
     ret = tmp_path / "EvalRetrieval"
     ret.mkdir()
     (ret / "queries.jsonl").write_text('{"id": "q1", "text": "Where is the old bridge?"}\n', encoding="utf-8")
-    (ret / "corpus.jsonl").write_text(json.dumps({"id": "d1", "text": (
-        "The old stone bridge of Belmora was built in 1620 by the guild of masons and still carries "
-        "the market road across the river every morning.")}) + "\n", encoding="utf-8")
+    (ret / "corpus.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "d1",
+                "text": (
+                    "The old stone bridge of Belmora was built in 1620 by the guild of masons and still carries "
+                    "the market road across the river every morning."
+                ),
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     sts = tmp_path / "EvalSTSZh"
     sts.mkdir()
-    (sts / "test.jsonl").write_text(json.dumps({"sentence1": "这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天清晨穿过河流的集市道路，是全城最受欢迎的地标。",
-                                                "sentence2": "猫在睡觉。", "score": 1}, ensure_ascii=False) + "\n",
-                                    encoding="utf-8")
+    (sts / "test.jsonl").write_text(
+        json.dumps(
+            {
+                "sentence1": "这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天清晨穿过河流的集市道路，是全城最受欢迎的地标。",
+                "sentence2": "猫在睡觉。",
+                "score": 1,
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return {"EvalRetrieval": str(ret), "EvalSTSZh": str(sts)}
 
 
 def _train(path, recs):
-    path.write_text("".join(json.dumps({"query": q, "pos": p, "task": "train"}, ensure_ascii=False) + "\n" for q, p in recs),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"query": q, "pos": p, "task": "train"}, ensure_ascii=False) + "\n" for q, p in recs),
+        encoding="utf-8",
+    )
     return str(path)
 
 
 def test_decontamination_drops_a_near_copy_of_an_eval_text(tmp_path, eval_tasks):
-    src = _train(tmp_path / "train.jsonl", [
-        ("where is the old bridge?", ["unrelated passage"]),                    # exact copy of an eval query
-        ("a clean query", ["The old stone bridge of Belmora was built in 1620 by the guild of masons and still "
-                           "carries the market road across the river every evening."]),   # one word changed
-        ("这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天早晨穿过河流的集市道路，是全城最受欢迎的地标。", ["x"]),  # zh, one character changed
-        ("Where is the new bridge?", ["A different passage about a ferry crossing near the harbour."]),  # short: kept
-        ("clean", ["clean passage about something else entirely"]),
-    ])
-    stats = decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
-                          near=True, threshold=0.8)
+    src = _train(
+        tmp_path / "train.jsonl",
+        [
+            ("where is the old bridge?", ["unrelated passage"]),  # exact copy of an eval query
+            (
+                "a clean query",
+                [
+                    "The old stone bridge of Belmora was built in 1620 by the guild of masons and still "
+                    "carries the market road across the river every evening."
+                ],
+            ),  # one word changed
+            (
+                "这座古老的石桥建于一六二零年，由石匠行会修建，至今仍然承载着每天早晨穿过河流的集市道路，是全城最受欢迎的地标。",
+                ["x"],
+            ),  # zh, one character changed
+            (
+                "Where is the new bridge?",
+                ["A different passage about a ferry crossing near the harbour."],
+            ),  # short: kept
+            ("clean", ["clean passage about something else entirely"]),
+        ],
+    )
+    stats = decontaminate(
+        src,
+        eval_tasks,
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        str(tmp_path / "r.json"),
+        near=True,
+        threshold=0.8,
+    )
     assert [r["query"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["Where is the new bridge?", "clean"]
     assert stats.dropped == {"overlaps_eval": 1, "near_overlaps_eval": 2}
     report = read_json(tmp_path / "r.json")
@@ -202,15 +294,20 @@ def test_decontamination_drops_a_near_copy_of_an_eval_text(tmp_path, eval_tasks)
     assert (ret["overlapping_records"], ret["exact_records"], ret["near_records"]) == (2, 1, 1)
     near = ret["examples"][1]["near"][0]
     assert near["field"] == "pos[0]" and 0.8 <= near["jaccard"] < 1
-    assert report["EvalSTSZh"]["near_records"] == 1 and report["EvalSTSZh"]["examples"][0]["near"][0]["field"] == "query"
+    assert (
+        report["EvalSTSZh"]["near_records"] == 1 and report["EvalSTSZh"]["examples"][0]["near"][0]["field"] == "query"
+    )
     # without near matching, only the exact copy goes (the existing behaviour)
-    stats = decontaminate(src, eval_tasks, str(tmp_path / "o2.jsonl"), str(tmp_path / "s2.json"), str(tmp_path / "r2.json"))
+    stats = decontaminate(
+        src, eval_tasks, str(tmp_path / "o2.jsonl"), str(tmp_path / "s2.json"), str(tmp_path / "r2.json")
+    )
     assert stats.dropped == {"overlaps_eval": 1}
     assert set(read_json(tmp_path / "r2.json")["EvalRetrieval"]) == {"texts", "overlapping_records", "examples"}
 
 
-def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_data(tmp_path, eval_tasks, monkeypatch,
-                                                                                     caplog):
+def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_data(
+    tmp_path, eval_tasks, monkeypatch, caplog
+):
     """A registered MTEB task's texts come from its local mirror (as for kalm evaluate); a task with
     neither mirror nor offline cache is skipped with a note, never silently."""
     import datasets.config
@@ -222,8 +319,14 @@ def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_d
     t2reranking_mirror(root)
     src = _train(tmp_path / "train.jsonl", [(QUERIES["q1"], ["p"]), ("ok", [DOCS[3]]), ("fine", ["kept"])])
     mirrored = {"name": "T2Reranking", "lang": "zh", "mirror_root": str(root)}
-    stats = decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
-                          mteb_tasks=[mirrored, {"name": "STS12", "lang": "en", "mirror_root": str(root)}])
+    stats = decontaminate(
+        src,
+        eval_tasks,
+        str(tmp_path / "o.jsonl"),
+        str(tmp_path / "s.json"),
+        str(tmp_path / "r.json"),
+        mteb_tasks=[mirrored, {"name": "STS12", "lang": "en", "mirror_root": str(root)}],
+    )
     report = read_json(tmp_path / "r.json")
     assert report["T2Reranking"]["texts"] == len(set(DOCS) | set(QUERIES.values()))
     assert report["T2Reranking"]["overlapping_records"] == 2 and stats.kept == 1
@@ -232,12 +335,25 @@ def test_mteb_tasks_are_read_from_their_mirror_and_skipped_with_a_note_without_d
     assert "STS12" in caplog.text and read_json(tmp_path / "s.json")["skipped_eval_tasks"] == ["STS12"]
     # a mistake in the spec is not a skip
     with pytest.raises(ValueError, match="not a registered MTEB task"):
-        decontaminate(src, eval_tasks, str(tmp_path / "o.jsonl"), str(tmp_path / "s.json"), str(tmp_path / "r.json"),
-                      mteb_tasks=["T2Rerankingg"])
+        decontaminate(
+            src,
+            eval_tasks,
+            str(tmp_path / "o.jsonl"),
+            str(tmp_path / "s.json"),
+            str(tmp_path / "r.json"),
+            mteb_tasks=["T2Rerankingg"],
+        )
 
 
-@pytest.mark.parametrize("section, bad", [("dedup", {"near_dup": True, "treshold": 0.8}), ("dedup", {"shards": 0}),
-                                          ("dedup", {"band_jobs": 0}), ("decontaminate", {"near_dup": "yes"})])
+@pytest.mark.parametrize(
+    "section, bad",
+    [
+        ("dedup", {"near_dup": True, "treshold": 0.8}),
+        ("dedup", {"shards": 0}),
+        ("dedup", {"band_jobs": 0}),
+        ("decontaminate", {"near_dup": "yes"}),
+    ],
+)
 def test_config_schema_rejects_bad_dedup_keys(section, bad):
     from pathlib import Path
 

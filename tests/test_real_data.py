@@ -11,17 +11,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_workflow import job_counts
 
 from kalm.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TARGETS = ["results/mteb_zh.json", "results/mteb_en.json", "results/baseline/mteb_zh.json", "results/baseline/mteb_en.json"]
+TARGETS = [
+    "results/mteb_zh.json",
+    "results/mteb_en.json",
+    "results/baseline/mteb_zh.json",
+    "results/baseline/mteb_en.json",
+]
 
-pytestmark = pytest.mark.skipif(not (SHARED / "stsb_multi_mt").is_dir() or not (SHARED / "csl" / "ts").is_dir(),
-                                reason="needs ../shared/data (stsb_multi_mt, csl/ts)")
+pytestmark = pytest.mark.skipif(
+    not (SHARED / "stsb_multi_mt").is_dir() or not (SHARED / "csl" / "ts").is_dir(),
+    reason="needs ../shared/data (stsb_multi_mt, csl/ts)",
+)
 
 
 def _prepare(out: Path) -> dict:
@@ -34,12 +40,31 @@ def _prepare(out: Path) -> dict:
 
 
 def _snakemake(work: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     # targets before --configfile, which takes several values
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "workflow/Snakefile"),
-                           "--configfile", str(work / "config.yaml")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            *args,
+            "-s",
+            str(ROOT / "workflow/Snakefile"),
+            "--configfile",
+            str(work / "config.yaml"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_held_out_data_is_never_trained_on_and_the_config_is_a_valid_dag(tmp_path):
@@ -61,7 +86,9 @@ def test_held_out_data_is_never_trained_on_and_the_config_is_a_valid_dag(tmp_pat
     assert jobs["finetune"] == 2 and "pretrain" not in jobs and jobs["evaluate"] == 2 * 3  # base and soup, 3 tasks
 
 
-@pytest.mark.skipif(os.environ.get("KALM_REAL_DATA") != "1", reason="opt-in: KALM_REAL_DATA=1 (about 25 min on 2 cores)")
+@pytest.mark.skipif(
+    os.environ.get("KALM_REAL_DATA") != "1", reason="opt-in: KALM_REAL_DATA=1 (about 25 min on 2 cores)"
+)
 def test_fine_tuning_on_real_data_beats_the_base_model_on_held_out_tasks(tmp_path):
     _prepare(tmp_path)
     res = _snakemake(tmp_path, *TARGETS, timeout=3600)

@@ -19,8 +19,13 @@ from kalm import report as rep
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = str(ROOT / "workflow" / "Snakefile")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local")}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "SNAKEMAKE_PROFILE": str(ROOT / "profiles/local"),
+}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
@@ -36,14 +41,21 @@ FUNNEL_STATS = {
     "finetune": [
         stats("validate", 10, 9, {"missing_field": 1}, {"a": task(10, 9, missing_field=1)}, task="a"),
         stats("validate", 5, 5, {}, {"b": task(5, 5)}, task="b"),
-        stats("dedup", 14, 12, {"exact_duplicate": 1, "near_duplicate": 1},
-              {"a": task(9, 8, exact_duplicate=1), "b": task(5, 4, near_duplicate=1)}),
+        stats(
+            "dedup",
+            14,
+            12,
+            {"exact_duplicate": 1, "near_duplicate": 1},
+            {"a": task(9, 8, exact_duplicate=1), "b": task(5, 4, near_duplicate=1)},
+        ),
         stats("decontaminate", 12, 11, {"overlaps_eval": 1}, {"a": task(8, 7, overlaps_eval=1), "b": task(4, 4)}),
         stats("mine", 11, 10, {"no_negatives": 1}, {"a": task(7, 6, no_negatives=1), "b": task(4, 4)}),
         stats("train_finetune", 10, 10, {}, {"a": task(6, 6), "b": task(4, 4)}),
     ],
-    "pretrain": [stats("validate", 3, 3, {}, {"w": task(3, 3)}), stats("dedup", 3, 2, {"exact_duplicate": 1},
-                                                                      {"w": task(3, 2, exact_duplicate=1)})],
+    "pretrain": [
+        stats("validate", 3, 3, {}, {"w": task(3, 3)}),
+        stats("dedup", 3, 2, {"exact_duplicate": 1}, {"w": task(3, 2, exact_duplicate=1)}),
+    ],
 }
 
 
@@ -78,30 +90,64 @@ def test_funnel_chart_and_table(tmp_path):
     svg = (tmp_path / "funnel.svg").read_text()
     for text in ["finetune: 15 raw records", "near_duplicate", "overlaps_eval", "decontaminated", "mined"]:
         assert text in svg, text
-    contamination = {"finetune": {"EvalA": {"texts": 100, "overlapping_records": 1, "exact_records": 1, "near_records": 0,
-                                            "examples": [{"query": "a leaked query"}]},
-                                  "EvalB": {"skipped": "no offline data"}}}
+    contamination = {
+        "finetune": {
+            "EvalA": {
+                "texts": 100,
+                "overlapping_records": 1,
+                "exact_records": 1,
+                "near_records": 0,
+                "examples": [{"query": "a leaked query"}],
+            },
+            "EvalB": {"skipped": "no offline data"},
+        }
+    }
     table = rep.funnel_table(fun, contamination)
     assert 'id="funnel-finetune"' in table and 'id="contamination-finetune"' in table
     assert "<td>near_duplicate</td>" not in table and "dropped: near_duplicate" in table
     assert "a leaked query" in table and "no offline data" in table
-    rows = re.findall(r"<tr[^>]*><td class=\"l\">(\w+)</td><td class=\"l\">all tasks</td><td>(\d+)</td><td>(\d+)</td>(.*?)</tr>",
-                      table.split('id="funnel-pretrain"')[0])
+    rows = re.findall(
+        r"<tr[^>]*><td class=\"l\">(\w+)</td><td class=\"l\">all tasks</td><td>(\d+)</td><td>(\d+)</td>(.*?)</tr>",
+        table.split('id="funnel-pretrain"')[0],
+    )
     for step, n_in, kept, rest in rows:  # the table's totals add up too
         assert int(n_in) == int(kept) + sum(map(int, re.findall(r"<td>(\d+)</td>", rest))), step
 
 
 def metrics(n, terms=("loss_infonce", "loss_focal"), seed=0):
-    return [{"step": i + 1, "loss": 3.0 - i * 0.01 + seed, **{t: 1.0 + seed for t in terms}, "lr": 1e-5 * (1 - i / n),
-             "grad_norm": 2.0, "samples_per_s": 50.0, "tokens_per_s": 4000.0, "batch": 8} for i in range(n)]
+    return [
+        {
+            "step": i + 1,
+            "loss": 3.0 - i * 0.01 + seed,
+            **{t: 1.0 + seed for t in terms},
+            "lr": 1e-5 * (1 - i / n),
+            "grad_norm": 2.0,
+            "samples_per_s": 50.0,
+            "tokens_per_s": 4000.0,
+            "batch": 8,
+        }
+        for i in range(n)
+    ]
 
 
 def test_training_curves_show_every_loss_term_and_run(tmp_path):
-    rep.plot_training({"run0": metrics(60), "run1": metrics(60, seed=1), "run2": metrics(3, ("loss_dim64",))},
-                      tmp_path / "t.svg", title="finetune")
+    rep.plot_training(
+        {"run0": metrics(60), "run1": metrics(60, seed=1), "run2": metrics(3, ("loss_dim64",))},
+        tmp_path / "t.svg",
+        title="finetune",
+    )
     svg = (tmp_path / "t.svg").read_text()
-    for text in ["finetune", "loss terms", "learning rate", "gradient norm", "samples / s", "tokens / s",
-                 "run0 infonce", "run1 focal", "run2 dim64"]:
+    for text in [
+        "finetune",
+        "loss terms",
+        "learning rate",
+        "gradient norm",
+        "samples / s",
+        "tokens / s",
+        "run0 infonce",
+        "run1 focal",
+        "run2 dim64",
+    ]:
         assert text in svg, text
     assert rep._smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
 
@@ -115,11 +161,17 @@ def aggregate(model, scores):
 
 
 def test_mteb_chart_and_table_compare_base_runs_and_soup(tmp_path):
-    results = {"en": {"base": aggregate("base-model", {"T1": ("STS", 0.5), "T2": ("Retrieval", 0.2)}),
-                      "run0": aggregate("models/finetune/run0", {"T1": ("STS", 0.55), "T2": ("Retrieval", 0.25)}),
-                      "soup": aggregate("models/soup", {"T1": ("STS", 0.6), "T2": ("Retrieval", 0.1)})},
-               "zh": {"base": aggregate("base-model", {"T3": ("STS", 0.4)}),
-                      "soup": aggregate("models/soup", {"T3": ("STS", 0.45)})}}
+    results = {
+        "en": {
+            "base": aggregate("base-model", {"T1": ("STS", 0.5), "T2": ("Retrieval", 0.2)}),
+            "run0": aggregate("models/finetune/run0", {"T1": ("STS", 0.55), "T2": ("Retrieval", 0.25)}),
+            "soup": aggregate("models/soup", {"T1": ("STS", 0.6), "T2": ("Retrieval", 0.1)}),
+        },
+        "zh": {
+            "base": aggregate("base-model", {"T3": ("STS", 0.4)}),
+            "soup": aggregate("models/soup", {"T3": ("STS", 0.45)}),
+        },
+    }
     rep.plot_mteb(results, tmp_path / "m.svg")
     svg = (tmp_path / "m.svg").read_text()
     for text in ["MTEB en", "MTEB zh", "base", "run0", "soup", "mean (type)", "Retrieval"]:
@@ -133,9 +185,11 @@ def test_mteb_chart_and_table_compare_base_runs_and_soup(tmp_path):
 
 
 def test_rulegraph_from_snakemake_dot(tmp_path):
-    dot = 'digraph snakemake_dag {\n\t0[label = "aggregate", color = "0.1 0.6 0.85"];\n' \
-          '\t1[label = "evaluate", color = "0.2 0.6 0.85"];\n\t2[label = "soup", color = "0.3 0.6 0.85"];\n' \
-          '\t1 -> 0\n\t2 -> 1\n\t2 -> 0\n}\n'
+    dot = (
+        'digraph snakemake_dag {\n\t0[label = "aggregate", color = "0.1 0.6 0.85"];\n'
+        '\t1[label = "evaluate", color = "0.2 0.6 0.85"];\n\t2[label = "soup", color = "0.3 0.6 0.85"];\n'
+        "\t1 -> 0\n\t2 -> 1\n\t2 -> 0\n}\n"
+    )
     nodes, edges = rep.parse_rulegraph(dot)
     assert nodes == {"0": "aggregate", "1": "evaluate", "2": "soup"} and ("2", "1") in edges
     rep.plot_rulegraph(nodes, edges, tmp_path / "g.svg")
@@ -146,8 +200,14 @@ def test_rulegraph_from_snakemake_dot(tmp_path):
 def dry_run_output(*args, cwd=ROOT) -> str:
     """stdout of `snakemake -n --forceall` (add -p for the shell commands)."""
     env = {k: v for k, v in ENV.items() if k != "SNAKEMAKE_PROFILE"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "-s", SNAKEFILE, *args], cwd=cwd,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--forceall", "-s", SNAKEFILE, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -184,7 +244,9 @@ def test_default_target_builds_the_plots_and_eval_runs_adds_one_evaluation_per_r
     # a run's jobs score that run's model, with the same command line as the soup's (pooling included)
     cfg["pooling"] = "mean"
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    out = dry_run_output("-p", "results/runs/run0/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml"), cwd=tmp_path)
+    out = dry_run_output(
+        "-p", "results/runs/run0/mteb_zh.json", "--configfile", str(tmp_path / "runs.yaml"), cwd=tmp_path
+    )
     run_evals = [line for line in out.splitlines() if "evaluate --model models/finetune/run0 " in line]
     assert len(run_evals) == len(cfg["eval"]["languages"]["zh"]) and all("--pooling mean" in c for c in run_evals)
     assert "aggregate --model models/finetune/run0 --baseline results/baseline/mteb_zh.json" in out
@@ -214,14 +276,18 @@ def ensure_chromium() -> str:
 
 
 def chromium(exe: str, page: Path, *args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([exe, *CHROMIUM_FLAGS, "--virtual-time-budget=10000", *args, page.as_uri()],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, "--virtual-time-budget=10000", *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
 def visible_text(dom: str) -> str:
-    body = dom[dom.index('id="app"'):]
+    body = dom[dom.index('id="app"') :]
     body = re.sub(r"<(script|style)\b.*?</\1>", " ", body, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
@@ -252,8 +318,15 @@ def decode(data_uri: str) -> str:
     return base64.b64decode(data_uri.split("base64,", 1)[1]).decode("utf-8")
 
 
-PLOTS = ["rulegraph.svg", "funnel.svg", "funnel.html", "training_pretrain.svg", "training_finetune.svg",
-         "mteb.svg", "mteb.html"]
+PLOTS = [
+    "rulegraph.svg",
+    "funnel.svg",
+    "funnel.html",
+    "training_pretrain.svg",
+    "training_finetune.svg",
+    "mteb.svg",
+    "mteb.html",
+]
 
 
 @pytest.mark.slow
@@ -265,9 +338,21 @@ def test_report_of_the_tiny_run_opens_in_chromium(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr[-5000:]
     ran = set(re.findall(r"^(?:local)?rule (\w+):", res.stderr, re.M))
     # the plots only, and the gathers of the sharded stages' stats that the funnel reads: the run itself is done
-    assert {"report_funnel", "report_mteb"} <= ran <= {"report_rulegraph", "report_funnel", "report_training", "report_mteb",
-                                                      "validate_gather", "dedup_stats", "decontaminate_gather",
-                                                      "mine_gather", "all"}, ran
+    assert (
+        {"report_funnel", "report_mteb"}
+        <= ran
+        <= {
+            "report_rulegraph",
+            "report_funnel",
+            "report_training",
+            "report_mteb",
+            "validate_gather",
+            "dedup_stats",
+            "decontaminate_gather",
+            "mine_gather",
+            "all",
+        }
+    ), ran
     report = tmp_path / "report.html"
     res = subprocess.run([*sm, "--report", str(report)], cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-5000:]

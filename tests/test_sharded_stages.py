@@ -29,16 +29,25 @@ def test_whitespace_folding_without_the_regex_is_the_same_for_every_code_point()
     assert [c for c in range(sys.maxunicode + 1) if (ws.fullmatch(chr(c)) is not None) != chr(c).isspace()] == []
     for text in ["", "  ", " a\u3000b\t\n c \x1c", "Ｑｕｅｒｙ  one", "a\u00a0\u2028b"]:
         import unicodedata
+
         assert normalize_text(text) == ws.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text("a 中Ａ\t\ud800\udfff", max_size=6),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["query", "pos", "neg", "instruction", "x"]),
-                                                                 inner, max_size=4), max_leaves=8)
-raw_lines = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=16),
-                      st.just(b'{"query": "q", "pos": ["a"], "n": 123456789012345678901234567890}'),
-                      st.just(b'{"query": NaN, "pos": ["a"]}'), st.just(b'{"query": "q", "pos": [1e400]}'))
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["query", "pos", "neg", "instruction", "x"]), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+raw_lines = st.one_of(
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=16),
+    st.just(b'{"query": "q", "pos": ["a"], "n": 123456789012345678901234567890}'),
+    st.just(b'{"query": NaN, "pos": ["a"]}'),
+    st.just(b'{"query": "q", "pos": [1e400]}'),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -57,8 +66,9 @@ def test_orjson_fast_path_accepts_and_rejects_exactly_like_json(raw):
 
 
 def _jsonl(path, recs):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in recs),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in recs), encoding="utf-8"
+    )
     return path
 
 
@@ -67,8 +77,12 @@ def task_folder(tmp_path):
     folder = tmp_path / "task"
     folder.mkdir()
     _jsonl(folder / "a.jsonl", [{"query": "q1", "pos": ["p1"]}, "", {"query": "q2", "pos": ["p2"], "neg": ["n"]}])
-    pq.write_table(pa.Table.from_pylist([{"query": "q3", "pos": ["p3"]}, {"query": "", "pos": ["x"]},
-                                         {"query": "q5", "pos": ["p5"]}]), folder / "b.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"query": "q3", "pos": ["p3"]}, {"query": "", "pos": ["x"]}, {"query": "q5", "pos": ["p5"]}]
+        ),
+        folder / "b.parquet",
+    )
     _jsonl(folder / "c.jsonl", ['{"query": "q6", "pos": ["p6"]', {"query": "q7", "pos": ["p7"], "instruction": "own"}])
     return folder
 
@@ -76,38 +90,68 @@ def task_folder(tmp_path):
 def test_validating_each_file_with_its_ordinal_equals_validating_the_folder(tmp_path, task_folder):
     from kalm.validate import task_files
 
-    whole = validate_file(str(task_folder), "t", str(tmp_path / "all.parquet"), str(tmp_path / "all.json"),
-                          on_error="quarantine", rejects_path=str(tmp_path / "all.rej"), instruction="Do it",
-                          shard_ordinal=5)
+    whole = validate_file(
+        str(task_folder),
+        "t",
+        str(tmp_path / "all.parquet"),
+        str(tmp_path / "all.json"),
+        on_error="quarantine",
+        rejects_path=str(tmp_path / "all.rej"),
+        instruction="Do it",
+        shard_ordinal=5,
+    )
     parts, stats = [], []
     for i, f in enumerate(task_files(task_folder)):
         out = tmp_path / f"part{i}.parquet"
-        validate_file(str(f), "t", str(out), str(tmp_path / f"part{i}.json"), on_error="quarantine",
-                      rejects_path=str(tmp_path / f"part{i}.rej"), instruction="Do it", shard_ordinal=5 + i)
+        validate_file(
+            str(f),
+            "t",
+            str(out),
+            str(tmp_path / f"part{i}.json"),
+            on_error="quarantine",
+            rejects_path=str(tmp_path / f"part{i}.rej"),
+            instruction="Do it",
+            shard_ordinal=5 + i,
+        )
         parts += list(iter_shard(out))
         stats.append(str(tmp_path / f"part{i}.json"))
     assert parts == list(iter_shard(tmp_path / "all.parquet"))
     # ids: (ordinal << 32) | (line or row - 1): file a lines 1 and 3, file b rows 1 and 3, file c line 2
-    assert [r["id"] for r in parts] == [record_id(5, 0), record_id(5, 2), record_id(6, 0), record_id(6, 2),
-                                        record_id(7, 1)]
+    assert [r["id"] for r in parts] == [
+        record_id(5, 0),
+        record_id(5, 2),
+        record_id(6, 0),
+        record_id(6, 2),
+        record_id(7, 1),
+    ]
     assert parts[-1]["instruction"] == "own" and parts[0]["instruction"] == "Do it" and parts[0]["task"] == "t"
     # the per-file stats add up, also merged by `kalm shards merge-stats`
     assert kalm_main(["shards", "merge-stats", "--stage", "validate", "--out", str(tmp_path / "m.json"), *stats]) == 0
     merged = read_json(tmp_path / "m.json")
     assert merged["in"] == whole.n_in == 7 and merged["kept"] == whole.kept == 5
     assert merged["dropped"] == whole.dropped == {"invalid:query": 1, "invalid:<line>": 1}
-    assert merged["per_task"]["t"]["in"] == merged["per_task"]["t"]["kept"] + sum(merged["per_task"]["t"]["dropped"].values())
+    assert merged["per_task"]["t"]["in"] == merged["per_task"]["t"]["kept"] + sum(
+        merged["per_task"]["t"]["dropped"].values()
+    )
     rejects = [r for i in range(3) for r in read_jsonl(tmp_path / f"part{i}.rej")]
     assert rejects == list(read_jsonl(tmp_path / "all.rej"))
-    assert [(r["file"].rsplit("/", 1)[1], r.get("line", r.get("row")), r["field"]) for r in rejects] == \
-        [("b.parquet", 2, "query"), ("c.jsonl", 1, "<line>")]
+    assert [(r["file"].rsplit("/", 1)[1], r.get("line", r.get("row")), r["field"]) for r in rejects] == [
+        ("b.parquet", 2, "query"),
+        ("c.jsonl", 1, "<line>"),
+    ]
 
 
-@pytest.mark.parametrize("name, content, where", [
-    ("bad.jsonl", '{"query": "ok", "pos": ["p"]}\n{"query": "q"}\n', "bad.jsonl:2: field 'pos': missing"),
-    ("bad.parquet", [{"query": "ok", "pos": ["p"]}, {"query": "q", "pos": ["a", None]}],
-     "bad.parquet: row 2: field 'pos[1]': expected a string"),
-])
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        ("bad.jsonl", '{"query": "ok", "pos": ["p"]}\n{"query": "q"}\n', "bad.jsonl:2: field 'pos': missing"),
+        (
+            "bad.parquet",
+            [{"query": "ok", "pos": ["p"]}, {"query": "q", "pos": ["a", None]}],
+            "bad.parquet: row 2: field 'pos[1]': expected a string",
+        ),
+    ],
+)
 def test_a_file_error_of_a_shard_job_names_file_line_or_row_and_field(tmp_path, name, content, where):
     src = tmp_path / name
     if isinstance(content, str):
@@ -116,8 +160,23 @@ def test_a_file_error_of_a_shard_job_names_file_line_or_row_and_field(tmp_path, 
         pq.write_table(pa.Table.from_pylist(content), src)
     out = tmp_path / "part3.parquet"
     with pytest.raises(SystemExit) as err:
-        kalm_main(["validate", "--input", str(src), "--task", "t", "--shard-ordinal", "3", "--out", str(out),
-                   "--stats", str(tmp_path / "s.json"), "--rejects", str(tmp_path / "r.jsonl")])
+        kalm_main(
+            [
+                "validate",
+                "--input",
+                str(src),
+                "--task",
+                "t",
+                "--shard-ordinal",
+                "3",
+                "--out",
+                str(out),
+                "--stats",
+                str(tmp_path / "s.json"),
+                "--rejects",
+                str(tmp_path / "r.jsonl"),
+            ]
+        )
     assert where in str(err.value) and str(src) in str(err.value)
     assert not out.exists() and not (tmp_path / "r.jsonl").exists()
 
@@ -145,8 +204,12 @@ def test_jsonl_input_is_streamed_not_read_whole(tmp_path, monkeypatch):
                 seen.append(len(seen))
                 yield line
 
-    monkeypatch.setattr(kv, "open", lambda p, mode="r", **kw: Spy(real_open(p, mode, **kw)) if str(p) == str(src)
-                        else real_open(p, mode, **kw), raising=False)
+    monkeypatch.setattr(
+        kv,
+        "open",
+        lambda p, mode="r", **kw: Spy(real_open(p, mode, **kw)) if str(p) == str(src) else real_open(p, mode, **kw),
+        raising=False,
+    )
     gen = kv._raw_records(src)
     next(gen)
     assert len(seen) == 1  # one line read for the first record
@@ -155,8 +218,10 @@ def test_jsonl_input_is_streamed_not_read_whole(tmp_path, monkeypatch):
 
 # ---- decontaminate: one index, any number of partitions ---------------------------------------------
 
-PASSAGE = ("The old stone bridge of Belmora was built in 1620 by the guild of masons and still carries "
-           "the market road across the river every morning.")
+PASSAGE = (
+    "The old stone bridge of Belmora was built in 1620 by the guild of masons and still carries "
+    "the market road across the river every morning."
+)
 FILLER = " ".join(f"Paragraph {i} of the town chronicle tells of harvests, fairs and floods." for i in range(6))
 
 
@@ -171,8 +236,16 @@ def eval_index_dir(tmp_path_factory):
     _jsonl(ret / "corpus.jsonl", [{"id": "d1", "text": PASSAGE}, {"id": "d2", "text": "The mill stands by the weir."}])
     sts = d / "EvalSTS"
     sts.mkdir()
-    _jsonl(sts / "test.jsonl", [{"sentence1": "A cat sleeps on the warm windowsill all afternoon.",
-                                 "sentence2": "The mill stands by the weir.", "score": 1}])
+    _jsonl(
+        sts / "test.jsonl",
+        [
+            {
+                "sentence1": "A cat sleeps on the warm windowsill all afternoon.",
+                "sentence2": "The mill stands by the weir.",
+                "score": 1,
+            }
+        ],
+    )
     tasks = {"EvalRetrieval": str(ret), "EvalSTS": str(sts)}
     EvalIndex.build(tasks, near=True, threshold=0.8, contain_min_chars=40).save(d / "index")
     return d / "index", tasks
@@ -181,10 +254,10 @@ def eval_index_dir(tmp_path_factory):
 def _train_records(n, seed):
     rng = random.Random(seed)
     kinds = [
-        lambda i: {"query": "where is the  old bridge?", "pos": [f"passage {i}"]},                    # exact
-        lambda i: {"query": f"q{i}", "pos": [PASSAGE.replace("morning", "evening")]},                 # near
-        lambda i: {"query": f"q{i}", "pos": [FILLER + " " + PASSAGE.upper() + f" {i}"]},              # contains
-        lambda i: {"query": "the mill stands by the weir.", "pos": ["x"]},                             # exact, 2 tasks
+        lambda i: {"query": "where is the  old bridge?", "pos": [f"passage {i}"]},  # exact
+        lambda i: {"query": f"q{i}", "pos": [PASSAGE.replace("morning", "evening")]},  # near
+        lambda i: {"query": f"q{i}", "pos": [FILLER + " " + PASSAGE.upper() + f" {i}"]},  # contains
+        lambda i: {"query": "the mill stands by the weir.", "pos": ["x"]},  # exact, 2 tasks
         lambda i: {"query": f"clean query {i}", "pos": [f"clean passage {i}"]},
         lambda i: {"query": f"clean query {i}", "pos": [f"clean passage {i}"]},
     ]
@@ -209,12 +282,13 @@ def test_decontaminating_partitions_equals_one_run(tmp_path_factory, eval_index_
     recs = sorted(_train_records(n, seed), key=lambda r: r["id"])
     idx = EvalIndex.load(index_dir)
     write_shard(d / "all.parquet", recs)
-    one = apply_index(idx, str(d / "all.parquet"), str(d / "one.parquet"), str(d / "one.json"), str(d / "one.r.json"))
+    apply_index(idx, str(d / "all.parquet"), str(d / "one.parquet"), str(d / "one.json"), str(d / "one.r.json"))
     stats, reports, kept = [], [], []
     for j, part in enumerate(_split(recs, parts, seed)):
         write_shard(d / f"in{j}.parquet", part)
-        s = apply_index(idx, str(d / f"in{j}.parquet"), str(d / f"p{j}.parquet"), str(d / f"p{j}.json"),
-                        str(d / f"p{j}.r.json"))
+        s = apply_index(
+            idx, str(d / f"in{j}.parquet"), str(d / f"p{j}.parquet"), str(d / f"p{j}.json"), str(d / f"p{j}.r.json")
+        )
         assert s.n_in == len(part) == s.kept + sum(s.dropped.values())
         stats.append(str(d / f"p{j}.json"))
         reports.append(str(d / f"p{j}.r.json"))
@@ -223,8 +297,19 @@ def test_decontaminating_partitions_equals_one_run(tmp_path_factory, eval_index_
     assert sorted(kept, key=lambda r: r["id"]) == list(iter_shard(d / "one.parquet"))
     assert read_json(d / "m.r.json") == read_json(d / "one.r.json")
     single = read_json(d / "one.json")
-    for key in ("in", "kept", "dropped", "per_task", "eval_tasks", "threshold", "num_perm", "bands", "rows",
-                "contain_min_chars", "eval_texts_long_enough"):
+    for key in (
+        "in",
+        "kept",
+        "dropped",
+        "per_task",
+        "eval_tasks",
+        "threshold",
+        "num_perm",
+        "bands",
+        "rows",
+        "contain_min_chars",
+        "eval_texts_long_enough",
+    ):
         assert merged[key] == single[key], key
     assert merged["in"] == n == merged["kept"] + sum(merged["dropped"].values())
     assert merged["shards"] == parts
@@ -235,22 +320,61 @@ def test_the_index_on_disk_finds_what_the_one_shot_run_finds(tmp_path, eval_inde
     index_dir, tasks = eval_index_dir
     recs = _train_records(30, 4)
     write_shard(tmp_path / "in.parquet", recs)
-    base = ["decontaminate", *[a for t, p in tasks.items() for a in ("--eval-task", f"{t}={p}")], "--near",
-            "--contain-min-chars", "40", "--input", str(tmp_path / "in.parquet")]
-    assert kalm_main([*base, "--out", str(tmp_path / "a.parquet"), "--stats", str(tmp_path / "a.json"),
-                      "--report", str(tmp_path / "a.r.json")]) == 0
+    base = [
+        "decontaminate",
+        *[a for t, p in tasks.items() for a in ("--eval-task", f"{t}={p}")],
+        "--near",
+        "--contain-min-chars",
+        "40",
+        "--input",
+        str(tmp_path / "in.parquet"),
+    ]
+    assert (
+        kalm_main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "a.parquet"),
+                "--stats",
+                str(tmp_path / "a.json"),
+                "--report",
+                str(tmp_path / "a.r.json"),
+            ]
+        )
+        == 0
+    )
     assert kalm_main(["decontaminate", "--step", "index", *base[1:-2], "--index-dir", str(tmp_path / "idx")]) == 0
-    assert kalm_main(["decontaminate", "--step", "apply", "--index-dir", str(tmp_path / "idx"), "--input",
-                      str(tmp_path / "in.parquet"), "--out", str(tmp_path / "b.parquet"), "--stats",
-                      str(tmp_path / "b.json"), "--report", str(tmp_path / "b.r.json")]) == 0
+    assert (
+        kalm_main(
+            [
+                "decontaminate",
+                "--step",
+                "apply",
+                "--index-dir",
+                str(tmp_path / "idx"),
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--out",
+                str(tmp_path / "b.parquet"),
+                "--stats",
+                str(tmp_path / "b.json"),
+                "--report",
+                str(tmp_path / "b.r.json"),
+            ]
+        )
+        == 0
+    )
     assert list(iter_shard(tmp_path / "a.parquet")) == list(iter_shard(tmp_path / "b.parquet"))
     assert read_json(tmp_path / "a.r.json") == read_json(tmp_path / "b.r.json")
     a, b = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     assert set(a["dropped"]) == {"overlaps_eval", "near_overlaps_eval", "contains_eval"}
     report = read_json(tmp_path / "a.r.json")
-    assert all(e["id"] == sorted(e["id"] for e in report[t]["examples"])[i]
-               for t in report for i, e in enumerate(report[t]["examples"]))
+    assert all(
+        e["id"] == sorted(e["id"] for e in report[t]["examples"])[i]
+        for t in report
+        for i, e in enumerate(report[t]["examples"])
+    )
 
 
 def test_an_exact_hit_is_confirmed_by_the_text_not_the_hash(tmp_path, eval_index_dir, monkeypatch):
@@ -261,8 +385,11 @@ def test_an_exact_hit_is_confirmed_by_the_text_not_the_hash(tmp_path, eval_index
     kd.EvalIndex.build(tasks).save(tmp_path / "index")
     idx = kd.EvalIndex.load(tmp_path / "index")
     assert len(set(idx.exact_hash.tolist())) == 1 and len(idx.exact_hash) == 5  # 3 + 2 texts
-    assert idx.exact_owners(["where is the old bridge?", "not an eval text", "the mill stands by the weir."]) == \
-        [{"EvalRetrieval"}, set(), {"EvalRetrieval", "EvalSTS"}]
+    assert idx.exact_owners(["where is the old bridge?", "not an eval text", "the mill stands by the weir."]) == [
+        {"EvalRetrieval"},
+        set(),
+        {"EvalRetrieval", "EvalSTS"},
+    ]
 
 
 # ---- embed and mine: text shards by hash, one mine job per query shard -----------------------------
@@ -271,14 +398,24 @@ def test_an_exact_hit_is_confirmed_by_the_text_not_the_hash(tmp_path, eval_index
 def test_embed_text_shards_are_a_hash_partition_of_the_texts_to_embed(tmp_path):
     from kalm.embed import shard_texts, texts_to_embed
 
-    recs = [{"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i % 4}"], "task": "r" if i % 3 else "s", "id": i,
-             "instruction": "Find"} for i in range(30)]
+    recs = [
+        {
+            "query": f"q{i}",
+            "pos": [f"p{i}"],
+            "neg": [f"n{i % 4}"],
+            "task": "r" if i % 3 else "s",
+            "id": i,
+            "instruction": "Find",
+        }
+        for i in range(30)
+    ]
     recs.append({"query": "label me", "pos": ["A"], "task": "cls", "id": 99})
     write_shard(tmp_path / "p0.parquet", recs[:12])
     write_shard(tmp_path / "p1.parquet", recs[12:])
     mine_tasks = {"r": False, "s": True}
-    shards = [shard_texts([str(tmp_path / "p0.parquet"), str(tmp_path / "p1.parquet")], mine_tasks, s, 3)
-              for s in range(3)]
+    shards = [
+        shard_texts([str(tmp_path / "p0.parquet"), str(tmp_path / "p1.parquet")], mine_tasks, s, 3) for s in range(3)
+    ]
     assert all(s == sorted(s) for s in shards)
     assert sorted(t for s in shards for t in s) == texts_to_embed(recs, mine_tasks)
     assert len({t for s in shards for t in s}) == sum(map(len, shards))  # disjoint
@@ -297,7 +434,9 @@ def _mine_corpus(tmp_path, n=60, seed=0):
         if i % 5 == 0:
             rec["neg"] = [f"{task} given {i}", f"{task} passage {(i + 1) % n}"]
         recs.append(rec)
-    recs += [{"query": f"label {i}", "pos": ["A"], "neg": ["B"], "task": "cls", "id": record_id(9, i)} for i in range(3)]
+    recs += [
+        {"query": f"label {i}", "pos": ["A"], "neg": ["B"], "task": "cls", "id": record_id(9, i)} for i in range(3)
+    ]
     mine_tasks = {"a": False, "b": True}
     paths, _ = fake_shards(tmp_path, texts_to_embed(recs, mine_tasks), num_shards=2, dim=16, seed=seed)
     return recs, mine_tasks, paths
@@ -325,15 +464,20 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
         write_pools(inputs, emb, mine_tasks, str(d / "pools"), pool=pool, index=cfg, settings=s)
         out, stats = [], []
         for j, path in enumerate(inputs):
-            st_ = mine_shard(path, emb, mine_tasks, str(d / "pools"), str(d / f"p{j}.parquet"), str(d / f"p{j}.json"),
-                             s, pool, cfg)
+            st_ = mine_shard(
+                path, emb, mine_tasks, str(d / "pools"), str(d / f"p{j}.parquet"), str(d / f"p{j}.json"), s, pool, cfg
+            )
             assert st_.n_in == st_.kept + sum(st_.dropped.values())
             out += list(iter_shard(d / f"p{j}.parquet"))
             stats.append(str(d / f"p{j}.json"))
         merged = merge(stats, str(d / "m.json"))
         pool_files = sorted(p.name for p in (d / "pools").iterdir())
-        results[parts] = (sorted(out, key=lambda r: r["id"]), merged, pool_files,
-                          {n: read_texts(d / "pools" / n / "shard0" / TEXTS_FILE).to_pylist() for n in pool_files})
+        results[parts] = (
+            sorted(out, key=lambda r: r["id"]),
+            merged,
+            pool_files,
+            {n: read_texts(d / "pools" / n / "shard0" / TEXTS_FILE).to_pylist() for n in pool_files},
+        )
     (one, m1, pools1, texts1), (three, m3, pools3, texts3) = results[1], results[3]
     assert one == three and len(one) > 0
     assert pools1 == pools3 == (["global"] if pool == "global" else ["a", "b"]) and texts1 == texts3
@@ -347,12 +491,16 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pool_shards=st.integers(2, 7), pool=st.sampled_from(["task", "global"]), seed=st.integers(0, 3),
-       sampling=st.sampled_from(["random", "top"]))
+@given(
+    pool_shards=st.integers(2, 7),
+    pool=st.sampled_from(["task", "global"]),
+    seed=st.integers(0, 3),
+    sampling=st.sampled_from(["random", "top"]),
+)
 def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling):
     """A pool split into S text ranges (one index each, searched in turn, top k merged) mines the same
     records as the whole pool with an exact index: same candidates, ranks, scores, pads (global rows)."""
-    from kalm.mine import PoolShards, mine, read_json
+    from kalm.mine import mine, read_json
 
     tmp = tmp_path_factory.mktemp("poolshards")
     recs, mine_tasks, emb = _mine_corpus(tmp, seed=seed)
@@ -360,7 +508,14 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
     outs, stats = [], []
     for shards in (1, pool_shards):
         kw = {**MINE_KW, "sampling": sampling, "seed": seed, "pool": pool, "pool_shards": shards}
-        st_ = mine(str(tmp / "in.parquet"), emb, mine_tasks, str(tmp / f"o{shards}.parquet"), str(tmp / f"s{shards}.json"), **kw)
+        st_ = mine(
+            str(tmp / "in.parquet"),
+            emb,
+            mine_tasks,
+            str(tmp / f"o{shards}.parquet"),
+            str(tmp / f"s{shards}.json"),
+            **kw,
+        )
         assert st_.n_in == st_.kept + sum(st_.dropped.values())
         outs.append(list(iter_shard(tmp / f"o{shards}.parquet")))
         stats.append({k: v for k, v in read_json(tmp / f"s{shards}.json").items() if k != "seconds"})
@@ -370,7 +525,7 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
 
 
 def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):
-    from kalm.mine import IndexConfig, PoolShards, read_texts, shard_folder, TEXTS_FILE, write_pools, write_ranges
+    from kalm.mine import TEXTS_FILE, IndexConfig, PoolShards, read_texts, shard_folder, write_pools, write_ranges
 
     recs, mine_tasks, emb = _mine_corpus(tmp_path)
     write_shard(tmp_path / "in.parquet", recs)
@@ -399,8 +554,14 @@ def test_a_record_draws_the_same_negatives_wherever_it_is_in_its_shard(tmp_path)
     outs = []
     for k, order in enumerate([recs, list(reversed(recs))]):
         write_shard(tmp_path / f"in{k}.parquet", order)
-        mine(str(tmp_path / f"in{k}.parquet"), emb, mine_tasks, str(tmp_path / f"o{k}.parquet"),
-             str(tmp_path / f"s{k}.json"), **{**MINE_KW, "filter_topk": None})
+        mine(
+            str(tmp_path / f"in{k}.parquet"),
+            emb,
+            mine_tasks,
+            str(tmp_path / f"o{k}.parquet"),
+            str(tmp_path / f"s{k}.json"),
+            **{**MINE_KW, "filter_topk": None},
+        )
         outs.append(sorted(iter_shard(tmp_path / f"o{k}.parquet"), key=lambda r: r["id"]))
     assert outs[0] == outs[1]
 
@@ -421,9 +582,18 @@ def test_dry_run_has_one_job_per_input_file_and_partition(tmp_path):
     cfg["data"]["finetune"]["retrieval_en"]["path"] = str(folder)
     cfg["data"]["dedup"]["shards"] = 3
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    res = snakemake("work/data/finetune/mined.stats.json", "work/data/pretrain/decontaminated.stats.json",
-                    "work/data/finetune/contamination_report.json", "work/data/finetune/validated/retrieval_en.stats.json",
-                    "-n", "-p", "--forceall", "--configfile", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    res = snakemake(
+        "work/data/finetune/mined.stats.json",
+        "work/data/pretrain/decontaminated.stats.json",
+        "work/data/finetune/contamination_report.json",
+        "work/data/finetune/validated/retrieval_en.stats.json",
+        "-n",
+        "-p",
+        "--forceall",
+        "--configfile",
+        str(tmp_path / "c.yaml"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
     n_files = {s: sum(3 if t == "retrieval_en" else 1 for t in cfg["data"][s]) for s in ("pretrain", "finetune")}
@@ -437,19 +607,25 @@ def test_dry_run_has_one_job_per_input_file_and_partition(tmp_path):
     # shard ordinals: the place of each file in the stage, tasks sorted, then the folder's files in order
     cmds = [l for l in res.stdout.splitlines() if " validate --input " in l and "/finetune/" in l]
     ordinals = {re.search(r"--input (\S+)", c)[1]: int(re.search(r"--shard-ordinal (\d+)", c)[1]) for c in cmds}
-    expected = [str(folder / f"shard{i}.jsonl") if t == "retrieval_en" else cfg["data"]["finetune"][t]["path"]
-                for t in sorted(cfg["data"]["finetune"]) for i in range(3 if t == "retrieval_en" else 1)]
+    expected = [
+        str(folder / f"shard{i}.jsonl") if t == "retrieval_en" else cfg["data"]["finetune"][t]["path"]
+        for t in sorted(cfg["data"]["finetune"])
+        for i in range(3 if t == "retrieval_en" else 1)
+    ]
     assert sorted(ordinals, key=ordinals.get) == expected and sorted(ordinals.values()) == list(range(len(expected)))
     # each mine job searches its own part against every pool
     mine_cmds = [l for l in res.stdout.splitlines() if " mine --step apply " in l]
-    assert sorted(re.search(r"--input (\S+)", c)[1] for c in mine_cmds) == \
-        [f"work/data/finetune/decontaminated/p{j}.parquet" for j in range(3)]
+    assert sorted(re.search(r"--input (\S+)", c)[1] for c in mine_cmds) == [
+        f"work/data/finetune/decontaminated/p{j}.parquet" for j in range(3)
+    ]
 
 
 def test_a_mine_job_reads_only_the_row_groups_of_the_task_it_mines(tmp_path, monkeypatch):
     from kalm.mine import iter_task_records, task_counts
 
-    recs = [{"query": f"q{i}", "pos": ["p"], "task": t, "id": i} for i, t in enumerate(["a"] * 5 + ["b"] * 5 + ["c"] * 5)]
+    recs = [
+        {"query": f"q{i}", "pos": ["p"], "task": t, "id": i} for i, t in enumerate(["a"] * 5 + ["b"] * 5 + ["c"] * 5)
+    ]
     write_shard(tmp_path / "p.parquet", recs, row_group_rows=5)
     read = []
     real = pq.ParquetFile.read_row_group
@@ -478,5 +654,5 @@ def test_a_query_gets_the_same_candidates_and_score_bits_alone_or_in_a_batch(tmp
     index = build_index(base, IndexConfig("flat", use_gpu=False), k=40)
     batch = search_rescored(index, FakePool(), queries, 30)
     for i in range(0, 300, 37):
-        alone = search_rescored(index, FakePool(), queries[i:i + 1], 30)[0]
+        alone = search_rescored(index, FakePool(), queries[i : i + 1], 30)[0]
         assert np.array_equal(alone[0], batch[i][0]) and np.array_equal(alone[1], batch[i][1])

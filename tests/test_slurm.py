@@ -42,10 +42,17 @@ GPU_RULES = {"embed", "mine", "pretrain", "finetune", "evaluate"}
 
 def snakemake(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                     **(env or {})})
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "workflow/Snakefile")],
-                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    full_env.update(
+        {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "workflow/Snakefile")],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def site_profile(dest: Path, **variables) -> Path:
@@ -86,8 +93,16 @@ def test_slurm_profile_places_gpu_and_cpu_rules(tmp_path):
     rules without GPUs the CPU partition and no GPU request; every job has account and runtime."""
     cfg = with_gpus(yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8")), 1)
     (tmp_path / "gpus.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    res = snakemake("results/mteb_zh.json", "-n", "-p", "--forceall", "--profile", "profiles/slurm",
-                    "--configfile", str(tmp_path / "gpus.yaml"))
+    res = snakemake(
+        "results/mteb_zh.json",
+        "-n",
+        "-p",
+        "--forceall",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        str(tmp_path / "gpus.yaml"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = dry_run_jobs(res.stdout + res.stderr)
     assert {j["rule"] for j in jobs} >= GPU_RULES | {"validate", "dedup", "decontaminate", "soup", "aggregate"}
@@ -113,17 +128,32 @@ def test_multi_node_training_dry_run(tmp_path):
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    cfg = with_gpus(yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8")), 8,
-                    pretrain=2, finetune=2)
+    cfg = with_gpus(
+        yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8")), 8, pretrain=2, finetune=2
+    )
     (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     profile = site_profile(tmp_path / "profile", gpu_model="h100")
-    res = snakemake("models/pretrain", "-n", "-p", "--forceall", "--profile", str(profile),
-                    "--configfile", str(tmp_path / "nodes.yaml"))
+    res = snakemake(
+        "models/pretrain",
+        "-n",
+        "-p",
+        "--forceall",
+        "--profile",
+        str(profile),
+        "--configfile",
+        str(tmp_path / "nodes.yaml"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     job = next(j for j in dry_run_jobs(res.stdout + res.stderr) if j["rule"] == "pretrain")
     r = job["resources"]
     assert (r["nodes"], r["tasks"], r["tasks_per_gpu"], r["mpi"], r["gpu"], r["gpu_model"]) == (
-        "2", "2", "0", "srun", "16", "h100")
+        "2",
+        "2",
+        "0",
+        "srun",
+        "16",
+        "h100",
+    )
     assert "gpu-slots --gpus 16 --nodes 2 --torchrun -- " in job["shell"]
 
     # The plugin's own sbatch builder on these resources (its code, not a copy of it).
@@ -132,8 +162,17 @@ def test_multi_node_training_dry_run(tmp_path):
 
     typed = Resources({k: int(v) if v.isdigit() else v for k, v in r.items()})
     fake_job = SimpleNamespace(resources=typed, threads=8)
-    sbatch = get_submit_command(fake_job, {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c",
-                                           "account": "-A acc", "partition": "-p gpu", "workdir": "/w"})
+    sbatch = get_submit_command(
+        fake_job,
+        {
+            "run_uuid": "u",
+            "slurm_logfile": "l",
+            "comment_str": "c",
+            "account": "-A acc",
+            "partition": "-p gpu",
+            "workdir": "/w",
+        },
+    )
     sbatch += set_gres_string(fake_job)
     assert "--nodes=2" in sbatch and "--ntasks=2" in sbatch and sbatch.endswith("--gpus=h100:16")
     assert "--ntasks-per-gpu" not in sbatch and "--gres" not in sbatch
@@ -141,8 +180,7 @@ def test_multi_node_training_dry_run(tmp_path):
     # What the job then starts: the launcher's own dry run (see tests/test_gpu_slots.py for the
     # per-node torchrun command).
     launch = job["shell"].split(" > ")[0].replace("--torchrun --", "--torchrun --dry-run --", 1)
-    out = subprocess.run(launch, shell=True, capture_output=True, text=True,
-                         env={**os.environ, "SLURM_JOB_ID": "7"})
+    out = subprocess.run(launch, shell=True, capture_output=True, text=True, env={**os.environ, "SLURM_JOB_ID": "7"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 ")
     assert " gpu-slots --gpus 8 --torchrun --rdzv-endpoint " in out.stdout
@@ -189,10 +227,24 @@ def torchrun_job(cluster, tmp_path_factory):
     (work / "Snakefile").write_text(TORCHRUN_SNAKEFILE)
     profile = site_profile(work / "profile", gpu_model="a100")
     env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", str(profile), "--slurm-status-command",
-                             "squeue", "--slurm-init-seconds-before-status-checks", "1"], cwd=work,
-                            env={**env, "SLURM_CONF": str(cluster.conf)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--profile",
+            str(profile),
+            "--slurm-status-command",
+            "squeue",
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+        ],
+        cwd=work,
+        env={**env, "SLURM_CONF": str(cluster.conf)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     yield work, proc
     if proc.poll() is None:
         proc.kill()
@@ -207,19 +259,43 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
     profile = site_profile(tmp_path / "profile", gpu_model="a100")  # the site edit: its GPU type
 
     targets = ["models/finetune/run0", "models/finetune/run1", "results/baseline/mteb_en.json"]
-    res = snakemake(*targets, "--profile", str(profile), "--configfile", str(work / "slurm.yaml"),
-                    "--forcerun", "embed", "pretrain", "evaluate", "--slurm-status-command", "squeue",
-                    "--slurm-init-seconds-before-status-checks", "1",
-                    cwd=work, env={"SLURM_CONF": str(cluster.conf)}, timeout=1200)
-    assert res.returncode == 0, (res.stderr[-6000:] + "\n--- slurmctld:\n" + cluster.log("slurmctld")[-3000:])
+    res = snakemake(
+        *targets,
+        "--profile",
+        str(profile),
+        "--configfile",
+        str(work / "slurm.yaml"),
+        "--forcerun",
+        "embed",
+        "pretrain",
+        "evaluate",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        cwd=work,
+        env={"SLURM_CONF": str(cluster.conf)},
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-6000:] + "\n--- slurmctld:\n" + cluster.log("slurmctld")[-3000:]
 
     jobs = [j for j in cluster.jobs() if j.get("Comment", "").startswith("rule_") and j["WorkDir"] == str(work)]
     rules = {j["JobId"]: re.match(r"rule_([a-z_]+?)(?:_wildcards_.*)?$", j["Comment"])[1] for j in jobs}
     mined_tasks = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
-    assert sorted(rules.values()) == sorted(["embed", "embed", *["mine_ranges", "mine_index"] * mined_tasks,  # a pool per mined task
-                                             *["mine"] * cfg["data"]["dedup"]["shards"],  # a job per query shard
-                                             "pretrain", "finetune", "finetune",
-                                             "evaluate", "evaluate", "aggregate_baseline"])
+    assert sorted(rules.values()) == sorted(
+        [
+            "embed",
+            "embed",
+            *["mine_ranges", "mine_index"] * mined_tasks,  # a pool per mined task
+            *["mine"] * cfg["data"]["dedup"]["shards"],  # a job per query shard
+            "pretrain",
+            "finetune",
+            "finetune",
+            "evaluate",
+            "evaluate",
+            "aggregate_baseline",
+        ]
+    )
     gpu_jobs = []
     for j in jobs:
         rule = rules[j["JobId"]]
@@ -237,14 +313,17 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
             seen[m[2]] = m[1]
     spans = [(_time(j["StartTime"]), _time(j["EndTime"]), seen[j["JobId"]], rules[j["JobId"]]) for j in gpu_jobs]
     assert all(dev in ("0", "1") for _, _, dev, _ in spans), spans
-    overlaps = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    overlaps = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if a[0] < b[1] and b[0] < a[1]]
     assert overlaps, "two GPU jobs should have run at once (embed shards, finetune runs)"
     for a, b in overlaps:
         assert a[2] != b[2], f"GPU jobs shared a device: {a} {b}"
     # never more than two GPUs in use (embed x2, pretrain and evaluate x2 were ready together; the
     # 2-GPU torchrun job of the other test ran during this workflow too)
-    all_gpu = [(_time(j["StartTime"]), _time(j["EndTime"]), int(j["TresPerJob"].rsplit(":", 1)[1]))
-               for j in cluster.jobs() if "gres:gpu" in j.get("TresPerJob", "") and j["JobState"] == "COMPLETED"]
+    all_gpu = [
+        (_time(j["StartTime"]), _time(j["EndTime"]), int(j["TresPerJob"].rsplit(":", 1)[1]))
+        for j in cluster.jobs()
+        if "gres:gpu" in j.get("TresPerJob", "") and j["JobState"] == "COMPLETED"
+    ]
     for start, *_ in all_gpu:
         assert sum(n for s, e, n in all_gpu if s <= start < e) <= 2
 
@@ -261,11 +340,16 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
     from kalm.shards import iter_shard
 
     mined = sorted(p.relative_to(local) for p in (local / "work/data/finetune/mined").glob("p*.parquet"))
-    assert mined and mined == sorted(p.relative_to(work) for p in (work / "work/data/finetune/mined").glob("p*.parquet"))
+    assert mined and mined == sorted(
+        p.relative_to(work) for p in (work / "work/data/finetune/mined").glob("p*.parquet")
+    )
     for rel in mined:  # the mined records of every query shard
         assert list(iter_shard(local / rel)) == list(iter_shard(work / rel)), rel
-    for rel in ["models/pretrain/model.safetensors",
-                "models/finetune/run0/model.safetensors", "models/finetune/run1/model.safetensors"]:
+    for rel in [
+        "models/pretrain/model.safetensors",
+        "models/finetune/run0/model.safetensors",
+        "models/finetune/run1/model.safetensors",
+    ]:
         assert (local / rel).read_bytes() == (work / rel).read_bytes(), rel
     assert ours["tasks"] == theirs["tasks"] and ours["mean_task"] == theirs["mean_task"]
 

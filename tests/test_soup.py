@@ -61,7 +61,9 @@ def dev_task(tmp_path_factory):
     dst.mkdir()
     queries = [json.loads(line) for line in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()[:40]]
     keep = {q["id"] for q in queries}
-    qrels = [line for line in (src / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:] if line.split("\t")[0] in keep]
+    qrels = [
+        line for line in (src / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:] if line.split("\t")[0] in keep
+    ]
     (dst / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
     (dst / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n", encoding="utf-8")
     (dst / "corpus.jsonl").write_text((src / "corpus.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
@@ -85,8 +87,13 @@ def test_loss_weights_favour_the_lower_dev_loss(two_models, tmp_path, dev_task):
     from kalm.soup import loss_weights, make_soup
 
     assert loss_weights([1.0, 2.0], 1.0)[0] > 0.7 and sum(loss_weights([3.0, 1.0, 2.0], 5.0)) == pytest.approx(1)
-    report = make_soup([str(two_models / "a"), str(two_models / "b")], str(tmp_path / "s"), "weighted",
-                       dev_task=dev_task, temperature=0.1)
+    report = make_soup(
+        [str(two_models / "a"), str(two_models / "b")],
+        str(tmp_path / "s"),
+        "weighted",
+        dev_task=dev_task,
+        temperature=0.1,
+    )
     losses, weights = report["dev_losses"], report["weights"]
     assert (weights[0] > weights[1]) == (losses[0] < losses[1]) and sum(weights) == pytest.approx(1)
 
@@ -252,8 +259,11 @@ def test_last_k_checkpoints_as_ingredients(two_models, tmp_path):
     keeper.finish(final, final_step=40)
 
     assert last_k_ingredients(str(final), snaps, 1) == [str(final)]
-    assert last_k_ingredients(str(final), snaps, 3) == [str(snaps / "step-00000020"), str(snaps / "step-00000030"),
-                                                        str(final)]
+    assert last_k_ingredients(str(final), snaps, 3) == [
+        str(snaps / "step-00000020"),
+        str(snaps / "step-00000030"),
+        str(final),
+    ]
     report = make_soup([str(final)], str(tmp_path / "soup"), last_k=3, snapshot_dirs=[str(snaps)])
     assert report["ingredients"][-1] == str(final) and len(report["ingredients"]) == 3
     sa, sb = a.state_dict(), b.state_dict()
@@ -262,8 +272,14 @@ def test_last_k_checkpoints_as_ingredients(two_models, tmp_path):
         if sa[k].is_floating_point():
             assert torch.allclose(s[k], (2 * sb[k] + sa[k]) / 3, atol=1e-6), k
     # per-run weights are spread over the run's k ingredients
-    report = make_soup([str(final), str(final)], str(tmp_path / "w"), "weighted", [0.25, 0.75], last_k=2,
-                       snapshot_dirs=[str(snaps), str(snaps)])
+    report = make_soup(
+        [str(final), str(final)],
+        str(tmp_path / "w"),
+        "weighted",
+        [0.25, 0.75],
+        last_k=2,
+        snapshot_dirs=[str(snaps), str(snaps)],
+    )
     assert report["weights"] == [0.125, 0.125, 0.375, 0.375]
 
     with pytest.raises(ValueError, match=r"kept 2 snapshots before its final model .* 3 needed"):

@@ -27,7 +27,9 @@ def apply_few_negatives(records, n_neg, policy, stats):
 
 
 @settings(max_examples=80, deadline=None)
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9), seed=st.integers(0, 99))
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9), seed=st.integers(0, 99)
+)
 def test_batches_are_full_task_homogeneous_ones_and_the_pooled_tails(sizes, batch_size, seed):
     from kalm.train import records_left_out_per_epoch
 
@@ -45,12 +47,18 @@ def test_batches_are_full_task_homogeneous_ones_and_the_pooled_tails(sizes, batc
     # full homogeneous batches: floor(n / batch_size) per task; the rest are the pooled tails
     homogeneous = [b for b in batches if len(b) == batch_size and len({r["task"] for r in b}) == 1]
     assert len(homogeneous) >= sum(n // batch_size for n in sizes)
-    assert len(batches) == sum(n // batch_size for n in sizes) + -(-(sum(n % batch_size for n in sizes) - left_out) // batch_size)
+    assert len(batches) == sum(n // batch_size for n in sizes) + -(
+        -(sum(n % batch_size for n in sizes) - left_out) // batch_size
+    )
 
 
 @settings(max_examples=80, deadline=None)
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9),
-       ratio=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    batch_size=st.integers(2, 9),
+    ratio=st.floats(0.0, 1.0),
+    seed=st.integers(0, 99),
+)
 def test_semi_homogeneous_batches_keep_their_task_share_and_cover_the_data(sizes, batch_size, ratio, seed):
     records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t, n in enumerate(sizes) for i in range(n)]
     homogeneous = task_homogeneous_batches(records, batch_size, random.Random(seed))
@@ -77,9 +85,13 @@ def test_semi_homogeneous_batches_do_mix_tasks():
 def _short_records():
     from kalm.io import StageStats
 
-    recs = [{"task": "cls", "query": f"q{i}", "pos": [f"label{i % 3}"], "neg": [f"label{(i + 1) % 3}"]} for i in range(6)]
-    recs += [{"task": "ret", "query": f"r{i}", "pos": [f"doc{i}"], "neg": [f"doc{i + 1}", f"doc{i + 2}", f"doc{i + 3}"]}
-             for i in range(4)]
+    recs = [
+        {"task": "cls", "query": f"q{i}", "pos": [f"label{i % 3}"], "neg": [f"label{(i + 1) % 3}"]} for i in range(6)
+    ]
+    recs += [
+        {"task": "ret", "query": f"r{i}", "pos": [f"doc{i}"], "neg": [f"doc{i + 1}", f"doc{i + 2}", f"doc{i + 3}"]}
+        for i in range(4)
+    ]
     return recs, StageStats("train_finetune")
 
 
@@ -89,8 +101,10 @@ def test_few_negatives_drop_counts_what_it_drops():
     assert [r["task"] for r in kept] == ["ret"] * 4 and data.rows.tolist() == [6, 7, 8, 9]
     d = stats.as_dict()
     assert d["dropped"] == {"too_few_negatives": 6} and d["records_short_of_negatives"] == 6 and d["in"] == 10
-    assert d["per_task"] == {"cls": {"in": 6, "kept": 0, "dropped": {"too_few_negatives": 6}},
-                             "ret": {"in": 4, "kept": 4, "dropped": {}}}
+    assert d["per_task"] == {
+        "cls": {"in": 6, "kept": 0, "dropped": {"too_few_negatives": 6}},
+        "ret": {"in": 4, "kept": 4, "dropped": {}},
+    }
 
 
 def test_few_negatives_pad_with_same_task_passages_never_an_own_positive():
@@ -102,7 +116,11 @@ def test_few_negatives_pad_with_same_task_passages_never_an_own_positive():
     texts = batch_texts(kept[:6], 3, {}, random.Random(1), pools)
     for rec, negs in zip(kept[:6], texts.negatives):
         # own negative first, then the one other label of the task; a task this small repeats to fill
-        assert len(negs) == 3 and negs[0] == rec["neg"][0] and set(negs) == {"label0", "label1", "label2"} - set(rec["pos"])
+        assert (
+            len(negs) == 3
+            and negs[0] == rec["neg"][0]
+            and set(negs) == {"label0", "label1", "label2"} - set(rec["pos"])
+        )
     assert texts.padded == 12 and texts.short == 0 and texts.negs_per_query() == 3
     assert batch_texts(kept[:6], 3, {}, random.Random(1), pools) == texts  # a function of the step's RNG
     _, kept_ = apply_few_negatives(recs, 3, "keep", stats)
@@ -118,22 +136,30 @@ def test_random_padding_from_a_large_task_is_distinct_and_avoids_the_excluded():
     picked = data.random_passages("big", 7, exclude, random.Random(3))
     assert len(set(picked)) == 7 and not set(picked) & exclude
     assert picked == data.random_passages("big", 7, exclude, random.Random(3))
-    assert sorted(data.random_passages("small", 20, {"p0"}, random.Random(3))) == [f"p{i}" for i in range(1, 10)]  # all it has
+    assert sorted(data.random_passages("small", 20, {"p0"}, random.Random(3))) == [
+        f"p{i}" for i in range(1, 10)
+    ]  # all it has
     # a large task with too few candidates gives what it finds within its draws (the caller repeats them)
-    few = TrainData.from_records([{"task": "t", "query": f"q{i}", "pos": ["same"] if i else ["other"]} for i in range(500)])
+    few = TrainData.from_records(
+        [{"task": "t", "query": f"q{i}", "pos": ["same"] if i else ["other"]} for i in range(500)]
+    )
     assert few.random_passages("t", 3, {"same"}, random.Random(0)) == ["other"]
 
 
 def test_instructions_on_queries_and_on_both_sides_for_symmetric_tasks():
-    batch = [{"task": "ret", "query": "q", "pos": ["p"], "neg": ["n1", "n2"], "instruction": "Find"},
-             {"task": "ret", "query": "q2", "pos": ["p2"], "neg": ["n3", "n4"], "instruction": "Find"}]
+    batch = [
+        {"task": "ret", "query": "q", "pos": ["p"], "neg": ["n1", "n2"], "instruction": "Find"},
+        {"task": "ret", "query": "q2", "pos": ["p2"], "neg": ["n3", "n4"], "instruction": "Find"},
+    ]
     texts = batch_texts(batch, 1, {"ret": False}, random.Random(0))
     assert texts.queries == ["Instruct: Find \n Query: q", "Instruct: Find \n Query: q2"]
     passages = texts.passages()
     assert passages[:2] == ["p", "p2"] and len(passages) == 4 and passages[2] in ("n1", "n2")
     sts = [dict(r, task="sts") for r in batch]
-    assert batch_texts(sts, 0, {"sts": True}, random.Random(0)).passages() == ["Instruct: Find \n Query: p",
-                                                                               "Instruct: Find \n Query: p2"]
+    assert batch_texts(sts, 0, {"sts": True}, random.Random(0)).passages() == [
+        "Instruct: Find \n Query: p",
+        "Instruct: Find \n Query: p2",
+    ]
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -145,12 +171,28 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_qwen
     from sentence_transformers import SentenceTransformer
 
     words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest"]
-    recs = [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is north" for v in words if v != w][:2]} for w in words]
+    recs = [
+        {
+            "task": "toy",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is north" for v in words if v != w][:2],
+        }
+        for w in words
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    cfg = TrainConfig(stage="finetune", batch_size=8, group_size=2, lr=3e-3, temperature=0.05, max_steps=25,
-                      warmup_ratio=0.0, seed=0, threads=1)
+    cfg = TrainConfig(
+        stage="finetune",
+        batch_size=8,
+        group_size=2,
+        lr=3e-3,
+        temperature=0.05,
+        max_steps=25,
+        warmup_ratio=0.0,
+        seed=0,
+        threads=1,
+    )
     train(tiny_qwen_dir, str(data), str(tmp_path / "m"), cfg, {}, str(tmp_path / "metrics.jsonl"))
     losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
@@ -191,19 +233,44 @@ def test_contrastive_loss_combines_focal_mixing_and_matryoshka():
 
 
 def test_metrics_carry_every_loss_term_and_the_stats_count_padding(tmp_path, tiny_qwen_dir):
-    recs = [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is south" for v in ("river", "bridge", "tower", "mill") if v != w][:3]}
-            for w in ("river", "bridge", "tower", "mill", "well", "gate")]
+    recs = [
+        {
+            "task": "toy",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is south" for v in ("river", "bridge", "tower", "mill") if v != w][:3],
+        }
+        for w in ("river", "bridge", "tower", "mill", "well", "gate")
+    ]
     recs[4]["neg"] = recs[4]["neg"][:1]  # short of negatives: padded from the task's passages
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    cfg = TrainConfig(stage="finetune", batch_size=6, group_size=4, lr=1e-3, max_steps=2, threads=1, focal_gamma=0.5,
-                      mix_negatives=2, matryoshka_dims=(64, 16), matryoshka_weights=(1.0, 0.3))
+    cfg = TrainConfig(
+        stage="finetune",
+        batch_size=6,
+        group_size=4,
+        lr=1e-3,
+        max_steps=2,
+        threads=1,
+        focal_gamma=0.5,
+        mix_negatives=2,
+        matryoshka_dims=(64, 16),
+        matryoshka_weights=(1.0, 0.3),
+    )
     train(tiny_qwen_dir, str(data), str(tmp_path / "m"), cfg, {}, str(tmp_path / "metrics.jsonl"))
     lines = list(read_jsonl(tmp_path / "metrics.jsonl"))
     assert len(lines) == 2
     for m in lines:
-        for key in ("loss", "loss_infonce", "loss_focal", "loss_dim64", "loss_dim16", "lr", "samples_per_s", "tokens_per_s"):
+        for key in (
+            "loss",
+            "loss_infonce",
+            "loss_focal",
+            "loss_dim64",
+            "loss_dim16",
+            "lr",
+            "samples_per_s",
+            "tokens_per_s",
+        ):
             assert isinstance(m[key], float) and m[key] > 0, key
         assert abs(m["loss"] - m["loss_dim64"] - 0.3 * m["loss_dim16"]) < 1e-5 and m["loss_focal"] < m["loss_infonce"]
         assert m["padded_negatives"] == 2 and m["short_records"] == 0
@@ -220,8 +287,15 @@ def test_metrics_carry_every_loss_term_and_the_stats_count_padding(tmp_path, tin
 
 def _toy_data(tmp_path):
     words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest", "mill", "well"]
-    recs = [{"task": "toy" if i % 2 else "toy2", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is north" for v in words if v != w][:3]} for i, w in enumerate(words)]
+    recs = [
+        {
+            "task": "toy" if i % 2 else "toy2",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is north" for v in words if v != w][:3],
+        }
+        for i, w in enumerate(words)
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     return data
@@ -232,8 +306,13 @@ def _train_cli(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "kalm", "train", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kalm", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
@@ -241,19 +320,52 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
     from safetensors.torch import load_file
 
     data = _toy_data(tmp_path)
-    common = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4, "--group-size", 3,
-              "--lr", "3e-3", "--max-steps", 7, "--mix-negatives", -1, "--focal-gamma", 0.5, "--threads", 1, "--seed", 3]
+    common = [
+        "--stage",
+        "finetune",
+        "--model",
+        tiny_qwen_dir,
+        "--data",
+        data,
+        "--batch-size",
+        4,
+        "--group-size",
+        3,
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        7,
+        "--mix-negatives",
+        -1,
+        "--focal-gamma",
+        0.5,
+        "--threads",
+        1,
+        "--seed",
+        3,
+    ]
     ref = _train_cli(*common, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     ckpt = tmp_path / "ckpt"
     # soup snapshots every 3 steps, the last 2 kept: steps 3 (before the kill) and 6 (after the resume)
     snapshots = ["--keep-snapshots", 2, "--snapshot-every", 3]
-    killed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2,
-                        "--stop-after-steps", 5, *snapshots)
+    killed = _train_cli(
+        *common,
+        "--out",
+        tmp_path / "resumed",
+        "--checkpoint-dir",
+        ckpt,
+        "--checkpoint-every",
+        2,
+        "--stop-after-steps",
+        5,
+        *snapshots,
+    )
     assert killed.returncode == 137 and not (tmp_path / "resumed").exists()
     assert (ckpt / "checkpoint.pt").exists()
-    resumed = _train_cli(*common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2,
-                         *snapshots)
+    resumed = _train_cli(
+        *common, "--out", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--checkpoint-every", 2, *snapshots
+    )
     assert resumed.returncode == 0 and "resuming finetune from step 4" in resumed.stderr, resumed.stderr
     a = load_file(next((tmp_path / "ref").rglob("model.safetensors")))
     b = load_file(next((tmp_path / "resumed").rglob("model.safetensors")))
@@ -267,15 +379,34 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
 
     snaps = snapshot_dir(ckpt)
     assert last_k_ingredients(str(tmp_path / "resumed"), snaps, 3) == [
-        str(snaps / "step-00000003"), str(snaps / "step-00000006"), str(tmp_path / "resumed")]
+        str(snaps / "step-00000003"),
+        str(snaps / "step-00000006"),
+        str(tmp_path / "resumed"),
+    ]
     six = load_file(next((snaps / "step-00000006").rglob("model.safetensors")))
     assert six.keys() == a.keys() and not all(torch.equal(six[k], a[k]) for k in a)
 
 
 def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, tiny_qwen_dir):
     data = _toy_data(tmp_path)
-    common = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4, "--max-steps", 4,
-              "--threads", 1, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]
+    common = [
+        "--stage",
+        "finetune",
+        "--model",
+        tiny_qwen_dir,
+        "--data",
+        data,
+        "--batch-size",
+        4,
+        "--max-steps",
+        4,
+        "--threads",
+        1,
+        "--checkpoint-dir",
+        tmp_path / "ckpt",
+        "--checkpoint-every",
+        1,
+    ]
     assert _train_cli(*common, "--out", tmp_path / "a", "--stop-after-steps", 2).returncode == 137
     other = _train_cli(*common, "--out", tmp_path / "b", "--lr", "1e-3")
     assert other.returncode == 0 and "ignoring checkpoint" in other.stderr and "resuming" not in other.stderr
@@ -285,7 +416,23 @@ def test_the_pooling_option_is_the_saved_models_pooling(tmp_path, tiny_qwen_dir)
     from sentence_transformers import SentenceTransformer
 
     data = _toy_data(tmp_path)
-    res = _train_cli("--stage", "finetune", "--model", tiny_qwen_dir, "--data", data, "--batch-size", 4,
-                     "--max-steps", 1, "--threads", 1, "--pooling", "cls", "--out", tmp_path / "m")
+    res = _train_cli(
+        "--stage",
+        "finetune",
+        "--model",
+        tiny_qwen_dir,
+        "--data",
+        data,
+        "--batch-size",
+        4,
+        "--max-steps",
+        1,
+        "--threads",
+        1,
+        "--pooling",
+        "cls",
+        "--out",
+        tmp_path / "m",
+    )
     assert res.returncode == 0, res.stderr
     assert SentenceTransformer(str(tmp_path / "m"))[1].pooling_mode == "cls"

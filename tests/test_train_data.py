@@ -26,8 +26,8 @@ from kalm.shards import RECORD_SCHEMA, write_shard
 from kalm.train import BatchSchedule, TrainConfig, task_homogeneous_batches, train
 from kalm.train_data import TrainData, arrow_path, convert_parts, data_parts, open_data
 
-
 # ---- the reference: the dict batcher as it was before the index (kalm/train.py at 3a4c62d) -------
+
 
 def reference_batches(records: list[dict], batch_size: int, rng: random.Random, homogeneous_ratio: float = 1.0):
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -38,10 +38,10 @@ def reference_batches(records: list[dict], batch_size: int, rng: random.Random, 
         recs = by_task[task][:]
         rng.shuffle(recs)
         full = len(recs) - len(recs) % batch_size
-        batches += [recs[i:i + batch_size] for i in range(0, full, batch_size)]
+        batches += [recs[i : i + batch_size] for i in range(0, full, batch_size)]
         tails += recs[full:]
     rng.shuffle(tails)
-    batches += [b for i in range(0, len(tails), batch_size) if len(b := tails[i:i + batch_size]) >= 2]
+    batches += [b for i in range(0, len(tails), batch_size) if len(b := tails[i : i + batch_size]) >= 2]
     rng.shuffle(batches)
     if homogeneous_ratio < 1.0:
         own = [math.floor(homogeneous_ratio * len(b) + 0.5) for b in batches]
@@ -50,7 +50,7 @@ def reference_batches(records: list[dict], batch_size: int, rng: random.Random, 
         start = 0
         for i, (b, k) in enumerate(zip(batches, own)):
             take = len(b) - k
-            batches[i] = b[:k] + pool[start:start + take]
+            batches[i] = b[:k] + pool[start : start + take]
             start += take
     return batches
 
@@ -59,15 +59,22 @@ def _records(sizes: list[int], seed: int) -> list[dict]:
     """Records of tasks named out of sorted order, interleaved, some short of negatives."""
     rng = random.Random(seed)
     names = [f"task-{'zyxwv'[t]}{t}" for t in range(len(sizes))]
-    recs = [{"task": names[t], "query": f"{t}-{i}", "pos": [f"p{t}-{i}"], "neg": [f"n{t}-{i}"] * rng.randint(0, 2)}
-            for t, n in enumerate(sizes) for i in range(n)]
+    recs = [
+        {"task": names[t], "query": f"{t}-{i}", "pos": [f"p{t}-{i}"], "neg": [f"n{t}-{i}"] * rng.randint(0, 2)}
+        for t, n in enumerate(sizes)
+        for i in range(n)
+    ]
     rng.shuffle(recs)
     return recs
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), batch_size=st.integers(2, 9),
-       ratio=st.sampled_from([1.0, 0.0, 0.5, 0.75, 0.9]), seed=st.integers(0, 99))
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5),
+    batch_size=st.integers(2, 9),
+    ratio=st.sampled_from([1.0, 0.0, 0.5, 0.75, 0.9]),
+    seed=st.integers(0, 99),
+)
 def test_row_batches_are_the_dict_batches(sizes, batch_size, ratio, seed):
     recs = _records(sizes, seed)
     data = TrainData.from_records(recs, rows_per_batch=7)
@@ -78,7 +85,9 @@ def test_row_batches_are_the_dict_batches(sizes, batch_size, ratio, seed):
     got = task_homogeneous_batches(data.rows, data.tasks, batch_size, random.Random(seed), ratio)
     assert [data.records(b) for b in got] == want
     if len(kept) >= 2 and want:  # the schedule: epoch e from Random(f"{seed}:epoch:{e}"), as before
-        schedule = BatchSchedule(data.rows, data.tasks, TrainConfig(batch_size=batch_size, seed=seed, homogeneous_ratio=ratio))
+        schedule = BatchSchedule(
+            data.rows, data.tasks, TrainConfig(batch_size=batch_size, seed=seed, homogeneous_ratio=ratio)
+        )
         n = schedule.steps_per_epoch
         ref = [reference_batches(kept, batch_size, random.Random(f"{seed}:epoch:{e}"), ratio) for e in (0, 1)]
         assert [data.records(schedule(s)) for s in range(2 * n)] == ref[0] + ref[1]
@@ -86,19 +95,31 @@ def test_row_batches_are_the_dict_batches(sizes, batch_size, ratio, seed):
 
 # ---- parts, the Arrow cache, records ---------------------------------------------------------------
 
+
 def _write_jsonl(path: Path, recs: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     return path
 
 
 def test_parquet_parts_and_json_lines_give_the_same_records(tmp_path):
-    recs = [{"task": "b" if i % 3 else "a", "query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}", f"m{i}"][:i % 3],
-             "instruction": "Find it" if i % 2 else None} for i in range(40)]
+    recs = [
+        {
+            "task": "b" if i % 3 else "a",
+            "query": f"q{i}",
+            "pos": [f"p{i}"],
+            "neg": [f"n{i}", f"m{i}"][: i % 3],
+            "instruction": "Find it" if i % 2 else None,
+        }
+        for i in range(40)
+    ]
     recs = [{k: v for k, v in r.items() if v is not None and v != []} for r in recs]
     folder = tmp_path / "mined"
     folder.mkdir()
     # p2 before p10 (natural order); ids and mining columns are not training columns
-    write_shard(folder / "p10.parquet", [dict(r, id=i, neg_scores=[0.5] * len(r.get("neg", []))) for i, r in enumerate(recs[25:])])
+    write_shard(
+        folder / "p10.parquet",
+        [dict(r, id=i, neg_scores=[0.5] * len(r.get("neg", []))) for i, r in enumerate(recs[25:])],
+    )
     write_shard(folder / "p2.parquet", recs[:25])
     assert [p.name for p in data_parts(folder)] == ["p2.parquet", "p10.parquet"]
     jsonl = _write_jsonl(tmp_path / "d.jsonl", recs)
@@ -109,7 +130,9 @@ def test_parquet_parts_and_json_lines_give_the_same_records(tmp_path):
     assert a.task_names == ["a", "b"] and a.tasks.tolist() == b.tasks.tolist() == [int(r["task"] == "b") for r in recs]
     # a Parquet part of other columns (hand-made: no neg, no instruction) reads as null ones
     pq.write_table(pa.table({"task": ["t"], "query": ["q"], "pos": [["p"]]}), tmp_path / "plain.parquet")
-    assert open_data([tmp_path / "plain.parquet"], tmp_path / "cache").records([0]) == [{"task": "t", "query": "q", "pos": ["p"]}]
+    assert open_data([tmp_path / "plain.parquet"], tmp_path / "cache").records([0]) == [
+        {"task": "t", "query": "q", "pos": ["p"]}
+    ]
 
 
 def test_the_arrow_cache_is_reused_and_follows_a_changed_part(tmp_path):
@@ -125,7 +148,9 @@ def test_the_arrow_cache_is_reused_and_follows_a_changed_part(tmp_path):
 
 
 def test_few_negatives_counts_come_from_the_list_lengths(tmp_path):
-    recs = [{"task": "t", "query": f"q{i}", "pos": ["p"], **({"neg": ["n"] * (i % 4)} if i % 5 else {})} for i in range(20)]
+    recs = [
+        {"task": "t", "query": f"q{i}", "pos": ["p"], **({"neg": ["n"] * (i % 4)} if i % 5 else {})} for i in range(20)
+    ]
     write_shard(tmp_path / "p0.parquet", recs)
     data = open_data([tmp_path / "p0.parquet"], tmp_path / "cache")
     assert np.concatenate(list(data.negative_counts())).tolist() == [len(r.get("neg", [])) for r in recs]
@@ -152,6 +177,7 @@ def test_padding_from_the_memory_map_never_picks_an_own_positive_or_negative(tmp
 
 # ---- resume: the fingerprint covers every part -------------------------------------------------------
 
+
 def test_a_checkpoint_is_ignored_when_any_part_changed(tmp_path):
     import torch
 
@@ -162,7 +188,9 @@ def test_a_checkpoint_is_ignored_when_any_part_changed(tmp_path):
         write_shard(part, [{"task": "t", "query": f"q{j}", "pos": ["p"]}])
     cfg = TrainConfig()
     model = torch.nn.Linear(2, 2)
-    Checkpoint(str(tmp_path / "ckpt"), _fingerprint("m", parts, cfg)).save(model, torch.optim.SGD(model.parameters(), lr=1.0), 3, [], 0)
+    Checkpoint(str(tmp_path / "ckpt"), _fingerprint("m", parts, cfg)).save(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), 3, [], 0
+    )
     assert Checkpoint(str(tmp_path / "ckpt"), _fingerprint("m", parts, cfg)).load()["step"] == 3
     st_ = parts[2].stat()
     os.utime(parts[2], ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # the last part touched
@@ -172,17 +200,36 @@ def test_a_checkpoint_is_ignored_when_any_part_changed(tmp_path):
 
 # ---- the trainer on parts: the same run as on JSON Lines; --data takes several paths ---------------
 
+
 def test_training_on_parquet_parts_is_the_run_on_json_lines(tmp_path, tiny_qwen_dir):
     from kalm.cli import build_parser
 
     words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest", "mill", "well"]
-    recs = [{"task": "toy" if i % 2 else "toy2", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is north" for v in words if v != w][:3 - 2 * (i == 4)]} for i, w in enumerate(words)]
+    recs = [
+        {
+            "task": "toy" if i % 2 else "toy2",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is north" for v in words if v != w][: 3 - 2 * (i == 4)],
+        }
+        for i, w in enumerate(words)
+    ]
     write_shard(tmp_path / "p0.parquet", recs[:6])
     write_shard(tmp_path / "p1.parquet", recs[6:])
     args = build_parser(["kalm.train"]).parse_args(
-        ["train", "--stage", "finetune", "--model", "m", "--out", "o", "--data", str(tmp_path / "p0.parquet"),
-         str(tmp_path / "p1.parquet")])
+        [
+            "train",
+            "--stage",
+            "finetune",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--data",
+            str(tmp_path / "p0.parquet"),
+            str(tmp_path / "p1.parquet"),
+        ]
+    )
     assert args.data == [str(tmp_path / "p0.parquet"), str(tmp_path / "p1.parquet")]
     cfg = TrainConfig(stage="finetune", batch_size=4, group_size=3, lr=1e-3, max_steps=3, threads=1, seed=1)
     train(tiny_qwen_dir, str(_write_jsonl(tmp_path / "d.jsonl", recs)), str(tmp_path / "a"), cfg, {})
@@ -195,6 +242,7 @@ def test_training_on_parquet_parts_is_the_run_on_json_lines(tmp_path, tiny_qwen_
 
 
 # ---- memory: the index, not the texts ------------------------------------------------------------
+
 
 def _rss_kb() -> dict[str, int]:
     out = {}
@@ -214,14 +262,22 @@ def _long_text_parts(folder: Path, n: int) -> list[Path]:
         ids = row.cast(pa.string())
         text = pc.binary_join_element_wise(ids, pa.scalar(filler), "")
         offsets = pa.array(np.arange(hi - lo + 1, dtype=np.int32))
-        table = pa.table({
-            "id": row, "task": pc.if_else(pc.equal(pc.bit_wise_and(row, 7), 0), "rare", "common"),
-            "query": pc.binary_join_element_wise("query ", ids, " ", filler[:100], ""),
-            "pos": pa.ListArray.from_arrays(offsets, pc.binary_join_element_wise("positive ", text, "")),
-            "neg": pa.ListArray.from_arrays(offsets, pc.binary_join_element_wise("negative ", text, ""))})
+        table = pa.table(
+            {
+                "id": row,
+                "task": pc.if_else(pc.equal(pc.bit_wise_and(row, 7), 0), "rare", "common"),
+                "query": pc.binary_join_element_wise("query ", ids, " ", filler[:100], ""),
+                "pos": pa.ListArray.from_arrays(offsets, pc.binary_join_element_wise("positive ", text, "")),
+                "neg": pa.ListArray.from_arrays(offsets, pc.binary_join_element_wise("negative ", text, "")),
+            }
+        )
         parts.append(folder / f"p{j}.parquet")
-        pq.write_table(table.cast(pa.schema([RECORD_SCHEMA.field(c) for c in table.column_names])), parts[-1],
-                       row_group_size=8192, compression="zstd")
+        pq.write_table(
+            table.cast(pa.schema([RECORD_SCHEMA.field(c) for c in table.column_names])),
+            parts[-1],
+            row_group_size=8192,
+            compression="zstd",
+        )
     return parts
 
 
@@ -269,6 +325,8 @@ def test_data_memory_per_rank_does_not_grow_with_the_text_volume(tmp_path):
     anon, file_backed = (after[k] - before[k] for k in ("RssAnon", "RssFile"))
     assert anon * 1024 < 0.05 * text_bytes, f"anonymous RSS grew by {anon / 1024:.0f} MB"
     assert file_backed * 1024 > 0.5 * text_bytes  # the pages read are the map's (shared, evictable)
-    print(f"index {index / n:.0f} B/record (+{(data.index_nbytes - index) / n:.0f} for padding), epoch batches "
-          f"{epoch / n:.0f} B/record, heap peak {peak / 1e6:.1f} MB for {text_bytes / 1e6:.0f} MB of text, "
-          f"built in {seconds:.1f} s; one epoch read: RssAnon +{anon / 1024:.1f} MB, RssFile +{file_backed / 1024:.0f} MB")
+    print(
+        f"index {index / n:.0f} B/record (+{(data.index_nbytes - index) / n:.0f} for padding), epoch batches "
+        f"{epoch / n:.0f} B/record, heap peak {peak / 1e6:.1f} MB for {text_bytes / 1e6:.0f} MB of text, "
+        f"built in {seconds:.1f} s; one epoch read: RssAnon +{anon / 1024:.1f} MB, RssFile +{file_backed / 1024:.0f} MB"
+    )

@@ -45,15 +45,33 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_qwen_dir, restore_t
     from safetensors.torch import load_file
 
     words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest", "mill", "well"]
-    recs = [{"task": "toy" if i % 2 else "toy2", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is north" for v in words if v != w][:3]} for i, w in enumerate(words)]
+    recs = [
+        {
+            "task": "toy" if i % 2 else "toy2",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is north" for v in words if v != w][:3],
+        }
+        for i, w in enumerate(words)
+    ]
     recs[3]["neg"] = recs[3]["neg"][:1]  # kept short: one step has a ragged negative count to gather
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     # τ = 0.05: at τ = 0.01 logits amplify float noise 100x (the gradients still agree to ~1e-4 relative)
-    cfg = TrainConfig(stage="finetune", batch_size=5, group_size=3, lr=2e-4, temperature=0.05, max_steps=2, threads=1,
-                      few_negatives="keep", focal_gamma=0.5, mix_negatives=2, matryoshka_dims=(64, 16),
-                      matryoshka_weights=(1.0, 0.3))
+    cfg = TrainConfig(
+        stage="finetune",
+        batch_size=5,
+        group_size=3,
+        lr=2e-4,
+        temperature=0.05,
+        max_steps=2,
+        threads=1,
+        few_negatives="keep",
+        focal_gamma=0.5,
+        mix_negatives=2,
+        matryoshka_dims=(64, 16),
+        matryoshka_weights=(1.0, 0.3),
+    )
     train(tiny_qwen_dir, str(data), str(tmp_path / "single"), cfg, {})
 
     from kalm.shards import write_shard
@@ -61,14 +79,53 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_qwen_dir, restore_t
     parts = [tmp_path / "p0.parquet", tmp_path / "p1.parquet"]
     write_shard(parts[0], recs[:4])
     write_shard(parts[1], recs[4:])
-    args = ["--stage", "finetune", "--model", tiny_qwen_dir, "--data", *parts, "--out", tmp_path / "ddp",
-            "--checkpoint-dir", tmp_path / "ckpt",
-            "--batch-size", 5, "--group-size", 3, "--lr", "2e-4", "--temperature", 0.05, "--max-steps", 2,
-            "--threads", 1, "--few-negatives", "keep", "--focal-gamma", 0.5, "--mix-negatives", 2,
-            "--matryoshka-dims", 64, 16, "--matryoshka-weights", 1.0, 0.3, "--mini-batch-size", 2]
+    args = [
+        "--stage",
+        "finetune",
+        "--model",
+        tiny_qwen_dir,
+        "--data",
+        *parts,
+        "--out",
+        tmp_path / "ddp",
+        "--checkpoint-dir",
+        tmp_path / "ckpt",
+        "--batch-size",
+        5,
+        "--group-size",
+        3,
+        "--lr",
+        "2e-4",
+        "--temperature",
+        0.05,
+        "--max-steps",
+        2,
+        "--threads",
+        1,
+        "--few-negatives",
+        "keep",
+        "--focal-gamma",
+        0.5,
+        "--mix-negatives",
+        2,
+        "--matryoshka-dims",
+        64,
+        16,
+        "--matryoshka-weights",
+        1.0,
+        0.3,
+        "--mini-batch-size",
+        2,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "kalm", "train", *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "kalm", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert "batch 5 over 2 process(es)" in res.stderr
 

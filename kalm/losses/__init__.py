@@ -5,4 +5,12 @@ from kalm.losses.infonce import focal_weights, info_nce, positive_log_probs
 from kalm.losses.matryoshka import matryoshka
 from kalm.losses.mixing import mix_hard_negatives
 
-__all__ = ["ColumnMask", "false_negative_mask", "focal_weights", "info_nce", "matryoshka", "mix_hard_negatives", "positive_log_probs"]
+__all__ = [
+    "ColumnMask",
+    "false_negative_mask",
+    "focal_weights",
+    "info_nce",
+    "matryoshka",
+    "mix_hard_negatives",
+    "positive_log_probs",
+]

@@ -39,8 +39,12 @@ def _ids(texts: list[str], table: dict[str, int]) -> torch.Tensor:
     return torch.tensor([table.setdefault(t, len(table)) for t in texts], dtype=torch.long)
 
 
-def false_negative_mask(queries: list[str], passages: list[str], own_negatives: list[range] | None = None,
-                        in_batch: list[bool] | None = None) -> ColumnMask:
+def false_negative_mask(
+    queries: list[str],
+    passages: list[str],
+    own_negatives: list[range] | None = None,
+    in_batch: list[bool] | None = None,
+) -> ColumnMask:
     """The mask of :func:`kalm.losses.info_nce`'s ``mask`` argument for one batch.
 
     ``passages``: the B positives, then the negatives; ``own_negatives[i]``: the columns of query

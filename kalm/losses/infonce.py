@@ -28,8 +28,13 @@ import torch
 import torch.nn.functional as F
 
 
-def positive_log_probs(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
-                       extra_negatives: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def positive_log_probs(
+    queries: torch.Tensor,
+    passages: torch.Tensor,
+    temperature: float = 0.01,
+    extra_negatives: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """log p_i for every query (shape (B,)); the layout is that of :func:`info_nce`.
 
     ``mask`` (bool, (B, P)): columns left out of query i's denominator where True (false negatives,
@@ -53,9 +58,14 @@ def focal_weights(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
     return (-torch.expm1(log_p)).clamp_min(1e-6) ** gamma
 
 
-def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float = 0.01,
-             focal_gamma: float = 0.0, extra_negatives: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor,
+    passages: torch.Tensor,
+    temperature: float = 0.01,
+    focal_gamma: float = 0.0,
+    extra_negatives: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``passages`` holds the B positives first (row i belongs to query i), then the negatives.
 
     ``extra_negatives`` has shape (B, K, d): K negatives for each query's denominator only.

@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
-def matryoshka(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], queries: torch.Tensor,
-               passages: torch.Tensor, dims: Sequence[int], weights: Sequence[float],
-               terms: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def matryoshka(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    queries: torch.Tensor,
+    passages: torch.Tensor,
+    dims: Sequence[int],
+    weights: Sequence[float],
+    terms: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The weighted sum; with ``terms`` given, each prefix's unweighted L is stored there by dim."""
     if len(dims) != len(weights):
         raise ValueError("matryoshka dims and weights must have the same length")

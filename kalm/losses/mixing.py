@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def mix_hard_negatives(negatives: torch.Tensor, k: int, generator: torch.Generator | None = None,
-                       alpha: float = 2.0, beta: float = 2.0) -> torch.Tensor:
+def mix_hard_negatives(
+    negatives: torch.Tensor, k: int, generator: torch.Generator | None = None, alpha: float = 2.0, beta: float = 2.0
+) -> torch.Tensor:
     """``negatives``: (B, n, d) embeddings of each query's own hard negatives -> (B, k, d)."""
     b, n, d = negatives.shape
     if k <= 0 or n < 2:

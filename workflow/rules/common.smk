@@ -1,4 +1,4 @@
-# Names, input functions and helpers shared by the rule files. Rules stay thin: every
+# Names, input functions and helpers shared by the .smk files (rules stay thin): every
 # rule runs one `kalm` subcommand; this file turns the config into file names.
 
 import functools
@@ -16,8 +16,10 @@ DATA_STAGES = ["pretrain", "finetune"]
 FINETUNE_RUNS = list(range(config["finetune"]["runs"]))
 NUM_SHARDS = config["embed"]["shards"]
 if config["pretrain"]["enabled"] and not config["data"]["pretrain"]:
-    raise ValueError("config: pretrain.enabled is true but data.pretrain lists no weak-pair tasks "
-                     "(add some, or set pretrain.enabled: false to fine-tune the base model directly)")
+    raise ValueError(
+        "config: pretrain.enabled is true but data.pretrain lists no weak-pair tasks "
+        "(add some, or set pretrain.enabled: false to fine-tune the base model directly)"
+    )
 
 
 def pooling_arg():
@@ -51,9 +53,11 @@ def embed_pooling_arg():
 
 
 if config["embed"]["model"] == EMBED_PRETRAIN and not config["pretrain"]["enabled"]:
-    raise ValueError("config: embed.model is 'pretrain' (mine with models/pretrain) but pretrain.enabled is false, "
-                     "so rule pretrain never runs (set pretrain.enabled: true, or embed.model: null to mine with "
-                     "base_model, or a model path)")
+    raise ValueError(
+        "config: embed.model is 'pretrain' (mine with models/pretrain) but pretrain.enabled is false, "
+        "so the pretrain job never runs (set pretrain.enabled to true, or embed.model to null to mine with "
+        "base_model, or a model path)"
+    )
 
 
 def data_tasks(stage):
@@ -65,8 +69,14 @@ def data_task(stage, task):
 
 
 DEDUP_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1}
-DECONTAMINATE_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "mteb": True,
-                          "contain_min_chars": 50}
+DECONTAMINATE_DEFAULTS = {
+    "near_dup": False,
+    "threshold": 0.8,
+    "num_perm": 128,
+    "shingle": 5,
+    "mteb": True,
+    "contain_min_chars": 50,
+}
 
 
 def dedup_settings():
@@ -176,14 +186,15 @@ def validate_instruction_args(stage, task):
     for a type the rule gives no instruction, --drop-instructions (the records' own are dropped too)."""
     if not train_instruction_sides(stage, task)[0]:
         return "--drop-instructions"
-    return "--instruction " + shlex.quote(data_task(stage, task).get("instruction", ""))
+    return f"--instruction {shlex.quote(data_task(stage, task).get('instruction', ''))}"
 
 
 def mine_tasks_json():
     """{task: instruction on passages too} for the fine-tuning tasks whose negatives are mined."""
     tasks = config["data"]["finetune"]
-    return json.dumps({t: train_instruction_sides("finetune", t)[1] for t, spec in sorted(tasks.items())
-                       if spec.get("mine", True)})
+    return json.dumps(
+        {t: train_instruction_sides("finetune", t)[1] for t, spec in sorted(tasks.items()) if spec.get("mine", True)}
+    )
 
 
 def symmetric_json(stage):
@@ -216,8 +227,10 @@ def check_soup_dev_task():
     dev = soup.get("dev_task")
     if not dev:
         if soup["method"] == "greedy" or (soup["method"] == "weighted" and not soup.get("weights")):
-            raise ValueError(f"config: soup.method {soup['method']} needs soup.dev_task (a held-out local task of "
-                             "eval.tasks)" + ("" if soup["method"] == "greedy" else " or soup.weights"))
+            raise ValueError(
+                f"config: soup.method {soup['method']} needs soup.dev_task (a held-out local task of "
+                "eval.tasks)" + ("" if soup["method"] == "greedy" else " or soup.weights")
+            )
         return
     tasks = config["eval"].get("tasks", {})
     if dev not in tasks or not tasks[dev].get("path"):
@@ -232,7 +245,8 @@ def check_soup_dev_task():
                     f"config: soup.dev_task {dev!r} {same} a reported evaluation task (eval.languages.{lang}): "
                     "the greedy soup selects, and the loss-weighted soup weights, its ingredients by their score on "
                     "the dev task, i.e. they would be chosen on the test set. Use a held-out local task of "
-                    "eval.tasks (e.g. a folder of dev data) that eval.languages does not list")
+                    "eval.tasks (e.g. a folder of dev data) that eval.languages does not list"
+                )
 
 
 check_soup_dev_task()
@@ -278,7 +292,7 @@ def eval_model(which):
     if which == "results":
         return "models/soup"
     if which.startswith("results/runs/run"):
-        return "models/finetune/" + which.rsplit("/", 1)[1]
+        return f"models/finetune/{which.rsplit('/', 1)[1]}"
     return config["base_model"]
 
 
@@ -294,8 +308,9 @@ def eval_task_input(wildcards):
     return [spec[k] for k in ("path", "mirror") if spec.get(k)]
 
 
-def finetune_start():
-    return "models/pretrain" if config["pretrain"]["enabled"] else config["base_model"]
+def finetune_start(wildcards, input):
+    """The model fine-tuning starts from: the pretrained one (rule finetune's input), else base_model."""
+    return input.start[0] if input.start else config["base_model"]
 
 
 # GPUs. A rule's `gpu` resource is its GPU count (config resources.gpus, per node): Snakemake caps
@@ -338,3 +353,171 @@ wildcard_constraints:
     shard=r"\d+",
     part=r"\d+",
     which=r"results|results/baseline|results/runs/run\d+",
+
+
+# ---- validation and decontamination (rules/data.smk) ---------------------------------------------
+
+
+def _index_dir_mb(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20 if os.path.isdir(path) else 0
+
+
+# ---- embedding and mining (rules/mine.smk) -------------------------------------------------------
+
+
+def instruction_args():
+    """embed and mine must format texts the same way: one source for both rules."""
+    m = config["mine"]
+    args = f"--passage-instruction {m.get('passage_instruction', 'symmetric')}"
+    return args if m.get("query_instruction", True) else f"{args} --no-query-instruction"
+
+
+def mine_args():
+    m, index = config["mine"], config["mine"].get("index", {})
+    lo, hi = m["range_for_sampling"]
+    args = (
+        f"--range {lo} {hi} --negative-number {m['negative_number']} --filter-topk {m['filter_topk']} "
+        f"--pad {m['pad']} --sampling {m.get('sampling', 'random')} --pool {m.get('pool', 'task')} "
+        f"--query-batch {m.get('query_batch', 4096)} --index {index.get('type', 'flat')} "
+        f"--given-negatives {m.get('given_negatives', 'keep')}"
+    )
+    if m.get("margin_ratio") is not None:
+        args += f" --margin-ratio {m['margin_ratio']}"
+    for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+        if key in index:
+            args += f" --{key.replace('_', '-')} {index[key]}"
+    return args
+
+
+def _files_mb(paths):
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 2**20
+
+
+def _ids_files(shards):
+    return [p[: -len(".npy")] + ".ids.json" for p in shards]
+
+
+def mine_index_mem_mb(wildcards, input):
+    """A pool shard of at most the whole store: its texts (twice: the builder's map, the store's text -> row
+    map, one embedding shard's ids parsed at a time), its float32 vectors in an ivf/hnsw index (2x the
+    float16 store), divided among the pool's shards."""
+    per_shard = (3 * _files_mb(input.shards) + 3 * _files_mb(_ids_files(input.shards))) / len(POOL_SHARDS)
+    return int(2048 + per_shard + 3 * max([_files_mb([p]) for p in _ids_files(input.shards)] or [0]))
+
+
+def mine_mem_mb(wildcards, input):
+    """Measured: 1M x 896 float16 (1.7 GiB) mined with a flat index peaks at 6.1 GiB: a float32 index (2x
+    the vectors) and the records' texts. A query shard holds one task's records of its part, the vectors of
+    their own texts and one pool (memory-mapped texts and vectors, 8 B keys) with one shard's index: ask
+    for the largest pool shard's index, the part's records, one ids file parsed, plus headroom."""
+    shards = [_files_mb([os.path.join(d, "vectors.npy")]) for d in input.pools] or [0]
+    ids = max([_files_mb([p]) for p in _ids_files(input.shards)] or [0])
+    return int(2048 + 3 * max(shards) + 4 * _files_mb([input.data]) + 3 * ids)
+
+
+# ---- training and soup (rules/train.smk) ---------------------------------------------------------
+
+
+def train_args(stage):
+    c = config[stage]
+    args = (
+        f"--batch-size {c['batch_size']} --lr {c['lr']} --temperature {c['temperature']} "
+        f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}"
+        + pooling_arg()
+    )
+    if c.get("max_steps"):
+        args += f" --max-steps {c['max_steps']}"
+    if c.get("checkpoint_every"):
+        args += f" --checkpoint-every {c['checkpoint_every']}"
+    if c.get("matryoshka"):
+        args += f" --matryoshka-dims {' '.join(map(str, c['matryoshka']['dims']))}"
+        args += f" --matryoshka-weights {' '.join(map(str, c['matryoshka']['weights']))}"
+    if stage == "finetune":
+        args += f" --group-size {c['group_size']}"
+        args += f" --focal-gamma {c.get('focal_gamma', 0.0)} --mix-negatives {c.get('mix_negatives', 0)}"
+    # Batching, negatives and memory options: only the keys the config sets reach the command (the
+    # trainer's defaults are the old behaviour), so existing configs keep their command lines.
+    for key in ("homogeneous_ratio", "few_negatives", "precision", "mini_batch_size", "weight_decay", "save_dtype"):
+        if key in c:
+            args += f" --{key.replace('_', '-')} {c[key]}"
+    if c.get("gradient_checkpointing"):
+        args += " --gradient-checkpointing"
+    last_k = config["soup"].get("last_k", 1)
+    if stage == "finetune" and last_k > 1:
+        # the soup's last-k ingredients: the final model and the k-1 snapshots kept before it
+        every = c.get("snapshot_every") or c.get("checkpoint_every")
+        if not every:
+            raise ValueError(
+                "config: soup.last_k > 1 needs finetune.snapshot_every (steps between the snapshots the soup averages)"
+            )
+        args += f" --keep-snapshots {last_k - 1} --snapshot-every {every}"
+    return args
+
+
+def in_batch_arg(stage):
+    """`--in-batch-negatives` for the tasks whose config sets `in_batch_negatives: false` (their queries
+    see only their own hard negatives; FlagEmbedding's no_in_batch_neg), or nothing."""
+    off = {t: False for t, spec in sorted(config["data"][stage].items()) if spec.get("in_batch_negatives") is False}
+    return f" --in-batch-negatives {shlex.quote(json.dumps(off))}" if off else ""
+
+
+def soup_snapshot_dirs():
+    """The snapshot folders of the fine-tune runs (kalm.soup.snapshot_dir of each run's --checkpoint-dir)."""
+    return [f"work/checkpoints/finetune_run{r}/snapshots" for r in FINETUNE_RUNS]
+
+
+def soup_args():
+    c = config["soup"]
+    args = f"--method {c['method']}"
+    if c.get("weights"):
+        args += f" --weights {' '.join(map(str, c['weights']))}"
+    if c.get("dev_task"):
+        spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
+        args += f" --dev-task-json {shlex.quote(json.dumps(spec, ensure_ascii=False))}"
+    if c.get("temperature"):
+        args += f" --temperature {c['temperature']}"
+    if c.get("last_k", 1) > 1:
+        # the last k checkpoints of each run: its final model and the k-1 snapshots the trainer kept
+        # beside its resumable checkpoint (not Snakemake outputs: their manifest ties them to the run)
+        args += f" --last-k {c['last_k']} --snapshots {' '.join(soup_snapshot_dirs())}"
+    return args
+
+
+# ---- the report (rules/report.smk) ---------------------------------------------------------------
+
+
+def report_funnel_stats(stage):
+    """The stats JSON of each data step of a stage, in pipeline order (the trainer's last: its few-negatives policy)."""
+    files = expand("work/data/{stage}/validated/{dtask}.stats.json", stage=stage, dtask=data_tasks(stage))
+    files += [f"work/data/{stage}/dedup.stats.json", f"work/data/{stage}/decontaminated.stats.json"]
+    if stage == "finetune":
+        files += ["work/data/finetune/mined.stats.json", "models/finetune/run0.stats.json"]
+    else:
+        files += ["models/pretrain.stats.json"]
+    return files
+
+
+def report_mteb_models(lang):
+    """{label: aggregate} of the models the MTEB chart compares."""
+    models = {"base": f"results/baseline/mteb_{lang}.json"}
+    if EVAL_RUNS:
+        models.update({f"run{r}": f"results/runs/run{r}/mteb_{lang}.json" for r in FINETUNE_RUNS})
+    models["soup"] = f"results/mteb_{lang}.json"
+    return models
+
+
+def report_mteb_args():
+    return " ".join(
+        f"--lang {lang} " + " ".join(f"{label}={path}" for label, path in report_mteb_models(lang).items())
+        for lang in LANGUAGES
+    )
+
+
+def report_training_metrics(stage):
+    if stage == "pretrain":
+        return {"pretrain": "models/pretrain.metrics.jsonl"}
+    return {f"run{r}": f"models/finetune/run{r}.metrics.jsonl" for r in FINETUNE_RUNS}
+
+
+def rulegraph_targets():
+    return [p for lang in LANGUAGES for p in (f"results/mteb_{lang}.json", f"results/baseline/mteb_{lang}.json")]

@@ -19,12 +19,6 @@ rule validate:
         data="work/data/{stage}/validated/{dtask}/part{part}.parquet",
         stats="work/data/{stage}/validated/{dtask}/part{part}.stats.json",
         rejects="work/data/{stage}/validated/{dtask}/part{part}.rejects.jsonl",
-    params:
-        # the task's instruction, or --drop-instructions where eval.instruction_set's rule gives its type
-        # none (the same rule as the evaluation: common.smk train_instruction_sides)
-        instruction=lambda w: validate_instruction_args(w.stage, w.dtask),
-        on_error=config["data"]["on_error"],
-        ordinal=lambda w: validate_input(w.stage, w.dtask, w.part)[1],
     log:
         "logs/validate/{stage}/{dtask}/part{part}.log",
     benchmark:
@@ -32,6 +26,12 @@ rule validate:
     resources:
         # streams: one input line or Parquet batch, one output row group (8192 records) at a time
         mem_mb=1000,
+    params:
+        # the task's instruction, or --drop-instructions where eval.instruction_set's rule gives its type
+        # none (the same rule as the evaluation: common.smk train_instruction_sides)
+        instruction=lambda w: validate_instruction_args(w.stage, w.dtask),
+        on_error=config["data"]["on_error"],
+        ordinal=lambda w: validate_input(w.stage, w.dtask, w.part)[1],
     shell:
         "{KALM} validate --input {input} --task {wildcards.dtask} --shard-ordinal {params.ordinal} "
         "--out {output.data} --stats {output.stats} --rejects {output.rejects} --on-error {params.on_error} "
@@ -65,13 +65,6 @@ rule eval_index:
         eval_tasks=list(local_eval_tasks().values()),
     output:
         directory("work/eval_index"),
-    params:
-        eval_tasks=" ".join(f"--eval-task {shlex.quote(f'{t}={p}')}" for t, p in local_eval_tasks().items()),
-        # the same task specs (subsets, mirror) as the evaluate jobs: decontaminate against their data
-        mteb_tasks=" ".join(f"--mteb-task-json {shlex.quote(json.dumps(eval_task_spec(lang, t), ensure_ascii=False))}"
-                            for lang, t in mteb_eval_tasks()),
-        near=(f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
-              if DECON["near_dup"] else "") + f" --contain-min-chars {DECON['contain_min_chars']}",
     log:
         "logs/eval_index.log",
     benchmark:
@@ -80,13 +73,22 @@ rule eval_index:
         # all evaluation texts in memory while indexing: the texts, 4 * num_perm B of signatures and
         # ~40 B of hashes and band keys per text (MTEB's largest corpora: a few million passages)
         mem_mb=8000,
+    params:
+        eval_tasks=" ".join(f"--eval-task {shlex.quote(f'{t}={p}')}" for t, p in local_eval_tasks().items()),
+        # the same task specs (subsets, mirror) as the evaluate jobs: decontaminate against their data
+        mteb_tasks=" ".join(
+            f"--mteb-task-json {shlex.quote(json.dumps(eval_task_spec(lang, t), ensure_ascii=False))}"
+            for lang, t in mteb_eval_tasks()
+        ),
+        near=(
+            f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
+            if DECON["near_dup"]
+            else ""
+        )
+        + f" --contain-min-chars {DECON['contain_min_chars']}",
     shell:
         "{KALM} decontaminate --step index {params.eval_tasks} {params.mteb_tasks} {params.near} "
         "--index-dir {output} > {log} 2>&1"
-
-
-def _index_dir_mb(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20 if os.path.isdir(path) else 0
 
 
 # one job per dedup partition (rules/dedup.smk dedup_parts): its records against the whole index

@@ -15,35 +15,13 @@ import json
 import os
 import shlex
 
+
+include: "dedup_common.smk"
+
+
 DEDUP = dedup_settings()
 DEDUP_PARTITIONS = list(range(DEDUP["shards"]))
 DEDUP_BAND_JOBS = list(range(DEDUP.get("band_jobs", 1)))
-
-if "validated_parts" not in globals():
-
-    def validated_parts(stage):
-        """The validated parts of a stage, in input order (fallback until common.smk has its own)."""
-        return [f"work/data/{stage}/validated/{t}/part0.parquet" for t in data_tasks(stage)]
-
-
-def dedup_parts(stage):
-    """The stage's records after exact (and near-) dedup: one Parquet file per partition."""
-    return [f"work/data/{stage}/dedup/p{j}.parquet" for j in DEDUP_PARTITIONS]
-
-
-def _scatter_file(part, j):
-    """Partition j's file of the scatter of a validated part (work/data/S/validated/T/partI.parquet)."""
-    stem = part[: -len(".parquet")].replace("/validated/", "/scatter/", 1)
-    return f"{stem}/p{j}.parquet"
-
-
-def _exact_out(stage="{stage}", j="{partition}"):
-    # without near-dup the exact partitions are the stage's output
-    return f"work/data/{stage}/exact/p{j}.parquet" if DEDUP["near_dup"] else f"work/data/{stage}/dedup/p{j}.parquet"
-
-
-def _mb(input, per_mb, base=500):
-    return base + int(per_mb * sum(os.path.getsize(f) for f in input if os.path.isfile(f)) / 2**20)
 
 
 # one validated part -> P partition files (the records + their digest)
@@ -52,12 +30,12 @@ rule dedup_scatter:
         "work/data/{stage}/validated/{dtask}/part{part}.parquet",
     output:
         temp(expand("work/data/{{stage}}/scatter/{{dtask}}/part{{part}}/p{j}.parquet", j=DEDUP_PARTITIONS)),
-    wildcard_constraints:
-        part=r"\d+",
     log:
         "logs/dedup_scatter/{stage}/{dtask}/part{part}.log",
     benchmark:
         "benchmarks/dedup_scatter/{stage}/{dtask}/part{part}.tsv"
+    wildcard_constraints:
+        part=r"\d+",
     resources:
         # one input batch + at most 8 row groups buffered over all partitions
         mem_mb=1000,
@@ -72,12 +50,12 @@ rule dedup:
     output:
         data=temp(_exact_out()) if DEDUP["near_dup"] else _exact_out(),
         stats="work/data/{stage}/exact/p{partition}.stats.json",
-    wildcard_constraints:
-        partition=r"\d+",
     log:
         "logs/dedup/{stage}/p{partition}.log",
     benchmark:
         "benchmarks/dedup/{stage}/p{partition}.tsv"
+    wildcard_constraints:
+        partition=r"\d+",
     resources:
         # ids + digests of this partition (24 B a record, sorted), far below its compressed size
         mem_mb=lambda w, input: _mb(input, 0.5, base=1000),
@@ -94,18 +72,18 @@ if DEDUP["near_dup"]:
             "work/data/{stage}/exact/p{partition}.parquet",
         output:
             temp(directory("work/data/{stage}/minhash/p{partition}")),
-        wildcard_constraints:
-            partition=r"\d+",
-        params:
-            opts=f"--num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']} --seed {DEDUP['seed']} "
-            f"--threshold {DEDUP['threshold']}",
         log:
             "logs/minhash/{stage}/p{partition}.log",
         benchmark:
             "benchmarks/minhash/{stage}/p{partition}.tsv"
+        wildcard_constraints:
+            partition=r"\d+",
         resources:
             # a batch of texts, then one band's keys + sort order (24 B a record of the partition)
             mem_mb=lambda w, input: _mb(input, 1, base=1000),
+        params:
+            opts=f"--num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']} --seed {DEDUP['seed']} "
+            f"--threshold {DEDUP['threshold']}",
         shell:
             "{KALM} dedup --step minhash {input} --out {output} {params.opts} > {log} 2>&1"
 
@@ -115,17 +93,17 @@ if DEDUP["near_dup"]:
             lambda w: expand("work/data/{stage}/minhash/p{j}", stage=w.stage, j=DEDUP_PARTITIONS),
         output:
             temp("work/data/{stage}/near/pairs{band_job}.npy"),
-        wildcard_constraints:
-            band_job=r"\d+",
-        params:
-            band_jobs=len(DEDUP_BAND_JOBS),
         log:
             "logs/near_buckets/{stage}/{band_job}.log",
         benchmark:
             "benchmarks/near_buckets/{stage}/{band_job}.tsv"
+        wildcard_constraints:
+            band_job=r"\d+",
         resources:
             # one key range of a band (~4M records x ~40 B, --chunk-records) + the pairs
             mem_mb=2000,
+        params:
+            band_jobs=len(DEDUP_BAND_JOBS),
         shell:
             "{KALM} dedup --step buckets {input} --band-job {wildcards.band_job} --band-jobs {params.band_jobs} "
             "--out {output} > {log} 2>&1"
@@ -156,15 +134,16 @@ if DEDUP["near_dup"]:
         output:
             data="work/data/{stage}/dedup/p{partition}.parquet",
             stats="work/data/{stage}/dedup/p{partition}.stats.json",
-        wildcard_constraints:
-            partition=r"\d+",
         log:
             "logs/near_filter/{stage}/p{partition}.log",
         benchmark:
             "benchmarks/near_filter/{stage}/p{partition}.tsv"
+        wildcard_constraints:
+            partition=r"\d+",
         resources:
             # one batch + the dropped ids (16 B each)
-            mem_mb=lambda w, input: 1000 + int(2 * os.path.getsize(input.drop) / 2**20 if os.path.exists(input.drop) else 0),
+            mem_mb=lambda w, input: 1000
+            + int(2 * os.path.getsize(input.drop) / 2**20 if os.path.exists(input.drop) else 0),
         shell:
             "{KALM} dedup --step filter {input.data} --drop {input.drop} --components {input.components} "
             "--partition p{wildcards.partition} --out {output.data} --stats {output.stats} > {log} 2>&1"
@@ -174,21 +153,31 @@ if DEDUP["near_dup"]:
 rule dedup_stats:
     input:
         exact=lambda w: expand("work/data/{stage}/exact/p{j}.stats.json", stage=w.stage, j=DEDUP_PARTITIONS),
-        near=lambda w: (expand("work/data/{stage}/dedup/p{j}.stats.json", stage=w.stage, j=DEDUP_PARTITIONS)
-                        if DEDUP["near_dup"] else []),
+        near=lambda w: (
+            expand("work/data/{stage}/dedup/p{j}.stats.json", stage=w.stage, j=DEDUP_PARTITIONS)
+            if DEDUP["near_dup"]
+            else []
+        ),
         components=lambda w: [f"work/data/{w.stage}/near/components.json"] if DEDUP["near_dup"] else [],
         # the partitions themselves: the stats are of finished outputs
         data=lambda w: dedup_parts(w.stage),
     output:
         "work/data/{stage}/dedup.stats.json",
-    params:
-        near=lambda w, input: f"--near-stats {' '.join(input.near)} --components {input.components}" if DEDUP["near_dup"] else "",
-        settings=shlex.quote(json.dumps(
-            {k: DEDUP[k] for k in ("threshold", "num_perm", "shingle", "seed")} | {"band_jobs": len(DEDUP_BAND_JOBS)}
-            if DEDUP["near_dup"] else {})),
     log:
         "logs/dedup_stats/{stage}.log",
     resources:
         mem_mb=500,
+    params:
+        near=lambda w, input: (
+            f"--near-stats {' '.join(input.near)} --components {input.components}" if DEDUP["near_dup"] else ""
+        ),
+        settings=shlex.quote(
+            json.dumps(
+                {k: DEDUP[k] for k in ("threshold", "num_perm", "shingle", "seed")}
+                | {"band_jobs": len(DEDUP_BAND_JOBS)}
+                if DEDUP["near_dup"]
+                else {}
+            )
+        ),
     shell:
         "{KALM} dedup --step stats {input.exact} {params.near} --params {params.settings} --out {output} > {log} 2>&1"

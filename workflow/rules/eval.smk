@@ -9,20 +9,20 @@ rule evaluate:
     output:
         raw="{which}/mteb/{lang}/{task}.json",
         meta="{which}/mteb/{lang}/{task}.kalm.json",
+    log:
+        "logs/evaluate/{which}/{lang}/{task}.log",
+    benchmark:
+        "benchmarks/evaluate/{which}/{lang}/{task}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        gpu=gpus("evaluate"),
     params:
         model=lambda w: eval_model(w.which),
         task=lambda w: shlex.quote(json.dumps(eval_task_spec(w.lang, w.task), ensure_ascii=False)),
         batch_size=config["eval"]["batch_size"],
         max_len=config["max_seq_length"],
         pooling=pooling_arg(),
-    threads: config["threads"]
-    log:
-        "logs/evaluate/{which}/{lang}/{task}.log",
-    benchmark:
-        "benchmarks/evaluate/{which}/{lang}/{task}.tsv"
-    resources:
-        mem_mb=8000,
-        gpu=gpus("evaluate"),
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} evaluate --model {params.model} --task-json {params.task} "
@@ -34,14 +34,14 @@ rule aggregate_baseline:
         lambda w: expand("results/baseline/mteb/{lang}/{task}.kalm.json", lang=w.lang, task=EVAL_TASKS[w.lang]),
     output:
         "results/baseline/mteb_{lang}.json",
-    params:
-        model=config["base_model"],
     log:
         "logs/aggregate/baseline_{lang}.log",
     benchmark:
         "benchmarks/aggregate/baseline_{lang}.tsv"
     resources:
         mem_mb=1000,
+    params:
+        model=config["base_model"],
     shell:
         "{KALM} aggregate --model {params.model} --out {output} {input} > {log} 2>&1"
 
@@ -50,18 +50,19 @@ rule aggregate_baseline:
 # (results/runs/run<r>/mteb_<lang>.json): both report the gain over the base model.
 rule aggregate:
     input:
-        results=lambda w: expand("{which}/mteb/{lang}/{task}.kalm.json", which=w.which, lang=w.lang,
-                                 task=EVAL_TASKS[w.lang]),
+        results=lambda w: expand(
+            "{which}/mteb/{lang}/{task}.kalm.json", which=w.which, lang=w.lang, task=EVAL_TASKS[w.lang]
+        ),
         baseline="results/baseline/mteb_{lang}.json",
     output:
         r"{which,results|results/runs/run\d+}/mteb_{lang}.json",
-    params:
-        model=lambda w: eval_model(w.which),
     log:
         "logs/aggregate/{which}/{lang}.log",
     benchmark:
         "benchmarks/aggregate/{which}/{lang}.tsv"
     resources:
         mem_mb=1000,
+    params:
+        model=lambda w: eval_model(w.which),
     shell:
         "{KALM} aggregate --model {params.model} --baseline {input.baseline} --out {output} {input.results} > {log} 2>&1"

@@ -9,41 +9,6 @@ REPORT_STAGES = [s for s in DATA_STAGES if s != "pretrain" or config["pretrain"]
 EVAL_RUNS = config.get("report", {}).get("eval_runs", False)
 
 
-def report_funnel_stats(stage):
-    """The stats JSON of each data step of a stage, in pipeline order (the trainer's last: its few-negatives policy)."""
-    files = expand("work/data/{stage}/validated/{dtask}.stats.json", stage=stage, dtask=data_tasks(stage))
-    files += [f"work/data/{stage}/dedup.stats.json", f"work/data/{stage}/decontaminated.stats.json"]
-    if stage == "finetune":
-        files += ["work/data/finetune/mined.stats.json", "models/finetune/run0.stats.json"]
-    else:
-        files += ["models/pretrain.stats.json"]
-    return files
-
-
-def report_mteb_models(lang):
-    """{label: aggregate} of the models the MTEB chart compares."""
-    models = {"base": f"results/baseline/mteb_{lang}.json"}
-    if EVAL_RUNS:
-        models.update({f"run{r}": f"results/runs/run{r}/mteb_{lang}.json" for r in FINETUNE_RUNS})
-    models["soup"] = f"results/mteb_{lang}.json"
-    return models
-
-
-def report_mteb_args():
-    return " ".join(f"--lang {lang} " + " ".join(f"{label}={path}" for label, path in report_mteb_models(lang).items())
-                    for lang in LANGUAGES)
-
-
-def report_training_metrics(stage):
-    if stage == "pretrain":
-        return {"pretrain": "models/pretrain.metrics.jsonl"}
-    return {f"run{r}": f"models/finetune/run{r}.metrics.jsonl" for r in FINETUNE_RUNS}
-
-
-def rulegraph_targets():
-    return [p for lang in LANGUAGES for p in (f"results/mteb_{lang}.json", f"results/baseline/mteb_{lang}.json")]
-
-
 REPORT_PLOTS = [
     f"{REPORT_DIR}/rulegraph.svg",
     f"{REPORT_DIR}/funnel.svg",
@@ -52,6 +17,7 @@ REPORT_PLOTS = [
     f"{REPORT_DIR}/mteb.svg",
     f"{REPORT_DIR}/mteb.html",
 ]
+
 
 localrules:
     report_rulegraph,
@@ -62,18 +28,22 @@ localrules:
 
 rule report_rulegraph:
     output:
-        report(f"{REPORT_DIR}/rulegraph.svg", caption="../report/rulegraph.rst", category="1. Pipeline",
-               labels={"figure": "rule graph"}),
-    params:
-        snakefile=workflow.main_snakefile,
-        config=lambda w: shlex.quote(json.dumps(config, ensure_ascii=False)),
-        targets=" ".join(rulegraph_targets()),
+        report(
+            f"{REPORT_DIR}/rulegraph.svg",
+            caption="../report/rulegraph.rst",
+            category="1. Pipeline",
+            labels={"figure": "rule graph"},
+        ),
     log:
         "logs/report/rulegraph.log",
     benchmark:
         "benchmarks/report/rulegraph.tsv"
     resources:
         mem_mb=1000,
+    params:
+        snakefile=workflow.main_snakefile,
+        config=lambda w: shlex.quote(json.dumps(config, ensure_ascii=False)),
+        targets=" ".join(rulegraph_targets()),
     shell:
         "{KALM} report rulegraph --snakefile {params.snakefile} --config-json {params.config} --out {output} "
         "{params.targets} > {log} 2>&1"
@@ -84,19 +54,27 @@ rule report_funnel:
         stats=[f for stage in REPORT_STAGES for f in report_funnel_stats(stage)],
         contamination=expand("work/data/{stage}/contamination_report.json", stage=REPORT_STAGES),
     output:
-        plot=report(f"{REPORT_DIR}/funnel.svg", caption="../report/funnel.rst", category="2. Data funnel",
-                    labels={"figure": "funnel chart"}),
-        table=report(f"{REPORT_DIR}/funnel.html", caption="../report/funnel_table.rst", category="2. Data funnel",
-                     labels={"figure": "funnel table"}),
-    params:
-        stages=" ".join(f"--stage {stage} " + " ".join(report_funnel_stats(stage)) for stage in REPORT_STAGES),
-        contamination=" ".join(f"{stage}=work/data/{stage}/contamination_report.json" for stage in REPORT_STAGES),
+        plot=report(
+            f"{REPORT_DIR}/funnel.svg",
+            caption="../report/funnel.rst",
+            category="2. Data funnel",
+            labels={"figure": "funnel chart"},
+        ),
+        table=report(
+            f"{REPORT_DIR}/funnel.html",
+            caption="../report/funnel_table.rst",
+            category="2. Data funnel",
+            labels={"figure": "funnel table"},
+        ),
     log:
         "logs/report/funnel.log",
     benchmark:
         "benchmarks/report/funnel.tsv"
     resources:
         mem_mb=1000,
+    params:
+        stages=" ".join(f"--stage {stage} " + " ".join(report_funnel_stats(stage)) for stage in REPORT_STAGES),
+        contamination=" ".join(f"{stage}=work/data/{stage}/contamination_report.json" for stage in REPORT_STAGES),
     shell:
         "{KALM} report funnel {params.stages} --contamination {params.contamination} "
         "--out {output.plot} --table {output.table} > {log} 2>&1"
@@ -106,16 +84,21 @@ rule report_training:
     input:
         lambda w: list(report_training_metrics(w.stage).values()),
     output:
-        report(f"{REPORT_DIR}/training_{{stage}}.svg", caption="../report/training.rst", category="3. Training",
-               subcategory="{stage}", labels={"stage": "{stage}", "figure": "training curves"}),
-    params:
-        runs=lambda w: " ".join(f"{label}={path}" for label, path in report_training_metrics(w.stage).items()),
+        report(
+            f"{REPORT_DIR}/training_{{stage}}.svg",
+            caption="../report/training.rst",
+            category="3. Training",
+            subcategory="{stage}",
+            labels={"stage": "{stage}", "figure": "training curves"},
+        ),
     log:
         "logs/report/training_{stage}.log",
     benchmark:
         "benchmarks/report/training_{stage}.tsv"
     resources:
         mem_mb=1000,
+    params:
+        runs=lambda w: " ".join(f"{label}={path}" for label, path in report_training_metrics(w.stage).items()),
     shell:
         "{KALM} report training --run {params.runs} --title '{wildcards.stage}' --out {output} > {log} 2>&1"
 
@@ -124,17 +107,25 @@ rule report_mteb:
     input:
         [p for lang in LANGUAGES for p in report_mteb_models(lang).values()],
     output:
-        plot=report(f"{REPORT_DIR}/mteb.svg", caption="../report/mteb.rst", category="4. MTEB",
-                    labels={"figure": "per-type chart"}),
-        table=report(f"{REPORT_DIR}/mteb.html", caption="../report/mteb_table.rst", category="4. MTEB",
-                     labels={"figure": "per-task table"}),
-    params:
-        langs=report_mteb_args(),
+        plot=report(
+            f"{REPORT_DIR}/mteb.svg",
+            caption="../report/mteb.rst",
+            category="4. MTEB",
+            labels={"figure": "per-type chart"},
+        ),
+        table=report(
+            f"{REPORT_DIR}/mteb.html",
+            caption="../report/mteb_table.rst",
+            category="4. MTEB",
+            labels={"figure": "per-task table"},
+        ),
     log:
         "logs/report/mteb.log",
     benchmark:
         "benchmarks/report/mteb.tsv"
     resources:
         mem_mb=1000,
+    params:
+        langs=report_mteb_args(),
     shell:
         "{KALM} report mteb {params.langs} --out {output.plot} --table {output.table} > {log} 2>&1"

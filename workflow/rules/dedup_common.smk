@@ -1,0 +1,26 @@
+# File names and sizes of the dedup stage's shard jobs (included by rules/dedup.smk, so that it also
+# runs alone, as tests/test_dedup_shuffle.py runs it; Snakemake's lint wants functions apart from rules).
+
+import os
+
+
+def dedup_parts(stage):
+    """The stage's records after exact (and near-) dedup: one Parquet file per partition."""
+    return [f"work/data/{stage}/dedup/p{j}.parquet" for j in DEDUP_PARTITIONS]
+
+
+def _scatter_file(part, j):
+    """Partition j's file of the scatter of a validated part (work/data/S/validated/T/partI.parquet)."""
+    dirs = part[: -len(".parquet")].split("/")
+    dirs[dirs.index("validated")] = "scatter"  # work/data/S/scatter/T/partI
+    stem = "/".join(dirs)
+    return f"{stem}/p{j}.parquet"
+
+
+def _exact_out(stage="{stage}", j="{partition}"):
+    # without near-dup the exact partitions are the stage's output
+    return f"work/data/{stage}/exact/p{j}.parquet" if DEDUP["near_dup"] else f"work/data/{stage}/dedup/p{j}.parquet"
+
+
+def _mb(input, per_mb, base=500):
+    return base + int(per_mb * sum(os.path.getsize(f) for f in input if os.path.isfile(f)) / 2**20)
