@@ -54,12 +54,14 @@ real: $(STAMP)
 test: lint
 	$(OFFLINE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
-# ruff (lint + format), snakefmt, and snakemake --lint beyond its documented exceptions (.ci/snakemake_lint.py)
+# ruff (lint + format), snakefmt, snakemake --lint beyond its documented exceptions (.ci/snakemake_lint.py),
+# and the docs' links and names (.ci/check_links.py)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakefmt --check workflow/
 	$(OFFLINE) $(PY) .ci/snakemake_lint.py
+	$(PY) .ci/check_links.py  # README and docs/: links, anchors, repository paths and kalm.* names exist
 
 # the README's picture, laid out by kalm's own SVG writer (graphviz's dot is not needed)
 dag: $(STAMP)

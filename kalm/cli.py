@@ -14,20 +14,20 @@ import sys
 
 # Imported lazily so that `kalm validate` does not pay for torch/mteb imports.
 STAGE_MODULES = [
-    "kalm.validate",
-    "kalm.dedup",
-    "kalm.decontaminate",
-    "kalm.embed",
-    "kalm.mine",
-    "kalm.train",
+    "kalm.data.validate",
+    "kalm.data.dedup",
+    "kalm.data.decontaminate",
+    "kalm.mining.embed",
+    "kalm.mining.mine",
+    "kalm.training.train",
     "kalm.soup",
-    "kalm.evaluate",
-    "kalm.aggregate",
-    "kalm.tiny_qwen",
-    "kalm.gpu_slots",
-    "kalm.mteb_mirror",
+    "kalm.evaluation.evaluate",
+    "kalm.evaluation.aggregate",
+    "kalm.models.tiny_qwen",
+    "kalm.cluster.gpu_slots",
+    "kalm.evaluation.mteb_mirror",
     "kalm.report",
-    "kalm.shards",
+    "kalm.data.shards",
 ]
 
 

@@ -70,7 +70,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Read trusted JSON Lines written by a previous stage (validation is kalm.validate's job)."""
+    """Read trusted JSON Lines written by a previous stage (validation is kalm.data.validate's job)."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():

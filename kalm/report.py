@@ -374,7 +374,7 @@ def plot_training(runs: dict[str, list[dict]], out: str | os.PathLike, title: st
 
 
 def load_mteb(models_by_lang: dict[str, dict[str, str]]) -> dict[str, dict[str, dict]]:
-    """{lang: {model label: aggregate}} from results/.../mteb_<lang>.json files (kalm.aggregate)."""
+    """{lang: {model label: aggregate}} from results/.../mteb_<lang>.json files (kalm.evaluation.aggregate)."""
     return {lang: {label: read_json(p) for label, p in models.items()} for lang, models in models_by_lang.items()}
 
 

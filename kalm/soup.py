@@ -9,7 +9,7 @@
   below its best ingredient on the dev task.
 
 Ingredients are the R fine-tune runs (their final models) and, with ``last_k`` > 1, the k-1
-snapshots each run kept before its end (:class:`SnapshotKeeper`, written by the trainer), i.e. the
+snapshots each run kept before its end (``kalm.training.checkpoints.SnapshotKeeper``, written by the trainer), i.e. the
 last k checkpoints of every run. All must share architecture and tokenizer (checked, with an error
 naming the ingredient). Models are loaded one at a time (the average is a running float64 sum), so
 memory is one model plus the sum, whatever the number of ingredients. Only floating-point tensors
@@ -23,17 +23,16 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from kalm.io import read_json, write_json
+from kalm.training.checkpoints import SNAPSHOT_MANIFEST, weights_digest
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-SNAPSHOT_MANIFEST = "snapshots.json"
 
 
 def _tokenizer_fingerprint(model_dir: str) -> str:
@@ -91,7 +90,7 @@ def _check_state(d: str, state: dict, ref: dict, ref_dir: str) -> None:
 def load_ingredients(model_dirs: list[str]):
     """Load all models at once (small soups, tests); refuse mixed tokenizers or architectures.
     Returns (models, state dicts). ``make_soup`` itself loads one model at a time."""
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     check_compatible(model_dirs)
     models = [load_embedding_model(d) for d in model_dirs]
@@ -153,92 +152,6 @@ class _Accumulator:
 # --------------------------------------------------------------------------------------------
 
 
-def snapshot_dir(checkpoint_dir: str | Path) -> Path:
-    """Where a run keeps its soup snapshots: beside its resumable checkpoint (outside Snakemake's
-    outputs, which Snakemake deletes before a re-run)."""
-    return Path(checkpoint_dir) / "snapshots"
-
-
-def _weights_digest(model_dir: str | Path) -> str:
-    """sha256 over the weight files of a saved model: identifies the final model a run produced."""
-    h = hashlib.sha256()
-    root = Path(model_dir)
-    for path in sorted(root.rglob("*.safetensors")):
-        h.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-class SnapshotKeeper:
-    """Keeps the last ``keep`` sentence-transformers snapshots of one training run, for the soup.
-
-    The trainer (rank 0) calls :meth:`save` every N steps and :meth:`finish` after writing its final
-    model; the soup then takes the final model and the ``k - 1`` newest snapshots before it
-    (:func:`last_k_ingredients`). Snapshots are ``<folder>/step-00000100/`` (saved atomically), and
-    ``<folder>/snapshots.json`` records the run's fingerprint, the kept steps and, once finished,
-    the digest of the final model's weights, so the soup never mixes in snapshots of another run.
-    Snapshots made under another fingerprint (start model, data, hyper-parameters) are deleted
-    when a keeper with a new fingerprint is created; a resumed run (same fingerprint) keeps them and
-    rewrites any step it recomputes with the same weights (training is deterministic per step).
-    """
-
-    def __init__(self, folder: str | Path, keep: int, fingerprint: dict | None = None):
-        self.folder = Path(folder)
-        self.keep = keep
-        self.fingerprint = hashlib.sha256(
-            json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-        manifest = self._manifest()
-        if manifest is not None and manifest.get("fingerprint") != self.fingerprint:
-            log.info("removing soup snapshots of another run configuration in %s", self.folder)
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _manifest(self) -> dict | None:
-        path = self.folder / SNAPSHOT_MANIFEST
-        return read_json(path) if path.is_file() else None
-
-    def steps(self) -> list[int]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(
-            int(p.name.split("-")[1]) for p in self.folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-        )
-
-    def save(self, model, step: int) -> Path | None:
-        """Save ``model`` as the snapshot of ``step``; delete snapshots beyond the last ``keep``."""
-        from kalm.modeling import save_model
-
-        if self.keep <= 0:
-            return None
-        path = self.folder / f"step-{step:08d}"
-        save_model(model, path)
-        steps = self.steps()
-        for old in steps[: -self.keep]:
-            shutil.rmtree(self.folder / f"step-{old:08d}", ignore_errors=True)
-        write_json(
-            self.folder / SNAPSHOT_MANIFEST,
-            {"fingerprint": self.fingerprint, "keep": self.keep, "steps": steps[-self.keep :], "finished": False},
-        )
-        return path
-
-    def finish(self, final_dir: str | Path, final_step: int) -> None:
-        """Record the run's final model (after it is written): only then are the snapshots usable."""
-        write_json(
-            self.folder / SNAPSHOT_MANIFEST,
-            {
-                "fingerprint": self.fingerprint,
-                "keep": self.keep,
-                "steps": self.steps(),
-                "finished": True,
-                "final": str(final_dir),
-                "final_step": final_step,
-                "final_weights": _weights_digest(final_dir),
-            },
-        )
-
-
 def last_k_ingredients(final_dir: str, snapshots: str | Path | None, k: int) -> list[str]:
     """The last ``k`` checkpoints of one run, oldest first: ``k - 1`` snapshots and the final model."""
     if k < 1:
@@ -255,7 +168,7 @@ def last_k_ingredients(final_dir: str, snapshots: str | Path | None, k: int) -> 
     manifest = read_json(manifest_path)
     if not manifest.get("finished"):
         raise ValueError(f"soup: the snapshots in {folder} belong to a run that did not finish ({manifest_path})")
-    if manifest.get("final_weights") != _weights_digest(final_dir):
+    if manifest.get("final_weights") != weights_digest(final_dir):
         raise ValueError(
             f"soup: the snapshots in {folder} belong to another training run than {final_dir} "
             f"(its weights differ from those recorded in {manifest_path}); re-run the fine-tuning"
@@ -278,8 +191,8 @@ def loss_weights(losses: list[float], temperature: float) -> list[float]:
 
 def dev_loss(model, task: dict, temperature: float = 0.05, max_pairs: int = 256) -> float:
     """InfoNCE of the model on (query, relevant passage) pairs of a local retrieval dev task."""
-    from kalm.instructions import format_query
-    from kalm.local_tasks import read_retrieval
+    from kalm.evaluation.instructions import format_query
+    from kalm.evaluation.local_tasks import read_retrieval
     from kalm.losses import info_nce
 
     queries, corpus, qrels = read_retrieval(task["path"])
@@ -299,9 +212,9 @@ def dev_loss(model, task: dict, temperature: float = 0.05, max_pairs: int = 256)
 def dev_score(model, task, batch_size: int = 64) -> float:
     """mteb's main score of the model on the dev task (same path as `kalm evaluate`).
 
-    ``task`` is a task spec, or a :class:`kalm.evaluate.PreparedTask` to score several models
+    ``task`` is a task spec, or a :class:`kalm.evaluation.evaluate.PreparedTask` to score several models
     without loading the task's data again."""
-    from kalm.evaluate import PreparedTask, prepare_task, run_mteb
+    from kalm.evaluation.evaluate import PreparedTask, prepare_task, run_mteb
 
     prep = task if isinstance(task, PreparedTask) else prepare_task(task)
     return float(run_mteb(model, prep.task, prep.prompts, batch_size).get_score())
@@ -329,7 +242,7 @@ def make_soup(
 ) -> dict:
     """Soup the runs ``model_dirs`` (their final models and, with ``last_k`` > 1, the ``last_k - 1``
     snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model."""
-    from kalm.modeling import load_embedding_model, save_model
+    from kalm.models.modeling import load_embedding_model, save_model
 
     if method not in ("uniform", "weighted", "greedy"):
         raise ValueError(f"unknown soup method {method!r} (uniform, weighted, greedy)")
@@ -380,7 +293,7 @@ def make_soup(
     else:
         if dev_task is None:
             raise ValueError("greedy soup needs a dev task")
-        from kalm.evaluate import prepare_task
+        from kalm.evaluation.evaluate import prepare_task
 
         prepared = prepare_task(dev_task)
         scores = [with_model(i, lambda m: dev_score(m, prepared)) for i in range(len(ingredients))]

@@ -1,4 +1,4 @@
-"""Benchmark: the containment check of decontamination (kalm.containment) against an Aho-Corasick
+"""Benchmark: the containment check of decontamination (kalm.data.containment) against an Aho-Corasick
 automaton (pyahocorasick, the library one would reach for), same data, same answers.
 
     .venv/bin/python scripts/bench_containment.py                    # 100k eval texts, 40k training texts
@@ -40,7 +40,7 @@ def side(name: str, n_eval: int, n_train: int, min_chars: int) -> None:
     evals, train = corpus(n_eval, n_train, min_chars)
     t0 = time.perf_counter()
     if name == "kalm":
-        from kalm.containment import ContainmentIndex
+        from kalm.data.containment import ContainmentIndex
 
         index = ContainmentIndex(evals, ["t"] * len(evals), min_chars)
         t1 = time.perf_counter()
@@ -108,7 +108,7 @@ def main() -> None:
         f"{args.eval:,} eval texts, {args.train:,} training texts ({mchars:.1f} M chars), min {args.min_chars} chars, "
         f"{len(ours['pairs'])} contained pairs (equal on both sides), {os.cpu_count()} CPU cores"
     )
-    for label, r, m in (("kalm.containment", ours, m_ours), ("pyahocorasick", peer, m_peer)):
+    for label, r, m in (("kalm.data.containment", ours, m_ours), ("pyahocorasick", peer, m_peer)):
         print(
             f"  {label:17s} build {r['build_s']:6.1f} s  search {r['search_s']:6.1f} s "
             f"({mchars / r['search_s']:5.1f} M chars/s)  peak RSS {m:7.0f} MiB"

@@ -6,10 +6,10 @@ Generates a bilingual corpus (half English, half Chinese; Zipf-distributed synth
 characters, so unrelated records share common shingles) with planted near-duplicates: copies of
 an earlier record with 1-3 words (English) or 1-3 characters (Chinese) of a positive replaced,
 inserted or deleted. Every side reads the same JSONL file and runs in its own subprocess (fair
-peak RSS: ``ru_maxrss`` of that process), on the same record text (``kalm.near_dedup.record_text``)
+peak RSS: ``ru_maxrss`` of that process), on the same record text (``kalm.data.near_dedup.record_text``)
 and the same character shingles, and returns the ids it kept.
 
-- ``kalm``: the pipeline's own code path, ``kalm.dedup.dedup_local``: the JSONL converted to a
+- ``kalm``: the pipeline's own code path, ``kalm.data.dedup.dedup_local``: the JSONL converted to a
   Parquet part, scatter into ``--shards`` hash partitions, exact dedup per partition, minhash per
   partition, ``--band-jobs`` LSH bucket jobs, components, filter per partition, gather (files in,
   files out; one process, the jobs run one after another).
@@ -97,8 +97,8 @@ def _accumulate(ws):
 
 
 def generate(path: Path, n: int, dup_rate: float, seed: int, k: int) -> dict:
-    from kalm.minhash import exact_jaccard
-    from kalm.near_dedup import record_text
+    from kalm.data.minhash import exact_jaccard
+    from kalm.data.near_dedup import record_text
 
     gen = Generator(seed)
     planted = {}  # copy id -> (original id, exact Jaccard of the record texts)
@@ -125,7 +125,7 @@ def generate(path: Path, n: int, dup_rate: float, seed: int, k: int) -> dict:
 
 
 def side_kalm(data, work, args):
-    from kalm.dedup import dedup_local
+    from kalm.data.dedup import dedup_local
     from kalm.io import read_jsonl
 
     dedup_local(
@@ -147,9 +147,9 @@ def side_kalm_core(data, work, args):
     """Only MinHash + LSH of kalm (texts already in memory): the part a library would replace."""
     import numpy as np
 
+    from kalm.data.minhash import signatures
+    from kalm.data.near_dedup import near_duplicates, record_text
     from kalm.io import read_jsonl
-    from kalm.minhash import signatures
-    from kalm.near_dedup import near_duplicates, record_text
 
     recs = list(read_jsonl(data))
     texts = [record_text(r) for r in recs]
@@ -171,8 +171,8 @@ def _shingles(text, k):
 
 def _greedy(data, work, make, lsh):
     """Query, then insert when nothing matched: the first seen of each cluster is kept."""
+    from kalm.data.near_dedup import record_text
     from kalm.io import read_jsonl
-    from kalm.near_dedup import record_text
 
     kept = []
     clock = time.perf_counter
@@ -211,7 +211,7 @@ def side_datasketch(data, work, args, batch=False):
 def side_rensa(data, work, args):
     from rensa import RMinHash, RMinHashLSH
 
-    from kalm.minhash import optimal_bands
+    from kalm.data.minhash import optimal_bands
 
     bands, _ = optimal_bands(args.threshold, args.num_perm)
 

@@ -156,7 +156,7 @@ def peer_main(records: str, out: str, cache: str, max_len: int) -> None:
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     recs = [json.loads(line) for line in Path(records).read_text(encoding="utf-8").splitlines()]
     corpus = [p for r in recs for p in r["pos"] + r["neg"]]

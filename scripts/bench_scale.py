@@ -20,7 +20,7 @@ A run (in the work folder ``--work``, which it creates):
      (``make_demo_corpus.near_duplicate``: equal after NFKC + whitespace normalisation);
    - near duplicates (``--near-dup-rate``): copies with 1-3 small edits (a typo, a word or
      character inserted, deleted or swapped) in the passage or the query, each with the exact
-     Jaccard similarity of its record text to the original's (``kalm.near_dedup.record_text``,
+     Jaccard similarity of its record text to the original's (``kalm.data.near_dedup.record_text``,
      ``--shingle`` character shingles) -- pairs at or above ``--threshold`` are the ones the
      near-dup stage must find;
    - evaluation leaks (``--leak-rate``, at least 3 per task): records built from the held-out
@@ -56,7 +56,7 @@ seconds): records/s per core, recall of the planted near-dup pairs (a pair count
 of its two records is dropped; over the pairs at Jaccard >= threshold, and over all), peak memory;
 plus ``kalm_dag``, the DAG's own near-dup jobs from their TSVs (records/s null when some were too
 short to be sampled).
-datatrove gets the same bands and rows as ours (``kalm.minhash.optimal_bands``: the same LSH
+datatrove gets the same bands and rows as ours (``kalm.data.minhash.optimal_bands``: the same LSH
 S-curve), character shingles of ``--shingle`` (its word tokenizers need nltk or spaCy models, and
 Chinese has no spaces) on the same record text, and its own normalisation (``simplify_text``:
 lower case, no punctuation, digits folded). It does not verify candidate pairs; we do.
@@ -360,9 +360,9 @@ def generate(
     Stream position i of a task is row i - start of its shard; the records' ids (what ``kalm validate``
     gives them) are ``record_id(ordinal, row)`` with the ordinal the shard's place among the stage's
     input files: tasks by name, each task's shards in file-name order."""
-    from kalm.minhash import exact_jaccard
-    from kalm.near_dedup import record_text
-    from kalm.shards import record_id
+    from kalm.data.minhash import exact_jaccard
+    from kalm.data.near_dedup import record_text
+    from kalm.data.shards import record_id
 
     out = Path(out)
     tasks = sorted(TASKS.values())
@@ -493,7 +493,7 @@ def _task_instruction(task: str) -> str:
 
 
 def default_band_jobs(partitions: int, threshold: float, num_perm: int) -> int:
-    from kalm.minhash import optimal_bands
+    from kalm.data.minhash import optimal_bands
 
     return max(1, min(partitions, optimal_bands(threshold, num_perm)[0]))
 
@@ -512,7 +512,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from kalm.modeling import _st_modules, resolve_model_path
+    from kalm.models.modeling import _st_modules, resolve_model_path
 
     Transformer, Pooling, Normalize = _st_modules()
     base = resolve_model_path(MINILM)
@@ -637,7 +637,7 @@ def _stats_in(path: Path) -> int | None:
 
 
 def _rows(path: Path) -> int | None:
-    from kalm.shards import count_rows
+    from kalm.data.shards import count_rows
 
     try:
         return count_rows(path)
@@ -925,9 +925,9 @@ def compare_kalm(exact_parts: list[Path], out: Path, dd: dict, band_jobs: int) -
 
 def compare_datatrove(exact_parts: list[Path], out: Path, dd: dict) -> tuple[dict, set[int], dict]:
     """datatrove's four MinHash steps on the same records (their record text, one JSONL per partition)."""
-    from kalm.minhash import optimal_bands
-    from kalm.near_dedup import record_text
-    from kalm.shards import iter_shard
+    from kalm.data.minhash import optimal_bands
+    from kalm.data.near_dedup import record_text
+    from kalm.data.shards import iter_shard
 
     out.mkdir(parents=True, exist_ok=True)
     docs = out / "docs"

@@ -6,7 +6,7 @@ Both sides fine-tune the same model (all-MiniLM-L6-v2 from ``package:gt_all_mini
 data, with the same loss, batch, group, sequence length, optimiser settings and number of steps, on
 CPU with the same number of threads:
 
-- ``kalm``: ``kalm.train.train`` (one task, task-homogeneous batches = plain shuffled batches;
+- ``kalm``: ``kalm.training.train.train`` (one task, task-homogeneous batches = plain shuffled batches;
   InfoNCE with τ = 1/scale; fp32, no GradCache, no checkpointing);
 - ``st``: ``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss(scale=20)`` on columns
   (anchor, positive, negative_1..n), AdamW, linear schedule with the same warm-up.
@@ -59,7 +59,7 @@ def make_data(path: Path, records: int, group_size: int, seed: int = 0) -> None:
 
 
 def kalm_config(args: argparse.Namespace):
-    from kalm.train import TrainConfig
+    from kalm.training.config import TrainConfig
 
     return TrainConfig(
         stage="finetune",
@@ -78,7 +78,7 @@ def kalm_config(args: argparse.Namespace):
 
 
 def run_kalm(args: argparse.Namespace, data: Path, work: Path) -> dict:
-    from kalm.train import train
+    from kalm.training.train import train
 
     result = train(MODEL, str(data), str(work / "kalm_model"), kalm_config(args), {}, str(work / "kalm.metrics.jsonl"))
     losses = [json.loads(line)["loss"] for line in (work / "kalm.metrics.jsonl").open()]
@@ -107,9 +107,9 @@ def run_st(args: argparse.Namespace, data: Path, work: Path) -> dict:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from kalm.modeling import resolve_model_path
-    from kalm.train import BatchSchedule
-    from kalm.train_data import TrainData
+    from kalm.models.modeling import resolve_model_path
+    from kalm.training.batches import BatchSchedule
+    from kalm.training.train_data import TrainData
 
     torch.set_num_threads(args.threads)
     # The batches kalm's trainer draws, in its order, so that both sides encode the very same texts

@@ -1,5 +1,5 @@
 """Benchmark: `kalm validate` on a generated JSON Lines task, JSON parsed by the standard library's
-``json`` vs ``orjson`` (kalm.validate's fast path), output Parquet (the workflow's) or JSON Lines;
+``json`` vs ``orjson`` (kalm.data.validate's fast path), output Parquet (the workflow's) or JSON Lines;
 also with the whitespace folding of kalm.text.normalize_text as it was (a regex), to show where the
 time goes.
 
@@ -50,7 +50,7 @@ def make(path: Path, n: int, negatives: int, seed: int = 0) -> int:
 @contextlib.contextmanager
 def _regex_normalize(on: bool):
     """kalm.text.normalize_text as it was before (a regex folds whitespace), while ``on``."""
-    import kalm.validate as kv
+    import kalm.data.validate as kv
 
     if not on:
         yield
@@ -67,8 +67,8 @@ def _regex_normalize(on: bool):
 def main() -> None:
     import orjson
 
-    from kalm.shards import iter_shard
-    from kalm.validate import validate_file
+    from kalm.data.shards import iter_shard
+    from kalm.data.validate import validate_file
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=200_000)

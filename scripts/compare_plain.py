@@ -269,7 +269,7 @@ def count_tokens(model_spec: str, texts: list[str], max_seq_length: int) -> int:
     """Non-padding tokens of ``texts`` as the model encodes them (special tokens in, cut at max_seq_length)."""
     from transformers import AutoTokenizer
 
-    from kalm.modeling import resolve_model_path
+    from kalm.models.modeling import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(model_spec))
     return sum(len(ids) for ids in tok(texts, truncation=True, max_length=max_seq_length)["input_ids"])
@@ -404,7 +404,7 @@ def plain_child(spec_path: Path) -> None:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from kalm.io import read_jsonl
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     torch.set_num_threads(spec["threads"])
     records = list(read_jsonl(spec["data"]))

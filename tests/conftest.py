@@ -89,10 +89,10 @@ def tiny_qwen_dir(tmp_path_factory) -> str:
     """A tiny random Qwen2 backbone (plain HF directory, causal config), built once per session.
 
     64 hidden, 2 layers, 4 heads / 2 kv heads, byte-level BPE tokenizer trained on generated
-    English + Chinese text. Load it with ``kalm.modeling.load_embedding_model(tiny_qwen_dir)``
+    English + Chinese text. Load it with ``kalm.models.modeling.load_embedding_model(tiny_qwen_dir)``
     to get the bidirectional mean-pooled embedding model.
     """
-    from kalm.tiny_qwen import build_tiny_qwen2
+    from kalm.models.tiny_qwen import build_tiny_qwen2
 
     root = shared_tmp(tmp_path_factory)
     out = root / "tiny_qwen" / "model"

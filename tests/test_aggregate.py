@@ -1,4 +1,4 @@
-"""kalm.aggregate: hand-written per-task sidecars -> results/mteb_<lang>.json (+ baseline gain, markdown)."""
+"""kalm.evaluation.aggregate: hand-written per-task sidecars -> results/mteb_<lang>.json (+ baseline gain, markdown)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kalm.aggregate import AggregateError, aggregate
+from kalm.evaluation.aggregate import AggregateError, aggregate
 from kalm.io import read_json, write_json
 
 # name: (type, main_score, metric, instruction)

@@ -40,8 +40,8 @@ def corpus(bs, tmp_path_factory):
 
 def _validated(task: dict, name: str, tmp: Path) -> dict[int, dict]:
     """The task's records as `kalm validate` gives them (with their ids), by id."""
-    from kalm.shards import iter_shard
-    from kalm.validate import validate_file
+    from kalm.data.shards import iter_shard
+    from kalm.data.validate import validate_file
 
     out = tmp / f"{name}.parquet"
     validate_file(
@@ -61,7 +61,7 @@ def _texts(path: Path) -> set[str]:
 
 
 def test_shards_are_written_per_task_in_both_formats(corpus):
-    from kalm.shards import count_rows
+    from kalm.data.shards import count_rows
 
     out, m = corpus
     assert set(m["tasks"]) == {"retrieval_en", "retrieval_zh"}
@@ -79,8 +79,8 @@ def test_shards_are_written_per_task_in_both_formats(corpus):
 
 
 def test_planted_duplicates_and_leaks_are_present_and_counted(corpus, tmp_path):
-    from kalm.minhash import exact_jaccard
-    from kalm.near_dedup import record_text
+    from kalm.data.minhash import exact_jaccard
+    from kalm.data.near_dedup import record_text
     from kalm.text import normalize_text, record_hash
 
     out, m = corpus

@@ -1,4 +1,4 @@
-"""kalm.containment: evaluation texts found whole inside longer training texts, and the
+"""kalm.data.containment: evaluation texts found whole inside longer training texts, and the
 decontaminate step that drops them (``contains_eval``)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm.containment import ContainmentIndex, _codes, window_hashes
-from kalm.decontaminate import decontaminate
+from kalm.data.containment import ContainmentIndex, _codes, window_hashes
+from kalm.data.decontaminate import decontaminate
 from kalm.io import read_json, read_jsonl
 
 # a small alphabet (Latin, CJK, an astral-plane emoji, a lone surrogate as JSON allows) so that

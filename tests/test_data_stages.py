@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm.decontaminate import decontaminate
-from kalm.dedup import dedup_local
+from kalm.data.decontaminate import decontaminate
+from kalm.data.dedup import dedup_local
+from kalm.data.validate import ValidationError, validate_file
 from kalm.io import read_json, read_jsonl
 from kalm.text import normalize_text, record_hash
-from kalm.validate import ValidationError, validate_file
 
 
 def write_lines(path, lines):

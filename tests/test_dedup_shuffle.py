@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kalm import near_dedup as nd
 from kalm.cli import main as kalm_main
-from kalm.dedup import dedup_partition, gather_stats, scatter_part
+from kalm.data import near_dedup as nd
+from kalm.data.dedup import dedup_partition, gather_stats, scatter_part
+from kalm.data.minhash import band_keys, optimal_bands, signatures
+from kalm.data.shards import iter_shard, record_id, write_shard
 from kalm.io import read_json
-from kalm.minhash import band_keys, optimal_bands, signatures
-from kalm.shards import iter_shard, record_id, write_shard
 from kalm.text import record_hash
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -55,7 +55,7 @@ def test_funnel_counts_add_up_and_catch_planted_problems(tiny_run):
 def test_souped_model_is_a_bidirectional_sentence_transformer(tiny_run):
     from sentence_transformers import SentenceTransformer
 
-    from kalm.modeling import attention_is_bidirectional, is_bidirectional
+    from kalm.models.modeling import attention_is_bidirectional, is_bidirectional
 
     work, _ = tiny_run
     model = SentenceTransformer(str(work / "models/soup"))

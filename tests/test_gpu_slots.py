@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from kalm.gpu_slots import device_pool, split_env, try_acquire
+from kalm.cluster.gpu_slots import device_pool, split_env, try_acquire
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RUN = [sys.executable, "-m", "kalm", "gpu-slots"]

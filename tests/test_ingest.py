@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kalm.cli import main as kalm_main
+from kalm.data.validate import ValidationError, validate_file
 from kalm.io import read_json, read_jsonl
-from kalm.validate import ValidationError, validate_file
 
 
 def write_parquet(path, rows, schema=None):

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kalm.embed import shard_bounds, texts_to_embed
 from kalm.io import read_json, read_jsonl
-from kalm.mine import mine
+from kalm.mining.embed import shard_bounds, texts_to_embed
+from kalm.mining.mine import mine
 
 
 def fake_shards(tmp_path, texts, num_shards=2, dim=12, seed=0):
@@ -122,8 +122,8 @@ def test_candidate_lists_equal_sentence_transformers_mine_hard_negatives(tmp_pat
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
-    from kalm.embed import embed_shard
-    from kalm.modeling import load_embedding_model
+    from kalm.mining.embed import embed_shard
+    from kalm.models.modeling import load_embedding_model
 
     demo = Path(__file__).resolve().parents[1] / "data/demo/finetune/retrieval_en.jsonl"
     recs, seen = [], set()
@@ -261,7 +261,7 @@ def test_pool_per_task_or_global(tmp_path):
 
 @pytest.mark.parametrize("kind", ["flat_fp16", "ivf", "hnsw"])
 def test_index_types_agree_with_exact_search(tmp_path, kind):
-    from kalm.mine import IndexConfig, build_index
+    from kalm.mining.mine import IndexConfig, build_index
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(20, 32))
@@ -283,7 +283,7 @@ def test_index_types_agree_with_exact_search(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_mining_runs_with_approximate_indexes(tmp_path, corpus, kind):
-    from kalm.mine import IndexConfig
+    from kalm.mining.mine import IndexConfig
 
     src, paths, _ = corpus
     stats = mine(
@@ -411,7 +411,7 @@ def test_given_negatives_deduplicated_and_truncated_with_counts(tmp_path):
 def test_given_negatives_flag_reaches_mine(tmp_path, given_corpus, monkeypatch):
     import argparse
 
-    import kalm.mine as kmine
+    import kalm.mining.mine as kmine
 
     seen = {}
     monkeypatch.setattr(kmine, "mine", lambda *a, **kw: seen.update(kw))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kalm import modeling
-from kalm.modeling import (
+from kalm.models import modeling
+from kalm.models.modeling import (
     attention_is_bidirectional,
     is_bidirectional,
     load_embedding_model,
@@ -196,7 +196,7 @@ def test_save_model_is_atomic_and_overwrites(tiny_qwen_dir, tmp_path):
 
 def test_tiny_qwen_cli(tmp_path):
     from kalm.cli import main
-    from kalm.tiny_qwen import read_texts
+    from kalm.models.tiny_qwen import read_texts
 
     data = tmp_path / "pairs.jsonl"
     rows = [
@@ -232,7 +232,7 @@ def test_tiny_qwen_cli(tmp_path):
 def test_tiny_qwen_is_seeded(tmp_path):
     from safetensors.torch import load_file
 
-    from kalm.tiny_qwen import build_tiny_qwen2
+    from kalm.models.tiny_qwen import build_tiny_qwen2
 
     texts = ["The cat reads a book.", "小猫找到了一张旧地图。"] * 20
     kw = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)

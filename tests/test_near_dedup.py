@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kalm.cli import main as kalm_main
-from kalm.decontaminate import decontaminate
-from kalm.dedup import dedup_local
+from kalm.data.decontaminate import decontaminate
+from kalm.data.dedup import dedup_local
+from kalm.data.minhash import exact_jaccard, optimal_bands, signatures
+from kalm.data.near_dedup import bucket_pairs, minhash_partition, near_duplicates, record_text
+from kalm.data.shards import write_shard
 from kalm.io import read_json, read_jsonl
-from kalm.minhash import exact_jaccard, optimal_bands, signatures
-from kalm.near_dedup import bucket_pairs, minhash_partition, near_duplicates, record_text
-from kalm.shards import write_shard
 from kalm.text import record_hash
 
 EN = "abcdefghijklmnopqrstuvwxyz"
@@ -38,7 +38,7 @@ def one_word_changed(rng, text):
 
 
 def run_pipeline(d, recs, shards=2, threshold=0.8, num_perm=128, shingle=5, name="in", band_jobs=2):
-    """validate-free data stage, every step in this process (kalm.dedup.dedup_local): scatter,
+    """validate-free data stage, every step in this process (kalm.data.dedup.dedup_local): scatter,
     exact dedup per partition, minhash per partition, LSH bucket jobs, components, filter, gather."""
     src = d / f"{name}.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")

@@ -154,7 +154,7 @@ def test_training_curves_show_every_loss_term_and_run(tmp_path):
 
 def aggregate(model, scores):
     tasks = {n: {"type": ty, "main_score": s, "metric": "m"} for n, (ty, s) in scores.items()}
-    from kalm.aggregate import summarize
+    from kalm.evaluation.aggregate import summarize
 
     by_type, mean_task, mean_type = summarize(tasks)
     return {"model": model, "tasks": tasks, "by_type": by_type, "mean_task": mean_task, "mean_type": mean_type}

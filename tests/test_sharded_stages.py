@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kalm.cli import main as kalm_main
+from kalm.data.shards import iter_shard, record_id, write_shard
+from kalm.data.validate import ValidationError, parse_record, validate_file
 from kalm.io import read_json, read_jsonl
-from kalm.shards import iter_shard, record_id, write_shard
-from kalm.validate import ValidationError, parse_record, validate_file
 
 # ---- text normalisation and JSON parsing: the fast paths are the same functions --------------------
 
@@ -88,7 +88,7 @@ def task_folder(tmp_path):
 
 
 def test_validating_each_file_with_its_ordinal_equals_validating_the_folder(tmp_path, task_folder):
-    from kalm.validate import task_files
+    from kalm.data.validate import task_files
 
     whole = validate_file(
         str(task_folder),
@@ -183,7 +183,7 @@ def test_a_file_error_of_a_shard_job_names_file_line_or_row_and_field(tmp_path, 
 
 def test_jsonl_input_is_streamed_not_read_whole(tmp_path, monkeypatch):
     """validate reads a JSON Lines file line by line: records come out before the file is read to its end."""
-    import kalm.validate as kv
+    import kalm.data.validate as kv
 
     src = _jsonl(tmp_path / "t.jsonl", [{"query": f"q{i}", "pos": ["p"]} for i in range(50)])
     seen = []
@@ -227,7 +227,7 @@ FILLER = " ".join(f"Paragraph {i} of the town chronicle tells of harvests, fairs
 
 @pytest.fixture(scope="module")
 def eval_index_dir(tmp_path_factory):
-    from kalm.decontaminate import EvalIndex
+    from kalm.data.decontaminate import EvalIndex
 
     d = tmp_path_factory.mktemp("eval")
     ret = d / "EvalRetrieval"
@@ -275,7 +275,7 @@ def _split(recs, parts, seed):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 40), parts=st.integers(1, 4), seed=st.integers(0, 100))
 def test_decontaminating_partitions_equals_one_run(tmp_path_factory, eval_index_dir, n, parts, seed):
-    from kalm.decontaminate import EvalIndex, apply_index, merge
+    from kalm.data.decontaminate import EvalIndex, apply_index, merge
 
     index_dir, _ = eval_index_dir
     d = tmp_path_factory.mktemp("decon")
@@ -378,7 +378,7 @@ def test_the_index_on_disk_finds_what_the_one_shot_run_finds(tmp_path, eval_inde
 
 
 def test_an_exact_hit_is_confirmed_by_the_text_not_the_hash(tmp_path, eval_index_dir, monkeypatch):
-    import kalm.decontaminate as kd
+    import kalm.data.decontaminate as kd
 
     _, tasks = eval_index_dir
     monkeypatch.setattr(kd, "_key_hash", lambda key: 7)  # every text collides with every other
@@ -396,7 +396,7 @@ def test_an_exact_hit_is_confirmed_by_the_text_not_the_hash(tmp_path, eval_index
 
 
 def test_embed_text_shards_are_a_hash_partition_of_the_texts_to_embed(tmp_path):
-    from kalm.embed import shard_texts, texts_to_embed
+    from kalm.mining.embed import shard_texts, texts_to_embed
 
     recs = [
         {
@@ -424,7 +424,7 @@ def test_embed_text_shards_are_a_hash_partition_of_the_texts_to_embed(tmp_path):
 def _mine_corpus(tmp_path, n=60, seed=0):
     from test_mine import fake_shards
 
-    from kalm.embed import texts_to_embed
+    from kalm.mining.embed import texts_to_embed
 
     rng = random.Random(seed)
     recs = []
@@ -447,7 +447,7 @@ MINE_KW = dict(window=(28, 45), negative_number=20, filter_topk=10, pad="random"
 
 @pytest.mark.parametrize("index, pool", [("flat", "task"), ("ivf", "task"), ("flat", "global")])
 def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
-    from kalm.mine import TEXTS_FILE, IndexConfig, MineSettings, merge, mine_shard, read_texts, write_pools
+    from kalm.mining.mine import TEXTS_FILE, IndexConfig, MineSettings, merge, mine_shard, read_texts, write_pools
 
     recs, mine_tasks, emb = _mine_corpus(tmp_path)
     cfg = IndexConfig(index, nlist=4, nprobe=2)
@@ -500,7 +500,7 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
 def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling):
     """A pool split into S text ranges (one index each, searched in turn, top k merged) mines the same
     records as the whole pool with an exact index: same candidates, ranks, scores, pads (global rows)."""
-    from kalm.mine import mine, read_json
+    from kalm.mining.mine import mine, read_json
 
     tmp = tmp_path_factory.mktemp("poolshards")
     recs, mine_tasks, emb = _mine_corpus(tmp, seed=seed)
@@ -525,7 +525,15 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
 
 
 def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):
-    from kalm.mine import TEXTS_FILE, IndexConfig, PoolShards, read_texts, shard_folder, write_pools, write_ranges
+    from kalm.mining.mine import (
+        TEXTS_FILE,
+        IndexConfig,
+        PoolShards,
+        read_texts,
+        shard_folder,
+        write_pools,
+        write_ranges,
+    )
 
     recs, mine_tasks, emb = _mine_corpus(tmp_path)
     write_shard(tmp_path / "in.parquet", recs)
@@ -548,7 +556,7 @@ def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):
 
 def test_a_record_draws_the_same_negatives_wherever_it_is_in_its_shard(tmp_path):
     """The sampling RNG is seeded by (seed, record id), not by the record's place in the file."""
-    from kalm.mine import mine
+    from kalm.mining.mine import mine
 
     recs, mine_tasks, emb = _mine_corpus(tmp_path, seed=1)
     outs = []
@@ -621,7 +629,7 @@ def test_dry_run_has_one_job_per_input_file_and_partition(tmp_path):
 
 
 def test_a_mine_job_reads_only_the_row_groups_of_the_task_it_mines(tmp_path, monkeypatch):
-    from kalm.mine import iter_task_records, task_counts
+    from kalm.mining.mine import iter_task_records, task_counts
 
     recs = [
         {"query": f"q{i}", "pos": ["p"], "task": t, "id": i} for i, t in enumerate(["a"] * 5 + ["b"] * 5 + ["c"] * 5)
@@ -637,8 +645,8 @@ def test_a_mine_job_reads_only_the_row_groups_of_the_task_it_mines(tmp_path, mon
 
 def test_a_query_gets_the_same_candidates_and_score_bits_alone_or_in_a_batch(tmp_path):
     """FAISS / BLAS may sum in another order for another batch shape; the scores that decide (ranks,
-    filter) are re-computed by kalm.mine.exact_scores, so a query's result does not depend on its batch."""
-    from kalm.mine import IndexConfig, build_index, search_rescored
+    filter) are re-computed by kalm.mining.mine.exact_scores, so a query's result does not depend on its batch."""
+    from kalm.mining.mine import IndexConfig, build_index, search_rescored
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(3000, 384)).astype(np.float16)

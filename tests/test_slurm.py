@@ -337,7 +337,7 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
         return
     for rel in ["work/embed/shard0.npy", "work/embed/shard1.npy"]:
         assert np.array_equal(np.load(local / rel), np.load(work / rel)), rel
-    from kalm.shards import iter_shard
+    from kalm.data.shards import iter_shard
 
     mined = sorted(p.relative_to(local) for p in (local / "work/data/finetune/mined").glob("p*.parquet"))
     assert mined and mined == sorted(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kalm.modeling import load_embedding_model, save_model
+from kalm.models.modeling import load_embedding_model, save_model
 from kalm.soup import uniform_soup
 
 
@@ -101,7 +101,7 @@ def test_loss_weights_favour_the_lower_dev_loss(two_models, tmp_path, dev_task):
 def test_greedy_soup_never_scores_below_its_best_ingredient(two_models, tmp_path, dev_task):
     """The real dev score (mteb on a local task), checked independently of the soup's own bookkeeping:
     each ingredient's score, the saved soup's score and parameters (the mean of the chosen ones)."""
-    from kalm.modeling import load_embedding_model as load
+    from kalm.models.modeling import load_embedding_model as load
     from kalm.soup import dev_score, make_soup
 
     dirs = [str(two_models / "a"), str(two_models / "b"), str(two_models / "a")]
@@ -124,7 +124,7 @@ def test_greedy_soup_selects_as_worked_out_by_hand(two_models, tmp_path, monkeyp
     a, b and c = 2b - a (d = |a - b|). By hand: the scores are -0.36 d², -0.16 d², -1.96 d², so the
     order is b, a, c; b + a averages to 0.5 (a + b), at -0.01 d² (kept); adding c makes the mean b
     again, -0.16 d² (dropped). The soup is (a + b) / 2, scoring -0.01 d²."""
-    import kalm.evaluate
+    import kalm.evaluation.evaluate
     import kalm.soup
     from kalm.soup import make_soup
 
@@ -143,7 +143,7 @@ def test_greedy_soup_selects_as_worked_out_by_hand(two_models, tmp_path, monkeyp
         return -sum(float(((state[k].double() - target[k]) ** 2).sum()) for k in keys) / d2
 
     monkeypatch.setattr(kalm.soup, "dev_score", score)
-    monkeypatch.setattr(kalm.evaluate, "prepare_task", lambda spec: "prepared")
+    monkeypatch.setattr(kalm.evaluation.evaluate, "prepare_task", lambda spec: "prepared")
     dirs = [str(two_models / "a"), str(two_models / "b"), str(tmp_path / "c")]
     report = make_soup(dirs, str(tmp_path / "s"), "greedy", dev_task={"name": "Dev"})
     assert report["dev_scores"] == pytest.approx([-0.36, -0.16, -1.96], rel=1e-3)
@@ -170,8 +170,8 @@ class _TinyModule(torch.nn.Module):
 @pytest.fixture
 def tiny_modules(tmp_path, monkeypatch):
     """Three saved _TinyModule ingredients (weights 1, 3, 8; their int and bool buffers differ), with
-    kalm.modeling's loader and saver swapped for torch.save of the state dict."""
-    import kalm.modeling
+    kalm.models.modeling's loader and saver swapped for torch.save of the state dict."""
+    import kalm.models.modeling
 
     def save(model, out):
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -182,8 +182,8 @@ def tiny_modules(tmp_path, monkeypatch):
         m.load_state_dict(torch.load(Path(path) / "state.pt"))
         return m
 
-    monkeypatch.setattr(kalm.modeling, "save_model", save)
-    monkeypatch.setattr(kalm.modeling, "load_embedding_model", load)
+    monkeypatch.setattr(kalm.models.modeling, "save_model", save)
+    monkeypatch.setattr(kalm.models.modeling, "load_embedding_model", load)
     dirs = []
     for name, w, offset, flag in (("x", 1.0, 0, False), ("y", 3.0, 10, True), ("z", 8.0, 20, True)):
         save(_TinyModule(w, offset, flag), tmp_path / name)
@@ -194,7 +194,7 @@ def tiny_modules(tmp_path, monkeypatch):
 def test_non_float_tensors_are_copied_not_averaged(tiny_modules, tmp_path, monkeypatch):
     """Integer and bool tensors come from the first ingredient added (for greedy: the best one), with
     their dtype; float ones (parameters, buffers, bf16) are averaged."""
-    import kalm.evaluate
+    import kalm.evaluation.evaluate
     import kalm.soup
     from kalm.soup import _Accumulator, average, make_soup
 
@@ -222,7 +222,7 @@ def test_non_float_tensors_are_copied_not_averaged(tiny_modules, tmp_path, monke
     check(load(str(tmp_path / "w")).state_dict(), 2.5, x)
     # greedy: the dev score favours weight 3 (y first), then accepts x (mean 2), rejects z (mean 4)
     monkeypatch.setattr(kalm.soup, "dev_score", lambda model, prepared: -abs(float(model.weight.mean()) - 2.5))
-    monkeypatch.setattr(kalm.evaluate, "prepare_task", lambda spec: "prepared")
+    monkeypatch.setattr(kalm.evaluation.evaluate, "prepare_task", lambda spec: "prepared")
     report = make_soup(dirs, str(tmp_path / "g"), "greedy", dev_task={"name": "Dev"})
     assert report["chosen"] == [dirs[1], dirs[0]]
     check(load(str(tmp_path / "g")).state_dict(), 2.0, y)
@@ -232,7 +232,7 @@ def test_soup_refuses_different_architectures(two_models, tmp_path):
     """Same tokenizer, one layer fewer: refused, naming the ingredient and the parameters."""
     from conftest import make_bilingual_sentences
 
-    from kalm.tiny_qwen import build_tiny_qwen2
+    from kalm.models.tiny_qwen import build_tiny_qwen2
 
     build_tiny_qwen2(tmp_path / "shallow_hf", make_bilingual_sentences(300), num_layers=1, seed=0)
     save_model(load_embedding_model(str(tmp_path / "shallow_hf")), str(tmp_path / "shallow"))
@@ -245,7 +245,8 @@ def test_soup_refuses_different_architectures(two_models, tmp_path):
 
 def test_last_k_checkpoints_as_ingredients(two_models, tmp_path):
     """The trainer's side (SnapshotKeeper) and the soup's (last_k): the last k checkpoints of a run."""
-    from kalm.soup import SnapshotKeeper, last_k_ingredients, make_soup, snapshot_dir
+    from kalm.soup import last_k_ingredients, make_soup
+    from kalm.training.checkpoints import SnapshotKeeper, snapshot_dir
 
     a = load_embedding_model(str(two_models / "a"))
     b = load_embedding_model(str(two_models / "b"))

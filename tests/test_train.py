@@ -8,9 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kalm.io import read_jsonl
-from kalm.train import TrainConfig, batch_texts, lr_at, train
-from kalm.train import task_homogeneous_batches as row_batches
-from kalm.train_data import TrainData
+from kalm.training.batches import batch_texts
+from kalm.training.batches import task_homogeneous_batches as row_batches
+from kalm.training.config import TrainConfig
+from kalm.training.objective import lr_at
+from kalm.training.train import train
+from kalm.training.train_data import TrainData
 
 
 def task_homogeneous_batches(records, batch_size, rng, ratio=1.0):
@@ -31,7 +34,7 @@ def apply_few_negatives(records, n_neg, policy, stats):
     sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), batch_size=st.integers(2, 9), seed=st.integers(0, 99)
 )
 def test_batches_are_full_task_homogeneous_ones_and_the_pooled_tails(sizes, batch_size, seed):
-    from kalm.train import records_left_out_per_epoch
+    from kalm.training.batches import records_left_out_per_epoch
 
     records = [{"task": f"t{t}", "query": f"{t}-{i}"} for t, n in enumerate(sizes) for i in range(n)]
     batches = task_homogeneous_batches(records, batch_size, random.Random(seed))
@@ -205,7 +208,7 @@ def test_contrastive_loss_combines_focal_mixing_and_matryoshka():
     import torch.nn.functional as F
 
     from kalm.losses import info_nce
-    from kalm.train import contrastive_loss
+    from kalm.training.objective import contrastive_loss
 
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
@@ -375,7 +378,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_qwen_dir):
     assert [m["loss"] for m in ref_metrics] == [m["loss"] for m in res_metrics] and len(res_metrics) == 7
     assert not (ckpt / "checkpoint.pt").exists()  # removed once the model is saved
     # the soup takes the final model and the snapshots the run kept (they survived the kill)
-    from kalm.soup import last_k_ingredients, snapshot_dir
+    from kalm.soup import last_k_ingredients
+    from kalm.training.checkpoints import snapshot_dir
 
     snaps = snapshot_dir(ckpt)
     assert last_k_ingredients(str(tmp_path / "resumed"), snaps, 3) == [

@@ -1,4 +1,4 @@
-"""The trainer's data (kalm.train_data, issue 15): Parquet parts (or JSON Lines) memory-mapped through
+"""The trainer's data (kalm.training.train_data, issue 15): Parquet parts (or JSON Lines) memory-mapped through
 an Arrow cache, batches built from an index of rows and task codes. The batches are those of the
 former list-of-dicts batcher (kept here as the reference), and the memory per rank is the index
 (a few bytes per record), not the texts."""
@@ -21,12 +21,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kalm.data.shards import RECORD_SCHEMA, write_shard
 from kalm.io import StageStats, read_jsonl
-from kalm.shards import RECORD_SCHEMA, write_shard
-from kalm.train import BatchSchedule, TrainConfig, task_homogeneous_batches, train
-from kalm.train_data import TrainData, arrow_path, convert_parts, data_parts, open_data
+from kalm.training.batches import BatchSchedule, task_homogeneous_batches
+from kalm.training.config import TrainConfig
+from kalm.training.train import train
+from kalm.training.train_data import TrainData, arrow_path, convert_parts, data_parts, open_data
 
-# ---- the reference: the dict batcher as it was before the index (kalm/train.py at 3a4c62d) -------
+# ---- the reference: the dict batcher as it was before the index (kalm/training/train.py at 3a4c62d) -------
 
 
 def reference_batches(records: list[dict], batch_size: int, rng: random.Random, homogeneous_ratio: float = 1.0):
@@ -181,7 +183,7 @@ def test_padding_from_the_memory_map_never_picks_an_own_positive_or_negative(tmp
 def test_a_checkpoint_is_ignored_when_any_part_changed(tmp_path):
     import torch
 
-    from kalm.train import Checkpoint, _fingerprint
+    from kalm.training.checkpoints import Checkpoint, _fingerprint
 
     parts = [tmp_path / f"p{j}.parquet" for j in range(3)]
     for j, part in enumerate(parts):
@@ -216,7 +218,7 @@ def test_training_on_parquet_parts_is_the_run_on_json_lines(tmp_path, tiny_qwen_
     ]
     write_shard(tmp_path / "p0.parquet", recs[:6])
     write_shard(tmp_path / "p1.parquet", recs[6:])
-    args = build_parser(["kalm.train"]).parse_args(
+    args = build_parser(["kalm.training.train"]).parse_args(
         [
             "train",
             "--stage",

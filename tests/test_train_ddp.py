@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from kalm.io import read_jsonl
-from kalm.train import TrainConfig, rank_slices, train
+from kalm.training.config import TrainConfig
+from kalm.training.distributed import rank_slices
+from kalm.training.train import train
 
 
 def _torchrun() -> list[str]:
@@ -74,7 +76,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_qwen_dir, restore_t
     )
     train(tiny_qwen_dir, str(data), str(tmp_path / "single"), cfg, {})
 
-    from kalm.shards import write_shard
+    from kalm.data.shards import write_shard
 
     parts = [tmp_path / "p0.parquet", tmp_path / "p1.parquet"]
     write_shard(parts[0], recs[:4])

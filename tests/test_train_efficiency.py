@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from kalm.io import read_jsonl
-from kalm.train import TrainConfig, autocast_dtype, contrastive_loss, encode, forward_backward, tokenize, train
+from kalm.training.config import TrainConfig
+from kalm.training.encoding import autocast_dtype, encode, forward_backward, tokenize
+from kalm.training.objective import contrastive_loss
+from kalm.training.train import train
 
 QUERIES = [f"where is the {w}" for w in ("river", "bridge", "tower", "harbour", "market")]
 POSITIVES = [f"the {w} lies north of the old town square" for w in ("river", "bridge", "tower", "harbour", "market")]
@@ -24,7 +27,7 @@ CFG = TrainConfig(
 
 @pytest.fixture(scope="module")
 def minilm():
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -95,7 +98,7 @@ def test_gradient_checkpointing_keeps_the_gradients(minilm, monkeypatch):
     import torch.utils.checkpoint
     import transformers.modeling_utils
 
-    from kalm.train import disable_gradient_checkpointing, enable_gradient_checkpointing
+    from kalm.training.encoding import disable_gradient_checkpointing, enable_gradient_checkpointing
 
     calls = []
 

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from kalm.io import read_jsonl
 from kalm.losses import info_nce, mix_hard_negatives
-from kalm.train import BatchTexts, TrainConfig, batch_texts, contrastive_loss, lr_at, make_optimizer, train
+from kalm.training.batches import BatchTexts, batch_texts
+from kalm.training.config import TrainConfig
+from kalm.training.objective import contrastive_loss, lr_at, make_optimizer
+from kalm.training.train import train
 
 
 def _write(tmp_path: Path, recs: list[dict]) -> str:
@@ -119,7 +122,7 @@ def test_a_start_model_without_normalize_trains_on_cosine_similarities(tmp_path)
     trainer logs is the InfoNCE of the normalised embeddings (dropout off, lr 0: nothing moves)."""
     from sentence_transformers import SentenceTransformer
 
-    from kalm.modeling import _st_modules, load_embedding_model
+    from kalm.models.modeling import _st_modules, load_embedding_model
 
     Pooling = _st_modules()[1]
 

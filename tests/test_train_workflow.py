@@ -1,5 +1,5 @@
 """The trainer's batching, negatives and memory options travel from the config to the command line, and
-the training data's instructions follow the evaluation's rule (kalm.instructions.instruction_sides)."""
+the training data's instructions follow the evaluation's rule (kalm.evaluation.instructions.instruction_sides)."""
 
 import os
 import subprocess
@@ -85,7 +85,7 @@ def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Instructions: training places them by the evaluation's rule (kalm.instructions.instruction_sides)
+# Instructions: training places them by the evaluation's rule (kalm.evaluation.instructions.instruction_sides)
 # --------------------------------------------------------------------------------------------
 
 
@@ -103,9 +103,9 @@ def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, in
     import json
     import re
 
-    import kalm.evaluate
-    from kalm.evaluate import prepare_task
-    from kalm.instructions import instruction_sides
+    import kalm.evaluation.evaluate
+    from kalm.evaluation.evaluate import prepare_task
+    from kalm.evaluation.instructions import instruction_sides
 
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["eval"]["instruction_set"] = instruction_set
@@ -143,7 +143,7 @@ def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, in
         for m in re.finditer(r"evaluate --model models/soup --task-json '(\{.*?\})'", out)
     }
 
-    monkeypatch.setattr(kalm.evaluate, "load_task_data", lambda task, spec: {"source": "local"})
+    monkeypatch.setattr(kalm.evaluation.evaluate, "load_task_data", lambda task, spec: {"source": "local"})
 
     def eval_sides(spec):
         return _sides_of_prompts(
@@ -167,8 +167,8 @@ def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, in
 
 
 def test_validate_drops_every_instruction_when_asked(tmp_path):
+    from kalm.data.validate import validate_file
     from kalm.io import read_json, read_jsonl
-    from kalm.validate import validate_file
 
     src = tmp_path / "sts.jsonl"
     src.write_text(

@@ -8,8 +8,8 @@ import shlex
 import sys
 
 # one rule for which side of a task carries its instruction, in training and evaluation alike
-from kalm.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
-from kalm.validate import ValidationError as _ValidationError, task_files as _task_files
+from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
+from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
@@ -93,7 +93,7 @@ def decontaminate_settings():
 
 @functools.lru_cache(maxsize=None)
 def task_input_files(stage, dtask):
-    """The input files of a training task (kalm.validate.task_files: the file, or the .jsonl/.parquet files
+    """The input files of a training task (kalm.data.validate.task_files: the file, or the .jsonl/.parquet files
     of its folder in sorted order), read when the DAG is built: one validate job each."""
     path = data_task(stage, dtask)["path"]
     try:
@@ -106,7 +106,7 @@ def task_input_files(stage, dtask):
 def validate_inputs(stage):
     """(task, part, input file, shard ordinal) of every input file of a stage, in input order: tasks sorted
     by name (data_tasks), each task's files in task_files order; the ordinal is the place in this list
-    (the records' ids, kalm.shards.record_id, put the stage in this order)."""
+    (the records' ids, kalm.data.shards.record_id, put the stage in this order)."""
     out = []
     for dtask in data_tasks(stage):
         for part, path in enumerate(task_input_files(stage, dtask)):
@@ -170,8 +170,8 @@ def pool_shard_dirs(pool=None):
     return expand("work/mine_index/{pool}/shard{j}", pool=[pool] if pool else mine_pools(), j=POOL_SHARDS)
 
 
-# The instruction set of the evaluation (kalm.task_instructions) also decides where the training data's
-# instructions go: one table, one rule (kalm.instructions.instruction_sides) for both.
+# The instruction set of the evaluation (kalm.evaluation.task_instructions) also decides where the training data's
+# instructions go: one table, one rule (kalm.evaluation.instructions.instruction_sides) for both.
 INSTRUCTION_SET = config["eval"].get("instruction_set") or DEFAULT_INSTRUCTION_SET
 
 
@@ -204,7 +204,7 @@ def symmetric_json(stage):
 
 def _language_tasks(lang):
     """{task: benchmark it was listed by, or None} for one language, in config order."""
-    from kalm.task_instructions import benchmark_tasks  # imports mteb only for mteb benchmark names
+    from kalm.evaluation.task_instructions import benchmark_tasks  # imports mteb only for mteb benchmark names
 
     entry = config["eval"]["languages"][lang]
     if isinstance(entry, dict):
@@ -253,9 +253,9 @@ check_soup_dev_task()
 
 
 def eval_task_spec(lang, task):
-    """The task spec `kalm evaluate --task-json` gets (see kalm/evaluate.py): the benchmark's defaults
+    """The task spec `kalm evaluate --task-json` gets (see kalm/evaluation/evaluate.py): the benchmark's defaults
     for the task, then the config's eval.tasks entry, instruction, instruction set and mirror root."""
-    from kalm.task_instructions import benchmark_task_defaults
+    from kalm.evaluation.task_instructions import benchmark_task_defaults
 
     bench = EVAL_TASK_SOURCES.get(lang, {}).get(task)
     spec = benchmark_task_defaults(bench, task) if bench else {}
@@ -278,7 +278,7 @@ def local_eval_tasks():
 
 def mteb_eval_tasks():
     """(language, task) of the evaluation tasks without local data (registered MTEB tasks):
-    decontamination targets when their data is mirrored or cached offline (kalm.decontaminate skips
+    decontamination targets when their data is mirrored or cached offline (kalm.data.decontaminate skips
     the others with a note)."""
     if not decontaminate_settings()["mteb"]:
         return []

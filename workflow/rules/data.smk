@@ -58,7 +58,7 @@ rule validate_gather:
 # exact and near-dup dedup: rules/dedup.smk (validated parts -> work/data/{stage}/dedup/p{j}.parquet)
 
 
-# the evaluation texts, gathered and indexed once for both stages (kalm.decontaminate.EvalIndex: exact
+# the evaluation texts, gathered and indexed once for both stages (kalm.data.decontaminate.EvalIndex: exact
 # hashes, containment anchors, MinHash/LSH bands), then memory-mapped by every decontaminate job
 rule eval_index:
     input:

@@ -1,4 +1,4 @@
-# Dedup stage as shard jobs (kalm/dedup.py, kalm/near_dedup.py): every job's memory depends on its
+# Dedup stage as shard jobs (kalm/data/dedup.py, kalm/data/near_dedup.py): every job's memory depends on its
 # shard, never on the corpus, so the stage scales out as SLURM jobs.
 #
 #   validated parts ─► dedup_scatter (one job per part: record to partition digest % P)

@@ -12,7 +12,7 @@ architecture in a few seconds on CPU:
 
 Both are saved as a plain Hugging Face directory (``config.json``, ``model.safetensors``,
 tokenizer files), i.e. exactly what a real backbone checkpoint looks like, so the same code
-path (:func:`kalm.modeling.load_embedding_model`) is exercised. The saved config is left
+path (:func:`kalm.models.modeling.load_embedding_model`) is exercised. The saved config is left
 causal, like a real Qwen2 checkpoint; the conversion to bidirectional happens on load.
 
 CLI: ``kalm tiny-qwen --out DIR --texts data.jsonl [more.jsonl notes.txt ...]``.
@@ -91,7 +91,7 @@ def build_tiny_qwen2(
 
     The directory is written atomically (a killed run leaves no half-written model) and is a
     plain Hugging Face backbone directory (safetensors), loadable with ``AutoModel`` /
-    ``AutoTokenizer`` or :func:`kalm.modeling.load_embedding_model`. Returns ``out_dir``.
+    ``AutoTokenizer`` or :func:`kalm.models.modeling.load_embedding_model`. Returns ``out_dir``.
     """
     import torch
     from transformers import Qwen2Config, Qwen2Model

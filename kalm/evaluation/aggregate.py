@@ -1,4 +1,4 @@
-"""Aggregate per-task MTEB results into ``results/mteb_<lang>.json`` (DESIGN.md contract).
+"""Aggregate per-task MTEB results into ``results/mteb_<lang>.json`` (the contract in docs/design.md).
 
 Inputs are the per-task files written by ``kalm evaluate``: either the kalm sidecar
 (``<task>.kalm.json``) or mteb's raw result (``<task>.json``, whose sidecar is then read;
@@ -9,7 +9,7 @@ Output::
     {"model", "mteb_version", "tasks": {name: {"type", "main_score", "metric"}},
      "by_type": {type: mean main_score}, "mean_task", "mean_type",
      "model_spec" (the model path the jobs loaded), "max_seq_length", "dtype", "lang", "n_tasks",
-     "instruction_set" (kalm / none: kalm.task_instructions), "instructions": {task: instruction},
+     "instruction_set" (kalm / none: kalm.evaluation.task_instructions), "instructions": {task: instruction},
      "instruction_sources": {task: config | kalm:task | kalm:alias | kalm:type | none},
      "data_sources": {task: local | mirror | hub},
      # with a baseline aggregate (the base model's output of this same stage):

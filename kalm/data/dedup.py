@@ -2,7 +2,7 @@
 
 Two records are duplicates when their normalised query and normalised set of positives are equal
 (NFKC, whitespace folded, case-folded: ``kalm.text.record_hash``, a 16-byte digest). The first
-occurrence in input order -- the smallest record ``id`` (``kalm.shards``) -- is kept; every drop is
+occurrence in input order -- the smallest record ``id`` (``kalm.data.shards``) -- is kept; every drop is
 counted per task. The stage runs as Snakemake jobs whose memory depends on their shard, never on
 the corpus (``workflow/rules/dedup.smk``):
 
@@ -16,7 +16,7 @@ the corpus (``workflow/rules/dedup.smk``):
    The result is the same whatever ``P`` (tests/test_dedup_shuffle.py).
 
 With ``data.dedup.near_dup`` the exact partitions go on to near-duplicate removal
-(``kalm.near_dedup``: minhash, buckets, components, filter); ``stats`` (the gather) adds up the
+(``kalm.data.near_dedup``: minhash, buckets, components, filter); ``stats`` (the gather) adds up the
 partition stats of both into the stage's funnel, ``dedup.stats.json``.
 
 Every step is a ``kalm dedup --step STEP`` command (see ``register``); ``kalm dedup IN... --out
@@ -48,8 +48,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kalm.data.shards import RECORD_SCHEMA, ROW_GROUP_ROWS, iter_shard, record_id, write_shard
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
-from kalm.shards import RECORD_SCHEMA, ROW_GROUP_ROWS, iter_shard, record_id, write_shard
 from kalm.text import record_hash
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def dedup_local(
     """Every step of the stage in this process (in the workflow each is a job of its own): scatter
     each input, exact dedup per partition, then (``near``) minhash per partition, the LSH bucket
     jobs, components, filter per partition; the output is one file in input order."""
-    from kalm import near_dedup as nd
+    from kalm.data import near_dedup as nd
 
     own = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix=".dedup.", dir=Path(out_path).parent))
@@ -448,7 +448,7 @@ def _need(args, *names) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kalm import near_dedup as nd
+    from kalm.data import near_dedup as nd
 
     step = args.step
     ins = args.inputs

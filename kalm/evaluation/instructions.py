@@ -7,7 +7,7 @@ Task types come in two spellings: the training-data types of the config (``retri
 ``PairClassification``, ...). Both are mapped to the MTEB type (:func:`mteb_type`).
 
 Which sides carry the instruction is decided once, by :func:`instruction_sides`, from the
-instruction set (config ``eval.instruction_set``, see kalm.task_instructions) and the task type, for
+instruction set (config ``eval.instruction_set``, see kalm.evaluation.task_instructions) and the task type, for
 ``kalm evaluate`` (its ``prompts``), for the data stages (validate keeps or drops the records'
 instruction, mining encodes with it) and for the trainer (``--symmetric`` {task: passage side}):
 
@@ -32,18 +32,18 @@ instruction, mining encodes with it) and for the trainer (``--symmetric`` {task:
   given the task's name, evaluation follows the table; training data only has types, so a training
   task of type ``retrieval`` is query-side only;
 - single-input MTEB tasks (Classification, Clustering) prefix every input whenever the query side
-  carries the instruction (``kalm.evaluate.build_prompts``);
+  carries the instruction (``kalm.evaluation.evaluate.build_prompts``);
 - an evaluation spec's explicit ``symmetric`` overrides the rule: the query side carries the
   instruction, the passage side iff ``symmetric``.
 
 The rule places any instruction, whichever its source (the set's table, ``eval.tasks.<t>.instruction``,
 ``data.<stage>.<t>.instruction`` or a record's own): where it gives a type no side, a configured
-instruction is not used (kalm.task_instructions.resolve_instruction logs that).
+instruction is not used (kalm.evaluation.task_instructions.resolve_instruction logs that).
 """
 
 from __future__ import annotations
 
-# config eval.instruction_set values (tables: kalm.task_instructions)
+# config eval.instruction_set values (tables: kalm.evaluation.task_instructions)
 INSTRUCTION_SETS = ("kalm", "kalm_v2", "none")
 DEFAULT_INSTRUCTION_SET = "kalm"
 
@@ -112,7 +112,7 @@ def instruction_sides(
     if instruction_set == "kalm" and mtype in KALM_V1_UNINSTRUCTED_TYPES:
         return False, False
     if instruction_set == "kalm_v2" and task:
-        from kalm.task_instructions import kalm_v2_both_sides
+        from kalm.evaluation.task_instructions import kalm_v2_both_sides
 
         if kalm_v2_both_sides(task):
             return True, True

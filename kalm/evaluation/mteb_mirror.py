@@ -13,7 +13,7 @@ Layout::
         README.md                       # the dataset card; its YAML `configs:` names the configs
         corpus/dev-00000-of-00001.parquet    # (corpus, queries, default = qrels, top_ranked, ...)
         queries/...  data/...  top_ranked/...
-        kalm-mirror.json                # {"task", "path", "revision"} written by `python -m kalm.mteb_mirror`
+        kalm-mirror.json                # {"task", "path", "revision"} written by `python -m kalm mteb-mirror`
       C-MTEB/CMNLI/ ...
 
 Any folder that ``datasets.load_dataset(folder, config)`` reads the way the hub repository is read
@@ -97,7 +97,7 @@ def use_mirror(task, folder: str | Path) -> dict[str, Any]:
             raise MirrorError(
                 f"MTEB task {name!r}: mirror {target} holds revision {have} of {ds['path']}, but mteb pins "
                 f"{ds['revision']}; scores on other data are not comparable. Download it again: "
-                f"python -m kalm.mteb_mirror {name} --root <mirror root>"
+                f"python -m kalm mteb-mirror {name} --root <mirror root>"
             )
         if have is None:
             logger.warning(
@@ -124,9 +124,9 @@ def how_to_mirror(
     where = str(mirror_folder(root, dataset_path)) if root and dataset_path else f"<mirror root>/{dataset_path}"
     return (
         f"To evaluate it offline, mirror it on a machine with network: "
-        f"`python -m kalm.mteb_mirror {name} --root <mirror root>` (= huggingface-cli download --repo-type dataset "
+        f"`python -m kalm mteb-mirror {name} --root <mirror root>` (= huggingface-cli download --repo-type dataset "
         f"{dataset_path} --revision {revision or '<pinned>'} --local-dir {where}), copy the folder here and set `eval.mirror: "
-        f"<mirror root>` in the config (or `eval.tasks.{name}.mirror: <folder>`); see kalm/mteb_mirror.py for "
+        f"<mirror root>` in the config (or `eval.tasks.{name}.mirror: <folder>`); see kalm/evaluation/mteb_mirror.py for "
         f"the layout. Alternatively copy a Hugging Face cache (HF_HOME) in which "
         f"`mteb.get_task('{name}').load_data()` has run, or give the task a 'path' in kalm's local-task format."
     )
@@ -166,7 +166,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kalm.mteb_mirror", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kalm mteb-mirror", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["mteb-mirror", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """Vectorised MinHash signatures and LSH banding in numpy (no per-shingle Python loop).
 
 Why our own numpy MinHash rather than a library (measured by ``scripts/bench_dedup.py``; figures
-and date in README "Data stage"): datasketch's ``MinHash`` hashes every shingle with SHA-1 and then
+and date in docs/benchmarks.md, "Near-dup library choice"): datasketch's ``MinHash`` hashes every shingle with SHA-1 and then
 updates ``num_perm`` permutations, one Python call per shingle (or per text with ``update_batch``),
 and ``MinHashLSH`` keeps Python dicts of band tuples per record. Here a whole batch of texts is one
 array of code points; the k-character shingles of every text are hashed with k vector operations;
@@ -15,7 +15,7 @@ MinHash + LSH alone, kalm 28,260 records/s, rensa 0.5.0 12,558, datasketch 2.0 `
 1,409, plain datasketch 263; end to end with JSON reading/writing, kalm 8,405 vs plain datasketch
 256 (32.8x) at recall 0.958 vs 0.868 of the planted pairs. rensa is level end to end (JSON dominates)
 but its LSH drops unverified candidates and its signatures are per-record Python objects; ours are
-``.npy`` arrays that the sharded Snakemake jobs (``kalm.near_dedup``) hand over on disk and
+``.npy`` arrays that the sharded Snakemake jobs (``kalm.data.near_dedup``) hand over on disk and
 memory-map, with no extra dependency.
 
 Definitions (fixed, so that signatures written by one job compare with another job's):

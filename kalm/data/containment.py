@@ -1,7 +1,7 @@
 """Find evaluation texts that appear whole inside longer training texts (containment).
 
 An evaluation passage pasted into a long training document has a low Jaccard similarity with it,
-so the MinHash/LSH near-copy check (``kalm.decontaminate.NearIndex``) misses it. This index catches
+so the MinHash/LSH near-copy check (``kalm.data.decontaminate.NearIndex``) misses it. This index catches
 it exactly: a training text contains evaluation text ``E`` (both normalised with
 ``kalm.text.dedup_key``) when ``E`` is a substring of it and ``len(E) >= min_chars``; shorter
 evaluation texts are left to the exact and near checks, since a short phrase ("the capital of
@@ -55,7 +55,7 @@ def window_hashes(codes: np.ndarray, width: int) -> np.ndarray:
 class ContainmentIndex:
     """Evaluation texts of at least ``min_chars`` characters, searchable inside longer texts.
 
-    ``texts`` is any sequence of strings (a list, or kalm.decontaminate's memory-mapped texts);
+    ``texts`` is any sequence of strings (a list, or kalm.data.decontaminate's memory-mapped texts);
     ``arrays``: the ``anchors`` and ``anchor_ids`` of :meth:`arrays`, saved by an earlier build (so
     a shard job memory-maps them instead of hashing every evaluation text again)."""
 

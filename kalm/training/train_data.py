@@ -1,6 +1,6 @@
 """The trainer's data: a small index in memory, the texts memory-mapped (issue 15).
 
-``kalm train`` reads the stage's Parquet parts (``kalm.shards``: ``RECORD_SCHEMA``) or JSON Lines
+``kalm train`` reads the stage's Parquet parts (``kalm.data.shards``: ``RECORD_SCHEMA``) or JSON Lines
 files. Loaded as Python dicts they cost 4.9 KB of RAM per typical fine-tuning record (query,
 positive, 7 negatives): ~30 GB per torchrun rank at KaLM's 6M examples. Instead:
 
@@ -26,7 +26,7 @@ positive, 7 negatives): ~30 GB per torchrun rank at KaLM's 6M examples. Instead:
    come from pyarrow compute, a record batch at a time, never a Python object per record:
    ``pc.index_in`` on ``task``, and ``pc.list_value_length`` on ``neg`` (its offsets only) for
    the records short of negatives (``apply_few_negatives``).
-4. **Batches.** ``kalm.train.BatchSchedule`` shuffles numpy arrays of rows with
+4. **Batches.** ``kalm.training.batches.BatchSchedule`` shuffles numpy arrays of rows with
    ``random.Random.shuffle``, which permutes any sequence as it permutes a list: the batches are
    those the former list-of-dicts batcher made (tests/test_train_data.py keeps it as the
    reference). A step reads its global batch's records (``TrainData.records``: a
@@ -81,8 +81,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kalm.data.shards import RECORD_SCHEMA, ROW_GROUP_ROWS
 from kalm.io import StageStats, atomic_path, read_jsonl
-from kalm.shards import RECORD_SCHEMA, ROW_GROUP_ROWS
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Per-task instructions for MTEB tasks and KaLM's task lists.
 
 Instruction sets (config ``eval.instruction_set``; which sides of a task carry the instruction is
-``kalm.instructions.instruction_sides``, the one rule for evaluation and training):
+``kalm.evaluation.instructions.instruction_sides``, the one rule for evaluation and training):
 
 - ``kalm`` (the default): the table published with KaLM-Embedding (V1), ``evaluate/utils.py`` of
   github.com/HITsz-TMG/KaLM-Embedding (commit b54b1a1, the code behind the paper's C-MTEB and
@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-from kalm.instructions import (
+from kalm.evaluation.instructions import (
     DEFAULT_INSTRUCTION_SET,
     INSTRUCTION_SETS,
     KALM_V1_UNINSTRUCTED_TYPES,
@@ -273,7 +273,7 @@ def resolve_instruction(
     """The instruction of one task and its source: ``config``, ``kalm:task`` / ``kalm_v2:task``,
     ``kalm:alias`` / ``kalm_v2:alias``, ``kalm:type`` / ``kalm_v2:type`` or ``none``.
 
-    First the rule (``kalm.instructions.instruction_sides``): a task whose type the set instructs on
+    First the rule (``kalm.evaluation.instructions.instruction_sides``): a task whose type the set instructs on
     no side (``kalm``: STS, PairClassification, ...) gets none, even one of the config (logged as not
     used; the training records of such a type get none either) unless the spec's ``symmetric`` asks for
     one. Then the config's instruction (the key present in the spec, even empty) wins; a local task
@@ -381,5 +381,5 @@ def benchmark_task_defaults(benchmark: str, task: str) -> dict:
     if benchmark in KALM_BENCHMARKS:
         subsets = KALM_BENCHMARKS[benchmark][1].get(task)
         return {"subsets": list(subsets)} if subsets else {}
-    # an mteb benchmark: kalm.evaluate takes the task object from the benchmark (its subsets and splits)
+    # an mteb benchmark: kalm.evaluation.evaluate takes the task object from the benchmark (its subsets and splits)
     return {"benchmark": benchmark}

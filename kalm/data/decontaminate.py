@@ -6,7 +6,7 @@ A record is contaminated when its query or any positive
   task (dropped as ``overlaps_eval``), or
 - is a near-duplicate of one (``near_overlaps_eval``, with ``near=True``): the Jaccard similarity of
   their k-character shingle sets is >= ``threshold``. Candidates come from the same MinHash/LSH
-  machinery as near-dedup (``kalm.minhash``); each candidate is then checked with the exact
+  machinery as near-dedup (``kalm.data.minhash``); each candidate is then checked with the exact
   Jaccard similarity of the two texts, so a drop is never a MinHash estimation error.
 
 Why MinHash/LSH on character shingles rather than exact n-gram overlap (GPT-3 style 13-grams):
@@ -16,7 +16,7 @@ Jaccard on character shingles treats both languages alike and scores a copy with
 as similar in proportion to its length. What it does not catch, an evaluation text embedded in a
 much longer training text (containment, low Jaccard), is caught exactly by ``contain_min_chars``:
 a query or positive that contains a whole evaluation text of at least that many characters is
-dropped as ``contains_eval`` (``kalm.containment``). Not caught: an evaluation text that appears
+dropped as ``contains_eval`` (``kalm.data.containment``). Not caught: an evaluation text that appears
 inside a training text only in part, or with edits.
 
 Evaluation texts: queries and corpus of retrieval tasks, both sentences of STS / pair tasks, texts
@@ -49,13 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, read_jsonl, write_json
-from kalm.shards import record_writer
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
 
-# Fields that hold evaluation texts in local task files (see kalm.local_tasks).
+# Fields that hold evaluation texts in local task files (see kalm.evaluation.local_tasks).
 EVAL_TEXT_FIELDS = ("text", "sentence1", "sentence2", "query", "positive", "negative")
 N_EXAMPLES = 5
 BATCH = 4096
@@ -112,8 +112,8 @@ def mteb_eval_texts(spec: dict | str) -> tuple[set[str] | None, str]:
     when there is one, else the offline Hugging Face cache. A spec mistake (unknown task or
     benchmark, a subset the task lacks) stops the stage; data that cannot be loaded is a skip.
     """
-    from kalm.evaluate import TaskSpecError, load_task_data, resolve_task
-    from kalm.mteb_mirror import dataset_tasks
+    from kalm.evaluation.evaluate import TaskSpecError, load_task_data, resolve_task
+    from kalm.evaluation.mteb_mirror import dataset_tasks
 
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     try:
@@ -149,7 +149,7 @@ class NearIndex:
         seed: int = 1,
         arrays: dict[str, np.ndarray] | None = None,
     ):
-        from kalm.minhash import band_keys, optimal_bands, signatures
+        from kalm.data.minhash import band_keys, optimal_bands, signatures
 
         self.texts, self.owners = texts, owners
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
@@ -322,7 +322,7 @@ class EvalIndex:
         owners = _Owners(names, codes_arr)
         contain_index = near_index = None
         if contain_min_chars:
-            from kalm.containment import ContainmentIndex
+            from kalm.data.containment import ContainmentIndex
 
             contain_index = ContainmentIndex(texts, owners, contain_min_chars)
             extra.update(contain_min_chars=contain_min_chars, eval_texts_long_enough=len(contain_index))
@@ -406,7 +406,7 @@ class EvalIndex:
                 arrays={k: arr(f"near_{k}") for k in ("sigs", "order", "sorted")},
             )
         if st["contain_min_chars"]:
-            from kalm.containment import ContainmentIndex
+            from kalm.data.containment import ContainmentIndex
 
             contain = ContainmentIndex(
                 texts,
@@ -446,7 +446,7 @@ def apply_index(
     """Drop the records of ``inputs`` (Parquet shards or JSON Lines, streamed ``batch`` records at a time)
     that overlap the evaluation index; write the kept records (Parquet when ``out_path`` ends with
     ``.parquet``), the stats and this shard's contamination report."""
-    from kalm.shards import iter_records
+    from kalm.data.shards import iter_records
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     stats = StageStats("decontaminate", **copy.deepcopy(idx.stats_extra))
@@ -680,7 +680,7 @@ def register(sub) -> None:
         help="also drop records whose query or a positive contains a whole evaluation text of >= N "
         "normalised characters (0: off)",
     )
-    p.add_argument("--out", help="kept records (.parquet: a shard of kalm.shards.RECORD_SCHEMA; else JSON Lines)")
+    p.add_argument("--out", help="kept records (.parquet: a shard of kalm.data.shards.RECORD_SCHEMA; else JSON Lines)")
     p.add_argument("--stats")
     p.add_argument("--report")
     p.add_argument("--part-stats", nargs="+", help="--step merge: the shards' stats JSON")

@@ -3,24 +3,24 @@
 A task spec comes from the workflow config (``eval_task_spec`` in workflow/rules/common.smk)::
 
     {"name": "T2Retrieval", "type": "Retrieval", "lang": "zh",
-     "path": "data/eval/T2Retrieval",     # optional: a local task folder (kalm.local_tasks)
+     "path": "data/eval/T2Retrieval",     # optional: a local task folder (kalm.evaluation.local_tasks)
      "mirror": "mirror/mteb/T2Retrieval", # optional: local mirror of the registered task's dataset
      "mirror_root": "mirror",             # optional: eval.mirror; the task's folder is <root>/<dataset path>
      "benchmark": "MTEB(cmn, v1)",        # optional: take the task as that mteb benchmark defines it
      "subsets": ["zh"],                   # optional: hf subsets to keep (multilingual tasks)
      "splits": ["validation"],            # optional: evaluation splits instead of mteb's
      "instruction": "Given a query, ...", # optional: overrides the instruction set's text
-     "instruction_set": "kalm",           # kalm (default), kalm_v2 or none; see kalm.task_instructions
-     "symmetric": false}                  # optional: override of kalm.instructions.instruction_sides
+     "instruction_set": "kalm",           # kalm (default), kalm_v2 or none; see kalm.evaluation.task_instructions
+     "symmetric": false}                  # optional: override of kalm.evaluation.instructions.instruction_sides
 
 Without ``path`` the task is the registered MTEB task of that name; its data comes from its mirror
-(kalm.mteb_mirror), else from the Hugging Face hub or datasets cache. With no network and no data the
+(kalm.evaluation.mteb_mirror), else from the Hugging Face hub or datasets cache. With no network and no data the
 job fails at once, before the model is loaded, naming the task and how to mirror it.
 
 Instructions follow KaLM-Embedding: the query side is prefixed with
 ``Instruct: {instruction} \\n Query: ``, the passage side too where the rule says so;
 single-input tasks (classification, clustering) prefix every input. The rule is
-``kalm.instructions.instruction_sides`` of the instruction set and the task (type, and name for
+``kalm.evaluation.instructions.instruction_sides`` of the instruction set and the task (type, and name for
 ``kalm_v2``'s per-task entries), the same the DAG applies to the training data: under ``kalm`` (V1)
 STS and pair classification get no instruction, under ``kalm_v2`` one on both sides; retrieval and
 reranking queries get one, their documents none. The prefixes reach mteb as the model's ``prompts``
@@ -45,9 +45,9 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kalm.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides, query_prefix
+from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides, query_prefix
 from kalm.io import atomic_path, write_json
-from kalm.modeling import add_pooling_argument
+from kalm.models.modeling import add_pooling_argument
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class RerankingWithoutCandidates(TaskDataUnavailable):
 def task_sides(
     task_spec: dict, task_type: str, instruction_set: str | None = None, name: str | None = None
 ) -> tuple[bool, bool]:
-    """(query side, passage side) of a task's instruction: kalm.instructions.instruction_sides of the
+    """(query side, passage side) of a task's instruction: kalm.evaluation.instructions.instruction_sides of the
     spec's instruction set (default ``kalm``) and the task's type and name (a local task: its type
     only), or the spec's ``symmetric`` override."""
     instruction_set = instruction_set or task_spec.get("instruction_set") or DEFAULT_INSTRUCTION_SET
@@ -131,7 +131,7 @@ def resolve_task(task_spec: dict):
     if not task_spec.get("name"):
         raise TaskSpecError(f"task spec {task_spec!r}: 'name' is required")
     if task_spec.get("path"):
-        from kalm.local_tasks import make_task
+        from kalm.evaluation.local_tasks import make_task
 
         return make_task(task_spec)
 
@@ -157,7 +157,7 @@ def resolve_task(task_spec: dict):
         # e.g. a dev split for model selection, or the split a paper reported (KaLM: MSMARCO 'dev')
         task = task.filter_eval_splits(list(task_spec["splits"]))
     # Its own metadata: mteb's is a class attribute, and a mirror rewrites the dataset path.
-    from kalm.mteb_mirror import dataset_tasks
+    from kalm.evaluation.mteb_mirror import dataset_tasks
 
     for sub in dataset_tasks(task):
         sub.metadata = sub.metadata.model_copy(deep=True)
@@ -167,7 +167,7 @@ def resolve_task(task_spec: dict):
 def _mirror_target(task, task_spec: dict) -> Path | None:
     """The mirror folder to read the task from: the spec's ``mirror``, else ``<mirror_root>/<dataset
     path>`` when that folder exists (an aggregated task gets the root: each subtask has its folder)."""
-    from kalm.mteb_mirror import MirrorError, dataset_tasks, mirror_folder
+    from kalm.evaluation.mteb_mirror import MirrorError, dataset_tasks, mirror_folder
 
     if task_spec.get("mirror"):
         folder = Path(task_spec["mirror"])
@@ -192,7 +192,7 @@ def load_task_data(task, task_spec: dict) -> dict[str, Any]:
 
     Returns where the data came from: ``{"source": "local" | "mirror" | "hub", "mirror": {...}}``.
     """
-    from kalm.mteb_mirror import MirrorError, dataset_tasks, how_to_mirror, use_mirror
+    from kalm.evaluation.mteb_mirror import MirrorError, dataset_tasks, how_to_mirror, use_mirror
 
     if task_spec.get("path"):
         task.load_data()  # LocalTaskError names file, line and field
@@ -240,7 +240,7 @@ def check_reranking_candidates(task) -> None:
     whose numbers look plausible. Every evaluated query (one with a positive judgement) must have a
     non-empty candidate list.
     """
-    from kalm.mteb_mirror import dataset_tasks
+    from kalm.evaluation.mteb_mirror import dataset_tasks
 
     for sub in dataset_tasks(task):
         meta = sub.metadata
@@ -261,7 +261,7 @@ def check_reranking_candidates(task) -> None:
                         f"{len(judged)} queries, i.e. score it as retrieval, not as the published reranking task. "
                         f"This happens when the data comes from an offline Hugging Face cache without the "
                         f"'top_ranked' config; evaluate it from a complete mirror "
-                        f"(python -m kalm.mteb_mirror {meta.name} --root <mirror root>; see kalm/mteb_mirror.py)."
+                        f"(python -m kalm mteb-mirror {meta.name} --root <mirror root>; see kalm/evaluation/mteb_mirror.py)."
                     )
                 missing = [q for q in judged if not top.get(q)]
                 if missing:
@@ -301,7 +301,7 @@ def prepare_task(task: dict) -> PreparedTask:
     """Resolve a task spec to a loaded mteb task and the exact prompts dict that implements its instruction."""
     from mteb.types import PromptType
 
-    from kalm.task_instructions import InstructionError, resolve_instruction
+    from kalm.evaluation.task_instructions import InstructionError, resolve_instruction
 
     mteb_task = resolve_task(task)
     task_type, name = mteb_task.metadata.type, mteb_task.metadata.name
@@ -393,7 +393,7 @@ def evaluate_task(
     """Evaluate ``model_spec`` on one task; write mteb's result JSON and the kalm sidecar; return the sidecar."""
     import mteb
 
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     t0 = time.time()
     prep = prepare_task(task)
@@ -437,7 +437,7 @@ def evaluate_task(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kalm.local_tasks import LocalTaskError
+    from kalm.evaluation.local_tasks import LocalTaskError
 
     try:
         spec = json.loads(args.task_json)

@@ -16,9 +16,9 @@ JSON one (``expected a string, got int``). JSON Lines are streamed too, line by 
 parses a line when installed, ``json`` decides every line orjson rejects or that fails a check, so
 accepted records and error messages are the same either way).
 
-Output: a Parquet shard of ``kalm.shards.RECORD_SCHEMA`` when ``out_path`` ends with ``.parquet``
+Output: a Parquet shard of ``kalm.data.shards.RECORD_SCHEMA`` when ``out_path`` ends with ``.parquet``
 (the format between stages; written a row group at a time), else JSON Lines (hand use). Each
-record's ``id`` is ``kalm.shards.record_id(ordinal, line or row - 1)``: ``ordinal`` is
+record's ``id`` is ``kalm.data.shards.record_id(ordinal, line or row - 1)``: ``ordinal`` is
 ``shard_ordinal`` for the first input file and counts up by one per file of a folder, so the
 workflow's one-job-per-file validation (``--shard-ordinal`` = the file's place among the stage's
 files, common.smk ``validated_parts``) and one run over the whole folder give the same ids, and an
@@ -34,8 +34,8 @@ import json
 import logging
 from pathlib import Path
 
+from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path
-from kalm.shards import record_writer
 from kalm.text import normalize_text
 
 try:  # faster JSON parsing (a dependency; records/s measured by scripts/bench_validate.py)
@@ -245,10 +245,10 @@ def validate_file(
     ``instruction`` goes to the records that carry none. ``drop_instructions``: the records get no
     instruction at all, their own removed (counted as ``instructions_dropped`` in the stats): the
     workflow asks for it where the instruction set evaluates the task's type without instruction
-    (kalm.instructions.instruction_sides, e.g. STS under KaLM V1), so training matches evaluation.
+    (kalm.evaluation.instructions.instruction_sides, e.g. STS under KaLM V1), so training matches evaluation.
 
     An unreadable file (missing, unsupported suffix, not Parquet) stops the run in both modes."""
-    from kalm.shards import record_id
+    from kalm.data.shards import record_id
 
     if on_error not in ("stop", "quarantine"):
         raise ValueError(f"on_error must be 'stop' or 'quarantine', not {on_error!r}")

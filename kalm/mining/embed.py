@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm.instructions import format_query
+from kalm.evaluation.instructions import format_query
 from kalm.io import atomic_path, write_json
-from kalm.modeling import add_pooling_argument
+from kalm.models.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def shard_texts(
 ) -> list[str]:
     """The sorted texts of shard ``shard`` of ``num_shards``: :func:`texts_to_embed` of the records of
     ``inputs`` (record files, streamed), restricted to the texts that :func:`text_shard` puts there."""
-    from kalm.shards import iter_records
+    from kalm.data.shards import iter_records
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     mine = set(mine_tasks)
@@ -239,7 +239,7 @@ def embed_shard(
         return npy
     import torch
 
-    from kalm.modeling import load_embedding_model
+    from kalm.models.modeling import load_embedding_model
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,13 +1,13 @@
 """Near-duplicate removal across a stage as band-partitioned LSH: minhash, buckets, components, filter.
 
-Runs on the partitions of the exact step (``kalm.dedup``), each a Parquet file of records in ``id``
+Runs on the partitions of the exact step (``kalm.data.dedup``), each a Parquet file of records in ``id``
 (input) order. Each step is a Snakemake job (``workflow/rules/dedup.smk``) whose memory depends on
 its own shard, never on the corpus:
 
 1. ``minhash_partition`` (one job per partition): the MinHash signature of each record's text
    (normalised query and sorted positives, :func:`record_text`) to ``sig.npy`` (``uint32[n,
    num_perm]``), the records' ids to ``ids.npy``, and for each of the ``bands x rows`` LSH bands
-   (``kalm.minhash.optimal_bands``) the band keys sorted, ``keys.npy`` (``uint64[bands, n]``), with
+   (``kalm.data.minhash.optimal_bands``) the band keys sorted, ``keys.npy`` (``uint64[bands, n]``), with
    the row each key belongs to, ``rows.npy``. Memory: a batch of texts, then one band's keys and
    their sort order (24 bytes a record of the partition); the arrays are memory-mapped files.
 2. ``bucket_pairs`` (``band_jobs`` jobs, each owning a contiguous range of bands): for each of its
@@ -15,7 +15,7 @@ its own shard, never on the corpus:
    sorted keys are cut into key ranges of about ``chunk_records`` records (a bucket is never cut)
    and each range is read from every partition's memory-mapped ``keys.npy``, so memory is one range,
    not the corpus (a single bucket larger than ``chunk_records`` is held whole). In a bucket, the records (by id) are linked to earlier ones whose estimated
-   Jaccard similarity (``kalm.minhash.similarity``) is >= ``threshold``: enough verified pairs
+   Jaccard similarity (``kalm.data.minhash.similarity``) is >= ``threshold``: enough verified pairs
    ``(id_a, id_b)`` to connect what the bucket's all-pairs similarity graph connects (each record
    is compared with the first record of each group so far, then with the other members of the
    groups it did not match). Output: the pairs, ``int64[m, 2]`` ``.npy``.
@@ -25,7 +25,7 @@ its own shard, never on the corpus:
    id, the id kept for its cluster; sorted), and stats (pairs, clusters, a few examples).
 4. ``near_filter`` (one job per partition): streams the partition and drops those ids
    (``near_duplicate``), counted per task; the stage's ``dedup.stats.json`` is the gather of the
-   exact and filter stats (``kalm.dedup.gather_stats``).
+   exact and filter stats (``kalm.data.dedup.gather_stats``).
 
 Semantics (changed from the single-job version, which was greedy): a record is dropped when it is
 connected, through a chain of verified LSH candidate pairs, to a record with a smaller id; the
@@ -36,7 +36,7 @@ similar it kept A and C; now only A stays. A record with no similar record is ne
 result does not depend on the number of partitions or band jobs (tests/test_dedup_shuffle.py), and
 running the step on its own output drops nothing (two kept records are never a verified pair).
 
-Library choice (datasketch, rensa, or this): see ``kalm.minhash`` and README "Data stage".
+Library choice (datasketch, rensa, or this): see ``kalm.data.minhash`` and docs/benchmarks.md, "Near-dup library choice".
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kalm.dedup import TableWriter, add_counts, conform, ids_of, in_sorted, iter_tables, task_counts
+from kalm.data.dedup import TableWriter, add_counts, conform, ids_of, in_sorted, iter_tables, task_counts
+from kalm.data.minhash import band_keys, optimal_bands, signatures
+from kalm.data.shards import count_rows
 from kalm.io import StageStats, atomic_path, read_json, write_json
-from kalm.minhash import band_keys, optimal_bands, signatures
-from kalm.shards import count_rows
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ embeddings, half the memory), ``ivf`` (IVF-Flat, ``nlist`` / ``nprobe``) or ``hn
 (``hnsw_m`` / ``ef_search``) for corpora too large for exact search. With faiss-gpu and a
 visible GPU, flat and IVF indexes run on the GPUs (exact results equal the CPU's).
 Memory: the embeddings stay memory-mapped float16; only the pool's vectors are converted,
-chunk by chunk, into the index (see README "Memory bound").
+chunk by chunk, into the index (see docs/mining.md, "Memory bound").
 
 Sharded (the workflow, issue 15): ``--step pool`` builds each candidate pool once (one job per pool:
 a mined task, or ``global``) from all records: its passages sorted by encoder-side text (each with the
@@ -64,7 +64,7 @@ records, task by task, against their task's whole pool; ``--step merge`` adds up
 ``--step all`` (the default) runs the three in one process through a temporary folder.
 
 Sampling RNG (changed with the sharding): each record's draws (window sample, random pads) come from
-``random.Random(f"{seed}:{id}")``, the record's id (``kalm.shards.record_id``, input order), instead of
+``random.Random(f"{seed}:{id}")``, the record's id (``kalm.data.shards.record_id``, input order), instead of
 its place among its task's records in the one input file; and the pool's row order is the sorted
 encoder-side texts instead of first-seen order. So a record gets the same negatives whichever query
 shard mines it and wherever it sits in the shard: mining with 1 or 3 query shards writes the same
@@ -95,9 +95,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm.embed import ShardedEmbeddings, add_instruction_args, mining_texts
+from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
-from kalm.shards import record_writer
+from kalm.mining.embed import ShardedEmbeddings, add_instruction_args, mining_texts
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -653,7 +653,7 @@ def iter_task_records(paths, tasks: set[str] | None = None, columns: list[str] |
     time; a Parquet row group whose ``task`` statistics exclude every wanted task is skipped unread."""
     import pyarrow.parquet as pq
 
-    from kalm.shards import iter_shard
+    from kalm.data.shards import iter_shard
 
     for path in _as_list(paths):
         if not path.endswith(".parquet"):

@@ -1,0 +1,1 @@
+"""Running on GPUs and clusters: the GPU-slot launcher."""

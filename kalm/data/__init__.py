@@ -1,0 +1,1 @@
+"""The data stages: validation, exact and near dedup, decontamination, and the Parquet records between them."""

@@ -1,0 +1,1 @@
+"""Evaluation: MTEB jobs, local tasks and mirrors, the instruction tables, aggregation."""

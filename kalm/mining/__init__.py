@@ -1,0 +1,1 @@
+"""Hard-negative mining: embedding shards, FAISS pools, the mining step."""

@@ -1,0 +1,198 @@
+"""Batches: which records a step trains on (a pure function of seed and step), and their texts and
+negatives (``batch_texts``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kalm.evaluation.instructions import format_passage, format_query
+from kalm.losses import (
+    ColumnMask,
+    false_negative_mask,
+)
+from kalm.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def task_homogeneous_batches(
+    rows: Sequence[int] | np.ndarray,
+    tasks: Sequence[int] | np.ndarray,
+    batch_size: int,
+    rng: random.Random,
+    homogeneous_ratio: float = 1.0,
+) -> list[np.ndarray]:
+    """Batches of ``rows`` (``tasks[i]``: the task code of ``rows[i]``, codes in sorted task-name order).
+
+    Shuffle within each task, cut into full batches, pool every task's leftover tail into
+    mixed full batches, shuffle the batch order; then, when ``homogeneous_ratio`` < 1, make them
+    semi-homogeneous (``_mix_tails``).
+
+    Pooling the tails (as the reference sampler, KaLM's ``DistributedInTaskSampler``, does) keeps
+    every step at the full batch size: a task's tail as its own batch would be a step of as few as
+    2 queries at the full learning rate. Of the pooled tails' last partial batch (fewer than
+    ``batch_size`` records: one per epoch at most) a batch is made when it has two records or
+    more; a single record left over is the only one not used that epoch
+    (:func:`records_left_out_per_epoch` counts it).
+
+    Rows are numpy arrays shuffled by ``random.Random.shuffle``, which permutes any sequence as
+    it permutes a list: the batches are those the former list-of-dicts batcher made of the same
+    records in the same order (tests/test_train_data.py keeps it as a reference).
+    """
+    rows, tasks = np.asarray(rows), np.asarray(tasks)
+    if len(rows) != len(tasks):
+        raise ValueError(f"{len(rows)} rows but {len(tasks)} task codes")
+    grouped = rows[np.argsort(tasks, kind="stable")]  # each task's rows, in row order, tasks in code order
+    bounds = np.cumsum(np.bincount(tasks)) if len(tasks) else np.zeros(0, np.int64)
+    batches, tails = [], []
+    for recs in np.split(grouped, bounds[:-1]):
+        rng.shuffle(recs)  # a view of ``grouped``: shuffled in place
+        full = len(recs) - len(recs) % batch_size
+        batches += [recs[i : i + batch_size] for i in range(0, full, batch_size)]
+        tails.append(recs[full:])
+    pooled = np.concatenate(tails) if tails else grouped
+    rng.shuffle(pooled)
+    batches += [b for i in range(0, len(pooled), batch_size) if len(b := pooled[i : i + batch_size]) >= 2]
+    rng.shuffle(batches)
+    if homogeneous_ratio < 1.0:
+        _mix_tails(batches, homogeneous_ratio, rng)
+    return batches
+
+
+def records_left_out_per_epoch(task_sizes: Mapping[str, int] | Sequence[int], batch_size: int) -> int:
+    """Records of an epoch in no batch (:func:`task_homogeneous_batches`): 1 when the pooled tails
+    leave a single record over, else 0."""
+    sizes = task_sizes.values() if isinstance(task_sizes, Mapping) else task_sizes
+    return int(sum(int(n) % batch_size for n in sizes) % batch_size == 1)
+
+
+def _mix_tails(batches: list[np.ndarray], ratio: float, rng: random.Random) -> None:
+    """Semi-homogeneous task batches (KaLM-Embedding, arXiv 2501.01028).
+
+    Each batch of n records keeps its first ``own = ⌊ratio·n + ½⌋`` (its own task); the other
+    n - own records of all batches are pooled, shuffled and dealt back. Fully homogeneous
+    batches give the hardest in-batch negatives but let the model learn task-specific shortcuts
+    and concentrate false negatives; a few slots from other tasks trade a little of the first
+    for less of the second. Drawing the foreign slots from one shuffled pool (as the reference
+    sampler ``DistributedInTaskSampler._shuffle_last_elements`` does) keeps every record used
+    exactly once per epoch; the pool holds the tails of every task, so the slots come mostly
+    from other tasks (and only from other tasks' share of the data).
+    """
+    if not batches:
+        return
+    own = [math.floor(ratio * len(b) + 0.5) for b in batches]
+    pool = np.concatenate([b[k:] for b, k in zip(batches, own)])
+    rng.shuffle(pool)
+    start = 0
+    for i, (b, k) in enumerate(zip(batches, own)):
+        take = len(b) - k
+        batches[i] = np.concatenate([b[:k], pool[start : start + take]])
+        start += take
+
+
+class BatchSchedule:
+    """The batch (global rows) of every global step: a pure function of (seed, step), so resume is exact.
+
+    ``rows``/``tasks``: the training records' global rows and task codes (``TrainData``).
+    Epoch e's batches come from ``random.Random(f"{seed}:epoch:{e}")``; the current epoch's list is
+    cached, since rebuilding it (a shuffle of every record) at every step costs O(records).
+    """
+
+    def __init__(self, rows: np.ndarray, tasks: np.ndarray, cfg: TrainConfig):
+        self.rows, self.tasks, self.cfg = rows, tasks, cfg
+        self._epoch, self._batches = -1, []
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError("fewer than two records: no batch with an in-batch negative can be made")
+        self.left_out_per_epoch = records_left_out_per_epoch(np.bincount(np.asarray(tasks)).tolist(), cfg.batch_size)
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._epoch:
+            rng = random.Random(f"{self.cfg.seed}:epoch:{epoch}")
+            self._batches = task_homogeneous_batches(
+                self.rows, self.tasks, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio
+            )
+            self._epoch = epoch
+        return self._batches
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self._epoch_batches(epoch)[position]
+
+
+# ---- texts and negatives ----------------------------------------------------------------------
+
+
+@dataclass
+class BatchTexts:
+    queries: list[str]
+    positives: list[str]  # one per query
+    negatives: list[list[str]]  # each query's hard negatives
+    in_batch: list[bool] = field(default_factory=list)  # per query: False = its own negatives only
+    padded: int = 0  # random negatives added to records short of negatives
+    short: int = 0  # records still short (ragged) after that
+
+    def passages(self, lo: int = 0, hi: int | None = None) -> list[str]:
+        """Positives of queries lo..hi, then their negatives in query order (``info_nce``'s layout)."""
+        return self.positives[lo:hi] + [n for negs in self.negatives[lo:hi] for n in negs]
+
+    def negs_per_query(self) -> int:
+        """The common number of negatives per query, or 0 when they differ (ragged batch)."""
+        counts = {len(n) for n in self.negatives}
+        return counts.pop() if len(counts) == 1 else 0
+
+    def column_mask(self) -> ColumnMask:
+        """Which passages leave each query's denominator (``kalm.losses.false_negatives``)."""
+        starts = [len(self.positives)]
+        for negs in self.negatives:
+            starts.append(starts[-1] + len(negs))
+        own = [range(a, b) for a, b in zip(starts, starts[1:])]
+        return false_negative_mask(self.queries, self.passages(), own, self.in_batch)
+
+
+PadFn = Callable[[str, int, set[str], random.Random], list[str]]  # (task, k, exclude, rng) -> passages
+
+
+def batch_texts(
+    batch: list[dict],
+    n_neg: int,
+    symmetric: dict[str, bool],
+    rng: random.Random,
+    pad: PadFn | None = None,
+    in_batch: dict[str, bool] | None = None,
+) -> BatchTexts:
+    """Query texts, one positive per query, and ``n_neg`` hard negatives per query.
+
+    ``in_batch``: {task: False} for tasks whose queries see only their own hard negatives (the
+    task's ``in_batch_negatives: false``); default True.
+
+    A record with fewer than ``n_neg`` negatives contributes the ones it has, plus, with ``pad``
+    (``few_negatives: pad_random``: ``TrainData.random_passages``), random passages of its task,
+    none of its own positives or negatives; if the task has too few distinct ones, they are
+    repeated (as KaLM's reference data loader repeats negatives).
+    """
+    out = BatchTexts([], [], [])
+    for rec in batch:
+        instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
+        out.in_batch.append((in_batch or {}).get(rec["task"], True))
+        out.queries.append(format_query(rec["query"], instr))
+        out.positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
+        negs = rec.get("neg", [])
+        if len(negs) >= n_neg:
+            chosen = rng.sample(negs, n_neg)
+        else:
+            chosen = list(negs)
+            if pad is not None:
+                chosen += pad(rec["task"], n_neg - len(chosen), set(rec["pos"]) | set(negs), rng)
+                while chosen and len(chosen) < n_neg:
+                    chosen.append(rng.choice(chosen))
+                out.padded += len(chosen) - len(negs)
+            out.short += len(chosen) < n_neg
+        out.negatives.append([format_passage(n, instr, sym) for n in chosen])
+    return out

@@ -1,0 +1,430 @@
+"""Contrastive training: one direct loop for both stages (in the spirit of nanoGPT).
+
+- ``pretrain``: weak pairs, in-batch negatives only.
+- ``finetune``: mined hard negatives, ``group_size`` = 1 positive + (group_size - 1) negatives.
+
+One step, top to bottom (``train``):
+
+1. the batch of global step t is a pure function of (seed, t) (``BatchSchedule``): task-homogeneous
+   (KaLM), or semi-homogeneous with ``homogeneous_ratio`` < 1. Batches are rows of a small index (per
+   record its row and task code); the texts stay on disk, memory-mapped (``kalm.training.train_data``: the
+   Parquet parts or JSON Lines through an Arrow cache), and a step reads only its batch's records;
+2. its texts (``batch_texts``): queries carry their task instruction, symmetric tasks (STS-like) carry
+   it on both sides; a record short of hard negatives is dropped, padded with random passages of its
+   task, or kept ragged (``few_negatives``), and counted;
+3. with torchrun (WORLD_SIZE > 1) each rank encodes its slice of the global batch; embeddings are
+   all-gathered so every query sees every rank's passages (cross-device negatives);
+4. encoding runs under bf16 autocast (``precision``), with gradient checkpointing if asked, and in
+   GradCache chunks of ``mini_batch_size`` texts (``forward_backward``);
+5. the loss (``contrastive_loss``: InfoNCE + focal + mixed negatives + Matryoshka) and its terms go to
+   the metrics JSON Lines file, one line per step; counts go to a stats JSON at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kalm.io import StageStats, write_jsonl
+from kalm.models.modeling import add_pooling_argument
+from kalm.training.batches import BatchSchedule, batch_texts
+from kalm.training.checkpoints import Checkpoint, SnapshotKeeper, _fingerprint, snapshot_dir
+from kalm.training.config import PRECISIONS, SAVE_DTYPES, TrainConfig
+from kalm.training.distributed import Distributed, rank_slices
+from kalm.training.encoding import (
+    autocast_dtype,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    forward_backward,
+)
+from kalm.training.objective import contrastive_loss, lr_at, make_optimizer
+from kalm.training.train_data import (
+    FEW_NEGATIVES,
+    convert_parts,
+    data_parts,
+    open_data,
+    remove_cache,
+)
+
+log = logging.getLogger(__name__)
+
+
+def fp32_master_weights(model) -> torch.dtype | None:
+    """Cast the model's floating-point weights to fp32 when the checkpoint stored another dtype.
+
+    transformers loads a checkpoint in the dtype its config names (Qwen2-0.5B: bfloat16). AdamW on
+    bf16 weights loses most updates: an update of lr 1e-5 on a weight of 0.02 is below half a bf16
+    ulp (2^-8 relative), so it rounds to nothing. Training keeps fp32 master weights and optimizer
+    state; bf16 enters only through autocast (``precision``). Returns the dtype found, if not fp32.
+    """
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return None
+    model.float()
+    found = sorted(dtypes - {torch.float32}, key=str)[0]
+    log.info("checkpoint weights are %s: training on fp32 master weights", str(found).replace("torch.", ""))
+    return found
+
+
+def train(
+    model_spec: str,
+    data_path: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str,
+    cfg: TrainConfig,
+    symmetric: dict[str, bool],
+    metrics_path: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    stop_after_steps: int | None = None,
+    stats_path: str | None = None,
+    keep_snapshots: int = 0,
+    snapshot_every: int = 0,
+    in_batch: dict[str, bool] | None = None,
+    data_cache: str | None = None,
+) -> dict:
+    """Train and save a sentence-transformers model to ``out_dir``.
+
+    ``data_path``: Parquet parts (``kalm.data.shards``) or JSON Lines files, or folders of them, read
+    in that order through an Arrow cache (``kalm.training.train_data``): ``data_cache`` if given (kept),
+    else ``<checkpoint_dir>/arrow`` (removed with the checkpoint at the end), else a temporary folder.
+
+    With ``checkpoint_dir``, state is saved every ``checkpoint_every`` steps and a re-run after a
+    kill resumes from it, ending (on CPU) with the same weights as an uninterrupted run.
+    ``stop_after_steps`` simulates a kill (tests): the process exits abruptly after that step.
+    With ``keep_snapshots`` K and ``snapshot_every`` N, the model is also saved every N steps into
+    ``<checkpoint_dir>/snapshots`` (the last K kept): the soup's last-k ingredients.
+    ``in_batch``: {task: False} for tasks trained without in-batch negatives.
+    Under torchrun only rank 0 writes (model, metrics, stats, checkpoints).
+    """
+    from kalm.models.modeling import load_embedding_model, save_model
+
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {cfg.save_dtype!r}")
+    if keep_snapshots > 0 and (not checkpoint_dir or snapshot_every <= 0):
+        raise ValueError("keeping snapshots for the soup needs a checkpoint folder and snapshot_every > 0")
+
+    parts = data_parts(data_path)
+    ddp = Distributed()
+    if ddp.rank:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ddp.device()
+    ddp.start(device)
+    scratch = None if data_cache or checkpoint_dir else tempfile.TemporaryDirectory(prefix="kalm-train-arrow-")
+    try:
+        model = load_embedding_model(
+            model_spec, max_seq_length=cfg.max_seq_length, device=device and str(device), pooling=cfg.pooling
+        )
+        device = model.device
+        loaded_dtype = fp32_master_weights(model)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        amp = autocast_dtype(cfg.precision, device)
+        n_neg = 0 if cfg.stage == "pretrain" else cfg.group_size - 1
+        stats = StageStats(f"train_{cfg.stage}")
+        # The texts stay on disk, memory-mapped: one process per node converts the parts to the
+        # Arrow cache (a shared cache folder), the others wait; in RAM only the index (row, task).
+        cache = Path(data_cache or (Path(checkpoint_dir) / "arrow" if checkpoint_dir else scratch.name))
+        if scratch is not None or ddp.local_rank == 0:
+            convert_parts(parts, cache)
+        ddp.barrier()
+        data = open_data(parts, cache, convert=False)
+        n_short = data.apply_few_negatives(n_neg, cfg.few_negatives, stats)
+        pad = data.random_passages if cfg.few_negatives == "pad_random" and n_short else None
+        if not len(data):
+            raise ValueError(f"{', '.join(map(str, parts))}: no training records")
+        if n_neg == 0 and in_batch and not all(in_batch.values()):
+            raise ValueError(
+                f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
+                "leaves those queries no negative (this stage has no hard negatives)"
+            )
+        schedule = BatchSchedule(data.rows, data.tasks, cfg)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
+        warmup = int(cfg.warmup_ratio * total)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg)
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model_spec, parts, cfg))
+        step, metrics, padded_total = 0, [], 0
+        if (state := checkpoint.load()) is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, metrics, padded_total = state["step"], state["metrics"], state.get("padded", 0)
+            log.info("resuming %s from step %d (%s)", cfg.stage, step, checkpoint.path)
+        first_step = step
+        keeper = None
+        if ddp.rank == 0 and keep_snapshots > 0:
+            keeper = SnapshotKeeper(
+                snapshot_dir(checkpoint_dir), keep=keep_snapshots, fingerprint=_fingerprint(model_spec, parts, cfg)
+            )
+        log.info(
+            "%s: %d records in %d part(s), index %.1f bytes per record, %d steps (%d per epoch), batch %d over "
+            "%d process(es), group %d, %s, homogeneous ratio %.2f, mini-batch %s, checkpointing %s",
+            cfg.stage,
+            len(data),
+            len(parts),
+            data.index_nbytes / len(data),
+            total,
+            schedule.steps_per_epoch,
+            cfg.batch_size,
+            ddp.world,
+            n_neg + 1,
+            amp or torch.float32,
+            cfg.homogeneous_ratio,
+            cfg.mini_batch_size or "-",
+            cfg.gradient_checkpointing,
+        )
+        t_start, cpu_start = time.time(), time.process_time()
+        while step < total:
+            t0 = time.time()
+            # dropout masks: a function of (step, rank); seed * 1_000_003 + step in one process, as before
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * ddp.world + ddp.rank)
+            sample_rng = random.Random(f"{cfg.seed}:step:{step}")
+            mix_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch = data.records(schedule(step))  # the global batch's records, read from the memory map
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Every rank builds the texts of the whole global batch (same RNG: same texts as one
+            # process) and encodes its own slice of queries, with their positives and negatives.
+            texts = batch_texts(batch, n_neg, symmetric, sample_rng, pad, in_batch)
+            masked = texts.column_mask()  # the same on every rank: built from the global batch's texts
+            slices = rank_slices(len(batch), ddp.world)
+            lo, hi = slices[ddp.rank]
+            q_sizes = [b - a for a, b in slices]
+            neg_sizes = [sum(len(n) for n in texts.negatives[a:b]) for a, b in slices]
+            per_query = texts.negs_per_query()
+            terms: dict[str, float] = {}
+
+            def loss_on(q_local, p_local):
+                q = ddp.gather_rows(q_local, q_sizes)
+                p = torch.cat(
+                    [ddp.gather_rows(p_local[: hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo :], neg_sizes)]
+                )
+                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms, masked.mask)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss, tokens = forward_backward(
+                model, texts.queries[lo:hi], texts.passages(lo, hi), loss_on, cfg.mini_batch_size, amp
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{cfg.stage}: loss is {loss.item()} at step {step + 1} (task {batch[0]['task']})"
+                )
+            ddp.all_reduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping
+            optimizer.step()
+            tokens = ddp.sum(tokens)
+            step += 1
+            padded_total += texts.padded
+            dt = time.time() - t0
+            metrics.append(
+                {
+                    "step": step,
+                    "stage": cfg.stage,
+                    "task": batch[0]["task"],
+                    "loss": round(loss.item(), 6),
+                    **{k: round(v, 6) for k, v in terms.items()},
+                    "grad_norm": round(grad_norm.item(), 6),
+                    "lr": lr,
+                    "batch": len(batch),
+                    "passages": len(texts.positives) + sum(map(len, texts.negatives)),
+                    "padded_negatives": texts.padded,
+                    "short_records": texts.short,
+                    "false_negatives_masked": masked.false_negatives,
+                    "duplicates_masked": masked.duplicates,
+                    "tokens": int(tokens),
+                    "samples_per_s": round(len(batch) / dt, 3),
+                    "tokens_per_s": round(tokens / dt, 1),
+                    "elapsed_s": round(time.time() - t_start, 3),
+                }
+            )
+            if step == 1 or step % 10 == 0 or step == total:
+                log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
+            if keeper is not None and step % snapshot_every == 0 and step < total:
+                keeper.save(model, step)
+            if ddp.rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < total:
+                checkpoint.save(model, optimizer, step, metrics, padded_total)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                log.warning("stopping abruptly after step %d (simulated kill)", step)
+                os._exit(137)
+        seconds, cpu_seconds = time.time() - t_start, time.process_time() - cpu_start
+        if ddp.rank == 0:
+            model.eval()
+            if cfg.gradient_checkpointing:
+                disable_gradient_checkpointing(model)
+            save_model(model.to(SAVE_DTYPES[cfg.save_dtype]), out_dir)
+            if keeper is not None:
+                keeper.finish(out_dir, final_step=total)
+            write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
+            stats.extra.update(
+                negatives_padded_random=padded_total,
+                steps=total,
+                world_size=ddp.world,
+                records_left_out_per_epoch=schedule.left_out_per_epoch,
+                loaded_dtype=str(loaded_dtype or torch.float32).replace("torch.", ""),
+                save_dtype=cfg.save_dtype,
+                false_negatives_masked=sum(m["false_negatives_masked"] for m in metrics),
+                precision=str(amp or torch.float32).replace("torch.", ""),
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                mini_batch_size=cfg.mini_batch_size,
+                homogeneous_ratio=cfg.homogeneous_ratio,
+                loss_first=metrics[0]["loss"] if metrics else None,
+                loss_last=metrics[-1]["loss"] if metrics else None,
+                samples_per_s=round(sum(m["batch"] for m in metrics[first_step:]) / max(seconds, 1e-9), 3),
+            )
+            stats.write(stats_path or f"{out_dir}.stats.json")
+            checkpoint.remove()
+        ddp.barrier()  # every rank returns once the model is on disk
+        if checkpoint_dir and not data_cache and ddp.local_rank == 0:
+            remove_cache(cache)  # the checkpoint's companion: a finished run needs neither
+        return {"steps": total, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+        ddp.close()
+
+
+def _run(args: argparse.Namespace) -> None:
+    cfg = TrainConfig(
+        stage=args.stage,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        lr=args.lr,
+        temperature=args.temperature,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        seed=args.seed,
+        max_seq_length=args.max_seq_length,
+        threads=args.threads,
+        focal_gamma=args.focal_gamma,
+        mix_negatives=args.mix_negatives,
+        matryoshka_dims=tuple(args.matryoshka_dims or ()),
+        matryoshka_weights=tuple(args.matryoshka_weights or ()),
+        homogeneous_ratio=args.homogeneous_ratio,
+        few_negatives=args.few_negatives,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        mini_batch_size=args.mini_batch_size,
+        pooling=args.pooling,
+        weight_decay=args.weight_decay,
+        save_dtype=args.save_dtype,
+    )
+    train(
+        args.model,
+        args.data,
+        args.out,
+        cfg,
+        json.loads(args.symmetric),
+        args.metrics,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        stop_after_steps=args.stop_after_steps,
+        stats_path=args.stats,
+        keep_snapshots=args.keep_snapshots,
+        snapshot_every=args.snapshot_every,
+        in_batch=json.loads(args.in_batch_negatives),
+        data_cache=args.data_cache,
+    )
+
+
+def _ratio(value: str) -> float:
+    r = float(value)
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError("must lie in [0, 1]")
+    return r
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="contrastive pretraining or fine-tuning (torchrun: data parallel)")
+    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    p.add_argument("--model", required=True, help="model spec to start from")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="Parquet parts or JSON Lines files, or folders of them (read in this order)",
+    )
+    p.add_argument(
+        "--data-cache",
+        help="folder of the Arrow copies of the data, kept "
+        "(default: CHECKPOINT_DIR/arrow, removed after the run; without it a temporary folder)",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics", help="per-step metrics JSONL (default: OUT.metrics.jsonl)")
+    p.add_argument("--stats", help="counts JSON (default: OUT.stats.json)")
+    p.add_argument("--symmetric", default="{}", help='JSON {"task": bool}: instruction on both sides')
+    p.add_argument(
+        "--in-batch-negatives",
+        default="{}",
+        help='JSON {"task": false}: those tasks\' queries see only their own hard negatives',
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun ranks)")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--temperature", type=float, default=0.01)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices (never norms, biases)"
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=sorted(SAVE_DTYPES),
+        default="float32",
+        help="dtype of the saved model (training always keeps fp32 master weights)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    add_pooling_argument(p)
+    p.add_argument(
+        "--keep-snapshots",
+        type=int,
+        default=0,
+        help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots",
+    )
+    p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")
+    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
+    p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
+    p.add_argument(
+        "--mix-negatives",
+        type=int,
+        default=0,
+        help="synthetic mixed negatives per query (-1: as many as its hard negatives)",
+    )
+    p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
+    p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
+    p.add_argument(
+        "--homogeneous-ratio",
+        type=_ratio,
+        default=1.0,
+        help="share of a batch's slots from its own task; the rest from other tasks (1: task-homogeneous)",
+    )
+    p.add_argument(
+        "--few-negatives",
+        choices=FEW_NEGATIVES,
+        default="pad_random",
+        help="records with fewer than group-size - 1 negatives: drop, pad with random same-task passages, or keep",
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast (auto: on CUDA when supported)"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--mini-batch-size", type=int, default=0, help="GradCache chunk in texts (0: whole batch at once)")
+    p.set_defaults(func=_run)
