@@ -884,8 +884,8 @@ def mine_shard(
 ) -> StageStats:
     """``kalm mine --step apply``: mine one query shard against its tasks' whole pools (from ``pools_dir``).
 
-    Memory: one task's records of this shard at a time, the vectors of their own texts (only those are
-    looked up in the embedding shards), and one pool (memory-mapped texts and vectors, 8 bytes of key
+    Memory: one task's records of this shard at a time, the row map of this shard's own texts (only those
+    are looked up in the embedding shards, whose vectors stay memory-mapped), and one pool (memory-mapped texts and vectors, 8 bytes of key
     hash a passage) with the index of one of its shards at a time (``mine.pool_shards``)."""
     s.check()
     if pool not in ("task", "global"):
@@ -896,12 +896,19 @@ def mine_shard(
     mined = sorted(t for t in counts if t in mine_tasks)
     k = s.search_k(10**18)  # the index's k before the pool size caps it (HNSW efSearch, faiss-gpu's limit)
     loaded: tuple[str, PoolShards] | None = None
+    # The vectors of this shard's own texts, every mined task's at once: one pass over the embedding
+    # shards' ids per job (each pass parses every shard's ids: ~1 s per million texts).
+    wanted = set()
+    for rec in iter_task_records(input_path, set(mined), RECORD_COLUMNS):
+        q, ps = mining_texts(rec, mine_tasks[rec["task"]], s.query_instruction, s.passage_instruction)
+        wanted.update((q, *ps))
+    store = ShardedEmbeddings(shard_paths, texts=wanted)
+    del wanted
     with record_writer(out_path) as out:
         for task in mined:
             recs = list(iter_task_records(input_path, {task}, RECORD_COLUMNS))
             stats.seen(len(recs), task=task)
             texts = [mining_texts(r, mine_tasks[task], s.query_instruction, s.passage_instruction) for r in recs]
-            store = ShardedEmbeddings(shard_paths, texts={t for q, ps in texts for t in (q, *ps)})
             name = pool_name(task, pool)
             if loaded is None or loaded[0] != name:
                 loaded = None  # one pool alive at a time
@@ -916,7 +923,7 @@ def mine_shard(
             log.info("mining %s: %d records", task, len(recs))
             for rec in mine_records(recs, texts, loaded[1], store, s, stats):
                 out.write(rec)
-            del recs, texts, store
+            del recs, texts
         passthrough = {t for t in counts if t not in mine_tasks}
         if passthrough:
             for rec in iter_task_records(
