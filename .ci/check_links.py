@@ -1,12 +1,18 @@
-"""Check every markdown link [text](target) in README.md and docs/*.md: file targets exist, #anchors match a heading."""
+"""The docs name only what exists (run by `make lint`), in README.md and docs/*.md:
+
+- every markdown link [text](target): its file exists, its #anchor matches a heading (GitHub slugs);
+- every repository path in a code span (`kalm/mining/mine.py`, `config/kalm_full.yaml`);
+- every dotted name in a code span (`kalm.mining.mine.PoolShards`): its module exists and defines it.
+"""
 
 import pathlib
 import re
 import sys
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()
-files = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
 LINK = re.compile(r'!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+"[^"]*")?\)')
+PATHREF = re.compile(r"`((?:kalm|scripts|config|workflow|tests|profiles|\.ci)/[\w./-]*\w)(?::\w+)?[`\s:]")
+DOTTED = re.compile(r"`(kalm(?:\.\w+)+)(?:\(|`)")
 
 
 def strip_code(text):
@@ -31,58 +37,66 @@ def anchors(path):
     return out
 
 
-bad = n = 0
-for f in files:
-    for m in LINK.finditer(strip_code(f.read_text(encoding="utf-8"))):
-        t = m.group(1)
-        if re.match(r"^(https?|mailto):", t):
-            continue
-        n += 1
-        path, _, frag = t.partition("#")
-        target = (f.parent / path).resolve() if path else f
-        rel = f.relative_to(root)
-        if not target.exists():
-            print(f"{rel}: {t}: missing file")
-            bad += 1
-            continue
-        if frag and target.suffix == ".md" and frag not in anchors(target):
-            print(f"{rel}: {t}: no heading #{frag} in {target.relative_to(root)}")
-            bad += 1
-# repository paths named in code spans (`kalm/mining/mine.py`, `config/kalm_full.yaml`): they must exist too
-PATHREF = re.compile(r"`((?:kalm|scripts|config|workflow|tests|profiles|\.ci)/[\w./-]*\w)(?::\w+)?[`\s:]")
-m_paths = 0
-for f in files:
-    for m in PATHREF.finditer(f.read_text(encoding="utf-8")):
-        ref = m.group(1)
-        if any(ch in ref for ch in "*{<"):
-            continue
-        m_paths += 1
-        if not (root / ref).exists():
-            print(f"{f.relative_to(root)}: `{ref}`: no such path in the repository")
-            bad += 1
-# dotted names in code spans (`kalm.mining.mine.PoolShards`): the module exists and defines the name
-DOTTED = re.compile(r"`(kalm(?:\.\w+)+)(?:\(|`)")
-m_names = 0
-for f in files:
-    for m in DOTTED.finditer(f.read_text(encoding="utf-8")):
-        parts, i = m.group(1).split("."), 1
-        while i < len(parts) and (
-            (root / "/".join(parts[: i + 1])).is_dir() or (root / ("/".join(parts[: i + 1]) + ".py")).exists()
-        ):
-            i += 1
-        mod = root / ("/".join(parts[:i]) + ".py")
-        if mod.is_dir() or not mod.exists():
-            mod = root / "/".join(parts[:i]) / "__init__.py"
-        m_names += 1
-        attr = parts[i] if i < len(parts) else None
-        src = mod.read_text(encoding="utf-8") if mod.exists() else None
-        if src is None or (
-            attr
-            and not re.search(
-                rf"^\s*(?:def|class)\s+{attr}\b|^{attr}\s*[:=]|\b{attr}\b.*import|import.*\b{attr}\b", src, re.M
-            )
-        ):
-            print(f"{f.relative_to(root)}: `{m.group(1)}`: not found")
-            bad += 1
-print(f"{len(files)} files, {n} local links, {m_paths} path names and {m_names} dotted names checked, {bad} broken")
-sys.exit(1 if bad else 0)
+def link_problem(page, target):
+    path, _, frag = target.partition("#")
+    dest = (page.parent / path).resolve() if path else page
+    if not dest.exists():
+        return "missing file"
+    if frag and dest.suffix == ".md" and frag not in anchors(dest):
+        return f"no heading #{frag} in {dest.relative_to(root)}"
+    return None
+
+
+def path_problem(ref):
+    return None if (root / ref).exists() else "no such path in the repository"
+
+
+def name_problem(dotted):
+    """None when the longest module prefix of ``dotted`` exists and defines the next part (if any)."""
+    parts, i = dotted.split("."), 1
+    while i < len(parts) and any(
+        (root / "/".join(parts[: i + 1])).with_suffix(s).exists() or (root / "/".join(parts[: i + 1])).is_dir()
+        for s in ("", ".py")
+    ):
+        i += 1
+    base = root / "/".join(parts[:i])
+    module = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    if not module.exists():
+        return "no such module"
+    if i == len(parts):
+        return None
+    attr = parts[i]
+    defined = rf"^\s*(?:def|class)\s+{attr}\b|^{attr}\s*[:=]|\b{attr}\b.*import|import.*\b{attr}\b"
+    return None if re.search(defined, module.read_text(encoding="utf-8"), re.M) else "not found"
+
+
+def problems(page):
+    text = page.read_text(encoding="utf-8")
+    for m in LINK.finditer(strip_code(text)):
+        if not re.match(r"^(https?|mailto):", m.group(1)):
+            yield "link", m.group(1), link_problem(page, m.group(1))
+    for m in PATHREF.finditer(text):
+        if not any(ch in m.group(1) for ch in "*{<"):
+            yield "path", f"`{m.group(1)}`", path_problem(m.group(1))
+    for m in DOTTED.finditer(text):
+        yield "name", f"`{m.group(1)}`", name_problem(m.group(1))
+
+
+def main():
+    pages = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+    counts, bad = {"link": 0, "path": 0, "name": 0}, 0
+    for page in pages:
+        for kind, what, problem in problems(page):
+            counts[kind] += 1
+            if problem:
+                print(f"{page.relative_to(root)}: {what}: {problem}")
+                bad += 1
+    print(
+        f"{len(pages)} files, {counts['link']} local links, {counts['path']} path names and "
+        f"{counts['name']} dotted names checked, {bad} broken"
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
