@@ -178,3 +178,16 @@ def _build_tiny_run(work: Path, tiny_qwen_dir: str) -> None:
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-5000:]
+
+
+def train_config_of(command_line: str):
+    """The TrainConfig a `kalm train` command line of a dry run trains with (the trainer's own parser)."""
+    import shlex
+
+    from kalm import options
+    from kalm.cli import build_parser
+    from kalm.training.config import TrainConfig
+
+    argv = shlex.split(command_line.split(" -m kalm train ", 1)[1].split(" > ", 1)[0])
+    args = build_parser(["kalm.training.train"]).parse_args(["train", *argv])
+    return options.from_args(TrainConfig, args, args.options)

@@ -362,7 +362,9 @@ def test_recipe_options_reach_the_finetune_command(tmp_path):
     fine = next(line for line in res.stdout.splitlines() if "train --stage finetune" in line)
     pre = next(line for line in res.stdout.splitlines() if "train --stage pretrain" in line)
     assert """--in-batch-negatives '{"cls_en": false}'""" in fine and "--in-batch-negatives" not in pre
-    assert "--weight-decay 0.01" in fine and "--save-dtype bfloat16" in fine
+    from conftest import train_config_of
+
+    assert (train_config_of(fine).weight_decay, train_config_of(fine).save_dtype) == (0.01, "bfloat16")
     full = yaml.safe_load((root / "config/kalm_full.yaml").read_text())
     assert full["finetune"]["warmup_ratio"] == full["pretrain"]["warmup_ratio"] == 0.1
     assert full["data"]["finetune"]["tnews"]["in_batch_negatives"] is False

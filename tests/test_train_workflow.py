@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,18 @@ def test_training_options_reach_the_commands_and_bad_values_are_refused(tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     pre = next(line for line in res.stdout.splitlines() if "train --stage pretrain" in line)
     fine = next(line for line in res.stdout.splitlines() if "train --stage finetune" in line)
-    assert "--precision bf16" in pre and "--gradient-checkpointing" in pre and "--mini-batch-size 32" in pre
+    p, f = train_config_of(pre), train_config_of(fine)  # parsed by the trainer's own parser
+    assert (p.precision, p.gradient_checkpointing, p.mini_batch_size) == ("bf16", True, 32)
+    assert (p.lr, p.batch_size, p.max_seq_length, p.stage) == (
+        cfg["pretrain"]["lr"],
+        cfg["pretrain"]["batch_size"],
+        cfg["max_seq_length"],
+        "pretrain",
+    )
     assert "--stats models/pretrain.stats.json" in pre
-    for flag in ("--homogeneous-ratio 0.75", "--few-negatives drop", "--precision fp32", "--mini-batch-size 8"):
-        assert flag in fine, flag
-    assert "--gradient-checkpointing" not in fine and "--stats models/finetune/run0.stats.json" in fine
+    assert (f.homogeneous_ratio, f.few_negatives, f.precision, f.mini_batch_size) == (0.75, "drop", "fp32", 8)
+    assert f.group_size == cfg["finetune"]["group_size"] and f.max_steps == cfg["finetune"]["max_steps"]
+    assert not f.gradient_checkpointing and "--stats models/finetune/run0.stats.json" in fine
 
     cfg["finetune"]["few_negatives"] = "repeat"
     bad = _dry_run(cfg, tmp_path)

@@ -1,42 +1,95 @@
-"""The trainer's options (``TrainConfig``) and their allowed values."""
+"""The trainer's options (``TrainConfig``): each declared once, here, with its type, default, bounds and
+help. ``kalm train``'s flags and the config schema's ``pretrain`` / ``finetune`` keys are derived from
+these fields (kalm.options); the workflow passes a stage's section as ``--options`` JSON.
+
+Light on purpose (no torch): the workflow imports it when it builds the DAG.
+"""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
-
-log = logging.getLogger(__name__)
-
+from kalm.models.modeling import POOLING_MODES
+from kalm.options import option
 
 PRECISIONS = ("fp32", "bf16", "auto")
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "bfloat16")
+FEW_NEGATIVES = ("drop", "pad_random", "keep")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "finetune"
-    batch_size: int = 32  # the GLOBAL batch: with torchrun each rank encodes its slice of it
-    group_size: int = 8
-    lr: float = 1e-5
-    temperature: float = 0.01
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0  # AdamW decay of weight matrices; norms and biases never decay
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    max_seq_length: int | None = None
-    threads: int | None = None
-    focal_gamma: float = 0.0
-    mix_negatives: int = 0  # synthetic negatives per query; -1 = as many as its mined negatives
-    matryoshka_dims: tuple[int, ...] = ()
-    matryoshka_weights: tuple[float, ...] = ()
-    homogeneous_ratio: float = 1.0  # share of a batch's slots from its own task (1.0: task-homogeneous)
-    few_negatives: str = "pad_random"  # drop | pad_random | keep, for records short of group_size - 1 negatives
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 on a CUDA device that supports it)
-    gradient_checkpointing: bool = False
-    mini_batch_size: int = 0  # GradCache chunk (texts per forward); 0 = the whole batch at once
-    pooling: str = "mean"  # for a plain HF backbone (a sentence-transformers start model keeps its own)
-    save_dtype: str = "float32"  # dtype of the saved model: float32 | bfloat16 (training is always fp32)
+    stage: str = option(
+        "finetune",
+        "pretrain (weak pairs, in-batch negatives) or finetune",
+        config=None,
+        choices=("pretrain", "finetune"),
+    )
+    batch_size: int = option(32, "the global batch of queries (split over torchrun ranks)", minimum=2)
+    group_size: int = option(8, "1 positive + (group_size - 1) hard negatives per query", minimum=1)
+    lr: float = option(1e-5, "peak learning rate (linear warmup, then linear decay)", exclusive_minimum=0)
+    temperature: float = option(0.01, "InfoNCE temperature on cosine similarities", exclusive_minimum=0)
+    epochs: float = option(1.0, "passes over the data (fractions allowed)", exclusive_minimum=0)
+    max_steps: int | None = option(None, "stop after this many steps (default: the epochs' steps)", minimum=1)
+    warmup_ratio: float = option(0.1, "share of the steps spent warming up the learning rate", minimum=0, maximum=1)
+    weight_decay: float = option(
+        0.0,
+        "AdamW weight decay of weight matrices; biases and norm weights never decay (0, as KaLM's reference)",
+        minimum=0,
+    )
+    max_grad_norm: float = option(1.0, "gradient clipping norm", exclusive_minimum=0)
+    seed: int = option(0, "seed of the batches, the sampling and the initialisation", config=None)
+    max_seq_length: int | None = option(
+        None, "tokens per text (the config's top-level max_seq_length)", config=None, minimum=8
+    )
+    threads: int | None = option(None, "CPU threads (the config's top-level threads)", config=None, minimum=1)
+    focal_gamma: float = option(
+        0.0, "focal reweighting (1 - p)^gamma of each example's InfoNCE term (KaLM V2: 0.5)", minimum=0
+    )
+    mix_negatives: int = option(
+        0, "online hard-negative mixing: synthetic negatives per query; -1 = as many as its mined negatives", minimum=-1
+    )
+    matryoshka_dims: tuple[int, ...] = option(
+        (), "Matryoshka prefix dims", config="matryoshka.dims", minimum=1, required_together=True
+    )
+    matryoshka_weights: tuple[float, ...] = option(
+        (), "one loss weight per Matryoshka dim", config="matryoshka.weights", minimum=0, required_together=True
+    )
+    homogeneous_ratio: float = option(
+        1.0,
+        "share of a batch's slots from its own task, the rest from other tasks "
+        "(KaLM semi-homogeneous batches); 1 = task-homogeneous",
+        minimum=0,
+        maximum=1,
+    )
+    few_negatives: str = option(
+        "pad_random",
+        "records with fewer than group_size - 1 negatives: drop them, pad "
+        "with random passages of their task, or keep them short (counted)",
+        choices=FEW_NEGATIVES,
+    )
+    precision: str = option(
+        "fp32",
+        "bf16 autocast (fp32 weights and loss); auto = bf16 on a CUDA GPU that supports it, else fp32",
+        choices=PRECISIONS,
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, one more forward")
+    mini_batch_size: int = option(
+        0,
+        "GradCache: encode the batch in chunks of this many texts (memory of one "
+        "chunk, same gradients); 0 = whole batch at once",
+        minimum=0,
+    )
+    pooling: str = option(
+        "mean",
+        "pooling of a plain Hugging Face backbone (mean over non-padding tokens, "
+        "KaLM's); a sentence-transformers model keeps its own (the config's top-level "
+        "pooling)",
+        config=None,
+        choices=POOLING_MODES,
+    )
+    save_dtype: str = option(
+        "float32",
+        "dtype of the saved model; training always keeps fp32 master weights, bf16 only through autocast",
+        choices=SAVE_DTYPES,
+    )

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
+from kalm import options
 from kalm.io import StageStats, write_jsonl
-from kalm.models.modeling import add_pooling_argument
 from kalm.training.batches import BatchSchedule, batch_texts
 from kalm.training.checkpoints import Checkpoint, SnapshotKeeper, _fingerprint, snapshot_dir
-from kalm.training.config import PRECISIONS, SAVE_DTYPES, TrainConfig
+from kalm.training.config import SAVE_DTYPES, TrainConfig
 from kalm.training.distributed import Distributed, rank_slices
 from kalm.training.encoding import (
     autocast_dtype,
@@ -49,7 +49,6 @@ from kalm.training.encoding import (
 )
 from kalm.training.objective import contrastive_loss, lr_at, make_optimizer
 from kalm.training.train_data import (
-    FEW_NEGATIVES,
     convert_parts,
     data_parts,
     open_data,
@@ -264,7 +263,7 @@ def train(
             model.eval()
             if cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
-            save_model(model.to(SAVE_DTYPES[cfg.save_dtype]), out_dir)
+            save_model(model.to(getattr(torch, cfg.save_dtype)), out_dir)
             if keeper is not None:
                 keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
@@ -297,31 +296,7 @@ def train(
 
 
 def _run(args: argparse.Namespace) -> None:
-    cfg = TrainConfig(
-        stage=args.stage,
-        batch_size=args.batch_size,
-        group_size=args.group_size,
-        lr=args.lr,
-        temperature=args.temperature,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        warmup_ratio=args.warmup_ratio,
-        seed=args.seed,
-        max_seq_length=args.max_seq_length,
-        threads=args.threads,
-        focal_gamma=args.focal_gamma,
-        mix_negatives=args.mix_negatives,
-        matryoshka_dims=tuple(args.matryoshka_dims or ()),
-        matryoshka_weights=tuple(args.matryoshka_weights or ()),
-        homogeneous_ratio=args.homogeneous_ratio,
-        few_negatives=args.few_negatives,
-        precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        mini_batch_size=args.mini_batch_size,
-        pooling=args.pooling,
-        weight_decay=args.weight_decay,
-        save_dtype=args.save_dtype,
-    )
+    cfg = options.from_args(TrainConfig, args, args.options)
     train(
         args.model,
         args.data,
@@ -340,16 +315,9 @@ def _run(args: argparse.Namespace) -> None:
     )
 
 
-def _ratio(value: str) -> float:
-    r = float(value)
-    if not 0.0 <= r <= 1.0:
-        raise argparse.ArgumentTypeError("must lie in [0, 1]")
-    return r
-
-
 def register(sub) -> None:
     p = sub.add_parser("train", help="contrastive pretraining or fine-tuning (torchrun: data parallel)")
-    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)  # TrainConfig.stage
     p.add_argument("--model", required=True, help="model spec to start from")
     p.add_argument(
         "--data",
@@ -371,28 +339,8 @@ def register(sub) -> None:
         default="{}",
         help='JSON {"task": false}: those tasks\' queries see only their own hard negatives',
     )
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun ranks)")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--temperature", type=float, default=0.01)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices (never norms, biases)"
-    )
-    p.add_argument(
-        "--save-dtype",
-        choices=sorted(SAVE_DTYPES),
-        default="float32",
-        help="dtype of the saved model (training always keeps fp32 master weights)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--threads", type=int)
     p.add_argument("--checkpoint-dir", help="resumable state, outside the declared output (Snakemake deletes those)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    add_pooling_argument(p)
     p.add_argument(
         "--keep-snapshots",
         type=int,
@@ -401,30 +349,12 @@ def register(sub) -> None:
     )
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
-    p.add_argument("--focal-gamma", type=float, default=0.0, help="focal reweighting exponent (KaLM V2: 0.5)")
     p.add_argument(
-        "--mix-negatives",
-        type=int,
-        default=0,
-        help="synthetic mixed negatives per query (-1: as many as its hard negatives)",
+        "--options",
+        type=json.loads,
+        default={},
+        help="JSON {option: value} of the options below (the workflow passes a stage's config section); "
+        "a flag given as well wins",
     )
-    p.add_argument("--matryoshka-dims", type=int, nargs="+", help="prefix dims for the Matryoshka loss")
-    p.add_argument("--matryoshka-weights", type=float, nargs="+", help="one weight per Matryoshka dim")
-    p.add_argument(
-        "--homogeneous-ratio",
-        type=_ratio,
-        default=1.0,
-        help="share of a batch's slots from its own task; the rest from other tasks (1: task-homogeneous)",
-    )
-    p.add_argument(
-        "--few-negatives",
-        choices=FEW_NEGATIVES,
-        default="pad_random",
-        help="records with fewer than group-size - 1 negatives: drop, pad with random same-task passages, or keep",
-    )
-    p.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="bf16 autocast (auto: on CUDA when supported)"
-    )
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--mini-batch-size", type=int, default=0, help="GradCache chunk in texts (0: whole batch at once)")
+    options.add_arguments(p, TrainConfig, skip=("stage",))
     p.set_defaults(func=_run)

@@ -83,10 +83,10 @@ import pyarrow.parquet as pq
 
 from kalm.data.shards import RECORD_SCHEMA, ROW_GROUP_ROWS
 from kalm.io import StageStats, atomic_path, read_jsonl
+from kalm.training.config import FEW_NEGATIVES
 
 log = logging.getLogger(__name__)
 
-FEW_NEGATIVES = ("drop", "pad_random", "keep")
 TEXT_COLUMNS = ("task", "query", "pos", "neg", "instruction")
 ARROW_SCHEMA = pa.schema([RECORD_SCHEMA.field(c) for c in TEXT_COLUMNS])
 PART_SUFFIXES = (".parquet", ".jsonl")

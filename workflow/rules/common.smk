@@ -9,6 +9,8 @@ import sys
 
 # one rule for which side of a task carries its instruction, in training and evaluation alike
 from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
+from kalm.options import options_json
+from kalm.training.config import TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
@@ -419,29 +421,13 @@ def mine_mem_mb(wildcards, input):
 
 
 def train_args(stage):
+    """The stage's trainer options as one JSON (its config section's keys that TrainConfig declares: the
+    trainer's defaults hold for the rest), the top-level max_seq_length and pooling, and the checkpoints."""
     c = config[stage]
-    args = (
-        f"--batch-size {c['batch_size']} --lr {c['lr']} --temperature {c['temperature']} "
-        f"--epochs {c['epochs']} --warmup-ratio {c['warmup_ratio']} --max-seq-length {config['max_seq_length']}"
-        + pooling_arg()
-    )
-    if c.get("max_steps"):
-        args += f" --max-steps {c['max_steps']}"
+    args = f"--options {shlex.quote(options_json(TrainConfig, c))} --max-seq-length {config['max_seq_length']}"
+    args += pooling_arg()
     if c.get("checkpoint_every"):
         args += f" --checkpoint-every {c['checkpoint_every']}"
-    if c.get("matryoshka"):
-        args += f" --matryoshka-dims {' '.join(map(str, c['matryoshka']['dims']))}"
-        args += f" --matryoshka-weights {' '.join(map(str, c['matryoshka']['weights']))}"
-    if stage == "finetune":
-        args += f" --group-size {c['group_size']}"
-        args += f" --focal-gamma {c.get('focal_gamma', 0.0)} --mix-negatives {c.get('mix_negatives', 0)}"
-    # Batching, negatives and memory options: only the keys the config sets reach the command (the
-    # trainer's defaults are the old behaviour), so existing configs keep their command lines.
-    for key in ("homogeneous_ratio", "few_negatives", "precision", "mini_batch_size", "weight_decay", "save_dtype"):
-        if key in c:
-            args += f" --{key.replace('_', '-')} {c[key]}"
-    if c.get("gradient_checkpointing"):
-        args += " --gradient-checkpointing"
     last_k = config["soup"].get("last_k", 1)
     if stage == "finetune" and last_k > 1:
         # the soup's last-k ingredients: the final model and the k-1 snapshots kept before it

@@ -1,0 +1,51 @@
+"""The workflow's config schema: ``workflow/schemas/config.schema.yaml`` with the keys whose options kalm
+declares filled in from their declarations (kalm.options): a training stage's keys (``pretrain``,
+``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig`, so an option is
+declared once, in its dataclass, and the schema, the defaults and ``kalm train``'s flags follow.
+
+Light (no torch): the Snakefile calls :func:`schema_file` before it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from kalm import options
+from kalm.training.config import TrainConfig
+
+# $defs entry -> the dataclass whose config keys it holds (beside the keys the YAML declares itself)
+DECLARED = {"train_stage": TrainConfig}
+
+
+def full_schema(base: str | os.PathLike) -> dict:
+    """The YAML schema at ``base`` with every DECLARED ``$defs`` entry's properties added; a key declared
+    in both places is an error (one place per option)."""
+    schema = yaml.safe_load(Path(base).read_text(encoding="utf-8"))
+    for name, cls in DECLARED.items():
+        entry = schema["$defs"][name]
+        props = entry.setdefault("properties", {})
+        derived = options.schema_properties(cls)
+        twice = sorted(set(props) & set(derived))
+        if twice:
+            raise ValueError(f"{base}: $defs.{name} declares {twice}, which {cls.__name__} declares already")
+        for key, required in options.schema_required(cls).items():
+            derived[key]["required"] = required
+        props.update(derived)
+    return schema
+
+
+def schema_file(base: str | os.PathLike) -> str:
+    """:func:`full_schema` written to a file (Snakemake's ``validate`` takes a path), named by its content."""
+    text = json.dumps(full_schema(base), sort_keys=True, indent=1)
+    path = Path(tempfile.gettempdir()) / f"kalm-config-schema-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return str(path)
