@@ -12,23 +12,22 @@ import importlib
 import logging
 import sys
 
-# Imported lazily so that `kalm validate` does not pay for torch/mteb imports.
-STAGE_MODULES = [
-    "kalm.data.validate",
-    "kalm.data.dedup",
-    "kalm.data.decontaminate",
-    "kalm.mining.embed",
-    "kalm.mining.mine",
-    "kalm.training.train",
-    "kalm.soup",
-    "kalm.evaluation.evaluate",
-    "kalm.evaluation.aggregate",
-    "kalm.models.tiny_qwen",
-    "kalm.cluster.gpu_slots",
-    "kalm.evaluation.mteb_mirror",
-    "kalm.report",
-    "kalm.data.shards",
-]
+def stage_modules() -> list[str]:
+    """Every module of the package that defines ``register(subparsers)``: its subcommand is its name
+    (``kalm.evaluation.mteb_mirror`` -> ``kalm mteb-mirror``). Found by reading the files, not importing
+    them, so that `kalm validate` does not pay for torch / mteb imports: a new stage is its module."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if re.search(r"^def register\(", path.read_text(encoding="utf-8"), re.M):
+            found.append(".".join(("kalm", *path.relative_to(root).with_suffix("").parts)))
+    return found
+
+
+STAGE_MODULES = stage_modules()
 
 
 def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
