@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+
 def stage_modules() -> list[str]:
     """Every module of the package that defines ``register(subparsers)``: its subcommand is its name
     (``kalm.evaluation.mteb_mirror`` -> ``kalm mteb-mirror``). Found by reading the files, not importing
