@@ -416,16 +416,20 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def sample_boundaries(texts, shards: int, per_shard: int = 1000) -> list[str]:
+SAMPLE_MAX = 20_000  # texts in a pool's range sample at most: its memory stays bounded however many shards
+
+
+def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
     """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
-    numbers of distinct texts: quantiles of a bottom-k sample (the ``per_shard x shards`` distinct texts of
-    smallest :func:`text_hash`), which depends on the set of texts only, not on their order or on how the
-    input is split. The ranges only balance the shards: the mined records do not depend on them."""
+    numbers of distinct texts: quantiles of a bottom-k sample (the ``min(per_shard x shards, most)``
+    distinct texts of smallest :func:`text_hash`), which depends on the set of texts only, not on their
+    order or on how the input is split. The ranges only balance the shards (20,000 texts: a shard within a
+    few percent of its share up to ~100 shards); the mined records do not depend on them."""
     import heapq
 
     if shards <= 1:
         return []
-    k = per_shard * shards
+    k = min(per_shard * shards, most)
     heap: list[tuple[int, str]] = []  # (-hash, text): the largest kept hash on top
     kept: set[int] = set()
     for text in texts:
