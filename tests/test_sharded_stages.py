@@ -541,8 +541,12 @@ def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):
     write_pools(str(tmp_path / "in.parquet"), emb, mine_tasks, str(tmp_path / "p1"), pool="global")
     whole = read_texts(shard_folder(tmp_path / "p1" / "global", 0) / TEXTS_FILE, "text").to_pylist()
     write_ranges(str(tmp_path / "in.parquet"), mine_tasks, str(tmp_path / "p4"), 4, pool="global")
-    for j in range(4):  # one job per shard, as the workflow runs them
-        write_pools(str(tmp_path / "in.parquet"), emb, mine_tasks, str(tmp_path / "p4"), pool="global", shard=j)
+    for j in range(4):  # one job per shard, as the workflow runs them: from its range's file, not the records
+        write_pools(None, emb, mine_tasks, str(tmp_path / "p4"), pool="global", shard=j)
+    scattered = sum(
+        pq.read_metadata(tmp_path / "p4" / "global" / "ranges" / f"r{j}.parquet").num_rows for j in range(4)
+    )
+    assert scattered == sum(len(r["pos"]) + len(r.get("neg", [])) for r in recs if r["task"] in mine_tasks)
     parts = [read_texts(shard_folder(tmp_path / "p4" / "global", j) / TEXTS_FILE, "text").to_pylist() for j in range(4)]
     assert sum(parts, []) == whole  # consecutive ranges of the sorted texts: global rows unchanged
     assert min(map(len, parts)) > 0.5 * len(whole) / 4  # balanced by the sample's quantiles

@@ -758,6 +758,7 @@ def write_ranges(
     if only is not None:
         ranges.setdefault(only, [])  # a pool without records: its empty shards
     for name, bounds in ranges.items():
+        scatter_passages(inputs, mine_tasks, pools_dir, name, bounds, pool, s)
         write_json(
             Path(pools_dir) / name / RANGES_FILE,
             {
@@ -765,9 +766,78 @@ def write_ranges(
                 "shards": shards,
                 "boundaries": bounds,
                 "rule": "shard j holds the texts t with boundaries[j-1] <= t < boundaries[j]",
+                "passages": f"{RANGES_DIR}/r<j>.parquet: every candidate passage of shard j's range, in input order",
             },
         )
     return ranges
+
+
+RANGES_DIR = "ranges"  # a pool's passages scattered by text range: r{j}.parquet, what mine_index job j reads
+
+
+def _range_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [("text", pa.large_string()), ("raw", pa.large_string()), ("rid", pa.int64()), ("place", pa.int32())]
+    )
+
+
+def scatter_passages(
+    inputs,
+    mine_tasks: dict[str, bool],
+    pools_dir: str,
+    name: str,
+    bounds: list[str],
+    pool: str,
+    s: MineSettings,
+    batch: int = 65536,
+) -> list[int]:
+    """One pass over the records: every candidate passage of pool ``name`` (encoder-side text, raw text,
+    record id, place) appended to the file of its text range, ``<pool>/ranges/r{j}.parquet``, so that each
+    mine_index job reads its own range only (a scatter, as the exact dedup's). Returns the rows per range."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = len(bounds) + 1
+    schema = _range_schema()
+    per_range = max(1024, batch // shards)  # at most ~``batch`` passages buffered over all ranges
+    counts = [0] * shards
+    with atomic_path(Path(pools_dir) / name / RANGES_DIR, is_dir=True) as tmp:
+        writers = [pq.ParquetWriter(tmp / f"r{j}.parquet", schema, compression="zstd") for j in range(shards)]
+        buffers: list[list[tuple]] = [[] for _ in range(shards)]
+
+        def flush(j):
+            cols = list(zip(*buffers[j])) if buffers[j] else [[], [], [], []]
+            writers[j].write_table(pa.table([pa.array(c, t.type) for c, t in zip(cols, schema)], schema=schema))
+            buffers[j].clear()
+
+        for n, formatted, raw, (rid, place) in _pool_passages(
+            inputs, mine_tasks, pool, name, s.query_instruction, s.passage_instruction
+        ):
+            if n != name:
+                continue
+            j = shard_of_text(formatted, bounds)
+            buffers[j].append((formatted, raw, rid, place))
+            counts[j] += 1
+            if len(buffers[j]) >= per_range:
+                flush(j)
+        for j in range(shards):
+            if buffers[j] or not counts[j]:
+                flush(j)
+            writers[j].close()
+    log.info("pool %s: %d passages scattered into %d ranges %s", name, sum(counts), shards, counts)
+    return counts
+
+
+def _range_passages(pools_dir: str, name: str, shard: int):
+    """(encoder-side text, raw text, order) of the passages scattered to range ``shard`` of pool ``name``."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(Path(pools_dir) / name / RANGES_DIR / f"r{shard}.parquet")
+    for b in pf.iter_batches(batch_size=65536):
+        for text, raw, rid, place in zip(*(b.column(c).to_pylist() for c in ("text", "raw", "rid", "place"))):
+            yield text, raw, (rid, place)
 
 
 def shard_of_text(text: str, boundaries: list[str]) -> int:
@@ -775,29 +845,6 @@ def shard_of_text(text: str, boundaries: list[str]) -> int:
     import bisect
 
     return bisect.bisect_right(boundaries, text)
-
-
-def build_pools(
-    inputs,
-    mine_tasks: dict[str, bool],
-    pool: str = "task",
-    only: str | None = None,
-    query_instruction: bool = True,
-    passage_instruction: str = "symmetric",
-    ranges: dict[str, list[str]] | None = None,
-    shard: int | None = None,
-) -> dict[tuple[str, int], PoolBuilder]:
-    """The candidate pools of the mined tasks of ``inputs`` (all records, streamed): {(pool name, shard):
-    builder}, split by ``ranges`` ({pool: boundaries}; None: one shard each); ``only``: just that pool,
-    ``shard``: just that text range of it (one mine_index job)."""
-    pools: dict[tuple[str, int], PoolBuilder] = {}
-    for name, formatted, raw, order in _pool_passages(
-        inputs, mine_tasks, pool, only, query_instruction, passage_instruction
-    ):
-        j = shard_of_text(formatted, ranges[name]) if ranges else 0
-        if shard is None or j == shard:
-            pools.setdefault((name, j), PoolBuilder()).add(formatted, raw, order)
-    return pools
 
 
 def write_pools(
@@ -813,8 +860,8 @@ def write_pools(
     settings: MineSettings | None = None,
 ) -> list[str]:
     """``kalm mine --step pool``: build and save the pool shards (``only``: one pool; ``shard``: one of its
-    text ranges) under ``pools_dir``, split by the pools' ``ranges.json`` (:func:`write_ranges`; without
-    one: a single shard, its ranges.json written here)."""
+    text ranges) under ``pools_dir``, each from its range's scattered passages (:func:`write_ranges`; without
+    a ranges.json: a single range, written here first)."""
     s = settings or MineSettings()
     k = s.search_k(10**18) + RESCORE_EXTRA
     names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
@@ -822,24 +869,18 @@ def write_pools(
     for name in names:
         f = Path(pools_dir) / name / RANGES_FILE
         if not f.exists():
+            if not inputs:
+                raise ValueError(f"{f}: no ranges (run --step ranges first, or give --input)")
             write_ranges(inputs, mine_tasks, pools_dir, 1, pool=pool, only=name, settings=s)
         ranges[name] = read_json(f)
         if shard is not None and not 0 <= shard < ranges[name]["shards"]:
             raise ValueError(f"{f}: pool {name} has {ranges[name]['shards']} shards, no shard {shard}")
-    builders = build_pools(
-        inputs,
-        mine_tasks,
-        pool,
-        only,
-        s.query_instruction,
-        s.passage_instruction,
-        {n: r["boundaries"] for n, r in ranges.items()},
-        shard,
-    )
     written = []
     for name in names:
         for j in range(ranges[name]["shards"]) if shard is None else [shard]:
-            b = builders.pop((name, j), PoolBuilder())  # a range without passages: an empty shard
+            b = PoolBuilder()  # a range without passages: an empty shard
+            for formatted, raw, order in _range_passages(pools_dir, name, j):
+                b.add(formatted, raw, order)
             n = b.save(shard_folder(Path(pools_dir) / name, j), None, shard_paths, index, k, f"{name}/shard{j}")
             log.info("pool %s shard %d/%d: %d passages", name, j, ranges[name]["shards"], n)
             written.append(f"{name}/shard{j}")
@@ -1015,7 +1056,7 @@ def _run(args: argparse.Namespace) -> None:
     need = {
         "all": ("input", "embeddings", "mine_tasks", "out", "stats"),
         "ranges": ("input", "mine_tasks", "pools_dir"),
-        "pool": ("input", "embeddings", "mine_tasks", "pools_dir"),
+        "pool": ("embeddings", "mine_tasks", "pools_dir"),  # --input only without a ranges step
         "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
         "merge": ("input", "stats"),
     }[args.step]

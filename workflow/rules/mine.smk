@@ -1,8 +1,9 @@
 # Hard-negative mining (issue 15: every job's memory depends on its shard, not the corpus):
 #   embed       one job per text shard (embed.shards): the texts hashed to it, streamed from stage_data
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
-#               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json
-#   mine_index  one job per pool shard: the passages of its text range in a canonical order (sorted),
+#               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
+#               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
+#   mine_index  one job per pool shard, reading its range's file: its passages in a canonical order (sorted),
 #               their vectors and, for ivf/hnsw, the index trained and filled once (faiss.write_index);
 #               a flat index is rebuilt from the vectors in each mine job (a copy of them: cheaper to
 #               rebuild than to store twice)
@@ -53,7 +54,8 @@ rule mine_ranges:
     input:
         data=stage_data("finetune"),
     output:
-        "work/mine_index/{pool}/ranges.json",
+        ranges="work/mine_index/{pool}/ranges.json",
+        passages=temp(directory("work/mine_index/{pool}/ranges")),
     log:
         "logs/mine_ranges/{pool}.log",
     benchmark:
@@ -61,7 +63,7 @@ rule mine_ranges:
     wildcard_constraints:
         pool="[^/]+",
     resources:
-        mem_mb=1000,  # a bottom-k sample of 1,000 texts per shard
+        mem_mb=1000,  # a bottom-k sample of at most 20,000 texts; the scatter buffers at most ~64k passages in all
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         shards=len(POOL_SHARDS),
@@ -75,8 +77,8 @@ rule mine_ranges:
 
 rule mine_index:
     input:
-        data=stage_data("finetune"),
         ranges="work/mine_index/{pool}/ranges.json",
+        passages="work/mine_index/{pool}/ranges",  # r{j}.parquet: this shard's passages, scattered by mine_ranges
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
         directory("work/mine_index/{pool}/shard{j}"),
@@ -94,7 +96,7 @@ rule mine_index:
         args=mine_args(),
         instructions=instruction_args(),
     shell:
-        "{KALM} mine --step pool --input {input.data} --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
+        "{KALM} mine --step pool --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
         "--pools-dir work/mine_index --only-pool {wildcards.pool} --pool-shard {wildcards.j} {params.args} "
         "{params.instructions} > {log} 2>&1"
 
