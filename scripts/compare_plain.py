@@ -157,7 +157,9 @@ def ours_config(config_path: Path, overrides: list[tuple[list[str], Any]], split
     cfg["data"]["finetune"] = {TRAIN_TASK: {"path": split["data"], "type": "retrieval", "instruction": CSL_INSTRUCTION}}
     cfg["eval"]["tasks"] = {TASK: {"type": "Retrieval", "path": split["eval_task"], "instruction": CSL_INSTRUCTION}}
     cfg["eval"]["languages"] = {"zh": [TASK]}
-    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text(encoding="utf-8"))
+    from kalm.schema import full_schema
+
+    schema = full_schema(ROOT / "workflow/schemas/config.schema.yaml")  # with the trainer's declared keys
     try:
         jsonschema.validate(cfg, schema)
     except jsonschema.ValidationError as e:

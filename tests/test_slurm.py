@@ -286,7 +286,8 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
         [
             "embed",
             "embed",
-            *["mine_ranges", "mine_index"] * mined_tasks,  # a pool per mined task
+            *["mine_ranges"] * mined_tasks,  # a pool per mined task
+            *["mine_index"] * mined_tasks * cfg["mine"].get("pool_shards", 1),
             *["mine"] * cfg["data"]["dedup"]["shards"],  # a job per query shard
             "pretrain",
             "finetune",
