@@ -89,3 +89,12 @@ def test_sharded_store_gathers_rows_by_text_and_rejects_stale_shards(tmp_path):
     write_shard(tmp_path, 2, ["a"], a[:1])
     with pytest.raises(ValueError, match="two shards"):
         ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)])
+
+
+def test_shard_ids_read_fast_equal_the_written_texts(tmp_path):
+    from kalm.io import write_json
+    from kalm.mining.embed import read_ids
+
+    texts = ["plain", "城镇的描述", 'emoji 🙂 and "quotes" \\ back', "tab\tnew\nline", ""]
+    write_json(tmp_path / "s.ids.json", texts)
+    assert read_ids(tmp_path / "s.ids.json") == texts

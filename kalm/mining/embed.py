@@ -254,6 +254,18 @@ def embed_shard(
     return npy
 
 
+def read_ids(path: Path) -> list[str]:
+    """A shard's texts (its ids file): orjson, 1.85x json's speed on 1.9M texts (every mine job reads every
+    shard's ids); json where orjson refuses (a lone surrogate, which validation keeps out of records)."""
+    import orjson
+
+    raw = path.read_bytes()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8", "surrogatepass"))
+
+
 class ShardedEmbeddings:
     """The rows of every shard, memory-mapped (no copy), addressed by text.
 
@@ -269,7 +281,7 @@ class ShardedEmbeddings:
         offset = 0
         for p in sorted(paths, key=lambda p: int(Path(p).stem.removeprefix("shard"))):
             self.shards.append(np.load(p, mmap_mode="r"))
-            ids = json.loads(Path(p).with_suffix(".ids.json").read_text(encoding="utf-8"))
+            ids = read_ids(Path(p).with_suffix(".ids.json"))
             if len(ids) != len(self.shards[-1]):
                 raise ValueError(f"{p}: {len(self.shards[-1])} rows but {len(ids)} ids")
             before = len(self.row)
