@@ -68,10 +68,14 @@ def texts_to_embed(
     return sorted(texts)
 
 
+def text_digest(text: str) -> int:
+    """A 64-bit hash of an encoder-side text, stable across runs (embedding shards, pool range samples)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def text_shard(text: str, num_shards: int) -> int:
-    """The embedding shard of a text: a 64-bit hash of it modulo ``num_shards`` (stable across runs)."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % num_shards
+    """The embedding shard of a text: :func:`text_digest` modulo ``num_shards``."""
+    return text_digest(text) % num_shards
 
 
 def shard_texts(

@@ -97,7 +97,7 @@ import numpy as np
 
 from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
-from kalm.mining.embed import ShardedEmbeddings, add_instruction_args, mining_texts
+from kalm.mining.embed import ShardedEmbeddings, add_instruction_args, mining_texts, text_digest
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -411,18 +411,13 @@ class PoolShards:
         return best
 
 
-def text_hash(text: str) -> int:
-    """A 64-bit hash of an encoder-side text (the pool's bottom-k sample orders texts by it)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 SAMPLE_MAX = 20_000  # texts in a pool's range sample at most: its memory stays bounded however many shards
 
 
 def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
     """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
     numbers of distinct texts: quantiles of a bottom-k sample (the ``min(per_shard x shards, most)``
-    distinct texts of smallest :func:`text_hash`), which depends on the set of texts only, not on their
+    distinct texts of smallest ``kalm.mining.embed.text_digest``), which depends on the set of texts only, not on their
     order or on how the input is split. The ranges only balance the shards (20,000 texts: a shard within a
     few percent of its share up to ~100 shards); the mined records do not depend on them."""
     import heapq
@@ -433,7 +428,7 @@ def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAM
     heap: list[tuple[int, str]] = []  # (-hash, text): the largest kept hash on top
     kept: set[int] = set()
     for text in texts:
-        h = text_hash(text)
+        h = text_digest(text)
         if h in kept or (len(heap) == k and h >= -heap[0][0]):
             continue
         kept.add(h)
@@ -731,12 +726,8 @@ def pool_ranges(
         return {name: [] for name in names}
     out = {}
     for name in names:  # one pass per pool: one sample alive at a time
-        texts = (
-            f
-            for n, f, _, _ in _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
-            if n == name
-        )
-        out[name] = sample_boundaries(texts, shards)
+        passages = _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
+        out[name] = sample_boundaries((formatted for _, formatted, _, _ in passages), shards)
     return out
 
 
@@ -812,11 +803,9 @@ def scatter_passages(
             writers[j].write_table(pa.table([pa.array(c, t.type) for c, t in zip(cols, schema)], schema=schema))
             buffers[j].clear()
 
-        for n, formatted, raw, (rid, place) in _pool_passages(
+        for _, formatted, raw, (rid, place) in _pool_passages(
             inputs, mine_tasks, pool, name, s.query_instruction, s.passage_instruction
         ):
-            if n != name:
-                continue
             j = shard_of_text(formatted, bounds)
             buffers[j].append((formatted, raw, rid, place))
             counts[j] += 1
