@@ -197,20 +197,23 @@ def memory_bound(work: Path, n: int = 1_000_000, dim: int = 896, n_queries: int 
     """Peak RSS of `kalm mine` over n x dim float16 embeddings (random unit vectors, short texts)."""
     import numpy as np
 
+    from kalm.mining.embed import digest_order, write_embedding_shard
+
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     emb = work / "emb"
     emb.mkdir(exist_ok=True)
     passages = [f"p{i}" for i in range(n)]
     queries = [f"q{i}" for i in range(n_queries)]
-    texts = sorted(passages + queries)
-    store = np.lib.format.open_memmap(emb / "shard0.npy", mode="w+", dtype=np.float16, shape=(len(texts), dim))
+    texts = digest_order(passages + queries)  # the rows of an embedding shard (random vectors: any order)
+    store = np.lib.format.open_memmap(work / "vectors.npy", mode="w+", dtype=np.float16, shape=(len(texts), dim))
     for s in range(0, len(texts), 100_000):
         block = rng.standard_normal((min(100_000, len(texts) - s), dim), dtype=np.float32)
         store[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     store.flush()
+    write_embedding_shard(emb / "shard0.npy", texts, store)  # rows already in digest order: written as they are
     del store
-    (emb / "shard0.ids.json").write_text(json.dumps(texts), encoding="utf-8")
+    (work / "vectors.npy").unlink()
     per = n // n_queries
     with open(work / "records.jsonl", "w", encoding="utf-8") as f:
         f.writelines(

@@ -1,7 +1,5 @@
 """Encoding for mining: token-budget batches, batch invariance, sharded store."""
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,6 +10,7 @@ from kalm.mining.embed import (
     encode_texts,
     mining_texts,
     token_budget_batches,
+    write_embedding_shard,
 )
 
 
@@ -71,9 +70,7 @@ def test_instruction_options():
 
 
 def write_shard(folder, i, texts, vecs):
-    np.save(folder / f"shard{i}.npy", vecs.astype(np.float16))
-    (folder / f"shard{i}.ids.json").write_text(json.dumps(texts), encoding="utf-8")
-    return str(folder / f"shard{i}.npy")
+    return str(write_embedding_shard(folder / f"shard{i}.npy", texts, vecs.astype(np.float16)))
 
 
 def test_sharded_store_gathers_rows_by_text_and_rejects_stale_shards(tmp_path):
@@ -88,7 +85,36 @@ def test_sharded_store_gathers_rows_by_text_and_rejects_stale_shards(tmp_path):
         store.vectors(["zz"])
     write_shard(tmp_path, 2, ["a"], a[:1])
     with pytest.raises(ValueError, match="two shards"):
-        ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)])
+        ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)]).vectors(["b", "a"])
+
+
+def test_texts_that_share_a_digest_are_told_apart_by_their_ids(tmp_path, monkeypatch):
+    """A 64-bit digest collision (all texts of a digest share a shard) falls back to the shard's ids."""
+    import kalm.mining.embed as embed
+
+    real = embed.text_digest
+    monkeypatch.setattr(embed, "text_digest", lambda t: 7 if t in ("x", "y", "z") else real(t))
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(5, 4)).astype(np.float16)
+    store = ShardedEmbeddings([write_shard(tmp_path, 0, ["z", "a", "x", "b", "y"], vecs)])
+    got = store.vectors(["y", "x", "a", "z", "b"])
+    np.testing.assert_array_equal(got, vecs[[4, 2, 1, 0, 3]].astype(np.float32))
+    assert "x" in store and "w" not in store
+    with pytest.raises(KeyError, match="stale shards"):
+        store.vectors(["w"])
+
+
+def test_a_store_lookup_does_not_read_the_texts_of_the_shards(tmp_path, monkeypatch):
+    """Opening the store and looking up texts reads digests only: the ids (every text of the store) are not
+    parsed, so a mining job's cost does not grow with the store."""
+    import kalm.mining.embed as embed
+
+    texts = [f"text {i}" for i in range(300)]
+    vecs = np.random.default_rng(2).normal(size=(300, 8))
+    paths = [write_shard(tmp_path, i, texts[i::3], vecs[i::3]) for i in range(3)]
+    monkeypatch.setattr(embed, "read_ids", lambda path: pytest.fail(f"read {path}"))
+    got = ShardedEmbeddings(paths).vectors(["text 7", "text 299", "text 0"])
+    np.testing.assert_array_equal(got, vecs[[7, 299, 0]].astype(np.float16).astype(np.float32))
 
 
 def test_shard_ids_read_fast_equal_the_written_texts(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kalm.io import read_json, read_jsonl
-from kalm.mining.embed import shard_bounds, texts_to_embed
+from kalm.mining.embed import shard_bounds, texts_to_embed, write_embedding_shard
 from kalm.mining.mine import mine
 
 
@@ -18,9 +18,9 @@ def fake_shards(tmp_path, texts, num_shards=2, dim=12, seed=0):
     paths = []
     for s in range(num_shards):
         lo, hi = shard_bounds(len(texts), s, num_shards)
-        np.save(tmp_path / f"shard{s}.npy", vecs[lo:hi].astype(np.float16))
-        (tmp_path / f"shard{s}.ids.json").write_text(json.dumps(texts[lo:hi]), encoding="utf-8")
-        paths.append(str(tmp_path / f"shard{s}.npy"))
+        paths.append(
+            str(write_embedding_shard(tmp_path / f"shard{s}.npy", texts[lo:hi], vecs[lo:hi].astype(np.float16)))
+        )
     return paths, {t: vecs[i].astype(np.float16).astype(np.float32) for i, t in enumerate(texts)}
 
 
@@ -304,9 +304,9 @@ def test_mining_runs_with_approximate_indexes(tmp_path, corpus, kind):
 
 def explicit_shards(tmp_path, vec: dict[str, np.ndarray]):
     texts = sorted(vec)
-    np.save(tmp_path / "shard0.npy", np.stack([vec[t] for t in texts]).astype(np.float16))
-    (tmp_path / "shard0.ids.json").write_text(json.dumps(texts), encoding="utf-8")
-    return [str(tmp_path / "shard0.npy")]
+    return [
+        str(write_embedding_shard(tmp_path / "shard0.npy", texts, np.stack([vec[t] for t in texts]).astype(np.float16)))
+    ]
 
 
 @pytest.fixture

@@ -664,7 +664,7 @@ def test_a_query_gets_the_same_candidates_and_score_bits_alone_or_in_a_batch(tmp
             return base[np.asarray(rows)].astype(np.float32)
 
     index = build_index(base, IndexConfig("flat", use_gpu=False), k=40)
-    batch = search_rescored(index, FakePool(), queries, 30)
+    batch_ids, batch_scores = search_rescored(index, FakePool(), queries, 30)
     for i in range(0, 300, 37):
-        alone = search_rescored(index, FakePool(), queries[i : i + 1], 30)[0]
-        assert np.array_equal(alone[0], batch[i][0]) and np.array_equal(alone[1], batch[i][1])
+        ids, scores = search_rescored(index, FakePool(), queries[i : i + 1], 30)
+        assert np.array_equal(ids[0], batch_ids[i]) and np.array_equal(scores[0], batch_scores[i])

@@ -250,7 +250,9 @@ def dedup_partition(inputs: list[str], out_path: str, stats_path: str, partition
     first occurrence of each digest out (in id order), with stats."""
     id_arrays, digests = [], []
     for path in inputs:
-        t = pq.read_table(path, columns=["id", "digest"])
+        t = pq.ParquetFile(path).read(
+            columns=["id", "digest"]
+        )  # not pq.read_table: its dataset layer costs ~3 ms a file
         id_arrays.append(ids_of(t))
         digests.append(_digests(t).copy())
     ids_all = np.concatenate(id_arrays) if id_arrays else np.empty(0, dtype=np.int64)

@@ -2,9 +2,11 @@
 
 The texts of a mining run are the formatted queries and the candidate passages of every
 task that is mined (``texts_to_embed``), de-duplicated. Shard ``i`` of ``n`` encodes the texts whose
-64-bit hash is ``i`` modulo ``n`` (:func:`text_shard`), sorted, and writes ``shard{i}.npy`` (float16 by
-default, memory-mappable) with ``shard{i}.ids.json`` (the texts, in row order); a re-run reuses a
-shard whose texts are unchanged. A shard job streams the records (Parquet shards of the stage, a row
+64-bit hash is ``i`` modulo ``n`` (:func:`text_shard`) and writes them in the order of that hash
+(:func:`write_embedding_shard`): ``shard{i}.npy`` (float16 by default, memory-mappable), ``shard{i}.ids.json``
+(the texts, in row order) and ``shard{i}.digests.npy`` (their sorted hashes). A reader finds a text's row by
+binary search in the memory-mapped hashes (:class:`ShardedEmbeddings`), so a mining job touches a few pages
+per text it looks up instead of parsing every shard's texts. A re-run reuses a shard whose texts are unchanged. A shard job streams the records (Parquet shards of the stage, a row
 group at a time) and keeps only its own texts, so its memory is its shard's texts, not the corpus'.
 
 Encoding (``encode_texts``) sorts the texts by token length and cuts batches under a token
@@ -235,10 +237,11 @@ def embed_shard(
     pooling: str = "mean",
 ) -> Path:
     """Encode shard ``shard`` of the texts of ``input_path`` (a record file or a list of them)."""
-    texts = shard_texts(input_path, mine_tasks, shard, num_shards, query_instruction, passage_instruction)
+    texts = digest_order(shard_texts(input_path, mine_tasks, shard, num_shards, query_instruction, passage_instruction))
     out_dir = Path(out_dir)
-    npy, ids = out_dir / f"shard{shard}.npy", out_dir / f"shard{shard}.ids.json"
-    if npy.exists() and ids.exists() and json.loads(ids.read_text(encoding="utf-8")) == texts:
+    npy = out_dir / f"shard{shard}.npy"
+    ids, digests = ids_path(npy), digests_path(npy)
+    if npy.exists() and digests.exists() and ids.exists() and read_ids(ids) == texts:
         log.info("shard %d already encoded, reusing %s", shard, npy)
         return npy
     import torch
@@ -252,15 +255,44 @@ def embed_shard(
     t0 = time.time()
     vectors = encode_texts(model, texts, token_budget, max_batch, precision, out_dtype=np.dtype(dtype))
     log.info("encoded %d texts in %.1f s", len(texts), time.time() - t0)
+    return write_embedding_shard(npy, texts, vectors)
+
+
+def ids_path(npy: str | Path) -> Path:
+    return Path(npy).with_suffix(".ids.json")
+
+
+def digests_path(npy: str | Path) -> Path:
+    return Path(npy).with_suffix(".digests.npy")
+
+
+def digest_order(texts) -> list[str]:
+    """``texts`` ordered by (:func:`text_digest`, text): the row order of an embedding shard."""
+    return sorted(texts, key=lambda t: (text_digest(t), t))
+
+
+def write_embedding_shard(npy: str | Path, texts: list[str], vectors: np.ndarray) -> Path:
+    """Write one embedding shard: rows of ``vectors`` for ``texts``, reordered by :func:`digest_order`, as
+    ``npy`` with its ids (the texts) and its sorted digests (the lookup key of :class:`ShardedEmbeddings`).
+    The vectors are written last: a shard is complete when its ``.npy`` exists (each file is atomic)."""
+    if len(texts) != len(vectors):
+        raise ValueError(f"{npy}: {len(vectors)} vectors for {len(texts)} texts")
+    digests = np.fromiter((text_digest(t) for t in texts), dtype=np.uint64, count=len(texts))
+    order = np.lexsort((np.arange(len(texts)), digests)) if len(texts) else np.zeros(0, np.int64)
+    if not np.array_equal(order, np.arange(len(texts))):
+        texts, digests, vectors = [texts[i] for i in order], digests[order], vectors[order]
+    npy = Path(npy)
+    write_json(ids_path(npy), texts)
+    with atomic_path(digests_path(npy)) as tmp, open(tmp, "wb") as f:
+        np.save(f, digests)
     with atomic_path(npy) as tmp, open(tmp, "wb") as f:
         np.save(f, vectors)
-    write_json(ids, texts)
     return npy
 
 
 def read_ids(path: Path) -> list[str]:
-    """A shard's texts (its ids file): orjson, 1.85x json's speed on 1.9M texts (every mine job reads every
-    shard's ids); json where orjson refuses (a lone surrogate, which validation keeps out of records)."""
+    """A shard's texts (its ids file): orjson, 1.85x json's speed on 1.9M texts; json where orjson refuses
+    (a lone surrogate, which validation keeps out of records)."""
     import orjson
 
     raw = path.read_bytes()
@@ -271,52 +303,77 @@ def read_ids(path: Path) -> list[str]:
 
 
 class ShardedEmbeddings:
-    """The rows of every shard, memory-mapped (no copy), addressed by text.
+    """The rows of every embedding shard, memory-mapped (no copy), addressed by text.
 
-    ``vectors(texts)`` gathers rows as float32: only what a search needs is ever converted,
-    so a 1M x 896 float16 store costs 1.7 GiB of page cache, not 3.4 GiB of float32 copies.
-    ``texts``: address only these (a mining job's own texts): the text -> row map then costs memory
-    for them alone, not for every text of the store (one shard's ids are read at a time).
+    A text is found by its :func:`text_digest`, binary-searched in each shard's sorted digests (memory-mapped:
+    a lookup reads a few pages), so opening the store costs nothing and a job's memory and time depend on
+    the texts it looks up, not on the store's size. Two texts of one shard with the same 64-bit digest (all
+    texts of a digest share a shard) are told apart by reading that shard's ids, only when one of them is
+    looked up. ``vectors(texts)`` gathers rows as float32: only what a search needs is ever converted, so a
+    1M x 896 float16 store costs 1.7 GiB of page cache, not 3.4 GiB of float32 copies.
     """
 
-    def __init__(self, paths: list[str], texts: set[str] | None = None):
+    def __init__(self, paths: list[str]):
+        self.paths = sorted((Path(p) for p in paths), key=lambda p: int(p.stem.removeprefix("shard")))
         self.shards: list[np.ndarray] = []
-        self.row: dict[str, int] = {}  # text -> global row (shards in order)
-        offset = 0
-        for p in sorted(paths, key=lambda p: int(Path(p).stem.removeprefix("shard"))):
+        self.digests: list[np.ndarray] = []
+        for p in self.paths:
             self.shards.append(np.load(p, mmap_mode="r"))
-            ids = read_ids(Path(p).with_suffix(".ids.json"))
-            if len(ids) != len(self.shards[-1]):
-                raise ValueError(f"{p}: {len(self.shards[-1])} rows but {len(ids)} ids")
-            before = len(self.row)
-            wanted = [(text, offset + r) for r, text in enumerate(ids) if texts is None or text in texts]
-            self.row.update(wanted)
-            if len(self.row) != before + len(wanted):
-                raise ValueError(f"{p}: a text appears in two shards (shards from different runs?)")
-            offset += len(ids)
-            del ids
-        self.offsets = np.cumsum([0] + [len(m) for m in self.shards])
+            self.digests.append(np.load(digests_path(p), mmap_mode="r"))
+            if len(self.digests[-1]) != len(self.shards[-1]):
+                raise ValueError(f"{p}: {len(self.shards[-1])} rows but {len(self.digests[-1])} digests")
+        self._ids: dict[int, list[str]] = {}  # a shard's texts, read only to resolve a digest collision
         self.dim = next((m.shape[1] for m in self.shards if m.ndim == 2 and len(m)), 0)
         self.dtype = next((m.dtype for m in self.shards if m.ndim == 2 and len(m)), np.dtype(np.float16))
 
+    def _resolve(self, s: int, first: int, text: str) -> int:
+        """The row of ``text`` among the rows ``first``.. of shard ``s`` that share its digest."""
+        ids = self._ids.setdefault(s, read_ids(ids_path(self.paths[s])))
+        digests = self.digests[s]
+        row = first
+        while row < len(ids) and digests[row] == digests[first]:
+            if ids[row] == text:
+                return row
+            row += 1
+        return -1
+
+    def locate(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each text; shard -1 where a text is in no shard."""
+        want = np.fromiter((text_digest(t) for t in texts), dtype=np.uint64, count=len(texts))
+        shard = np.full(len(texts), -1, dtype=np.int64)
+        row = np.zeros(len(texts), dtype=np.int64)
+        for s, digests in enumerate(self.digests):
+            if not len(digests) or not len(want):
+                continue
+            pos = np.minimum(np.searchsorted(digests, want), len(digests) - 1)
+            hit = np.asarray(digests[pos]) == want
+            twin = hit & (pos + 1 < len(digests))
+            twin[twin] = np.asarray(digests[pos[twin] + 1]) == want[twin]  # a digest collision in this shard
+            for i in np.nonzero(twin)[0]:
+                pos[i] = self._resolve(s, int(pos[i]), texts[i])
+                hit[i] = pos[i] >= 0
+            if (hit & (shard >= 0)).any():
+                text = texts[int(np.nonzero(hit & (shard >= 0))[0][0])]
+                raise ValueError(f"{self.paths[s]}: text {text[:80]!r} is in two shards (shards from different runs?)")
+            shard[hit], row[hit] = s, pos[hit]
+        return shard, row
+
     def __contains__(self, text: str) -> bool:
-        return text in self.row
+        return bool(self.locate([text])[0][0] >= 0)
 
     def vectors(self, texts: list[str], chunk: int = 65536) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), chunk):
             part = texts[start : start + chunk]
-            try:
-                rows_all = np.array([self.row[t] for t in part], dtype=np.int64)
-            except KeyError as e:
-                raise KeyError(f"text not in the embedding shards (stale shards?): {str(e)[:200]}") from None
-            shard_of = np.searchsorted(self.offsets, rows_all, side="right") - 1
-            for s, shard in enumerate(self.shards):
+            shard_of, rows_all = self.locate(part)
+            if (shard_of < 0).any():
+                missing = part[int(np.nonzero(shard_of < 0)[0][0])]
+                raise KeyError(f"text not in the embedding shards (stale shards?): {missing[:200]!r}")
+            for s in np.unique(shard_of):
                 sel = np.nonzero(shard_of == s)[0]
-                if len(sel):
-                    rows = rows_all[sel] - self.offsets[s]
-                    order = np.argsort(rows)  # ascending rows: sequential reads of the memory map
-                    out[start + sel[order]] = shard[rows[order]]
+                rows = rows_all[sel]
+                order = np.argsort(rows)  # ascending rows: sequential reads of the memory map
+                out[start + sel[order]] = self.shards[s][rows[order]]
         return out
 
 

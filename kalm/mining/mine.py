@@ -259,7 +259,7 @@ class PoolBuilder:
         raw = [self.entries[t][1] for t in texts]
         self.entries = {}
         if store is None:
-            store = ShardedEmbeddings(embeddings or [], texts=set(texts))
+            store = ShardedEmbeddings(embeddings or [])
         cfg = index_cfg or IndexConfig()
         with atomic_path(folder, is_dir=True) as tmp:
             write_texts(tmp / TEXTS_FILE, texts, raw)
@@ -315,7 +315,9 @@ class Pool:
 
             if self.meta.get("index") != cfg.type:
                 raise ValueError(f"{self.folder}: pool index is {self.meta.get('index')}, mining asks for {cfg.type}")
-            index = faiss.read_index(str(self.folder / "index.faiss"))
+            # ivf: the inverted lists memory-mapped (file-backed pages, read as the probes touch them)
+            flags = faiss.IO_FLAG_MMAP if cfg.type == "ivf" else 0
+            index = faiss.read_index(str(self.folder / "index.faiss"), flags)
             if cfg.type == "ivf":
                 faiss.extract_index_ivf(index).nprobe = min(cfg.nprobe, faiss.extract_index_ivf(index).nlist)
             else:
@@ -378,11 +380,13 @@ class PoolShards:
             self._cached = (j, index)
         return index
 
-    def search(self, query_vecs: np.ndarray, k: int, batch: int = 4096) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query, the ``k`` best rows of the whole pool and their exact scores, ranked by score, then
-        row: each shard's best ``k`` (:func:`search_rescored`), merged. With exact (flat) indexes this is
-        the unsharded result; ivf / hnsw approximate each shard on its own (an index per shard)."""
-        best = [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(query_vecs))]
+    def search(self, query_vecs: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, the ``k`` best rows of the whole pool and their exact scores (n x k arrays, ranked by
+        score, then row; row -1 past the pool's end): each shard's best ``k`` (:func:`search_rescored`),
+        merged. With exact (flat) indexes this is the unsharded result; ivf / hnsw approximate each shard on
+        its own (an index per shard)."""
+        best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
+        best_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
         for j, shard in enumerate(self.shards):
             if not shard.size:
                 continue
@@ -390,15 +394,15 @@ class PoolShards:
             index = self._index(j)
             offset = int(self.offsets[j])
             for start in range(0, len(query_vecs), batch):
-                found = search_rescored(index, shard, query_vecs[start : start + batch], min(k, shard.size))
-                for q, (ids, scores) in enumerate(found, start):
-                    if len(self.shards) == 1:
-                        best[q] = (ids + offset, scores)
-                        continue
-                    all_ids = np.concatenate([best[q][0], ids + offset])
-                    all_scores = np.concatenate([best[q][1], scores])
-                    order = np.lexsort((all_ids, -all_scores))[:k]
-                    best[q] = (all_ids[order], all_scores[order])
+                ids, scores = search_rescored(index, shard, query_vecs[start : start + batch], min(k, shard.size))
+                ids = np.where(ids >= 0, ids + offset, -1)
+                rows = slice(start, start + len(ids))
+                merged = rank_by_score(
+                    np.concatenate([best_ids[rows], ids], axis=1),
+                    np.concatenate([best_scores[rows], scores], axis=1),
+                    k,
+                )
+                best_ids[rows], best_scores[rows] = merged
             del index
             log.info(
                 "searched pool shard %d/%d (%d passages) for %d queries in %.1f s",
@@ -408,7 +412,7 @@ class PoolShards:
                 len(query_vecs),
                 time.time() - t,
             )
-        return best
+        return best_ids, best_scores
 
 
 SAMPLE_MAX = 20_000  # texts in a pool's range sample at most: its memory stays bounded however many shards
@@ -536,22 +540,29 @@ def exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.multiply(vectors, queries).sum(axis=-1)
 
 
-def search_rescored(index, pool, query_vecs: np.ndarray, k: int, block: int = 256):
-    """Per query, the ``k`` best pool rows and their scores: FAISS finds ``k + RESCORE_EXTRA``
-    candidates, :func:`exact_scores` scores them, and they are ranked by score, then row (ties)."""
+def search_rescored(index, pool, query_vecs: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the ``k`` best pool rows and their scores (n x k arrays; row -1 and score -inf past the
+    pool's end): FAISS finds ``k + RESCORE_EXTRA`` candidates, :func:`exact_scores` scores them, and they are
+    ranked by score, then row (ties)."""
     kk = min(pool.size, k + RESCORE_EXTRA)
     _, ids = index.search(query_vecs, kk)
-    out = []
+    out_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
+    out_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
     for b in range(0, len(query_vecs), block):
         blk = ids[b : b + block]
         vecs = pool.vectors(np.where(blk >= 0, blk, 0).ravel()).reshape(*blk.shape, -1)
-        scores = exact_scores(vecs, query_vecs[b : b + block, None, :])
-        for row_ids, row_scores in zip(blk, scores):
-            valid = row_ids >= 0
-            row_ids, row_scores = row_ids[valid], row_scores[valid]
-            order = np.lexsort((row_ids, -row_scores))[:k]
-            out.append((row_ids[order], row_scores[order]))
-    return out
+        scores = np.where(blk >= 0, exact_scores(vecs, query_vecs[b : b + block, None, :]), -np.inf)
+        best_ids, best_scores = rank_by_score(blk, scores, k)
+        out_ids[b : b + len(blk), : best_ids.shape[1]] = best_ids
+        out_scores[b : b + len(blk), : best_ids.shape[1]] = best_scores
+    return out_ids, out_scores
+
+
+def rank_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` best (id, score) pairs: by score, then id; ids -1 (no candidate) last."""
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=-1)[:, :k]
+    ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+    return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
 
 def record_rng(rec: dict, s: MineSettings, task: str, i: int) -> random.Random:
@@ -575,21 +586,27 @@ def mine_records(
     lo, hi = s.window
     k = s.search_k(pool.size)
     all_query_vecs = store.vectors([q for q, _ in texts])  # this shard's queries of the task: n x dim float32
-    all_found = pool.search(all_query_vecs, k, s.query_batch)
+    found_ids, found_scores = pool.search(all_query_vecs, k, s.query_batch)
     out = []
     for start in range(0, len(records), s.query_batch):
         recs, txts = records[start : start + s.query_batch], texts[start : start + s.query_batch]
-        query_vecs, found = all_query_vecs[start : start + s.query_batch], all_found[start : start + s.query_batch]
+        query_vecs = all_query_vecs[start : start + s.query_batch]
+        # the block's positives and given negatives, looked up at once (one binary search per text)
+        ends = np.cumsum([len(p) for _, p in txts])
+        block_vecs = store.vectors([t for _, p in txts for t in p])
         for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
             rng = record_rng(rec, s, task, start + j)
-            pos_scores = exact_scores(store.vectors(passages[: len(rec["pos"])]), query_vecs[j])
+            vecs = block_vecs[ends[j] - len(passages) : ends[j]]
+            pos_scores = exact_scores(vecs[: len(rec["pos"])], query_vecs[j])
             pos_score = float(pos_scores.max())
-            ids, scores = found[j]
+            n_found = int((found_ids[start + j] >= 0).sum())  # -1: fewer than k in the pool
+            ids, scores = found_ids[start + j, :n_found], found_scores[start + j, :n_found]
             if s.filter_topk and len(scores) > s.filter_topk and pos_score < scores[s.filter_topk]:
                 stats.drop("ranking_inconsistent", task=task)
                 continue
             given = given_negatives(rec, passages, s, stats)
-            given_scores = exact_scores(store.vectors([f for _, f in given]), query_vecs[j]) if given else []
+            row_of = {f: i for i, f in enumerate(passages)}
+            given_scores = exact_scores(vecs[[row_of[f] for _, f in given]], query_vecs[j]) if given else []
             banned = {key_hash(t) for t in rec["pos"] + [rec["query"]]}
             banned_given = {key_hash(r) for r, _ in given} - banned
             cand_ids, cand_scores = ids[lo:hi], scores[lo:hi]
@@ -918,9 +935,9 @@ def mine_shard(
 ) -> StageStats:
     """``kalm mine --step apply``: mine one query shard against its tasks' whole pools (from ``pools_dir``).
 
-    Memory: one task's records of this shard at a time, the row map of this shard's own texts (only those
-    are looked up in the embedding shards, whose vectors stay memory-mapped), and one pool (memory-mapped texts and vectors, 8 bytes of key
-    hash a passage) with the index of one of its shards at a time (``mine.pool_shards``)."""
+    Memory: one task's records of this shard at a time, the vectors of one block of their texts (looked up
+    by digest in the memory-mapped embedding shards), and one pool (memory-mapped texts and vectors, 8 bytes
+    of key hash a passage) with the index of one of its shards at a time (``mine.pool_shards``)."""
     s.check()
     if pool not in ("task", "global"):
         raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
@@ -930,14 +947,7 @@ def mine_shard(
     mined = sorted(t for t in counts if t in mine_tasks)
     k = s.search_k(10**18)  # the index's k before the pool size caps it (HNSW efSearch, faiss-gpu's limit)
     loaded: tuple[str, PoolShards] | None = None
-    # The vectors of this shard's own texts, every mined task's at once: one pass over the embedding
-    # shards' ids per job (each pass parses every shard's ids: ~1 s per million texts).
-    wanted = set()
-    for rec in iter_task_records(input_path, set(mined), RECORD_COLUMNS):
-        q, ps = mining_texts(rec, mine_tasks[rec["task"]], s.query_instruction, s.passage_instruction)
-        wanted.update((q, *ps))
-    store = ShardedEmbeddings(shard_paths, texts=wanted)
-    del wanted
+    store = ShardedEmbeddings(shard_paths)  # this shard's texts are looked up by digest, a block at a time
     with record_writer(out_path) as out:
         for task in mined:
             recs = list(iter_task_records(input_path, {task}, RECORD_COLUMNS))

@@ -400,21 +400,20 @@ def _ids_files(shards):
 
 
 def mine_index_mem_mb(wildcards, input):
-    """A pool shard of at most the whole store: its texts (twice: the builder's map, the store's text -> row
-    map, one embedding shard's ids parsed at a time), its float32 vectors in an ivf/hnsw index (2x the
-    float16 store), divided among the pool's shards."""
+    """A pool shard of at most the whole store: its texts (the builder's map; the ids files measure the
+    store's text volume), its float32 vectors in an ivf/hnsw index (2x the float16 store), divided among
+    the pool's shards. The store itself is looked up by memory-mapped digests (no text map)."""
     per_shard = (3 * _files_mb(input.shards) + 3 * _files_mb(_ids_files(input.shards))) / len(POOL_SHARDS)
-    return int(2048 + per_shard + 3 * max([_files_mb([p]) for p in _ids_files(input.shards)] or [0]))
+    return int(2048 + per_shard)
 
 
 def mine_mem_mb(wildcards, input):
     """Measured: 1M x 896 float16 (1.7 GiB) mined with a flat index peaks at 6.1 GiB: a float32 index (2x
     the vectors) and the records' texts. A query shard holds one task's records of its part, the vectors of
     their own texts and one pool (memory-mapped texts and vectors, 8 B keys) with one shard's index: ask
-    for the largest pool shard's index, the part's records, one ids file parsed, plus headroom."""
+    for the largest pool shard's index and the part's records, plus headroom."""
     shards = [_files_mb([os.path.join(d, "vectors.npy")]) for d in input.pools] or [0]
-    ids = max([_files_mb([p]) for p in _ids_files(input.shards)] or [0])
-    return int(2048 + 3 * max(shards) + 4 * _files_mb([input.data]) + 3 * ids)
+    return int(2048 + 3 * max(shards) + 4 * _files_mb([input.data]))
 
 
 # ---- training and soup (rules/train.smk) ---------------------------------------------------------

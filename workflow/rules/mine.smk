@@ -1,5 +1,6 @@
 # Hard-negative mining (issue 15: every job's memory depends on its shard, not the corpus):
-#   embed       one job per text shard (embed.shards): the texts hashed to it, streamed from stage_data
+#   embed       one job per text shard (embed.shards): the texts hashed to it, streamed from stage_data;
+#               rows in digest order, with the sorted digests (a mine job binary-searches them)
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
@@ -21,6 +22,7 @@ rule embed:
     output:
         npy="work/embed/shard{shard}.npy",
         ids="work/embed/shard{shard}.ids.json",
+        digests="work/embed/shard{shard}.digests.npy",
     log:
         "logs/embed/shard{shard}.log",
     benchmark:
@@ -89,6 +91,7 @@ rule mine_index:
     wildcard_constraints:
         pool="[^/]+",
         j=r"\d+",
+    threads: config["threads"]
     resources:
         mem_mb=mine_index_mem_mb,
     params:
@@ -96,7 +99,7 @@ rule mine_index:
         args=mine_args(),
         instructions=instruction_args(),
     shell:
-        "{KALM} mine --step pool --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
+        "OMP_NUM_THREADS={threads} {KALM} mine --step pool --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
         "--pools-dir work/mine_index --only-pool {wildcards.pool} --pool-shard {wildcards.j} {params.args} "
         "{params.instructions} > {log} 2>&1"
 
@@ -114,6 +117,7 @@ rule mine:
         "logs/mine/p{part}.log",
     benchmark:
         "benchmarks/mine/p{part}.tsv"
+    threads: config["threads"]  # faiss's OpenMP threads: without it a job takes every core of its node
     resources:
         mem_mb=mine_mem_mb,
         gpu=gpus("mine"),
@@ -124,7 +128,7 @@ rule mine:
         seed=config["seed"],
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
-        "{KALM} mine --step apply --input {input.data} --pools-dir work/mine_index --embeddings {input.shards} "
+        "OMP_NUM_THREADS={threads} {KALM} mine --step apply --input {input.data} --pools-dir work/mine_index --embeddings {input.shards} "
         "--mine-tasks {params.mine_tasks} --out {output.data} --stats {output.stats} {params.args} "
         "{params.instructions} --seed {params.seed} > {log} 2>&1"
 
