@@ -530,6 +530,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     return out / "model"
 
 
+BUCKET_CHUNK_PARTITIONS = 4  # data.dedup.bucket_chunk: four partitions' records (the 100k run's whole band)
 POOL_SHARD_PASSAGES = 50_000  # --pool-shards default: a pool shard of about this many passages (the 100k run's pool)
 
 
@@ -562,6 +563,9 @@ def build_config(
         shingle=manifest["shingle"],
         shards=partitions,
         band_jobs=band_jobs,
+        # a bucket job holds one key range of a band: the records of BUCKET_CHUNK_PARTITIONS partitions,
+        # so that it compares like for like at every N (the same shard size)
+        bucket_chunk=max(1000, BUCKET_CHUNK_PARTITIONS * -(-manifest["records"] // partitions)),
     )
     cfg["data"]["pretrain"] = {}
     cfg["data"]["finetune"] = {

@@ -448,7 +448,7 @@ import shlex, sys
 # `kalm`, through a wrapper that fails the job whose command matches $KALM_TEST_FAIL (a killed job)
 KALM = f"{shlex.quote(sys.executable)} {shlex.quote(str(workflow.basedir))}/kalm_wrapper.py"
 def dedup_settings():
-    return {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1,
+    return {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1, "bucket_chunk": 4000000,
             **config["data"].get("dedup", {})}
 def data_tasks(stage):
     return sorted(config["data"][stage])

@@ -124,3 +124,36 @@ def test_shard_ids_read_fast_equal_the_written_texts(tmp_path):
     texts = ["plain", "城镇的描述", 'emoji 🙂 and "quotes" \\ back', "tab\tnew\nline", ""]
     write_json(tmp_path / "s.ids.json", texts)
     assert read_ids(tmp_path / "s.ids.json") == texts
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1])
+    return total
+
+
+def test_a_lookup_leaves_no_pages_of_the_store_in_the_process(tmp_path):
+    """Scattered rows of a memory map map their neighbours too (fault-around): without kalm.io.release_pages
+    a mining job's RSS would hold most of every embedding shard it reads a few rows of."""
+    from kalm.io import release_pages
+
+    texts = [f"t{i}" for i in range(40_000)]
+    vecs = np.random.default_rng(3).normal(size=(40_000, 256)).astype(np.float16)  # 20 MB
+    path = write_shard(tmp_path, 0, texts, vecs)
+    store = ShardedEmbeddings([path])
+    picked = texts[::50]
+    raw = np.load(path, mmap_mode="r")
+    np.asarray(raw[np.arange(0, len(texts), 50)])  # the same scattered reads, not released
+    assert _resident_kib(path) > 5_000
+    release_pages(raw)
+    assert _resident_kib(path) < 500
+    got = store.vectors(picked)
+    np.testing.assert_array_equal(got[0], vecs[0].astype(np.float32))
+    assert _resident_kib(path) < 500, "the store kept its pages after the lookup"

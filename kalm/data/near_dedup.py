@@ -54,7 +54,7 @@ import pyarrow as pa
 from kalm.data.dedup import TableWriter, add_counts, conform, ids_of, in_sorted, iter_tables, task_counts
 from kalm.data.minhash import band_keys, optimal_bands, signatures
 from kalm.data.shards import count_rows
-from kalm.io import StageStats, atomic_path, read_json, write_json
+from kalm.io import StageStats, atomic_path, read_json, release_pages, write_json
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
@@ -319,6 +319,7 @@ def bucket_pairs(
                 keys.append(np.asarray(kb[lo:hi]))
                 rows.append(np.asarray(p.rows[band, lo:hi], dtype=np.int64))
                 part_of.append(np.full(hi - lo, j, dtype=np.int32))
+                release_pages(p.keys, p.rows)  # copied: one partition's pages in this process at a time
             keys, rows, part_of = np.concatenate(keys), np.concatenate(rows), np.concatenate(part_of)
             sk = np.sort(keys)
             shared = in_sorted(keys, np.unique(sk[1:][sk[1:] == sk[:-1]]))  # records in a bucket of 2+
@@ -329,6 +330,7 @@ def bucket_pairs(
             ids = np.empty(len(keys), dtype=np.int64)
             for j in np.flatnonzero(np.diff(cut)):  # their ids (memory-mapped reads)
                 ids[cut[j] : cut[j + 1]] = parts[j].ids[rows[cut[j] : cut[j + 1]]]
+                release_pages(parts[j].ids)
 
             def fetch(idx, rows=rows, part_of=part_of):
                 """Signatures of records ``idx`` (read partition by partition, rows ascending)."""
@@ -339,6 +341,7 @@ def bucket_pairs(
                 for j in np.flatnonzero(np.diff(bounds)):
                     sel = order[bounds[j] : bounds[j + 1]]
                     out[sel] = parts[j].sig[rows[src[bounds[j] : bounds[j + 1]]]]
+                    release_pages(parts[j].sig)  # scattered rows map their neighbours too: unmap them
                 return out
 
             found.append(verified_pairs(keys, ids, fetch, threshold))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kalm.evaluation.instructions import format_query
-from kalm.io import atomic_path, write_json
+from kalm.io import atomic_path, release_pages, write_json
 from kalm.models.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,8 @@ class ShardedEmbeddings:
                 rows = rows_all[sel]
                 order = np.argsort(rows)  # ascending rows: sequential reads of the memory map
                 out[start + sel[order]] = self.shards[s][rows[order]]
+                release_pages(self.shards[s])  # copied out: the pages read leave this process, shard by shard
+            release_pages(*self.digests)
         return out
 
 

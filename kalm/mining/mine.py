@@ -96,7 +96,7 @@ from pathlib import Path
 import numpy as np
 
 from kalm.data.shards import record_writer
-from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
+from kalm.io import StageStats, atomic_path, merge_stats, read_json, release_pages, write_json
 from kalm.mining.embed import ShardedEmbeddings, add_instruction_args, mining_texts, text_digest
 from kalm.text import dedup_key
 
@@ -290,22 +290,34 @@ class PoolBuilder:
 
 
 class Pool:
-    """One shard of a pool written by :meth:`PoolBuilder.save`, loaded for mining: raw texts and vectors
-    memory-mapped, key hashes in memory (8 bytes a passage)."""
+    """One shard of a pool written by :meth:`PoolBuilder.save`, loaded for mining: vectors and key hashes
+    memory-mapped, raw texts read from their memory-mapped Arrow file a batch of rows at a time."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.meta = read_json(self.folder / "meta.json")
-        self.raw_column = read_texts(self.folder / TEXTS_FILE)
         self.keys = np.load(self.folder / "keys.npy", mmap_mode="r")
         self.store = np.load(self.folder / "vectors.npy", mmap_mode="r")
         self.size = len(self.keys)
 
+    def raws(self, rows) -> list[str]:
+        """The raw texts of ``rows``: the file is mapped for this call only, so the pages read do not stay
+        in the process (a job reads scattered texts of a pool many times its memory)."""
+        import pyarrow as pa
+
+        if not len(rows):
+            return []
+        return read_texts(self.folder / TEXTS_FILE).take(pa.array(rows, pa.int64())).to_pylist()
+
     def raw(self, x: int) -> str:
-        return self.raw_column[x].as_py()
+        return self.raws([x])[0]
 
     def vectors(self, rows: list[int]) -> np.ndarray:
         return np.asarray(self.store[np.asarray(rows, dtype=np.int64)], dtype=np.float32).reshape(len(rows), -1)
+
+    def release(self) -> None:
+        """The pages of the vectors and keys read so far leave the process (kalm.io.release_pages)."""
+        release_pages(self.store, self.keys)
 
     def index(self, cfg: IndexConfig, k: int):
         """The search index: ivf / hnsw read as trained by the pool step, flat ones filled from the vectors
@@ -315,9 +327,8 @@ class Pool:
 
             if self.meta.get("index") != cfg.type:
                 raise ValueError(f"{self.folder}: pool index is {self.meta.get('index')}, mining asks for {cfg.type}")
-            # ivf: the inverted lists memory-mapped (file-backed pages, read as the probes touch them)
-            flags = faiss.IO_FLAG_MMAP if cfg.type == "ivf" else 0
-            index = faiss.read_index(str(self.folder / "index.faiss"), flags)
+            # read, not memory-mapped (faiss.IO_FLAG_MMAP): the search over mapped lists is 1.5x slower
+            index = faiss.read_index(str(self.folder / "index.faiss"))
             if cfg.type == "ivf":
                 faiss.extract_index_ivf(index).nprobe = min(cfg.nprobe, faiss.extract_index_ivf(index).nlist)
             else:
@@ -351,6 +362,7 @@ class PoolShards:
         self.offsets = np.cumsum([0] + [p.size for p in self.shards])
         self.size = int(self.offsets[-1])
         self.keys = np.concatenate([np.asarray(p.keys) for p in self.shards]) if self.shards else np.zeros(0, np.int64)
+        self.release()
         self.dim = next((int(p.meta["dim"]) for p in self.shards if p.size), 0)
         self._cached: tuple[int, object] | None = None  # one shard: its index stays loaded across tasks
 
@@ -359,9 +371,22 @@ class PoolShards:
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         return which, rows - self.offsets[which]
 
+    def raws(self, rows) -> list[str]:
+        """The raw texts of global ``rows``, read shard by shard."""
+        which, local = self._shard_rows(rows)
+        out: list[str] = [""] * len(local)
+        for j in np.unique(which):
+            sel = np.nonzero(which == j)[0]
+            for i, text in zip(sel.tolist(), self.shards[j].raws(local[sel])):
+                out[i] = text
+        return out
+
     def raw(self, x: int) -> str:
-        j = int(np.searchsorted(self.offsets, x, side="right") - 1)
-        return self.shards[j].raw(x - int(self.offsets[j]))
+        return self.raws([x])[0]
+
+    def release(self) -> None:
+        for shard in self.shards:
+            shard.release()
 
     def vectors(self, rows) -> np.ndarray:
         which, local = self._shard_rows(rows)
@@ -404,6 +429,7 @@ class PoolShards:
                 )
                 best_ids[rows], best_scores[rows] = merged
             del index
+            shard.release()  # its vectors were read for the re-scoring: one shard's pages at a time
             log.info(
                 "searched pool shard %d/%d (%d passages) for %d queries in %.1f s",
                 j,
@@ -594,6 +620,7 @@ def mine_records(
         # the block's positives and given negatives, looked up at once (one binary search per text)
         ends = np.cumsum([len(p) for _, p in txts])
         block_vecs = store.vectors([t for _, p in txts for t in p])
+        picked_rows: list[tuple[dict, list[int]]] = []  # raw texts of the picked negatives: read per block
         for j, (rec, (_, passages)) in enumerate(zip(recs, txts)):
             rng = record_rng(rec, s, task, start + j)
             vecs = block_vecs[ends[j] - len(passages) : ends[j]]
@@ -644,12 +671,17 @@ def mine_records(
             if len(given) + len(picked) < s.negative_number:
                 stats.extra["records_short_of_negatives"] += 1
             mined = dict(rec)
-            mined["neg"] = [r for r, _ in given] + [pool.raw(x) for _, x, _ in picked]
+            mined["neg"] = [r for r, _ in given]
+            picked_rows.append((mined, [x for _, x, _ in picked]))
             mined["neg_ranks"] = [GIVEN_RANK] * len(given) + [r for r, _, _ in picked]
             mined["neg_scores"] = [round(float(sc), 6) for sc in given_scores] + [round(sc, 6) for _, _, sc in picked]
             mined["pos_score"] = round(pos_score, 6)
             out.append(mined)
             stats.keep(task=task)
+        raws = iter(pool.raws([x for _, xs in picked_rows for x in xs]))
+        for mined, xs in picked_rows:
+            mined["neg"] += [next(raws) for _ in xs]
+        pool.release()
     return out
 
 

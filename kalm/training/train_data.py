@@ -243,19 +243,35 @@ class TrainData:
         )
         self.rows = np.arange(self.num_rows, dtype=_row_dtype(self.num_rows))
         self.columns = list(TEXT_COLUMNS)
+        self._files: list[Path] = []  # the memory-mapped Arrow files (open()), re-mapped by release()
         self._by_task: np.ndarray | None = None  # rows grouped by task (padding only)
         self._task_bounds: np.ndarray | None = None
 
-    @classmethod
-    def open(cls, arrow_files: Sequence[Path], sources: Sequence[Path] | None = None) -> TrainData:
-        """Memory-map Arrow files (``convert_parts``' output), in order."""
+    @staticmethod
+    def _map(arrow_files: Sequence[Path]) -> list[pa.RecordBatch]:
         batches = []
         for path in arrow_files:
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
             if not reader.schema.equals(ARROW_SCHEMA):
                 raise ValueError(f"{path}: not a training Arrow file (schema {reader.schema})")
             batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        return cls(batches, list(sources or arrow_files))
+        return batches
+
+    @classmethod
+    def open(cls, arrow_files: Sequence[Path], sources: Sequence[Path] | None = None) -> TrainData:
+        """Memory-map Arrow files (``convert_parts``' output), in order."""
+        data = cls(cls._map(arrow_files), list(sources or arrow_files))
+        data._files = list(arrow_files)
+        data.release()  # the index is built: the task columns' pages leave the process
+        return data
+
+    def release(self) -> None:
+        """Map the Arrow files afresh, so that the pages read so far leave this process (the old maps close
+        with their last batch). A step reads scattered rows, and each read maps its neighbouring pages
+        too: without this, a long run's RSS would grow to the whole cache (file-backed, evictable, but what
+        a job's ``VmHWM`` and a cluster's memory accounting see). Costs a footer read per file."""
+        if self._files:
+            self._batches = self._map(self._files)
 
     @classmethod
     def from_records(cls, records: Iterable[dict], rows_per_batch: int = ROW_GROUP_ROWS) -> TrainData:
@@ -291,6 +307,7 @@ class TrainData:
         if policy not in FEW_NEGATIVES:
             raise ValueError(f"few_negatives must be one of {FEW_NEGATIVES}, got {policy!r}")
         short = np.concatenate([c < n_neg for c in self.negative_counts()]) if self._batches else np.zeros(0, bool)
+        self.release()
         n_short = int(short.sum())
         n_tasks = len(self.task_names)
         seen = np.bincount(self.tasks, minlength=n_tasks)
@@ -339,6 +356,7 @@ class TrainData:
             taken = batch.take(pa.array(rows[sel] - self._starts[bid])).to_pylist()
             for i, rec in zip(sel.tolist(), taken):
                 out[i] = {k: v for k, v in rec.items() if v is not None}
+        self.release()  # copied out (and the padding's reads since the last call): unmap their pages
         return out
 
     def _passages(self, row: int) -> list[str]:

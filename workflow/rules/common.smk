@@ -70,7 +70,15 @@ def data_task(stage, task):
     return config["data"][stage][task]
 
 
-DEDUP_DEFAULTS = {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1}
+DEDUP_DEFAULTS = {
+    "near_dup": False,
+    "threshold": 0.8,
+    "num_perm": 128,
+    "shingle": 5,
+    "shards": 1,
+    "seed": 1,
+    "bucket_chunk": 4_000_000,
+}
 DECONTAMINATE_DEFAULTS = {
     "near_dup": False,
     "threshold": 0.8,

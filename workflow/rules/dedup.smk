@@ -100,13 +100,14 @@ if DEDUP["near_dup"]:
         wildcard_constraints:
             band_job=r"\d+",
         resources:
-            # one key range of a band (~4M records x ~40 B, --chunk-records) + the pairs
-            mem_mb=2000,
+            # one key range of a band (data.dedup.bucket_chunk records x ~40 B) + the pairs
+            mem_mb=lambda w: 1000 + DEDUP["bucket_chunk"] * 40 // 2**20 * 3,
         params:
             band_jobs=len(DEDUP_BAND_JOBS),
+            chunk=DEDUP["bucket_chunk"],
         shell:
             "{KALM} dedup --step buckets {input} --band-job {wildcards.band_job} --band-jobs {params.band_jobs} "
-            "--out {output} > {log} 2>&1"
+            "--chunk-records {params.chunk} --out {output} > {log} 2>&1"
 
     # connected components of all pairs: the ids to drop (all but the smallest id of each cluster)
     rule near_components:
