@@ -3,7 +3,9 @@ option, from which its command-line flag and its config schema entry are derived
 dataclass arguments through HfArgumentParser).
 
 A field's ``metadata`` (:func:`option`) holds its ``help``, the schema's bounds (``minimum``,
-``maximum``, ``exclusive_minimum``), ``choices``, ``config`` (its key in the config section when it is not
+``maximum``, ``exclusive_minimum``; a sequence's items), ``length`` (a sequence of exactly that many),
+``choices``, ``aliases`` (more flag names, e.g. a flag's former name), ``config`` (its key in the config
+section when it is not
 the field's name, a dotted path for nested keys, or None when the field is not a config key of the
 section) and ``flag`` (False: no command-line flag, the value comes from another argument).
 
@@ -69,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         else:
             kw["type"] = _checked(base, meta)
             if seq:
-                kw["nargs"] = "+"
+                kw["nargs"] = meta.get("length", "+")
             if "choices" in meta:
                 kw["choices"] = list(meta["choices"])
-        parser.add_argument(flag_name(f.name), **kw)
+        parser.add_argument(flag_name(f.name), *meta.get("aliases", ()), **kw)
 
 
 def _checked(base: type, meta: Mapping[str, Any]):
@@ -150,18 +152,21 @@ def schema_properties(cls) -> dict[str, dict]:
                 item[theirs] = meta[ours]
         if "choices" in meta:
             item["enum"] = list(meta["choices"])
-        entry = {"type": "array", "items": item, "minItems": 1} if seq else dict(item)
+        entry = {"type": "array", "items": item, "minItems": meta.get("length", 1)} if seq else dict(item)
+        if seq and meta.get("length"):
+            entry["maxItems"] = meta["length"]
         if optional:  # None: the option's "not set" (max_steps: the epochs decide)
             entry["type"] = [entry["type"], "null"]
         default = _default(f)
-        if default is not None and not seq:
-            entry["default"] = default
+        if default is not None and (not seq or len(default)):  # an empty sequence: "not set", no default
+            entry["default"] = list(default) if seq else default
         if meta.get("help"):
             entry["description"] = meta["help"]
         *parents, leaf = key.split(".")
         node = props
         for p in parents:  # a nested key: an object holding it (e.g. matryoshka: {dims, weights})
-            obj = node.setdefault(p, {"type": "object", "additionalProperties": False, "properties": {}})
+            # default {}: Snakemake's validate then fills the nested defaults of an absent object too
+            obj = node.setdefault(p, {"type": "object", "additionalProperties": False, "default": {}, "properties": {}})
             node = obj["properties"]
         node[leaf] = entry
     return props

@@ -1,9 +1,11 @@
-"""The workflow's config schema: ``workflow/schemas/config.schema.yaml`` with the keys whose options kalm
+"""The workflow's config schema: ``workflow/schemas/config.schema.yaml`` with the sections whose options kalm
 declares filled in from their declarations (kalm.options): a training stage's keys (``pretrain``,
-``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig`, so an option is
-declared once, in its dataclass, and the schema, the defaults and ``kalm train``'s flags follow.
+``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig`, the ``mine``
+section's from :class:`kalm.mining.config.MineConfig`, ``data.dedup`` and ``data.decontaminate`` from
+:mod:`kalm.data.config`. An option is declared once, in its dataclass, and
+the schema, its defaults (Snakemake's ``validate`` fills them in) and the subcommand's flags follow.
 
-Light (no torch): the Snakefile calls :func:`schema_file` before it builds the DAG.
+Light (no torch, no faiss): the Snakefile calls :func:`schema_file` before it builds the DAG.
 """
 
 from __future__ import annotations
@@ -17,25 +19,36 @@ from pathlib import Path
 import yaml
 
 from kalm import options
+from kalm.data.config import DecontaminateConfig, DedupConfig
+from kalm.mining.config import MineConfig
 from kalm.training.config import TrainConfig
 
-# $defs entry -> the dataclass whose config keys it holds (beside the keys the YAML declares itself)
-DECLARED = {"train_stage": TrainConfig}
+# schema entry (a path of keys from the root) -> the dataclass whose config keys it holds, beside the keys
+# the YAML declares itself
+DECLARED = {
+    ("$defs", "train_stage"): TrainConfig,
+    ("properties", "mine"): MineConfig,
+    ("properties", "data", "properties", "dedup"): DedupConfig,
+    ("properties", "data", "properties", "decontaminate"): DecontaminateConfig,
+}
 
 
 def full_schema(base: str | os.PathLike) -> dict:
-    """The YAML schema at ``base`` with every DECLARED ``$defs`` entry's properties added; a key declared
-    in both places is an error (one place per option)."""
+    """The YAML schema at ``base`` with every DECLARED entry's properties added; a key declared in both
+    places is an error (one place per option)."""
     schema = yaml.safe_load(Path(base).read_text(encoding="utf-8"))
-    for name, cls in DECLARED.items():
-        entry = schema["$defs"][name]
+    for path, cls in DECLARED.items():
+        entry = schema
+        for key in path:
+            entry = entry[key]
         props = entry.setdefault("properties", {})
         derived = options.schema_properties(cls)
         twice = sorted(set(props) & set(derived))
         if twice:
-            raise ValueError(f"{base}: $defs.{name} declares {twice}, which {cls.__name__} declares already")
+            raise ValueError(f"{base}: {'.'.join(path)} declares {twice}, which {cls.__name__} declares already")
         for key, required in options.schema_required(cls).items():
             derived[key]["required"] = required
+            derived[key].pop("default", None)  # an object whose keys come together has no empty default
         props.update(derived)
     return schema
 

@@ -191,3 +191,14 @@ def train_config_of(command_line: str):
     argv = shlex.split(command_line.split(" -m kalm train ", 1)[1].split(" > ", 1)[0])
     args = build_parser(["kalm.training.train"]).parse_args(["train", *argv])
     return options.from_args(TrainConfig, args, args.options)
+
+
+def mine_config_of(command_line: str):
+    """The MineConfig a `kalm mine` command line of a dry run mines with (kalm mine's own parser)."""
+    import shlex
+
+    from kalm.cli import build_parser
+    from kalm.mining.mine import mine_config
+
+    argv = shlex.split(command_line.split(" -m kalm mine ", 1)[1].split(" > ", 1)[0])
+    return mine_config(build_parser(["kalm.mining.mine"]).parse_args(["mine", *argv]))

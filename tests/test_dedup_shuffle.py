@@ -447,9 +447,10 @@ HARNESS = """
 import shlex, sys
 # `kalm`, through a wrapper that fails the job whose command matches $KALM_TEST_FAIL (a killed job)
 KALM = f"{shlex.quote(sys.executable)} {shlex.quote(str(workflow.basedir))}/kalm_wrapper.py"
-def dedup_settings():
-    return {"near_dup": False, "threshold": 0.8, "num_perm": 128, "shingle": 5, "shards": 1, "seed": 1, "bucket_chunk": 4000000,
-            **config["data"].get("dedup", {})}
+import dataclasses
+from kalm.data.config import DedupConfig
+def dedup_settings():  # the declared defaults (the workflow's schema fills the same ones in)
+    return {**dataclasses.asdict(DedupConfig()), **config["data"].get("dedup", {})}
 def data_tasks(stage):
     return sorted(config["data"][stage])
 def validated_parts(stage):

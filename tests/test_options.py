@@ -80,3 +80,45 @@ def test_the_workflow_schema_takes_every_trainer_option_from_train_config():
 
     raw = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     assert not keys & set(raw["$defs"]["train_stage"]["properties"])
+
+
+@pytest.mark.parametrize(
+    "path, cls_name",
+    [
+        (("properties", "mine"), "kalm.mining.config.MineConfig"),
+        (("properties", "data", "properties", "dedup"), "kalm.data.config.DedupConfig"),
+        (("properties", "data", "properties", "decontaminate"), "kalm.data.config.DecontaminateConfig"),
+    ],
+)
+def test_a_stage_section_of_the_schema_is_its_dataclass_and_validation_fills_its_defaults(path, cls_name, tmp_path):
+    """The mine, data.dedup and data.decontaminate keys come from their dataclasses only, and Snakemake's
+    validate fills in the declared defaults, also of a section (or a nested object) the config leaves out:
+    the rules read config[...][key], never a default of their own."""
+    import dataclasses
+    import importlib
+
+    import yaml
+    from snakemake.utils import validate
+
+    from kalm.schema import schema_file
+
+    module, name = cls_name.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    raw = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    for key in path:
+        raw = raw[key]
+    assert not raw.get("properties"), f"{'.'.join(path)}: keys declared in the YAML beside {name}"
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    section = config
+    for key in [k for k in path if k != "properties"][:-1]:
+        section = section[key]
+    section.pop(path[-1], None)  # the section left out
+    validate(config, schema_file(ROOT / "workflow/schemas/config.schema.yaml"))
+    for key in [k for k in path if k != "properties"]:
+        config = config[key]
+    got = options.from_args(cls, argparse.Namespace(), options.options_from_section(cls, config))
+    want = cls(**{f.name: getattr(got, f.name) for f in dataclasses.fields(cls) if options.config_key(f) is None})
+    assert got == want  # every config key filled with the dataclass default
+    assert set(options.options_from_section(cls, config)) == {
+        f.name for f in dataclasses.fields(cls) if options.config_key(f) is not None and options._default(f) is not None
+    }

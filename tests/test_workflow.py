@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import train_config_of
+from conftest import mine_config_of, train_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -118,7 +118,8 @@ def test_full_recipe_dry_runs(tmp_path):
         assert c.matryoshka_dims == (896, 512, 256, 128, 64) and c.matryoshka_weights == (1.0, 0.3, 0.2, 0.1, 0.1)
         assert (c.group_size, c.temperature, c.lr, c.focal_gamma, c.mix_negatives) == (8, 0.01, 1e-05, 0.5, -1)
     mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
-    assert "--range 50 100" in mine_cmd and "--negative-number 7" in mine_cmd and "--filter-topk 50" in mine_cmd
+    m = mine_config_of(mine_cmd)  # parsed by kalm mine's own parser
+    assert (m.range_for_sampling, m.negative_number, m.filter_topk) == ((50, 100), 7, 50)
 
 
 def test_local_profile_gives_a_bare_run_its_cores_and_slurm_profile_replaces_it():
@@ -178,14 +179,11 @@ def test_embed_model_pretrain_without_pretraining_is_a_config_error(tmp_path):
     assert "embed.model" in out and "pretrain.enabled" in out
 
 
-@pytest.mark.parametrize(
-    "override, flag",
-    [(None, "--given-negatives keep"), ("mine={'given_negatives': 'replace'}", "--given-negatives replace")],
-)
-def test_given_negatives_setting_reaches_the_mine_command(override, flag):
+@pytest.mark.parametrize("override, value", [(None, "keep"), ("mine={'given_negatives': 'replace'}", "replace")])
+def test_given_negatives_setting_reaches_the_mine_command(override, value):
     res = snakemake(
         "work/data/finetune/mined.stats.json", "-n", "-p", "--forceall", *(["--config", override] if override else [])
     )
     assert res.returncode == 0, res.stderr[-3000:]
     mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
-    assert flag in mine_cmd
+    assert mine_config_of(mine_cmd).given_negatives == value

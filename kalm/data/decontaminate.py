@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm import options
+from kalm.data.config import DecontaminateConfig
 from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, read_jsonl, write_json
 from kalm.text import dedup_key
@@ -592,16 +594,22 @@ def merge(stats_paths: list[str], report_paths: list[str], stats_out: str, repor
     return stats
 
 
+def _config(args: argparse.Namespace) -> DecontaminateConfig:
+    """DecontaminateConfig from ``--options`` (the config's data.decontaminate section) and the flags given."""
+    return options.from_args(DecontaminateConfig, args, json.loads(args.options) if args.options else None)
+
+
 def _index_from_args(args: argparse.Namespace) -> EvalIndex:
+    c = _config(args)
     tasks = dict(spec.split("=", 1) for spec in args.eval_task)
     return EvalIndex.build(
         tasks,
         args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json],
-        near=args.near,
-        threshold=args.threshold,
-        num_perm=args.num_perm,
-        shingle=args.shingle,
-        contain_min_chars=args.contain_min_chars,
+        near=c.near_dup,
+        threshold=c.threshold,
+        num_perm=c.num_perm,
+        shingle=c.shingle,
+        contain_min_chars=c.contain_min_chars,
     )
 
 
@@ -625,6 +633,7 @@ def _run(args: argparse.Namespace) -> None:
         merge(args.part_stats, args.part_reports, args.stats, args.report)
     else:
         _need(args, "input", "out", "stats", "report")
+        c = _config(args)
         tasks = dict(spec.split("=", 1) for spec in args.eval_task)
         decontaminate(
             args.input,
@@ -632,11 +641,11 @@ def _run(args: argparse.Namespace) -> None:
             args.out,
             args.stats,
             args.report,
-            near=args.near,
-            threshold=args.threshold,
-            num_perm=args.num_perm,
-            shingle=args.shingle,
-            contain_min_chars=args.contain_min_chars,
+            near=c.near_dup,
+            threshold=c.threshold,
+            num_perm=c.num_perm,
+            shingle=c.shingle,
+            contain_min_chars=c.contain_min_chars,
             mteb_tasks=args.mteb_task + [json.loads(spec) for spec in args.mteb_task_json],
         )
 
@@ -668,18 +677,10 @@ def register(sub) -> None:
         metavar="SPEC",
         help="a registered MTEB task as a `kalm evaluate` task spec (JSON: name, subsets, mirror_root, ...)",
     )
-    p.add_argument("--near", action="store_true", help="also drop near-copies (MinHash/LSH, exact Jaccard check)")
-    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of a near-copy")
-    p.add_argument("--num-perm", type=int, default=128)
-    p.add_argument("--shingle", type=int, default=5)
     p.add_argument(
-        "--contain-min-chars",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also drop records whose query or a positive contains a whole evaluation text of >= N "
-        "normalised characters (0: off)",
+        "--options", help="the config's data.decontaminate section as JSON (DecontaminateConfig's keys); flags win"
     )
+    options.add_arguments(p, DecontaminateConfig)
     p.add_argument("--out", help="kept records (.parquet: a shard of kalm.data.shards.RECORD_SCHEMA; else JSON Lines)")
     p.add_argument("--stats")
     p.add_argument("--report")

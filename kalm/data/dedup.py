@@ -48,6 +48,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kalm import options
+from kalm.data.config import DedupConfig
 from kalm.data.shards import RECORD_SCHEMA, ROW_GROUP_ROWS, iter_shard, record_id, write_shard
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
 from kalm.text import record_hash
@@ -454,6 +456,9 @@ def _run(args: argparse.Namespace) -> None:
 
     step = args.step
     ins = args.inputs
+    base = json.loads(args.options) if args.options else {}
+    c = options.from_args(DedupConfig, args, base)
+    threshold_given = hasattr(args, "threshold") or "threshold" in base  # buckets: else the minhash step's
     if step in ("minhash", "filter") and len(ins) != 1:
         raise SystemExit(f"kalm dedup --step {step}: exactly one input partition")
     if step == "scatter" and len(ins) != 1:
@@ -469,13 +474,13 @@ def _run(args: argparse.Namespace) -> None:
             ins,
             out,
             args.stats,
-            args.partitions,
-            args.near_dup,
-            args.band_jobs,
-            args.threshold,
-            args.num_perm,
-            args.shingle,
-            args.seed,
+            c.shards,
+            c.near_dup,
+            c.band_jobs,
+            c.threshold,
+            c.num_perm,
+            c.shingle,
+            c.seed,
         )
     elif step == "scatter":
         scatter_part(ins[0], outs)
@@ -483,16 +488,9 @@ def _run(args: argparse.Namespace) -> None:
         _need(args, "stats")
         dedup_partition(ins, out, args.stats, args.partition)
     elif step == "minhash":
-        nd.minhash_partition(ins[0], out, args.num_perm, args.shingle, args.seed, args.threshold)
+        nd.minhash_partition(ins[0], out, c.num_perm, c.shingle, c.seed, c.threshold)
     elif step == "buckets":
-        nd.bucket_pairs(
-            ins,
-            out,
-            args.band_job,
-            args.band_jobs,
-            args.threshold if args.threshold_given else None,
-            args.chunk_records,
-        )
+        nd.bucket_pairs(ins, out, args.band_job, c.band_jobs, c.threshold if threshold_given else None, c.bucket_chunk)
     elif step == "components":
         nd.near_components(ins, out, args.stats or str(Path(out).with_suffix(".json")))
     elif step == "filter":
@@ -503,19 +501,13 @@ def _run(args: argparse.Namespace) -> None:
         gather_stats(ins, out, args.near_stats, args.components, params)
 
 
-class _Threshold(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.threshold = values
-        namespace.threshold_given = True
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "dedup",
         help="drop exact (and near-) duplicates across a stage: one step at a time, or all at once",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Steps of the sharded dedup stage (workflow/rules/dedup.smk runs each as jobs):
-  run (default)  IN... --out FILE.jsonl|.parquet --stats S [--near-dup --partitions P --band-jobs K]
+  run (default)  IN... --out FILE.jsonl|.parquet --stats S [--near-dup --shards P --band-jobs K]
                  every step in this process
   scatter        PART --out P0 .. P(P-1)             one validated part to P partition files
   exact          SCATTER_j... --out EXACT_j --stats S    partition j's scatter files of every part
@@ -530,29 +522,12 @@ Inputs go before the options (--out takes several files).""",
     p.add_argument("--step", choices=STEPS, default="run")
     p.add_argument("--out", nargs="+", help="output file(s): one per partition for scatter, else one")
     p.add_argument("--stats", help="stats JSON of the step")
-    p.add_argument("--partitions", type=int, default=1, help="run: hash partitions of the exact step")
-    p.add_argument("--near-dup", action="store_true", help="run: also remove near-duplicates (MinHash/LSH)")
-    p.add_argument("--band-jobs", type=int, default=1, help="run, buckets: jobs the LSH bands are split over")
     p.add_argument("--band-job", type=int, default=0, help="buckets: which of the --band-jobs this is (0-based)")
-    p.add_argument(
-        "--chunk-records",
-        type=int,
-        default=1 << 22,
-        help="buckets: records of one band held at a time (key ranges of about this size)",
-    )
-    p.add_argument("--num-perm", type=int, default=128)
-    p.add_argument("--shingle", type=int, default=5, help="character shingle size")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=0.8,
-        action=_Threshold,
-        help="Jaccard threshold of near-duplicates (buckets: default the minhash step's)",
-    )
+    p.add_argument("--options", help="the config's data.dedup section as JSON (DedupConfig's keys); flags win")
+    options.add_arguments(p, DedupConfig)
     p.add_argument("--drop", help="filter: the components step's drop.npy")
     p.add_argument("--components", help="filter, stats: the components step's stats JSON (examples)")
     p.add_argument("--near-stats", nargs="+", help="stats: the filter step's partition stats")
     p.add_argument("--partition", help="exact, filter: the partition's name in its stats (e.g. p3)")
     p.add_argument("--params", help="stats: JSON object of settings to record in the stats")
-    p.set_defaults(func=_run, threshold_given=False)
+    p.set_defaults(func=_run)

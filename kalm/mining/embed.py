@@ -20,6 +20,7 @@ falls in (a test).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm import options
 from kalm.evaluation.instructions import format_query
 from kalm.io import atomic_path, release_pages, write_json
 from kalm.models.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
 
-PASSAGE_INSTRUCTION = ("symmetric", "always", "never")
 PAD_MULTIPLE = 16  # batch lengths are rounded up to this: few distinct shapes (see pad_to_multiple)
 
 
@@ -380,6 +381,9 @@ class ShardedEmbeddings:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from kalm.mining.config import MineConfig
+
+    instructions = options.from_args(MineConfig, args)
     embed_shard(
         args.input,
         json.loads(args.mine_tasks),
@@ -392,27 +396,22 @@ def _run(args: argparse.Namespace) -> None:
         args.max_seq_length,
         args.dtype,
         args.precision,
-        args.query_instruction,
-        args.passage_instruction,
+        instructions.query_instruction,
+        instructions.passage_instruction,
         args.threads,
         args.pooling,
     )
 
 
+INSTRUCTION_OPTIONS = ("query_instruction", "passage_instruction")  # kalm embed's, from the mine section
+
+
 def add_instruction_args(p) -> None:
-    """Flags shared by `kalm embed` and `kalm mine` (both must format texts the same way)."""
-    p.add_argument(
-        "--no-query-instruction",
-        dest="query_instruction",
-        action="store_false",
-        help="encode queries without their task instruction",
-    )
-    p.add_argument(
-        "--passage-instruction",
-        choices=PASSAGE_INSTRUCTION,
-        default="symmetric",
-        help="instruction on passages: symmetric tasks only (KaLM), always, or never",
-    )
+    """The instruction options of MineConfig (kalm embed and kalm mine must format texts the same way)."""
+    from kalm.mining.config import MineConfig
+
+    skip = tuple(f.name for f in dataclasses.fields(MineConfig) if f.name not in INSTRUCTION_OPTIONS)
+    options.add_arguments(p, MineConfig, skip=skip)
 
 
 def register(sub) -> None:

@@ -95,15 +95,15 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm import options
 from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, release_pages, write_json
-from kalm.mining.embed import ShardedEmbeddings, add_instruction_args, mining_texts, text_digest
+from kalm.mining.config import GIVEN_NEGATIVES, INDEX_TYPES, POOLS, MineConfig
+from kalm.mining.embed import ShardedEmbeddings, mining_texts, text_digest
 from kalm.text import dedup_key
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "flat_fp16", "ivf", "hnsw")
-GIVEN_NEGATIVES = ("keep", "replace")
 PAD_RANK = -1  # neg_ranks marker: a random pad
 GIVEN_RANK = -2  # neg_ranks marker: a negative the record came with (given_negatives="keep")
 GPU_MAX_K = 2048  # faiss-gpu's largest k
@@ -749,8 +749,8 @@ def _pool_passages(
 ):
     """(pool name, encoder-side text, raw text, order) of every candidate passage of the mined tasks of
     ``inputs`` (``only``: of that pool), streamed; ``order`` (record id, place) picks a text's first raw form."""
-    if pool not in ("task", "global"):
-        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, not {pool!r}")
     tasks = {t for t in mine_tasks if only is None or pool_name(t, pool) == only}
     for n, rec in enumerate(iter_task_records(inputs, tasks, RECORD_COLUMNS)):
         task = rec["task"]
@@ -971,8 +971,8 @@ def mine_shard(
     by digest in the memory-mapped embedding shards), and one pool (memory-mapped texts and vectors, 8 bytes
     of key hash a passage) with the index of one of its shards at a time (``mine.pool_shards``)."""
     s.check()
-    if pool not in ("task", "global"):
-        raise ValueError(f"pool must be 'task' or 'global', not {pool!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, not {pool!r}")
     index_cfg = index or IndexConfig()
     stats = _new_stats(s, pool, index_cfg)
     counts = task_counts(input_path)
@@ -1064,26 +1064,38 @@ def mine(
         return mine_shard(input_path, shard_paths, mine_tasks, d, out_path, stats_path, s, pool, index)
 
 
-def _settings(args: argparse.Namespace) -> MineSettings:
-    return MineSettings(
-        window=tuple(args.range),
-        negative_number=args.negative_number,
-        filter_topk=args.filter_topk or None,
-        margin_ratio=args.margin_ratio,
-        pad=args.pad,
-        sampling=args.sampling,
-        seed=args.seed,
-        query_batch=args.query_batch,
-        query_instruction=args.query_instruction,
-        passage_instruction=args.passage_instruction,
-        given_negatives=args.given_negatives,
+def settings_of(c: MineConfig) -> tuple[MineSettings, IndexConfig]:
+    """The sampling settings and the index of a stage's options."""
+    s = MineSettings(
+        window=tuple(c.range_for_sampling),
+        negative_number=c.negative_number,
+        filter_topk=c.filter_topk or None,
+        margin_ratio=c.margin_ratio,
+        pad=c.pad,
+        sampling=c.sampling,
+        seed=c.seed,
+        query_batch=c.query_batch,
+        query_instruction=c.query_instruction,
+        passage_instruction=c.passage_instruction,
+        given_negatives=c.given_negatives,
     )
+    index = IndexConfig(type=c.index_type, nlist=c.nlist, nprobe=c.nprobe, hnsw_m=c.hnsw_m, ef_search=c.ef_search)
+    return s, index
+
+
+def mine_config(args: argparse.Namespace) -> MineConfig:
+    """MineConfig from ``--options`` (JSON {field: value}: kalm.options.options_json of the config's ``mine``
+    section) and the flags given, which win."""
+    base = json.loads(args.options) if args.options else None
+    c = options.from_args(MineConfig, args, base)
+    if len(c.range_for_sampling) != 2:
+        raise SystemExit(f"kalm mine: range_for_sampling must be [lo, hi), got {list(c.range_for_sampling)}")
+    return c
 
 
 def _run(args: argparse.Namespace) -> None:
-    index = IndexConfig(
-        type=args.index, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search
-    )
+    c = mine_config(args)
+    s, index = settings_of(c)
     need = {
         "all": ("input", "embeddings", "mine_tasks", "out", "stats"),
         "ranges": ("input", "mine_tasks", "pools_dir"),
@@ -1103,20 +1115,19 @@ def _run(args: argparse.Namespace) -> None:
             args.input,
             mine_tasks,
             args.pools_dir,
-            args.pool_shards,
-            pool=args.pool,
+            c.pool_shards,
+            pool=c.pool,
             only=args.only_pool,
-            settings=_settings(args),
+            settings=s,
         )
     elif args.step == "pool":
-        s = _settings(args)
         s.check()
         write_pools(
             args.input,
             args.embeddings,
             mine_tasks,
             args.pools_dir,
-            pool=args.pool,
+            pool=c.pool,
             only=args.only_pool,
             shard=args.pool_shard,
             index=index,
@@ -1132,8 +1143,8 @@ def _run(args: argparse.Namespace) -> None:
             args.pools_dir,
             args.out,
             args.stats,
-            _settings(args),
-            args.pool,
+            s,
+            c.pool,
             index,
         )
     else:
@@ -1143,20 +1154,20 @@ def _run(args: argparse.Namespace) -> None:
             mine_tasks,
             args.out,
             args.stats,
-            window=tuple(args.range),
-            negative_number=args.negative_number,
-            filter_topk=args.filter_topk or None,
-            pad=args.pad,
-            seed=args.seed,
-            sampling=args.sampling,
-            margin_ratio=args.margin_ratio,
-            pool=args.pool,
+            window=s.window,
+            negative_number=s.negative_number,
+            filter_topk=s.filter_topk,
+            pad=s.pad,
+            seed=s.seed,
+            sampling=s.sampling,
+            margin_ratio=s.margin_ratio,
+            pool=c.pool,
             index=index,
-            query_batch=args.query_batch,
-            query_instruction=args.query_instruction,
-            passage_instruction=args.passage_instruction,
-            given_negatives=args.given_negatives,
-            pool_shards=args.pool_shards,
+            query_batch=s.query_batch,
+            query_instruction=s.query_instruction,
+            passage_instruction=s.passage_instruction,
+            given_negatives=s.given_negatives,
+            pool_shards=c.pool_shards,
         )
 
 
@@ -1176,40 +1187,12 @@ def register(sub) -> None:
     p.add_argument("--mine-tasks", help='JSON {"task": symmetric_bool}')
     p.add_argument("--pools-dir", help="folder of the candidate pools, one subfolder per pool (a task, or 'global')")
     p.add_argument("--only-pool", help="--step ranges / pool: only this pool (a task name, or 'global')")
-    p.add_argument(
-        "--pool-shards",
-        type=int,
-        default=1,
-        help="--step ranges / all: text-range shards per pool (a mine job holds one shard's index)",
-    )
     p.add_argument("--pool-shard", type=int, help="--step pool: build only this shard of the pool")
     p.add_argument("--out")
     p.add_argument("--stats")
-    p.add_argument("--range", type=int, nargs=2, default=[50, 100], metavar=("LO", "HI"))
-    p.add_argument("--negative-number", type=int, default=7)
-    p.add_argument("--filter-topk", type=int, default=50, help="0 disables the filter")
-    p.add_argument("--margin-ratio", type=float, help="TopK-PercPos: keep negatives below ratio x positive score")
-    p.add_argument("--pad", choices=["random", "none"], default="random")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--sampling",
-        choices=["random", "top"],
-        default="random",
-        help="random: sample the window (KaLM); top: its best-ranked candidates",
+        "--options",
+        help="the config's mine section as JSON (MineConfig's keys); flags given as well win over it",
     )
-    p.add_argument(
-        "--given-negatives",
-        choices=GIVEN_NEGATIVES,
-        default="keep",
-        help="keep: a record's own negatives come first, mining fills up to --negative-number (KaLM); "
-        "replace: mine them all",
-    )
-    p.add_argument("--pool", choices=["task", "global"], default="task", help="candidate pool per task or global")
-    p.add_argument("--index", choices=INDEX_TYPES, default="flat")
-    p.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=32, help="ivf: lists searched per query")
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int, default=256)
-    p.add_argument("--query-batch", type=int, default=4096, help="queries per FAISS search call")
-    add_instruction_args(p)
+    options.add_arguments(p, MineConfig)
     p.set_defaults(func=_run)

@@ -9,6 +9,8 @@ import sys
 
 # one rule for which side of a task carries its instruction, in training and evaluation alike
 from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
+from kalm.data.config import DecontaminateConfig, DedupConfig
+from kalm.mining.config import MineConfig
 from kalm.options import options_json
 from kalm.training.config import TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
@@ -70,32 +72,13 @@ def data_task(stage, task):
     return config["data"][stage][task]
 
 
-DEDUP_DEFAULTS = {
-    "near_dup": False,
-    "threshold": 0.8,
-    "num_perm": 128,
-    "shingle": 5,
-    "shards": 1,
-    "seed": 1,
-    "bucket_chunk": 4_000_000,
-}
-DECONTAMINATE_DEFAULTS = {
-    "near_dup": False,
-    "threshold": 0.8,
-    "num_perm": 128,
-    "shingle": 5,
-    "mteb": True,
-    "contain_min_chars": 50,
-}
-
-
 def dedup_settings():
-    """config data.dedup with defaults (exact dedup only when absent)."""
-    return {**DEDUP_DEFAULTS, **config["data"].get("dedup", {})}
+    """config data.dedup (kalm.data.config.DedupConfig declares its keys; the schema filled in their defaults)."""
+    return config["data"]["dedup"]
 
 
 def decontaminate_settings():
-    return {**DECONTAMINATE_DEFAULTS, **config["data"].get("decontaminate", {})}
+    return config["data"]["decontaminate"]
 
 
 # ---- the data stages' shard files (issue 15): every consumer names its inputs through these --------
@@ -162,7 +145,7 @@ def mined_parts(suffix=".parquet"):
     return [f"work/data/finetune/mined/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
 
 
-MINE_POOL = config["mine"].get("pool", "task")
+MINE_POOL = config["mine"]["pool"]
 
 
 def mine_pools():
@@ -172,7 +155,7 @@ def mine_pools():
     return sorted(json.loads(mine_tasks_json()))
 
 
-POOL_SHARDS = list(range(config["mine"].get("pool_shards", 1)))
+POOL_SHARDS = list(range(config["mine"]["pool_shards"]))
 
 
 def pool_shard_dirs(pool=None):
@@ -376,27 +359,16 @@ def _index_dir_mb(path):
 
 
 def instruction_args():
-    """embed and mine must format texts the same way: one source for both rules."""
+    """kalm embed formats the mining texts as kalm mine does: the mine section's instruction options."""
     m = config["mine"]
-    args = f"--passage-instruction {m.get('passage_instruction', 'symmetric')}"
-    return args if m.get("query_instruction", True) else f"{args} --no-query-instruction"
+    args = f"--passage-instruction {m['passage_instruction']}"
+    return args if m["query_instruction"] else f"{args} --no-query-instruction"
 
 
 def mine_args():
-    m, index = config["mine"], config["mine"].get("index", {})
-    lo, hi = m["range_for_sampling"]
-    args = (
-        f"--range {lo} {hi} --negative-number {m['negative_number']} --filter-topk {m['filter_topk']} "
-        f"--pad {m['pad']} --sampling {m.get('sampling', 'random')} --pool {m.get('pool', 'task')} "
-        f"--query-batch {m.get('query_batch', 4096)} --index {index.get('type', 'flat')} "
-        f"--given-negatives {m.get('given_negatives', 'keep')}"
-    )
-    if m.get("margin_ratio") is not None:
-        args += f" --margin-ratio {m['margin_ratio']}"
-    for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):
-        if key in index:
-            args += f" --{key.replace('_', '-')} {index[key]}"
-    return args
+    """The mine section as `--options` JSON (kalm.mining.config.MineConfig declares its keys; the schema
+    filled in their defaults)."""
+    return f"--options {shlex.quote(options_json(MineConfig, config['mine']))}"
 
 
 def _files_mb(paths):

@@ -80,14 +80,9 @@ rule eval_index:
             f"--mteb-task-json {shlex.quote(json.dumps(eval_task_spec(lang, t), ensure_ascii=False))}"
             for lang, t in mteb_eval_tasks()
         ),
-        near=(
-            f"--near --threshold {DECON['threshold']} --num-perm {DECON['num_perm']} --shingle {DECON['shingle']}"
-            if DECON["near_dup"]
-            else ""
-        )
-        + f" --contain-min-chars {DECON['contain_min_chars']}",
+        opts=f"--options {shlex.quote(options_json(DecontaminateConfig, DECON))}",
     shell:
-        "{KALM} decontaminate --step index {params.eval_tasks} {params.mteb_tasks} {params.near} "
+        "{KALM} decontaminate --step index {params.eval_tasks} {params.mteb_tasks} {params.opts} "
         "--index-dir {output} > {log} 2>&1"
 
 

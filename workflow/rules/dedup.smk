@@ -21,7 +21,7 @@ include: "dedup_common.smk"
 
 DEDUP = dedup_settings()
 DEDUP_PARTITIONS = list(range(DEDUP["shards"]))
-DEDUP_BAND_JOBS = list(range(DEDUP.get("band_jobs", 1)))
+DEDUP_BAND_JOBS = list(range(DEDUP["band_jobs"]))
 
 
 # one validated part -> P partition files (the records + their digest)
@@ -82,8 +82,7 @@ if DEDUP["near_dup"]:
             # a batch of texts, then one band's keys + sort order (24 B a record of the partition)
             mem_mb=lambda w, input: _mb(input, 1, base=1000),
         params:
-            opts=f"--num-perm {DEDUP['num_perm']} --shingle {DEDUP['shingle']} --seed {DEDUP['seed']} "
-            f"--threshold {DEDUP['threshold']}",
+            opts=dedup_options(),
         shell:
             "{KALM} dedup --step minhash {input} --out {output} {params.opts} > {log} 2>&1"
 
@@ -103,11 +102,10 @@ if DEDUP["near_dup"]:
             # one key range of a band (data.dedup.bucket_chunk records x ~40 B) + the pairs
             mem_mb=lambda w: 1000 + DEDUP["bucket_chunk"] * 40 // 2**20 * 3,
         params:
-            band_jobs=len(DEDUP_BAND_JOBS),
-            chunk=DEDUP["bucket_chunk"],
+            opts=dedup_options(),
         shell:
-            "{KALM} dedup --step buckets {input} --band-job {wildcards.band_job} --band-jobs {params.band_jobs} "
-            "--chunk-records {params.chunk} --out {output} > {log} 2>&1"
+            "{KALM} dedup --step buckets {input} --band-job {wildcards.band_job} {params.opts} --out {output} "
+            "> {log} 2>&1"
 
     # connected components of all pairs: the ids to drop (all but the smallest id of each cluster)
     rule near_components:

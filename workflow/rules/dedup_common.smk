@@ -2,6 +2,15 @@
 # runs alone, as tests/test_dedup_shuffle.py runs it; Snakemake's lint wants functions apart from rules).
 
 import os
+import shlex
+
+from kalm.data.config import DedupConfig
+from kalm.options import options_json
+
+
+def dedup_options():
+    """The data.dedup section as `--options` JSON for the kalm dedup steps (DedupConfig declares its keys)."""
+    return f"--options {shlex.quote(options_json(DedupConfig, DEDUP))}"
 
 
 def dedup_parts(stage):

@@ -68,13 +68,10 @@ rule mine_ranges:
         mem_mb=1000,  # a bottom-k sample of at most 20,000 texts; the scatter buffers at most ~64k passages in all
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
-        shards=len(POOL_SHARDS),
-        instructions=instruction_args(),
-        pool=MINE_POOL,
+        args=mine_args(),
     shell:
         "{KALM} mine --step ranges --input {input.data} --mine-tasks {params.mine_tasks} --pools-dir work/mine_index "
-        "--only-pool {wildcards.pool} --pool {params.pool} --pool-shards {params.shards} {params.instructions} "
-        "> {log} 2>&1"
+        "--only-pool {wildcards.pool} {params.args} > {log} 2>&1"
 
 
 rule mine_index:
@@ -97,11 +94,10 @@ rule mine_index:
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
-        instructions=instruction_args(),
     shell:
         "OMP_NUM_THREADS={threads} {KALM} mine --step pool --embeddings {input.shards} --mine-tasks {params.mine_tasks} "
         "--pools-dir work/mine_index --only-pool {wildcards.pool} --pool-shard {wildcards.j} {params.args} "
-        "{params.instructions} > {log} 2>&1"
+        "> {log} 2>&1"
 
 
 rule mine:
@@ -124,13 +120,12 @@ rule mine:
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
-        instructions=instruction_args(),
         seed=config["seed"],
     shell:
         "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} mine --step apply --input {input.data} --pools-dir work/mine_index --embeddings {input.shards} "
         "--mine-tasks {params.mine_tasks} --out {output.data} --stats {output.stats} {params.args} "
-        "{params.instructions} --seed {params.seed} > {log} 2>&1"
+        "--seed {params.seed} > {log} 2>&1"
 
 
 rule mine_gather:

@@ -1,0 +1,70 @@
+"""The mining options (``MineConfig``): each declared once, here, with its type, default, bounds and help.
+The config schema's ``mine`` section and ``kalm mine``'s flags are derived from these fields (kalm.options,
+kalm.schema); the workflow passes the section as ``--options`` JSON, and ``kalm embed`` gets the two
+instruction options from it too (the mining texts must be formatted as the encoder saw them).
+
+Light on purpose (no faiss, no numpy): the workflow imports it when it builds the DAG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kalm.options import option
+
+INDEX_TYPES = ("flat", "flat_fp16", "ivf", "hnsw")
+GIVEN_NEGATIVES = ("keep", "replace")
+PASSAGE_INSTRUCTION = ("symmetric", "always", "never")
+POOLS = ("task", "global")
+
+
+@dataclass
+class MineConfig:
+    range_for_sampling: tuple[int, ...] = option(
+        (50, 100), "rank window [lo, hi) negatives are sampled from", minimum=0, length=2
+    )
+    negative_number: int = option(7, "hard negatives per record (given ones first, then mined)", minimum=1)
+    filter_topk: int = option(
+        50, "ranking-consistency filter: drop a record whose positive ranks below this (0: off)", minimum=0
+    )
+    margin_ratio: float | None = option(
+        None,
+        "TopK-PercPos: keep negatives scoring below ratio x positive score (NV-Retriever: 0.95); null = off",
+        exclusive_minimum=0,
+        maximum=1,
+    )
+    pad: str = option(
+        "random", "a record short of negatives: pad with random pool passages, or not", choices=("random", "none")
+    )
+    sampling: str = option(
+        "random", "random: sample the window (KaLM); top: its best-ranked candidates", choices=("random", "top")
+    )
+    pool: str = option("task", "candidates from the query's task, or from every mined task", choices=POOLS)
+    given_negatives: str = option(
+        "keep",
+        "a record's own negatives: keep them first and mine only up to negative_number (KaLM's hn_mine), "
+        "or replace them with mined ones",
+        choices=GIVEN_NEGATIVES,
+    )
+    query_instruction: bool = option(True, "encode mining queries with their task instruction")
+    passage_instruction: str = option(
+        "symmetric", "instruction on passages: symmetric tasks only (KaLM), always, never", choices=PASSAGE_INSTRUCTION
+    )
+    query_batch: int = option(4096, "queries per FAISS search call", minimum=1)
+    pool_shards: int = option(
+        1,
+        "text-range shards per candidate pool: one mine_index job and one index each; a mine job searches "
+        "them in turn, so it holds one shard's index (exact indexes: the result does not depend on it)",
+        minimum=1,
+    )
+    index_type: str = option(
+        "flat",
+        "flat: exact; flat_fp16: exact, half the memory; ivf / hnsw: approximate",
+        config="index.type",
+        choices=INDEX_TYPES,
+    )
+    nlist: int | None = option(None, "ivf: lists of a pool shard (default 4 sqrt(N))", config="index.nlist", minimum=1)
+    nprobe: int = option(32, "ivf: lists searched per query", config="index.nprobe", minimum=1)
+    hnsw_m: int = option(32, "hnsw: links per node", config="index.hnsw_m", minimum=4)
+    ef_search: int = option(256, "hnsw: search breadth (at least the k searched)", config="index.ef_search", minimum=1)
+    seed: int = option(0, "seed of the per-record sampling (the config's top-level seed)", config=None)
