@@ -20,13 +20,14 @@ import yaml
 
 from kalm import options
 from kalm.data.config import DecontaminateConfig, DedupConfig
-from kalm.mining.config import MineConfig
+from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.training.config import TrainConfig
 
 # schema entry (a path of keys from the root) -> the dataclass whose config keys it holds, beside the keys
 # the YAML declares itself
 DECLARED = {
     ("$defs", "train_stage"): TrainConfig,
+    ("properties", "embed"): EmbedConfig,
     ("properties", "mine"): MineConfig,
     ("properties", "data", "properties", "dedup"): DedupConfig,
     ("properties", "data", "properties", "decontaminate"): DecontaminateConfig,

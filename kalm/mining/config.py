@@ -1,4 +1,4 @@
-"""The mining options (``MineConfig``): each declared once, here, with its type, default, bounds and help.
+"""The mining options (``MineConfig``, and ``EmbedConfig`` of the encoder): each declared once, here, with its type, default, bounds and help.
 The config schema's ``mine`` section and ``kalm mine``'s flags are derived from these fields (kalm.options,
 kalm.schema); the workflow passes the section as ``--options`` JSON, and ``kalm embed`` gets the two
 instruction options from it too (the mining texts must be formatted as the encoder saw them).
@@ -16,6 +16,8 @@ INDEX_TYPES = ("flat", "flat_fp16", "ivf", "hnsw")
 GIVEN_NEGATIVES = ("keep", "replace")
 PASSAGE_INSTRUCTION = ("symmetric", "always", "never")
 POOLS = ("task", "global")
+EMBED_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EMBED_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -68,3 +70,22 @@ class MineConfig:
     hnsw_m: int = option(32, "hnsw: links per node", config="index.hnsw_m", minimum=4)
     ef_search: int = option(256, "hnsw: search breadth (at least the k searched)", config="index.ef_search", minimum=1)
     seed: int = option(0, "seed of the per-record sampling (the config's top-level seed)", config=None)
+
+
+@dataclass
+class EmbedConfig:
+    """The ``embed`` section: the encoder of the mining texts and its batching."""
+
+    model: str | None = option(
+        None,
+        "retriever used for mining: a model path or name; 'pretrain' = models/pretrain (needs pretrain.enabled); "
+        "null = base_model",
+        flag=False,  # the rule resolves it (workflow/rules/common.smk embed_model) and passes --model
+    )
+    shards: int = option(1, "embedding jobs (one GPU each under SLURM)", minimum=1, flag=False)
+    batch_size: int = option(64, "most texts per batch", minimum=1)
+    token_budget: int = option(4096, "padded tokens per batch (texts x longest)", minimum=1)
+    precision: str = option(
+        "auto", "GPU compute precision (auto: bf16 where supported); CPUs use fp32", choices=EMBED_PRECISIONS
+    )
+    dtype: str = option("float16", "storage dtype of the shards", choices=EMBED_DTYPES)

@@ -32,6 +32,7 @@ import numpy as np
 from kalm import options
 from kalm.evaluation.instructions import format_query
 from kalm.io import atomic_path, release_pages, write_json
+from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.models.modeling import add_pooling_argument
 
 log = logging.getLogger(__name__)
@@ -381,9 +382,8 @@ class ShardedEmbeddings:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from kalm.mining.config import MineConfig
-
     instructions = options.from_args(MineConfig, args)
+    c = options.from_args(EmbedConfig, args, json.loads(args.options) if args.options else None)
     embed_shard(
         args.input,
         json.loads(args.mine_tasks),
@@ -391,11 +391,11 @@ def _run(args: argparse.Namespace) -> None:
         args.shard,
         args.num_shards,
         args.out_dir,
-        args.token_budget,
-        args.batch_size,
+        c.token_budget,
+        c.batch_size,
         args.max_seq_length,
-        args.dtype,
-        args.precision,
+        c.dtype,
+        c.precision,
         instructions.query_instruction,
         instructions.passage_instruction,
         args.threads,
@@ -408,8 +408,6 @@ INSTRUCTION_OPTIONS = ("query_instruction", "passage_instruction")  # kalm embed
 
 def add_instruction_args(p) -> None:
     """The instruction options of MineConfig (kalm embed and kalm mine must format texts the same way)."""
-    from kalm.mining.config import MineConfig
-
     skip = tuple(f.name for f in dataclasses.fields(MineConfig) if f.name not in INSTRUCTION_OPTIONS)
     options.add_arguments(p, MineConfig, skip=skip)
 
@@ -427,16 +425,9 @@ def register(sub) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch (rows x longest)")
-    p.add_argument("--batch-size", type=int, default=64, help="most rows per batch")
     p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="compute precision on GPU (auto: bf16 where supported); CPUs use fp32",
-    )
+    p.add_argument("--options", help="the config's embed section as JSON (EmbedConfig's keys); flags win")
+    options.add_arguments(p, EmbedConfig)
     p.add_argument("--threads", type=int)
     add_instruction_args(p)
     add_pooling_argument(p)

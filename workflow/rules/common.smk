@@ -10,7 +10,7 @@ import sys
 # one rule for which side of a task carries its instruction, in training and evaluation alike
 from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
 from kalm.data.config import DecontaminateConfig, DedupConfig
-from kalm.mining.config import MineConfig
+from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.options import options_json
 from kalm.training.config import TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files

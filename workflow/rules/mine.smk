@@ -36,10 +36,7 @@ rule embed:
         model=embed_model(),
         num_shards=NUM_SHARDS,
         mine_tasks=shlex.quote(mine_tasks_json()),
-        batch_size=config["embed"]["batch_size"],
-        token_budget=config["embed"].get("token_budget", 4096),
-        precision=config["embed"].get("precision", "auto"),
-        dtype=config["embed"].get("dtype", "float16"),
+        embed=shlex.quote(options_json(EmbedConfig, config["embed"])),
         instructions=instruction_args(),
         max_len=config["max_seq_length"],
         pooling=embed_pooling_arg(),
@@ -47,8 +44,7 @@ rule embed:
         "{GPU_RUN} --gpus {resources.gpu} -- "
         "OMP_NUM_THREADS={threads} {KALM} embed --input {input.data} --mine-tasks {params.mine_tasks} "
         "--model {params.model} --shard {wildcards.shard} --num-shards {params.num_shards} "
-        "--out-dir work/embed --batch-size {params.batch_size} --token-budget {params.token_budget} "
-        "--precision {params.precision} --dtype {params.dtype} --max-seq-length {params.max_len}{params.pooling} "
+        "--out-dir work/embed --options {params.embed} --max-seq-length {params.max_len}{params.pooling} "
         "{params.instructions} --threads {threads} > {log} 2>&1"
 
 
