@@ -46,17 +46,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides, query_prefix
+from kalm.evaluation.task_types import PAIR, QUERY_DOCUMENT, types_where
 from kalm.io import atomic_path, write_json
 from kalm.models.modeling import add_pooling_argument
 
 logger = logging.getLogger(__name__)
 
-# Task types whose two sides are queries and documents.
-QUERY_DOCUMENT_TYPES = {"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"}
-# Task types encoding two texts of the same kind (mteb passes no prompt type for either side).
-PAIR_TYPES = {"STS", "PairClassification"}
-# Task types that rank given candidate lists (mteb: AbsTaskRetrieval with 'top_ranked').
-RERANKING_TYPES = {"Reranking", "InstructionReranking"}
+# Task types whose two sides are queries and documents; that encode two texts of the same kind (mteb passes
+# no prompt type for either side); that rank given candidate lists (kalm.evaluation.task_types: the registry)
+QUERY_DOCUMENT_TYPES = types_where(sides=QUERY_DOCUMENT)
+PAIR_TYPES = types_where(sides=PAIR)
+RERANKING_TYPES = types_where(reranking=True)
 
 
 class TaskSpecError(ValueError):

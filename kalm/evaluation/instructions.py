@@ -43,29 +43,17 @@ instruction is not used (kalm.evaluation.task_instructions.resolve_instruction l
 
 from __future__ import annotations
 
+from kalm.evaluation.task_types import TASK_TYPES, types_where
+
 # config eval.instruction_set values (tables: kalm.evaluation.task_instructions)
 INSTRUCTION_SETS = ("kalm", "kalm_v2", "none")
 DEFAULT_INSTRUCTION_SET = "kalm"
 
-# config data type (lower case, '-' or '_') -> MTEB task type
-DATA_TO_MTEB_TYPE = {
-    "retrieval": "Retrieval",
-    "reranking": "Reranking",
-    "sts": "STS",
-    "pair_classification": "PairClassification",
-    "pairclassification": "PairClassification",
-    "classification": "Classification",
-    "clustering": "Clustering",
-    "bitextmining": "BitextMining",
-    "bitext_mining": "BitextMining",
-    "summarization": "Summarization",
-    # weak pretraining pairs (title -> passage, question -> answer) are query/document pairs
-    "weak": "Retrieval",
-}
-
-SYMMETRIC_MTEB_TYPES = frozenset({"STS", "PairClassification", "Clustering", "BitextMining", "Summarization"})
+# config data type (lower case, '-' or '_') -> MTEB task type; the types' facts: kalm.evaluation.task_types
+DATA_TO_MTEB_TYPE = {alias: t.name for t in TASK_TYPES.values() for alias in t.data_names}
+SYMMETRIC_MTEB_TYPES = types_where(symmetric=True)
 # MTEB types KaLM-Embedding V1 evaluates without any instruction (instruction set ``kalm``)
-KALM_V1_UNINSTRUCTED_TYPES = frozenset({"STS", "PairClassification", "Summarization", "BitextMining"})
+KALM_V1_UNINSTRUCTED_TYPES = types_where(kalm_v1="none")
 
 
 def mteb_type(task_type: str | None) -> str | None:

@@ -27,25 +27,21 @@ Bad input raises :class:`LocalTaskError` naming the file, the line and the field
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from kalm.evaluation.task_types import LOCAL_TYPES, TASK_TYPES
+
 logger = logging.getLogger(__name__)
 
 LANGS: dict[str, list[str]] = {"zh": ["cmn-Hans"], "en": ["eng-Latn"]}
 
-# Files each local task type reads, in the order they are hashed into the dataset revision.
-TASK_FILES: dict[str, list[str]] = {
-    "Retrieval": ["corpus.jsonl", "queries.jsonl", "qrels.tsv"],
-    "STS": ["test.jsonl"],
-    "PairClassification": ["test.jsonl"],
-    "Classification": ["train.jsonl", "test.jsonl"],
-    "Reranking": ["corpus.jsonl", "queries.jsonl", "qrels.tsv", "top_ranked.jsonl"],
-    "Clustering": ["test.jsonl"],
-}
-SUPPORTED_TYPES = tuple(TASK_FILES)
+# Files each local task type reads, in the order they are hashed into the dataset revision (the registry's)
+TASK_FILES: dict[str, list[str]] = {name: list(TASK_TYPES[name].local_files) for name in LOCAL_TYPES}
+SUPPORTED_TYPES = LOCAL_TYPES
 
 
 class LocalTaskError(ValueError):
@@ -398,33 +394,14 @@ def _load_classification(self, num_proc=None, **kwargs) -> None:
 
 
 def _base_class(task_type: str):
-    if task_type == "Retrieval":
-        from mteb.abstasks.retrieval import AbsTaskRetrieval
-
-        return AbsTaskRetrieval, "ndcg_at_10", _load_retrieval
-    if task_type == "STS":
-        from mteb.abstasks.sts import AbsTaskSTS
-
-        return AbsTaskSTS, "cosine_spearman", _load_sts
-    if task_type == "PairClassification":
-        from mteb.abstasks.pair_classification import AbsTaskPairClassification
-
-        return AbsTaskPairClassification, "max_ap", _load_pair_classification
-    if task_type == "Classification":
-        from mteb.abstasks.classification import AbsTaskClassification
-
-        return AbsTaskClassification, "accuracy", _load_classification
-    if task_type == "Reranking":
-        from mteb.abstasks.retrieval import AbsTaskRetrieval
-
-        return AbsTaskRetrieval, "map_at_1000", _load_reranking
-    if task_type == "Clustering":
-        from mteb.abstasks.clustering import AbsTaskClustering
-
-        return AbsTaskClustering, "v_measure", _load_clustering
-    raise LocalTaskError(
-        f"local tasks of type {task_type!r} are not supported (supported: {', '.join(SUPPORTED_TYPES)})"
-    )
+    """(mteb base class, main score, loader) of a local task type, from the registry."""
+    t = TASK_TYPES.get(task_type)
+    if t is None or not t.local_files:
+        raise LocalTaskError(
+            f"local tasks of type {task_type!r} are not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    module, name = t.mteb_base.split(":")
+    return getattr(importlib.import_module(module), name), t.main_score, globals()[t.loader]
 
 
 def make_task_class(spec: dict) -> type:

@@ -50,6 +50,7 @@ from kalm.evaluation.instructions import (
     KALM_V1_UNINSTRUCTED_TYPES,
     instruction_sides,
 )
+from kalm.evaluation.task_types import TASK_TYPES, types_where
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ KALM_TASK_ALIASES: dict[str, str] = {
 
 # Task types whose every task gets the generic retrieval instruction (query side), and types KaLM
 # evaluates without instruction.
-KALM_RETRIEVAL_TYPES = frozenset({"Retrieval", "Reranking"})
+KALM_RETRIEVAL_TYPES = types_where(kalm_v1="retrieval")
+KALM_TABLE_TYPES = types_where(kalm_v1="table")  # per-task instructions only
 KALM_NO_INSTRUCTION_TYPES = KALM_V1_UNINSTRUCTED_TYPES
 
 
@@ -163,7 +165,7 @@ def kalm_instruction(name: str, task_type: str) -> tuple[str | None, str]:
     A Classification or Clustering task missing from the table has no KaLM instruction: that is an
     error rather than a silent guess, since KaLM's own script fails on it too (KeyError).
     """
-    if task_type in ("Classification", "Clustering"):
+    if task_type in KALM_TABLE_TYPES:
         if name in KALM_TASK_INSTRUCTIONS:
             return KALM_TASK_INSTRUCTIONS[name], "kalm:task"
         if KALM_TASK_ALIASES.get(name) in KALM_TASK_INSTRUCTIONS:
@@ -199,12 +201,7 @@ KALM_V2_TASK_ALIASES: dict[str, str] = {
 
 # A task of these types missing from the V2 table gets the instruction the table gives most tasks of
 # the type (query side only for retrieval / reranking, both sides for the pair types).
-KALM_V2_TYPE_INSTRUCTIONS: dict[str, str] = {
-    "Retrieval": "Given a query, retrieve documents that answer the query",
-    "Reranking": "Given a query, retrieve documents that answer the query",
-    "STS": "Retrieve semantically similar text",
-    "PairClassification": "Retrieve semantically similar text",
-}
+KALM_V2_TYPE_INSTRUCTIONS: dict[str, str] = {n: t.kalm_v2_default for n, t in TASK_TYPES.items() if t.kalm_v2_default}
 
 
 @lru_cache(maxsize=1)
