@@ -160,6 +160,8 @@ def schema_properties(cls) -> dict[str, dict]:
         default = _default(f)
         if default is not None and (not seq or len(default)):  # an empty sequence: "not set", no default
             entry["default"] = list(default) if seq else default
+        elif default is None and optional:
+            entry["default"] = None  # filled in as null: the workflow reads every key of a section
         if meta.get("help"):
             entry["description"] = meta["help"]
         *parents, leaf = key.split(".")

@@ -21,7 +21,7 @@ import yaml
 from kalm import options
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.mining.config import EmbedConfig, MineConfig
-from kalm.training.config import TrainConfig
+from kalm.training.config import SoupConfig, TrainConfig
 
 # schema entry (a path of keys from the root) -> the dataclass whose config keys it holds, beside the keys
 # the YAML declares itself
@@ -29,6 +29,7 @@ DECLARED = {
     ("$defs", "train_stage"): TrainConfig,
     ("properties", "embed"): EmbedConfig,
     ("properties", "mine"): MineConfig,
+    ("properties", "soup"): SoupConfig,
     ("properties", "data", "properties", "dedup"): DedupConfig,
     ("properties", "data", "properties", "decontaminate"): DecontaminateConfig,
 }

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from kalm import options
 from kalm.io import read_json, write_json
 from kalm.training.checkpoints import SNAPSHOT_MANIFEST, weights_digest
+from kalm.training.config import SoupConfig
 
 log = logging.getLogger(__name__)
 
@@ -324,15 +326,16 @@ def uniform_soup(model_dirs: list[str], out_dir: str) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     dev = json.loads(args.dev_task_json) if args.dev_task_json else None
+    c = options.from_args(SoupConfig, args, json.loads(args.options) if args.options else None)
     make_soup(
         args.models,
         args.out,
-        args.method,
-        args.weights,
+        c.method,
+        list(c.weights) or None,
         dev,
-        args.temperature,
+        c.temperature,
         args.report,
-        last_k=args.last_k,
+        last_k=c.last_k,
         snapshot_dirs=args.snapshots,
     )
 
@@ -341,21 +344,9 @@ def register(sub) -> None:
     p = sub.add_parser("soup", help="average fine-tuned models (uniform, weighted or greedy soup)")
     p.add_argument("models", nargs="+", help="the fine-tune runs' final models")
     p.add_argument("--out", required=True)
-    p.add_argument("--method", choices=["uniform", "weighted", "greedy"], default="uniform")
-    p.add_argument(
-        "--weights",
-        type=float,
-        nargs="+",
-        help="weighted soup: one weight per run (split evenly over its last k) or per ingredient, summing to 1",
-    )
     p.add_argument("--dev-task-json", help="dev task spec (a local task) for greedy / loss-weighted soups")
-    p.add_argument("--temperature", type=float, default=5.0, help="loss-weighted soup: softmax temperature")
-    p.add_argument(
-        "--last-k",
-        type=int,
-        default=1,
-        help="ingredients per run: its final model and the last-k - 1 snapshots before it",
-    )
+    p.add_argument("--options", help="the config's soup section as JSON (SoupConfig's keys); flags win")
+    options.add_arguments(p, SoupConfig)
     p.add_argument(
         "--snapshots", nargs="+", help="with --last-k > 1: each run's snapshot folder, in the order of the models"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import yaml
 from test_workflow import ROOT, job_counts, snakemake
@@ -54,10 +55,11 @@ def test_kalm_cmteb_list_instruction_set_and_mirror_reach_the_evaluate_jobs(tmp_
         "mirror_root": "mirrors",
     }
     soup = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
-    assert (
-        "--last-k 3 --snapshots work/checkpoints/finetune_run0/snapshots work/checkpoints/finetune_run1/snapshots"
-        in soup
-    )
+    assert "--snapshots work/checkpoints/finetune_run0/snapshots work/checkpoints/finetune_run1/snapshots" in soup
+    options_json = shlex.split(soup.split(" -m kalm soup ", 1)[1])[
+        shlex.split(soup.split(" -m kalm soup ", 1)[1]).index("--options") + 1
+    ]
+    assert json.loads(options_json)["last_k"] == 3  # the soup section, as kalm soup's --options
     finetune = [line for line in res.stdout.splitlines() if "train --stage finetune" in line]
     assert len(finetune) == 2 and all("--keep-snapshots 2 --snapshot-every 5" in line for line in finetune)
 
@@ -119,4 +121,7 @@ def test_soup_dev_task_must_not_be_a_reported_task(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
-    assert "--method greedy --dev-task-json" in cmd and f'"path": "{dev}"' in cmd and '"name": "HeldOut"' in cmd
+    argv = shlex.split(cmd.split(" -m kalm soup ", 1)[1].split(" > ", 1)[0])
+    assert json.loads(argv[argv.index("--options") + 1])["method"] == "greedy"
+    spec = json.loads(argv[argv.index("--dev-task-json") + 1])
+    assert spec["path"] == str(dev) and spec["name"] == "HeldOut"

@@ -87,6 +87,7 @@ def test_the_workflow_schema_takes_every_trainer_option_from_train_config():
     [
         (("properties", "mine"), "kalm.mining.config.MineConfig"),
         (("properties", "embed"), "kalm.mining.config.EmbedConfig"),
+        (("properties", "soup"), "kalm.training.config.SoupConfig"),
         (("properties", "data", "properties", "dedup"), "kalm.data.config.DedupConfig"),
         (("properties", "data", "properties", "decontaminate"), "kalm.data.config.DecontaminateConfig"),
     ],
@@ -126,5 +127,14 @@ def test_a_stage_section_of_the_schema_is_its_dataclass_and_validation_fills_its
     want = cls(**{name: getattr(got, name) for name in kept})
     assert got == want  # every config key filled with the dataclass default
     assert set(options.options_from_section(cls, config)) >= {
-        f.name for f in dataclasses.fields(cls) if options.config_key(f) is not None and options._default(f) is not None
+        f.name for f in dataclasses.fields(cls) if options.config_key(f) is not None and options._default(f) != ()
     }
+
+
+def test_the_schema_default_instruction_set_is_the_evaluators():
+    from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, INSTRUCTION_SETS
+
+    entry = full_schema(ROOT / "workflow/schemas/config.schema.yaml")["properties"]["eval"]["properties"][
+        "instruction_set"
+    ]
+    assert entry["default"] == DEFAULT_INSTRUCTION_SET and entry["enum"] == list(INSTRUCTION_SETS)

@@ -93,3 +93,31 @@ class TrainConfig:
         "dtype of the saved model; training always keeps fp32 master weights, bf16 only through autocast",
         choices=SAVE_DTYPES,
     )
+
+
+SOUP_METHODS = ("uniform", "weighted", "greedy")
+
+
+@dataclass
+class SoupConfig:
+    """The soup stage's options (``kalm soup``, kalm/soup.py). Declared here beside the trainer's because
+    kalm/soup.py imports torch and the workflow reads these when it builds the DAG."""
+
+    method: str = option("uniform", "uniform, weighted (LM-Cocktail) or greedy soup of the runs", choices=SOUP_METHODS)
+    weights: tuple[float, ...] = option(
+        (),
+        "weighted soup: one weight per run (split evenly over its last k) or per ingredient, summing to 1",
+        minimum=0,
+    )
+    dev_task: str | None = option(
+        None,
+        "a held-out local task of eval.tasks, not listed in eval.languages (a reported task is refused: the soup "
+        "would select on the test set): greedy soup scores on it; weighted soup without weights uses its loss",
+        flag=False,  # the rule passes its task spec (--dev-task-json)
+    )
+    temperature: float = option(5.0, "loss-weighted soup: softmax temperature (LM-Cocktail)", exclusive_minimum=0)
+    last_k: int = option(
+        1,
+        "ingredients per fine-tune run: its final model and the last_k - 1 snapshots the trainer kept before it",
+        minimum=1,
+    )

@@ -8,11 +8,11 @@ import shlex
 import sys
 
 # one rule for which side of a task carries its instruction, in training and evaluation alike
-from kalm.evaluation.instructions import DEFAULT_INSTRUCTION_SET, instruction_sides
+from kalm.evaluation.instructions import instruction_sides
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.options import options_json
-from kalm.training.config import TrainConfig
+from kalm.training.config import SoupConfig, TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
@@ -165,7 +165,7 @@ def pool_shard_dirs(pool=None):
 
 # The instruction set of the evaluation (kalm.evaluation.task_instructions) also decides where the training data's
 # instructions go: one table, one rule (kalm.evaluation.instructions.instruction_sides) for both.
-INSTRUCTION_SET = config["eval"].get("instruction_set") or DEFAULT_INSTRUCTION_SET
+INSTRUCTION_SET = config["eval"]["instruction_set"]
 
 
 def train_instruction_sides(stage, task):
@@ -217,7 +217,7 @@ def check_soup_dev_task():
     that raise its score and the loss-weighted soup weights them by its loss: on a reported task, that
     would be model selection on the test set."""
     soup = config["soup"]
-    dev = soup.get("dev_task")
+    dev = soup["dev_task"]
     if not dev:
         if soup["method"] == "greedy" or (soup["method"] == "weighted" and not soup.get("weights")):
             raise ValueError(
@@ -316,11 +316,11 @@ GPU_RUN = f"{shlex.quote(sys.executable)} -m kalm gpu-slots"
 
 
 def gpus(rule_name):
-    return config["resources"]["gpus"].get(rule_name, 0)
+    return config["resources"]["gpus"][rule_name]
 
 
 def nodes(rule_name):
-    return config["resources"].get("nodes", {}).get(rule_name, 1)
+    return config["resources"]["nodes"][rule_name]
 
 
 def gpu_resources(rule_name):
@@ -407,7 +407,7 @@ def train_args(stage):
     args += pooling_arg()
     if c.get("checkpoint_every"):
         args += f" --checkpoint-every {c['checkpoint_every']}"
-    last_k = config["soup"].get("last_k", 1)
+    last_k = config["soup"]["last_k"]
     if stage == "finetune" and last_k > 1:
         # the soup's last-k ingredients: the final model and the k-1 snapshots kept before it
         every = c.get("snapshot_every") or c.get("checkpoint_every")
@@ -432,19 +432,16 @@ def soup_snapshot_dirs():
 
 
 def soup_args():
+    """The soup section as `--options` JSON (SoupConfig), the dev task's spec, and the runs' snapshots."""
     c = config["soup"]
-    args = f"--method {c['method']}"
-    if c.get("weights"):
-        args += f" --weights {' '.join(map(str, c['weights']))}"
-    if c.get("dev_task"):
+    args = f"--options {shlex.quote(options_json(SoupConfig, c))}"
+    if c["dev_task"]:
         spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
         args += f" --dev-task-json {shlex.quote(json.dumps(spec, ensure_ascii=False))}"
-    if c.get("temperature"):
-        args += f" --temperature {c['temperature']}"
-    if c.get("last_k", 1) > 1:
+    if c["last_k"] > 1:
         # the last k checkpoints of each run: its final model and the k-1 snapshots the trainer kept
         # beside its resumable checkpoint (not Snakemake outputs: their manifest ties them to the run)
-        args += f" --last-k {c['last_k']} --snapshots {' '.join(soup_snapshot_dirs())}"
+        args += f" --snapshots {' '.join(soup_snapshot_dirs())}"
     return args
 
 

@@ -6,7 +6,7 @@
 
 REPORT_DIR = "results/report"
 REPORT_STAGES = [s for s in DATA_STAGES if s != "pretrain" or config["pretrain"]["enabled"]]
-EVAL_RUNS = config.get("report", {}).get("eval_runs", False)
+EVAL_RUNS = config["report"]["eval_runs"]
 
 
 REPORT_PLOTS = [

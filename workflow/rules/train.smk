@@ -70,7 +70,7 @@ rule finetune:
 rule soup:
     input:
         models=expand("models/finetune/run{run}", run=FINETUNE_RUNS),
-        dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"].get("dev_task") else [],
+        dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"]["dev_task"] else [],
     output:
         model=directory("models/soup"),
         report="models/soup.report.json",
