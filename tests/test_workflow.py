@@ -187,3 +187,50 @@ def test_given_negatives_setting_reaches_the_mine_command(override, value):
     assert res.returncode == 0, res.stderr[-3000:]
     mine_cmd = next(line for line in res.stdout.splitlines() if " mine --step apply " in line)
     assert mine_config_of(mine_cmd).given_negatives == value
+
+
+FILTER_RULE = """
+
+DATA_STEPS.append("filtered")
+
+
+rule my_filter:
+    input:
+        lambda w: step_input("filtered", w.stage, w.part),
+    output:
+        data="work/data/{stage}/filtered/p{part}.parquet",
+        stats="work/data/{stage}/filtered/p{part}.stats.json",
+    log:
+        "logs/my_filter/{stage}/p{part}.log",
+    shell:
+        "cp {input} {output.data} > {log} 2>&1"
+"""
+
+
+def test_a_filter_step_is_its_rules_and_one_data_steps_entry(tmp_path):
+    """A data step added after decontamination (a rule in rules/data.smk and its DATA_STEPS entry, nothing
+    else) reads decontamination's parts, and every consumer (embed, mine, pretrain) reads its output: no
+    consumer names a step's files by hand, so none can bypass a new filter."""
+    import shutil
+
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    with open(tmp_path / "workflow/rules/data.smk", "a", encoding="utf-8") as f:
+        f.write(FILTER_RULE)
+    full_env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    res = subprocess.run(
+        [*SNAKEMAKE, "models/finetune/run0", "-n", "-p", "--forceall", "-s", str(tmp_path / "workflow/Snakefile")]
+        + [f"--configfile={ROOT / 'config/config.yaml'}"],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    filt = [line for line in lines if line.startswith("Shell command: cp work/data/")]
+    assert filt and all("/decontaminated/p" in line and "/filtered/p" in line for line in filt)
+    for step in (" embed ", " mine --step apply ", " mine --step ranges ", "train --stage pretrain"):
+        cmds = [line for line in lines if step in line]
+        assert cmds and all("/filtered/p" in c and "/decontaminated/p" not in c for c in cmds), step

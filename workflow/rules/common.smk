@@ -130,14 +130,30 @@ def data_partitions():
     return list(range(dedup_settings()["shards"]))
 
 
+# The data steps after dedup, in pipeline order: each rule file that adds one appends its name beside its
+# rules (rules/data.smk: "decontaminated"), and the step writes work/data/{stage}/{step}/p{j}.parquet, one
+# part per dedup partition, with {step}.stats.json as its funnel entry.
+DATA_STEPS = []
+
+
+def step_parts(step, stage, suffix=".parquet"):
+    return [f"work/data/{stage}/{step}/p{j}{suffix}" for j in data_partitions()]
+
+
+def step_input(step, stage, part):
+    """Part `part` of the records data step `step` reads: the previous step's, or dedup's for the first."""
+    i = DATA_STEPS.index(step)
+    return (step_parts(DATA_STEPS[i - 1], stage) if i else dedup_parts(stage))[int(part)]
+
+
 def decontaminated_parts(stage, suffix=".parquet"):
-    return [f"work/data/{stage}/decontaminated/p{j}{suffix}" for j in data_partitions()]
+    return step_parts("decontaminated", stage, suffix)
 
 
 def stage_data(stage):
     """The records a stage's consumers read (embed, mine, pretrain): the last data step's Parquet parts.
-    The ONE place that names them: a new filter stage after decontamination changes only this."""
-    return decontaminated_parts(stage)
+    The ONE place that names them, from DATA_STEPS: a new filter step is its rules and its entry there."""
+    return step_parts(DATA_STEPS[-1], stage)
 
 
 def mined_parts(suffix=".parquet"):
@@ -451,7 +467,7 @@ def soup_args():
 def report_funnel_stats(stage):
     """The stats JSON of each data step of a stage, in pipeline order (the trainer's last: its few-negatives policy)."""
     files = expand("work/data/{stage}/validated/{dtask}.stats.json", stage=stage, dtask=data_tasks(stage))
-    files += [f"work/data/{stage}/dedup.stats.json", f"work/data/{stage}/decontaminated.stats.json"]
+    files += [f"work/data/{stage}/dedup.stats.json"] + [f"work/data/{stage}/{step}.stats.json" for step in DATA_STEPS]
     if stage == "finetune":
         files += ["work/data/finetune/mined.stats.json", "models/finetune/run0.stats.json"]
     else:

@@ -87,9 +87,12 @@ rule eval_index:
 
 
 # one job per dedup partition (rules/dedup.smk dedup_parts): its records against the whole index
+DATA_STEPS.append("decontaminated")  # after dedup; stage_data() names the last step's parts
+
+
 rule decontaminate:
     input:
-        data=lambda w: dedup_parts(w.stage)[int(w.part)],
+        data=lambda w: step_input("decontaminated", w.stage, w.part),
         index="work/eval_index",
     output:
         data="work/data/{stage}/decontaminated/p{part}.parquet",
