@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(*args, cwd=ROOT, env=None):
+def snakemake(*args, cwd=ROOT, env=None, snakefile=ROOT / "workflow" / "Snakefile"):
     full_env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
     return subprocess.run(
-        [*SNAKEMAKE, *args, "-s", str(ROOT / "workflow" / "Snakefile")],
+        [*SNAKEMAKE, *args, "-s", str(snakefile)],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -216,16 +216,13 @@ def test_a_filter_step_is_its_rules_and_one_data_steps_entry(tmp_path):
     shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
     with open(tmp_path / "workflow/rules/data.smk", "a", encoding="utf-8") as f:
         f.write(FILTER_RULE)
-    full_env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    res = subprocess.run(
-        [*SNAKEMAKE, "models/finetune/run0", "-n", "-p", "--forceall", "-s", str(tmp_path / "workflow/Snakefile")]
-        + [f"--configfile={ROOT / 'config/config.yaml'}"],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = snakemake(
+        "models/finetune/run0",
+        "-n",
+        "-p",
+        "--forceall",
+        f"--configfile={ROOT / 'config/config.yaml'}",
+        snakefile=tmp_path / "workflow/Snakefile",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
