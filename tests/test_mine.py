@@ -423,3 +423,13 @@ def test_given_negatives_flag_reaches_mine(tmp_path, given_corpus, monkeypatch):
     args = parser.parse_args(base + ["--given-negatives", "replace"])
     args.func(args)
     assert seen["given_negatives"] == "replace"
+
+
+def test_the_former_mine_flags_still_work():
+    """kalm mine's flags come from MineConfig; the names they had before (--range, --index) stay aliases."""
+    from kalm.cli import build_parser
+    from kalm.mining.mine import mine_config
+
+    argv = ["mine", "--step", "apply", "--range", "3", "9", "--index", "ivf", "--options", '{"negative_number": 4}']
+    c = mine_config(build_parser(["kalm.mining.mine"]).parse_args(argv))
+    assert (c.range_for_sampling, c.index_type, c.negative_number) == ((3, 9), "ivf", 4)

@@ -23,7 +23,7 @@ EMBED_DTYPES = ("float16", "float32")
 @dataclass
 class MineConfig:
     range_for_sampling: tuple[int, ...] = option(
-        (50, 100), "rank window [lo, hi) negatives are sampled from", minimum=0, length=2
+        (50, 100), "rank window [lo, hi) negatives are sampled from", minimum=0, length=2, aliases=("--range",)
     )
     negative_number: int = option(7, "hard negatives per record (given ones first, then mined)", minimum=1)
     filter_topk: int = option(
@@ -64,6 +64,7 @@ class MineConfig:
         "flat: exact; flat_fp16: exact, half the memory; ivf / hnsw: approximate",
         config="index.type",
         choices=INDEX_TYPES,
+        aliases=("--index",),
     )
     nlist: int | None = option(None, "ivf: lists of a pool shard (default 4 sqrt(N))", config="index.nlist", minimum=1)
     nprobe: int = option(32, "ivf: lists searched per query", config="index.nprobe", minimum=1)
