@@ -440,3 +440,22 @@ def test_the_pooling_option_is_the_saved_models_pooling(tmp_path, tiny_qwen_dir)
     )
     assert res.returncode == 0, res.stderr
     assert SentenceTransformer(str(tmp_path / "m"))[1].pooling_mode == "cls"
+
+
+def test_progress_lines_come_at_the_interval_with_rate_and_eta():
+    """A line on the first step, then at most one per interval (and on the last step), with steps/s and ETA."""
+    from kalm.training.train import Progress
+
+    now = [100.0]
+    p = Progress(total=1000, start_step=0, every_s=30, clock=lambda: now[0])
+    lines = []
+    for step in range(1, 1001):
+        now[0] += 0.5  # 2 steps/s
+        if line := p.line(step):
+            lines.append((step, line))
+    assert [s for s, _ in lines] == [1, *range(61, 1000, 60), 1000]
+    assert [s for s, _ in lines[1:3]] == [61, 121]  # every 30 s of 0.5 s steps
+    assert lines[1][1] == "step 61/1000 (6.1%), 2 steps/s, ETA 0:07:50"
+    resumed = Progress(total=100, start_step=90, every_s=0, clock=lambda: now[0])
+    now[0] += 10
+    assert resumed.line(91) == "step 91/100 (91.0%), 0.1 steps/s, ETA 0:01:30"  # the steps this process ran

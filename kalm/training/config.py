@@ -74,6 +74,9 @@ class TrainConfig:
         choices=PRECISIONS,
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, one more forward")
+    progress_every_s: float = option(
+        30.0, "seconds between progress lines (step, loss, steps/s, ETA) in the job's log; 0: every step", minimum=0
+    )
     mini_batch_size: int = option(
         0,
         "GradCache: encode the batch in chunks of this many texts (memory of one "

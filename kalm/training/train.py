@@ -75,6 +75,28 @@ def fp32_master_weights(model) -> torch.dtype | None:
     return found
 
 
+class Progress:
+    """When to log a progress line, and its text: ``step s/N (p%), r steps/s, ETA h:mm:ss``, at most one
+    per ``every_s`` seconds (the first and the last step always; 0: every step). The rate is over the steps
+    this process ran (a resumed run does not count the steps before its checkpoint)."""
+
+    def __init__(self, total: int, start_step: int, every_s: float, clock=time.time):
+        self.total, self.start, self.every_s, self.clock = total, start_step, every_s, clock
+        self.t0 = self.last = clock()
+
+    def line(self, step: int) -> str | None:
+        now = self.clock()
+        if not (step == self.start + 1 or step == self.total or now - self.last >= self.every_s):
+            return None
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = int(round((self.total - step) / rate))
+        return (
+            f"step {step}/{self.total} ({100 * step / self.total:.1f}%), {rate:.3g} steps/s, "
+            f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        )
+
+
 def train(
     model_spec: str,
     data_path: str | os.PathLike | Sequence[str | os.PathLike],
@@ -185,6 +207,7 @@ def train(
             cfg.gradient_checkpointing,
         )
         t_start, cpu_start = time.time(), time.process_time()
+        progress = Progress(total, step, cfg.progress_every_s)
         while step < total:
             t0 = time.time()
             # dropout masks: a function of (step, rank); seed * 1_000_003 + step in one process, as before
@@ -249,8 +272,8 @@ def train(
                     "elapsed_s": round(time.time() - t_start, 3),
                 }
             )
-            if step == 1 or step % 10 == 0 or step == total:
-                log.info("step %d/%d loss %.4f lr %.2e (%s)", step, total, metrics[-1]["loss"], lr, batch[0]["task"])
+            if line := progress.line(step):
+                log.info("%s loss %.4f lr %.2e (%s)", line, metrics[-1]["loss"], lr, batch[0]["task"])
             if keeper is not None and step % snapshot_every == 0 and step < total:
                 keeper.save(model, step)
             if ddp.rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < total:
