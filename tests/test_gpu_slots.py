@@ -182,19 +182,22 @@ def test_asking_for_more_gpus_than_the_pool_fails_with_a_reason(tmp_path):
 
 def test_torchrun_starts_one_rank_per_device(tmp_path):
     """--torchrun with two devices: torchrun (really started, on CPU) runs the command once per rank."""
+    # each rank writes its own file: two ranks' prints into one pipe can be lost under load (seen in CI)
     script = (
-        "import os; print('RANK', os.environ['RANK'], os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'], "
-        "os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'], flush=True)"
+        "import os, sys; e = os.environ; open(os.path.join(sys.argv[1], 'rank' + e['RANK']), 'w').write(' '.join("
+        "[e['RANK'], e['LOCAL_RANK'], e['WORLD_SIZE'], e['CUDA_VISIBLE_DEVICES'], e['OMP_NUM_THREADS']]))"
     )
+    out = tmp_path / "ranks"
+    out.mkdir()
     res = subprocess.run(
-        [*GPU_RUN, "--gpus", "2", "--torchrun", "--", "OMP_NUM_THREADS=1", sys.executable, "-c", script],
+        [*GPU_RUN, "--gpus", "2", "--torchrun", "--", "OMP_NUM_THREADS=1", sys.executable, "-c", script, str(out)],
         env=fake_env(tmp_path, devices="4,5"),
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    ranks = sorted(line.split()[1:] for line in res.stdout.splitlines() if line.startswith("RANK"))
+    ranks = sorted(f.read_text().split() for f in out.iterdir())
     assert ranks == [["0", "0", "2", "4,5", "1"], ["1", "1", "2", "4,5", "1"]]
     # one device: no torchrun (a plain process, no rendezvous to pay for)
     single = subprocess.run(
