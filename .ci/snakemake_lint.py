@@ -6,7 +6,8 @@ Exceptions, and why:
   torch and the package ~30 times.
 - "Shell command directly uses variable KALM / GPU_RUN from outside of the rule": the command prefix
   (this interpreter's `-m kalm`, and `kalm gpu-slots`). Passed through `params:` it would become a rerun
-  trigger: moving the virtual environment would re-run every job.
+  trigger: moving the virtual environment would re-run every job. TRACKING (the training rules'
+  `--tracking` JSON, workflow/rules/train.smk) likewise: turning experiment tracking on must not retrain.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 ALLOWED = [
     re.compile(r"Specify a conda environment or container for each rule"),
-    re.compile(r"Shell command directly uses variable (KALM|GPU_RUN) from outside of the rule"),
+    re.compile(r"Shell command directly uses variable (KALM|GPU_RUN|TRACKING) from outside of the rule"),
 ]
 
 

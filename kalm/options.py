@@ -152,6 +152,8 @@ def schema_properties(cls) -> dict[str, dict]:
                 item[theirs] = meta[ours]
         if "choices" in meta:
             item["enum"] = list(meta["choices"])
+        if "pattern" in meta:
+            item["pattern"] = meta["pattern"]
         entry = {"type": "array", "items": item, "minItems": meta.get("length", 1)} if seq else dict(item)
         if seq and meta.get("length"):
             entry["maxItems"] = meta["length"]

@@ -1,7 +1,8 @@
 """The workflow's config schema: ``workflow/schemas/config.schema.yaml`` with the sections whose options kalm
 declares filled in from their declarations (kalm.options): a training stage's keys (``pretrain``,
 ``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig`, the ``mine``
-section's from :class:`kalm.mining.config.MineConfig`, ``data.dedup`` and ``data.decontaminate`` from
+section's from :class:`kalm.mining.config.MineConfig`, ``tracking``'s from
+:class:`kalm.training.config.TrackingConfig`, ``data.dedup`` and ``data.decontaminate`` from
 :mod:`kalm.data.config`. An option is declared once, in its dataclass, and
 the schema, its defaults (Snakemake's ``validate`` fills them in) and the subcommand's flags follow.
 
@@ -21,7 +22,8 @@ import yaml
 from kalm import options
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.mining.config import EmbedConfig, MineConfig
-from kalm.training.config import SoupConfig, TrainConfig
+from kalm.release.config import ReleaseConfig
+from kalm.training.config import SoupConfig, TrackingConfig, TrainConfig
 
 # schema entry (a path of keys from the root) -> the dataclass whose config keys it holds, beside the keys
 # the YAML declares itself
@@ -30,6 +32,8 @@ DECLARED = {
     ("properties", "embed"): EmbedConfig,
     ("properties", "mine"): MineConfig,
     ("properties", "soup"): SoupConfig,
+    ("properties", "release"): ReleaseConfig,
+    ("properties", "tracking"): TrackingConfig,
     ("properties", "data", "properties", "dedup"): DedupConfig,
     ("properties", "data", "properties", "decontaminate"): DecontaminateConfig,
 }

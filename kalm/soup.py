@@ -241,6 +241,7 @@ def make_soup(
     report_path: str | None = None,
     last_k: int = 1,
     snapshot_dirs: list[str] | None = None,
+    prompts: dict[str, str] | None = None,
 ) -> dict:
     """Soup the runs ``model_dirs`` (their final models and, with ``last_k`` > 1, the ``last_k - 1``
     snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model."""
@@ -313,7 +314,7 @@ def make_soup(
         report.update(dev_scores=scores, chosen=[ingredients[i] for i in chosen], soup_dev_score=best)
         soup = acc.result(1.0 / len(chosen))
     base.load_state_dict(soup)
-    save_model(base, out_dir)
+    save_model(base, out_dir, prompts)
     if report_path:
         write_json(report_path, report)
     log.info("souped %d checkpoints of %d runs into %s (%s)", len(ingredients), len(model_dirs), out_dir, method)
@@ -337,6 +338,7 @@ def _run(args: argparse.Namespace) -> None:
         args.report,
         last_k=c.last_k,
         snapshot_dirs=args.snapshots,
+        prompts=read_json(args.prompts) if args.prompts else None,
     )
 
 
@@ -350,5 +352,6 @@ def register(sub) -> None:
     p.add_argument(
         "--snapshots", nargs="+", help="with --last-k > 1: each run's snapshot folder, in the order of the models"
     )
+    p.add_argument("--prompts", help="prompts JSON (kalm prompts) the souped model carries")
     p.add_argument("--report", help="JSON with the ingredients, weights / dev scores / chosen ingredients")
     p.set_defaults(func=_run)

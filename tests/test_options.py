@@ -88,6 +88,7 @@ def test_the_workflow_schema_takes_every_trainer_option_from_train_config():
         (("properties", "mine"), "kalm.mining.config.MineConfig"),
         (("properties", "embed"), "kalm.mining.config.EmbedConfig"),
         (("properties", "soup"), "kalm.training.config.SoupConfig"),
+        (("properties", "tracking"), "kalm.training.config.TrackingConfig"),
         (("properties", "data", "properties", "dedup"), "kalm.data.config.DedupConfig"),
         (("properties", "data", "properties", "decontaminate"), "kalm.data.config.DecontaminateConfig"),
     ],

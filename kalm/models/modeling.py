@@ -279,8 +279,9 @@ def load_embedding_model(
     return model
 
 
-def save_model(model, out_dir: str | Path) -> Path:
-    """Save ``model`` as a sentence-transformers directory (safetensors), atomically.
+def save_model(model, out_dir: str | Path, prompts: dict[str, str] | None = None) -> Path:
+    """Save ``model`` as a sentence-transformers directory (safetensors), atomically; with ``prompts``
+    (kalm.release.prompts), those are the saved model's prompts, with no default prompt.
 
     The directory is written under a temporary sibling name and renamed into place only
     once complete, so a killed job never leaves a directory that looks like a model. The
@@ -290,6 +291,8 @@ def save_model(model, out_dir: str | Path) -> Path:
     from kalm.io import atomic_path
 
     out_dir = Path(out_dir)
+    if prompts is not None:
+        model.prompts, model.default_prompt_name = dict(prompts), None
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save(str(tmp), safe_serialization=True)
     return out_dir

@@ -124,3 +124,27 @@ class SoupConfig:
         "ingredients per fine-tune run: its final model and the last_k - 1 snapshots the trainer kept before it",
         minimum=1,
     )
+
+
+TRACKING_BACKENDS = ("none", "tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking of the training jobs (``tracking`` section; kalm/training/tracking.py). The
+    metrics JSON Lines file stays the record; a tracker gets the same numbers as they are made. The rules
+    pass the section as ``kalm train --tracking`` JSON, its run name completed with the job's."""
+
+    backend: str = option(
+        "none",
+        "none, tensorboard, wandb or mlflow (pip install 'kalm-pipeline[track]' installs the three)",
+        choices=TRACKING_BACKENDS,
+    )
+    project: str = option("kalm", "the project (wandb), experiment (mlflow) or folder (tensorboard) of the runs")
+    run_name: str | None = option(
+        None, "prefix of the run names (<run_name>/pretrain, <run_name>/finetune_run0); default: the job's name alone"
+    )
+    dir: str = option(
+        "logs/tracking",
+        "folder of the tracking files: tensorboard/, mlruns/ (a local mlflow store), wandb/ (offline runs)",
+    )

@@ -17,12 +17,14 @@ One step, top to bottom (``train``):
 4. encoding runs under bf16 autocast (``precision``), with gradient checkpointing if asked, and in
    GradCache chunks of ``mini_batch_size`` texts (``forward_backward``);
 5. the loss (``contrastive_loss``: InfoNCE + focal + mixed negatives + Matryoshka) and its terms go to
-   the metrics JSON Lines file, one line per step; counts go to a stats JSON at the end.
+   the metrics JSON Lines file, one line per step, and to the experiment tracker if one is configured
+   (``kalm.training.tracking``: the same numbers); counts go to a stats JSON at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -36,10 +38,10 @@ from pathlib import Path
 import torch
 
 from kalm import options
-from kalm.io import StageStats, write_jsonl
+from kalm.io import StageStats, read_json, write_jsonl
 from kalm.training.batches import BatchSchedule, batch_texts
 from kalm.training.checkpoints import Checkpoint, SnapshotKeeper, _fingerprint, snapshot_dir
-from kalm.training.config import SAVE_DTYPES, TrainConfig
+from kalm.training.config import SAVE_DTYPES, TrackingConfig, TrainConfig
 from kalm.training.distributed import Distributed, rank_slices
 from kalm.training.encoding import (
     autocast_dtype,
@@ -48,6 +50,7 @@ from kalm.training.encoding import (
     forward_backward,
 )
 from kalm.training.objective import contrastive_loss, lr_at, make_optimizer
+from kalm.training.tracking import make_tracker
 from kalm.training.train_data import (
     convert_parts,
     data_parts,
@@ -112,6 +115,8 @@ def train(
     snapshot_every: int = 0,
     in_batch: dict[str, bool] | None = None,
     data_cache: str | None = None,
+    tracking: TrackingConfig | None = None,
+    prompts: dict[str, str] | None = None,
 ) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
@@ -125,7 +130,10 @@ def train(
     With ``keep_snapshots`` K and ``snapshot_every`` N, the model is also saved every N steps into
     ``<checkpoint_dir>/snapshots`` (the last K kept): the soup's last-k ingredients.
     ``in_batch``: {task: False} for tasks trained without in-batch negatives.
-    Under torchrun only rank 0 writes (model, metrics, stats, checkpoints).
+    ``tracking``: an experiment tracker (TensorBoard, W&B, MLflow) that gets the options and each step's
+    metrics line too (run name: ``tracking.run_name``, else the stage).
+    ``prompts``: the saved model's prompts (kalm.release.prompts: its instructions, for encode_query and mteb).
+    Under torchrun only rank 0 writes (model, metrics, stats, checkpoints, tracking).
     """
     from kalm.models.modeling import load_embedding_model, save_model
 
@@ -141,6 +149,7 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = ddp.device()
+    tracker = make_tracker(tracking, ddp.rank, cfg.stage)  # before any work: a missing package stops it here
     ddp.start(device)
     scratch = None if data_cache or checkpoint_dir else tempfile.TemporaryDirectory(prefix="kalm-train-arrow-")
     try:
@@ -205,6 +214,17 @@ def train(
             cfg.homogeneous_ratio,
             cfg.mini_batch_size or "-",
             cfg.gradient_checkpointing,
+        )
+        tracker.log_config(
+            {
+                **dataclasses.asdict(cfg),
+                "model": model_spec,
+                "data": [str(p) for p in parts],
+                "records": len(data),
+                "steps": total,
+                "world_size": ddp.world,
+            },
+            start_step=step,
         )
         t_start, cpu_start = time.time(), time.process_time()
         progress = Progress(total, step, cfg.progress_every_s)
@@ -272,6 +292,7 @@ def train(
                     "elapsed_s": round(time.time() - t_start, 3),
                 }
             )
+            tracker.log_metrics(step, metrics[-1])
             if line := progress.line(step):
                 log.info("%s loss %.4f lr %.2e (%s)", line, metrics[-1]["loss"], lr, batch[0]["task"])
             if keeper is not None and step % snapshot_every == 0 and step < total:
@@ -286,7 +307,7 @@ def train(
             model.eval()
             if cfg.gradient_checkpointing:
                 disable_gradient_checkpointing(model)
-            save_model(model.to(getattr(torch, cfg.save_dtype)), out_dir)
+            save_model(model.to(getattr(torch, cfg.save_dtype)), out_dir, prompts)
             if keeper is not None:
                 keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
@@ -313,9 +334,18 @@ def train(
             remove_cache(cache)  # the checkpoint's companion: a finished run needs neither
         return {"steps": total, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3)}
     finally:
+        tracker.close()
         if scratch is not None:
             scratch.cleanup()
         ddp.close()
+
+
+def tracking_config(args: argparse.Namespace) -> TrackingConfig:
+    """``--tracking``, its run name ``<run_name>/<job>`` (``--tracking-run``, default the stage), or the job's."""
+    tracking = options.from_args(TrackingConfig, argparse.Namespace(), args.tracking)
+    job = args.tracking_run or args.stage
+    tracking.run_name = f"{tracking.run_name}/{job}" if tracking.run_name else job
+    return tracking
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -335,6 +365,8 @@ def _run(args: argparse.Namespace) -> None:
         snapshot_every=args.snapshot_every,
         in_batch=json.loads(args.in_batch_negatives),
         data_cache=args.data_cache,
+        tracking=tracking_config(args),
+        prompts=read_json(args.prompts) if args.prompts else None,
     )
 
 
@@ -379,5 +411,14 @@ def register(sub) -> None:
         help="JSON {option: value} of the options below (the workflow passes a stage's config section); "
         "a flag given as well wins",
     )
+    p.add_argument(
+        "--tracking",
+        type=json.loads,
+        default={},
+        help="JSON {backend, project, run_name, dir}: experiment tracking (the workflow passes its tracking "
+        "section; default: none)",
+    )
+    p.add_argument("--prompts", help="prompts JSON (kalm prompts) the saved model carries")
+    p.add_argument("--tracking-run", help="the job's name in the tracked run's name, after run_name (default: STAGE)")
     options.add_arguments(p, TrainConfig, skip=("stage",))
     p.set_defaults(func=_run)

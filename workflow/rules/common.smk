@@ -12,6 +12,7 @@ from kalm.evaluation.instructions import instruction_sides
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.options import options_json
+from kalm.release.config import ReleaseConfig, folder_name
 from kalm.training.config import SoupConfig, TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
 
@@ -499,3 +500,53 @@ def report_training_metrics(stage):
 
 def rulegraph_targets():
     return [p for lang in LANGUAGES for p in (f"results/mteb_{lang}.json", f"results/baseline/mteb_{lang}.json")]
+
+
+# ---- publishing (rules/release.smk) -------------------------------------------------------------
+
+MODEL_PROMPTS = "work/model_prompts.json"  # the prompts every saved model carries (rule model_prompts)
+RELEASE_DIR = os.path.join("release", folder_name(config["release"]["name"]))
+
+
+def train_tasks_json():
+    """{task: {type, instruction}} of every training task (both stages): the saved models' per-task prompts."""
+    tasks = {}
+    for stage in ("pretrain", "finetune"):
+        if stage == "pretrain" and not config["pretrain"]["enabled"]:
+            continue
+        for t, spec in sorted(config["data"][stage].items()):
+            tasks.setdefault(t, {"type": spec.get("type"), "instruction": spec.get("instruction")})
+    return json.dumps(tasks, ensure_ascii=False)
+
+
+def all_eval_specs():
+    """kalm evaluate's task spec of every evaluated task, in config order (languages sorted)."""
+    return [eval_task_spec(lang, t) for lang in LANGUAGES for t in EVAL_TASKS[lang]]
+
+
+def query_instruction_arg():
+    q = config["release"]["query_instruction"]
+    return f" --query-instruction {shlex.quote(q)}" if q else ""
+
+
+def _hub_id(spec):
+    """``spec`` when it names a hub model (``org/name``, not a local folder or a ``package:`` model), else None."""
+    import re
+
+    return spec if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not os.path.exists(spec) else None
+
+
+def release_recipe():
+    """What the model card says of the recipe: the base model, the training sections and the data tasks."""
+    return {
+        "base_model": config["base_model"],
+        "base_model_id": config["release"]["base_model_id"] or _hub_id(config["base_model"]),
+        "max_seq_length": config["max_seq_length"],
+        "pretrain": config["pretrain"] if config["pretrain"]["enabled"] else None,
+        "finetune": config["finetune"],
+        "finetune_runs": config["finetune"]["runs"],
+        "soup": config["soup"],
+        "data": {
+            stage: {t: {"type": s.get("type")} for t, s in config["data"][stage].items()} for stage in DATA_STAGES
+        },
+    }

@@ -4,6 +4,16 @@
 # rule's outputs before re-running it, so a killed training job resumes from there.
 # Each job writes the model, per-step metrics (loss and its terms, lr, samples/s, tokens/s) and a
 # stats JSON (records in/kept, records short of negatives and what was done with them).
+# With `tracking.backend` set, the trainer also sends the metrics to TensorBoard, W&B or MLflow
+# (kalm/training/tracking.py), run `<tracking.run_name>/<job>` (pretrain, finetune_run<r>).
+
+# ` --tracking JSON` (the config's tracking section), or nothing with backend none. A variable rather than a
+# param: params are a rerun trigger, and turning tracking on or off must not retrain the models.
+TRACKING = (
+    f" --tracking {shlex.quote(json.dumps(config['tracking'], sort_keys=True))}"
+    if config["tracking"]["backend"] != "none"
+    else ""
+)
 
 
 rule pretrain:
@@ -31,7 +41,7 @@ rule pretrain:
         "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage pretrain --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
-        "--seed {params.seed} "
+        "--seed {params.seed}{TRACKING} "
         "--checkpoint-dir work/checkpoints/pretrain "
         "--threads {threads} > {log} 2>&1"
 
@@ -40,6 +50,9 @@ rule finetune:
     input:
         data=mined_parts(),  # the Parquet parts of the mined fine-tuning data
         start=["models/pretrain"] if config["pretrain"]["enabled"] else [],
+        # the prompts the saved model carries; ancient: a changed prompt (e.g. one more evaluation task)
+        # does not retrain, the release writes the current ones (rules/release.smk)
+        prompts=ancient(MODEL_PROMPTS),
     output:
         model=directory("models/finetune/run{run}"),
         metrics="models/finetune/run{run}.metrics.jsonl",
@@ -62,7 +75,7 @@ rule finetune:
         "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
-        "--seed {params.seed}{params.in_batch} "
+        "--seed {params.seed}{params.in_batch}{TRACKING} --tracking-run finetune_run{wildcards.run} --prompts {input.prompts} "
         "--checkpoint-dir work/checkpoints/finetune_run{wildcards.run} "
         "--threads {threads} > {log} 2>&1"
 
@@ -70,6 +83,7 @@ rule finetune:
 rule soup:
     input:
         models=expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+        prompts=ancient(MODEL_PROMPTS),  # as for finetune: not a reason to re-soup (and re-evaluate)
         dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"]["dev_task"] else [],
     output:
         model=directory("models/soup"),
@@ -83,4 +97,5 @@ rule soup:
     params:
         args=soup_args(),
     shell:
-        "{KALM} soup {input.models} --out {output.model} --report {output.report} {params.args} > {log} 2>&1"
+        "{KALM} soup {input.models} --out {output.model} --report {output.report} --prompts {input.prompts} "
+        "{params.args} > {log} 2>&1"
