@@ -211,3 +211,26 @@ def test_instruction_set_sources_and_differing_instructions(tmp_path):
     assert agg["gain"]["instructions_differ"] == ["TNews"]
     assert agg["baseline"]["instruction_set"] == "kalm"
     assert "instruction set kalm; max length 512, dtype float32" in (tmp_path / "f.md").read_text()
+
+
+def test_aggregate_logs_the_scores_as_the_tracked_runs_final_scores(tmp_path):
+    """`kalm aggregate --tracking`: the soup's scores land in its TensorBoard run, read back with TensorBoard."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    paths = write_sidecars(tmp_path / "final", FINAL)
+    tracking = {"backend": "tensorboard", "project": "p", "run_name": "exp", "dir": str(tmp_path / "tb")}
+    res = subprocess.run(
+        [sys.executable, "-m", "kalm", "aggregate", "--model", "soup", "--out", str(tmp_path / "mteb_zh.json")]
+        + ["--tracking", json.dumps(tracking), "--tracking-run", "soup", *paths],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    acc = EventAccumulator(str(tmp_path / "tb/tensorboard/p/exp/soup"))
+    acc.Reload()
+    logged = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
+    assert logged["summary/mteb_zh/T2Retrieval"] == pytest.approx(0.80)
+    assert logged["summary/mteb_zh/mean_task"] == pytest.approx(read_json(tmp_path / "mteb_zh.json")["mean_task"])

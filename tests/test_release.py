@@ -179,6 +179,21 @@ def test_snakemake_release_writes_a_publishable_folder(tiny_run):
     revision = model_meta["revision"]
     results_dir = folder / "results" / name.replace("/", "__") / revision
     assert (results_dir / "model_meta.json").exists()
+    # tensorboard shows the run: finetune run 0's loss curve is its metrics JSONL's, the soup's scores are there
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = work / cfg["tracking"].get("dir", "logs/tracking") / "tensorboard" / cfg["tracking"]["project"]
+    acc = EventAccumulator(str(tb / "finetune_run0"))
+    acc.Reload()
+    jsonl = [json.loads(line) for line in (work / "models/finetune/run0.metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in jsonl
+    ]
+    acc = EventAccumulator(str(tb / "soup"))
+    acc.Reload()
+    assert acc.Scalars("summary/mteb_en/DemoRetrievalEn")[0].value == pytest.approx(
+        reported["DemoRetrievalEn"], rel=1e-6
+    )
     for lang in ("en", "zh"):
         for task in cfg["eval"]["languages"][lang]:
             ours = mteb.TaskResult.from_disk(results_dir / f"{task}.json")

@@ -23,6 +23,7 @@ mteb's 0-1 scale. With a baseline a markdown table (same name, ``.md``) is writt
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from statistics import fmean
@@ -268,11 +269,33 @@ def markdown_table(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def track_scores(out: dict, tracking: dict, run: str | None) -> None:
+    """The aggregate's scores as the final scores of the tracked run (kalm.training.tracking): per task, the
+    means and the gains over the base model, under ``mteb_<lang>/``."""
+    from kalm import options
+    from kalm.training.config import TrackingConfig
+    from kalm.training.tracking import make_tracker
+
+    settings = options.from_args(TrackingConfig, argparse.Namespace(), tracking)
+    if run:
+        settings.run_name = f"{settings.run_name}/{run}" if settings.run_name else run
+    prefix = f"mteb_{out.get('lang') or 'all'}"
+    summary = {f"{prefix}/{task}": r["main_score"] for task, r in out["tasks"].items()}
+    summary.update({f"{prefix}/mean_task": out["mean_task"], f"{prefix}/mean_type": out["mean_type"]})
+    for key, value in (out.get("gain") or {}).items():
+        if isinstance(value, int | float):
+            summary[f"{prefix}/gain_{key}"] = value
+    with make_tracker(settings, 0, run or "eval") as tracker:
+        tracker.log_summary(summary)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         out = aggregate(args.results, args.model, args.out, baseline_path=args.baseline)
     except AggregateError as e:
         raise SystemExit(f"kalm aggregate: {e}") from None
+    if args.tracking:
+        track_scores(out, json.loads(args.tracking), args.tracking_run)
     msg = f"{args.model}: {out['n_tasks']} tasks, mean_task={out['mean_task']:.4f}, mean_type={out['mean_type']:.4f}"
     if "gain" in out and out["gain"].get("mean_task") is not None:
         msg += f", gain mean_task={out['gain']['mean_task']:+.4f}"
@@ -285,5 +308,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", required=True, help="model name recorded in the aggregate")
     p.add_argument("--out", required=True, help="aggregate JSON to write (a .md table goes beside it with --baseline)")
     p.add_argument("--baseline", default=None, help="aggregate JSON of the base model, to report gains")
+    p.add_argument("--tracking", help="JSON tracking section: log the scores as the tracked run's final scores")
+    p.add_argument("--tracking-run", help="the tracked run's job name (e.g. soup), after tracking.run_name")
     p.add_argument("results", nargs="+", metavar="RESULT_JSON", help="per-task result (task.json or task.kalm.json)")
     p.set_defaults(func=_run)

@@ -306,6 +306,14 @@ def eval_model(which):
     return config["base_model"]
 
 
+def tracking_scores_arg(which):
+    """`kalm aggregate`'s tracking flags: the soup's (or a run's) scores go to the tracked run (tracking.backend)."""
+    if config["tracking"]["backend"] == "none":
+        return ""
+    run = "soup" if which == "results" else f"finetune_{which.rsplit('/', 1)[1]}"
+    return f" --tracking {shlex.quote(json.dumps(config['tracking'], sort_keys=True))} --tracking-run {run}"
+
+
 def eval_model_input(wildcards):
     model = eval_model(wildcards.which)
     return [model] if model.startswith("models/") else []

@@ -64,5 +64,7 @@ rule aggregate:
         mem_mb=1000,
     params:
         model=lambda w: eval_model(w.which),
+        tracking=lambda w: tracking_scores_arg(w.which),  # the scores as the tracked run's final scores
     shell:
-        "{KALM} aggregate --model {params.model} --baseline {input.baseline} --out {output} {input.results} > {log} 2>&1"
+        "{KALM} aggregate --model {params.model} --baseline {input.baseline} --out {output}{params.tracking} "
+        "{input.results} > {log} 2>&1"
