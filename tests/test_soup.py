@@ -173,7 +173,7 @@ def tiny_modules(tmp_path, monkeypatch):
     kalm.models.modeling's loader and saver swapped for torch.save of the state dict."""
     import kalm.models.modeling
 
-    def save(model, out):
+    def save(model, out, prompts=None):
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), Path(out) / "state.pt")
 
