@@ -93,11 +93,11 @@ def test_bad_config_stops_with_the_key_named(override, key):
 
 
 def test_full_recipe_dry_runs(tmp_path):
+    """From nothing: no corpora in the folder, the recipe's sources are fetch jobs of the plan."""
     full = yaml.safe_load((ROOT / "config/kalm_full.yaml").read_text())
-    for stage in ("pretrain", "finetune"):
-        for spec in full["data"][stage].values():
-            (tmp_path / spec["path"]).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / spec["path"]).touch()
+    n_files = sum(
+        len(spec["source"]["files"]) for stage in ("pretrain", "finetune") for spec in full["data"][stage].values()
+    )
     res = snakemake(
         "results/mteb_zh.json",
         "results/mteb_en.json",
@@ -109,6 +109,7 @@ def test_full_recipe_dry_runs(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     counts = job_counts(res.stdout)
+    assert counts["fetch"] == counts["validate"] == n_files
     assert counts["evaluate"] == 2 * (31 + 41)  # MTEB(cmn, v1) + MTEB(eng, v2), final and base model
     assert counts["embed"] == 8 and counts["finetune"] == 2
     # the KaLM hyper-parameters reach the training command lines

@@ -97,6 +97,18 @@ def decontamination_lines(contamination: dict[str, dict]) -> list[str]:
     return lines
 
 
+def source_rows(recipe: dict) -> list[list[Any]]:
+    """(stage, task, hub repository or folder, is local, revision, licence) of the data tasks given as sources."""
+    rows = []
+    for stage, tasks in (recipe.get("data") or {}).items():
+        for task, spec in sorted(tasks.items()):
+            src = spec.get("source") if isinstance(spec, dict) else None
+            if src:
+                where = src.get("hf") or src.get("local")
+                rows.append([stage, task, where, bool(src.get("local")), src.get("revision"), src.get("license")])
+    return rows
+
+
 def build_card(
     *,
     name: str,
@@ -114,6 +126,8 @@ def build_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     languages = sorted({LANGUAGE_CODES.get(lang, lang) for lang in results})
+    sources = source_rows(recipe)
+    datasets = datasets or sorted({row[2] for row in sources if not row[3]}) or None
     data = ModelCardData(
         model_name=name,
         language=languages or None,
@@ -156,6 +170,9 @@ def build_card(
     if rows:
         parts += ["", "### Training data", ""]
         parts.append(_table(["stage", "task", "raw records", "records trained on", "dropped (reason n)"], rows))
+    if sources:
+        parts += ["", "### Sources", ""]
+        parts.append(_table(["stage", "task", "source", "local", "revision", "licence"], sources))
     decont = decontamination_lines(contamination)
     if decont:
         parts += ["", "### Decontamination", "", *decont]

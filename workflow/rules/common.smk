@@ -15,6 +15,11 @@ from kalm.options import options_json
 from kalm.release.config import ReleaseConfig, folder_name
 from kalm.training.config import SoupConfig, TrainConfig
 from kalm.data.validate import ValidationError as _ValidationError, task_files as _task_files
+from kalm.data.fetch import (
+    SourceError as _SourceError,
+    output_name as _source_output_name,
+    source_files as _source_files,
+)
 
 KALM = f"{shlex.quote(sys.executable)} -m kalm"
 DATA_STAGES = ["pretrain", "finetune"]
@@ -85,11 +90,31 @@ def decontaminate_settings():
 # ---- the data stages' shard files (issue 15): every consumer names its inputs through these --------
 
 
+def fetched_file(stage, dtask, repo_path):
+    """Where rule fetch writes a source file of a task (kalm.data.fetch.output_name)."""
+    return os.path.join("corpora", stage, dtask, _source_output_name(repo_path))
+
+
+def source_file_of(stage, dtask, name):
+    """The repository path of fetched file `name` of a task (rule fetch's wildcards)."""
+    spec = data_task(stage, dtask)["source"]
+    for f in _source_files(spec, f"data.{stage}.{dtask}"):
+        if _source_output_name(f) == f"{name}.parquet":
+            return f
+    raise ValueError(f"data.{stage}.{dtask}: no source file named {name}")
+
+
 @functools.lru_cache(maxsize=None)
 def task_input_files(stage, dtask):
     """The input files of a training task (kalm.data.validate.task_files: the file, or the .jsonl/.parquet files
     of its folder in sorted order), read when the DAG is built: one validate job each."""
-    path = data_task(stage, dtask)["path"]
+    spec = data_task(stage, dtask)
+    if "source" in spec and "path" not in spec:  # fetched by rule fetch (rules/sources.smk), one job per file
+        try:
+            return tuple(fetched_file(stage, dtask, f) for f in _source_files(spec["source"], f"data.{stage}.{dtask}"))
+        except _SourceError as e:
+            raise ValueError(f"config {e}") from None
+    path = spec["path"]
     try:
         return tuple(str(f) for f in _task_files(path))
     except _ValidationError as e:
@@ -555,6 +580,7 @@ def release_recipe():
         "finetune_runs": config["finetune"]["runs"],
         "soup": config["soup"],
         "data": {
-            stage: {t: {"type": s.get("type")} for t, s in config["data"][stage].items()} for stage in DATA_STAGES
+            stage: {t: {"type": s.get("type"), "source": s.get("source")} for t, s in config["data"][stage].items()}
+            for stage in DATA_STAGES
         },
     }
