@@ -180,6 +180,23 @@ def _build_tiny_run(work: Path, tiny_qwen_dir: str) -> None:
     assert res.returncode == 0, res.stderr[-5000:]
 
 
+def dry_run_commands(cfg: dict, folder: Path, *targets: str) -> list[str]:
+    """The printed shell commands (`-n -p --forceall`) of a dry run of ``targets`` under config ``cfg``."""
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), *targets, "-n", "-p", "--forceall", "--cores", "1"]
+        + ["--configfile", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.splitlines()
+
+
 def train_config_of(command_line: str):
     """The TrainConfig a `kalm train` command line of a dry run trains with (the trainer's own parser)."""
     import shlex

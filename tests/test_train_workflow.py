@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import train_config_of
+from conftest import dry_run_commands, train_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,30 +59,9 @@ def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
     mining encoder, both training stages and the baseline evaluation must pool alike."""
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["pooling"] = "lasttoken"
+    commands = dry_run_commands(cfg, tmp_path, "models/finetune/run0", "results/baseline/mteb_en.json")
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run(
-        [
-            str(snakemake),
-            "models/finetune/run0",
-            "results/baseline/mteb_en.json",
-            "-n",
-            "-p",
-            "--forceall",
-            "--cores",
-            "1",
-            "--configfile",
-            str(path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if " -m kalm " in line]
+    lines = [line for line in commands if " -m kalm " in line]
     for command in ("embed", "train --stage pretrain", "train --stage finetune", "evaluate"):
         found = [line for line in lines if f"-m kalm {command}" in line]
         assert found and all("--pooling lasttoken" in line for line in found), command
@@ -117,30 +96,7 @@ def test_training_instructs_sts_as_the_evaluation_does(tmp_path, monkeypatch, in
 
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     cfg["eval"]["instruction_set"] = instruction_set
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run(
-        [
-            str(snakemake),
-            "models/finetune/run0",
-            "results/mteb_en.json",
-            "-n",
-            "-p",
-            "--forceall",
-            "--cores",
-            "1",
-            "--configfile",
-            str(path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
+    out = "\n".join(dry_run_commands(cfg, tmp_path, "models/finetune/run0", "results/mteb_en.json"))
     validate = {
         m[1]: m[2] for m in re.finditer(r"kalm validate --input \S+ --task (\S+) .*?--on-error \w+ (.*?) > ", out)
     }
