@@ -21,6 +21,7 @@ import yaml
 
 from kalm import options
 from kalm.data.config import DecontaminateConfig, DedupConfig
+from kalm.data.labelled import LabelledConfig
 from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.release.config import ReleaseConfig
 from kalm.training.config import SoupConfig, TrackingConfig, TrainConfig
@@ -33,6 +34,7 @@ DECLARED = {
     ("properties", "mine"): MineConfig,
     ("properties", "soup"): SoupConfig,
     ("properties", "release"): ReleaseConfig,
+    ("$defs", "data_task", "properties", "labelled"): LabelledConfig,
     ("properties", "tracking"): TrackingConfig,
     ("properties", "data", "properties", "dedup"): DedupConfig,
     ("properties", "data", "properties", "decontaminate"): DecontaminateConfig,

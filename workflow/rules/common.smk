@@ -10,6 +10,7 @@ import sys
 # one rule for which side of a task carries its instruction, in training and evaluation alike
 from kalm.evaluation.instructions import instruction_sides
 from kalm.data.config import DecontaminateConfig, DedupConfig
+from kalm.data.labelled import LabelledConfig
 from kalm.mining.config import EmbedConfig, MineConfig
 from kalm.options import options_json
 from kalm.release.config import ReleaseConfig, folder_name
@@ -106,8 +107,17 @@ def source_file_of(stage, dtask, name):
 
 @functools.lru_cache(maxsize=None)
 def task_input_files(stage, dtask):
-    """The input files of a training task (kalm.data.validate.task_files: the file, or the .jsonl/.parquet files
-    of its folder in sorted order), read when the DAG is built: one validate job each."""
+    """The files validate reads for a task, one validate job each: its own files (raw_task_files), or for a
+    `format: labelled` task the KaLM records rule labelled makes of them (rules/labelled.smk)."""
+    if data_task(stage, dtask).get("format") == "labelled":
+        return (f"work/data/{stage}/labelled/{dtask}.parquet",)
+    return raw_task_files(stage, dtask)
+
+
+@functools.lru_cache(maxsize=None)
+def raw_task_files(stage, dtask):
+    """The files of a training task (kalm.data.validate.task_files: the file, or the .jsonl/.parquet files
+    of its folder in sorted order; or its source's fetched files), read when the DAG is built."""
     spec = data_task(stage, dtask)
     if "source" in spec and "path" not in spec:  # fetched by rule fetch (rules/sources.smk), one job per file
         try:
