@@ -334,3 +334,58 @@ def test_data_memory_per_rank_does_not_grow_with_the_text_volume(tmp_path):
         f"{epoch / n:.0f} B/record, heap peak {peak / 1e6:.1f} MB for {text_bytes / 1e6:.0f} MB of text, "
         f"built in {seconds:.1f} s; one epoch read: RssAnon +{anon / 1024:.1f} MB, RssFile +{file_backed / 1024:.0f} MB"
     )
+
+
+# ---- the data mix: per-task sampling weights and caps (issue 19, part 3) ------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    weights=st.lists(st.sampled_from([0.25, 0.5, 1.0, 1.5, 3.0]), min_size=4, max_size=4),
+    caps=st.lists(st.one_of(st.none(), st.integers(1, 20)), min_size=4, max_size=4),
+    seed=st.integers(0, 50),
+)
+def test_the_data_mix_gives_each_task_its_weighted_capped_share_every_epoch(sizes, weights, caps, seed):
+    from kalm.training.batches import mix_rows
+
+    tasks = np.repeat(np.arange(len(sizes)), sizes).astype(np.uint16)
+    rows = np.arange(len(tasks), dtype=np.int64) * 3  # global rows with gaps
+    mix = {t: (weights[t], caps[t]) for t in range(len(sizes))}
+    for epoch in (0, 1):
+        got_rows, got_tasks = mix_rows(rows, tasks, mix, random.Random(f"{seed}:mix:{epoch}"))
+        for t, n in enumerate(sizes):
+            mine = got_rows[got_tasks == t]
+            kept = min(n, caps[t] or n)
+            assert len(mine) == round(weights[t] * kept)
+            assert set(mine.tolist()) <= set(rows[tasks == t].tolist())  # a task's rows only
+            assert len(set(mine.tolist())) == min(len(mine), kept)  # repeats only once the subset is used up
+    cfg = TrainConfig(batch_size=4, seed=seed)
+    if sum(round(weights[t] * min(n, caps[t] or n)) for t, n in enumerate(sizes)) < 2:
+        with pytest.raises(ValueError, match="fewer than two records"):
+            BatchSchedule(rows, tasks, cfg, mix)
+        return
+    a, b = BatchSchedule(rows, tasks, cfg, mix), BatchSchedule(rows, tasks, cfg, mix)
+    if a.steps_per_epoch:
+        steps = range(2 * a.steps_per_epoch)
+        assert [a(s).tolist() for s in steps] == [b(s).tolist() for s in steps]  # a pure function of the seed
+        assert len(a._epoch_batches(1)) == a.steps_per_epoch  # the same number of steps every epoch
+        assert a.task_counts.tolist() == [round(weights[t] * min(n, caps[t] or n)) for t, n in enumerate(sizes)]
+
+
+def test_the_trainer_trains_on_the_data_mix_and_counts_it(tmp_path, tiny_qwen_dir):
+    """--task-mix through the trainer: the stats say each task's records per epoch, and the steps follow."""
+    recs = [
+        {"task": "big" if i < 24 else "small", "query": f"q {i}", "pos": [f"p {i}"], "neg": [f"n {i}", f"m {i}"]}
+        for i in range(30)
+    ]
+    data = str(_write_jsonl(tmp_path / "d.jsonl", recs))
+    cfg = TrainConfig(stage="finetune", batch_size=4, group_size=3, lr=1e-3, epochs=1, threads=1, seed=3)
+    mix = {"big": {"max_records": 8}, "small": {"weight": 2.0}}
+    train(tiny_qwen_dir, data, str(tmp_path / "m"), cfg, {}, stats_path=str(tmp_path / "s.json"), task_mix=mix)
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["records_per_epoch"] == {"big": 8, "small": 12}
+    metrics = list(read_jsonl(tmp_path / "m.metrics.jsonl"))
+    assert len(metrics) == 5  # (8 + 12) / 4 steps in the epoch, not (24 + 6) / 4
+    with pytest.raises(ValueError, match=r"task mix names \['nope'\]"):
+        train(tiny_qwen_dir, data, str(tmp_path / "x"), cfg, {}, task_mix={"nope": {"weight": 2}})

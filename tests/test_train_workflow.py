@@ -144,3 +144,24 @@ def test_validate_drops_every_instruction_when_asked(tmp_path):
     assert read_json(stats)["instructions_dropped"] == 1
     validate_file(str(src), "sts", str(tmp_path / "kept.jsonl"), str(stats), instruction="config's")
     assert [r["instruction"] for r in read_jsonl(tmp_path / "kept.jsonl")] == ["own", "config's"]
+
+
+def test_the_data_mix_of_the_config_reaches_the_trainer(tmp_path):
+    """data.<stage>.<task>.weight / max_records: one --task-mix JSON on the stage's train command, read by the
+    trainer's parser; a config without them passes none (the commands of existing runs do not change)."""
+    import json
+    import shlex
+
+    from kalm.cli import build_parser
+
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    plain = dry_run_commands(cfg, tmp_path, "models/finetune/run0")
+    assert not any("--task-mix" in line for line in plain)
+    cfg["data"]["finetune"]["retrieval_en"]["weight"] = 2.0
+    cfg["data"]["finetune"]["sts_en"]["max_records"] = 100
+    lines = dry_run_commands(cfg, tmp_path, "models/finetune/run0")
+    (line,) = [line for line in lines if "train --stage finetune" in line]
+    argv = shlex.split(line.split(" -m kalm train ", 1)[1].split(" > ", 1)[0])
+    args = build_parser(["kalm.training.train"]).parse_args(["train", *argv])
+    assert json.loads(args.task_mix) == {"retrieval_en": {"weight": 2.0}, "sts_en": {"max_records": 100}}
+    assert not any("--task-mix" in line for line in lines if "train --stage pretrain" in line)

@@ -96,6 +96,32 @@ def _mix_tails(batches: list[np.ndarray], ratio: float, rng: random.Random) -> N
         start += take
 
 
+def mix_rows(
+    rows: np.ndarray, tasks: np.ndarray, mix: Mapping[int, tuple[float, int | None]], rng: random.Random
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's rows under per-task sampling weights and caps (the data mix).
+
+    ``mix``: {task code: (weight, max_records)}. A task keeps ``m = min(n, max_records)`` of its ``n``
+    rows, a fresh random subset each epoch (``rng``), and contributes ``round(weight * m)`` rows: whole
+    copies of the subset, then a random part of it (weight < 1 subsamples, > 1 repeats). Tasks not in
+    ``mix`` keep their rows once. The counts, hence the steps of an epoch, are the same every epoch."""
+    out_rows, out_tasks = [], []
+    for code in np.unique(tasks).tolist():
+        idx = rows[tasks == code]
+        weight, cap = mix.get(code, (1.0, None))
+        perm = np.asarray(rng.sample(range(len(idx)), len(idx)), dtype=np.int64)
+        kept = idx[perm[: min(len(idx), cap or len(idx))]]
+        count = int(round(weight * len(kept)))
+        whole, part = divmod(count, len(kept)) if len(kept) else (0, 0)
+        extra = kept[np.asarray(rng.sample(range(len(kept)), part), dtype=np.int64)] if part else kept[:0]
+        chosen = np.concatenate([kept] * whole + [extra])
+        out_rows.append(chosen)
+        out_tasks.append(np.full(len(chosen), code, dtype=tasks.dtype))
+    if not out_rows:
+        return rows, tasks
+    return np.concatenate(out_rows), np.concatenate(out_tasks)
+
+
 class BatchSchedule:
     """The batch (global rows) of every global step: a pure function of (seed, step), so resume is exact.
 
@@ -104,20 +130,36 @@ class BatchSchedule:
     cached, since rebuilding it (a shuffle of every record) at every step costs O(records).
     """
 
-    def __init__(self, rows: np.ndarray, tasks: np.ndarray, cfg: TrainConfig):
-        self.rows, self.tasks, self.cfg = rows, tasks, cfg
+    def __init__(
+        self,
+        rows: np.ndarray,
+        tasks: np.ndarray,
+        cfg: TrainConfig,
+        mix: Mapping[int, tuple[float, int | None]] | None = None,
+    ):
+        self.rows, self.tasks, self.cfg, self.mix = rows, tasks, cfg, dict(mix or {})
         self._epoch, self._batches = -1, []
+        n_codes = int(np.max(tasks)) + 1 if len(tasks) else 0
+        self.task_counts = np.bincount(
+            np.asarray(self._epoch_rows(0)[1]), minlength=n_codes
+        )  # records per task and epoch
         self.steps_per_epoch = len(self._epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError("fewer than two records: no batch with an in-batch negative can be made")
-        self.left_out_per_epoch = records_left_out_per_epoch(np.bincount(np.asarray(tasks)).tolist(), cfg.batch_size)
+        self.left_out_per_epoch = records_left_out_per_epoch(self.task_counts.tolist(), cfg.batch_size)
+
+    def _epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's rows and task codes: all records once, or the data mix's (:func:`mix_rows`, from
+        its own seeded stream, so that runs without a mix keep their batches)."""
+        if not self.mix:
+            return self.rows, self.tasks
+        return mix_rows(self.rows, self.tasks, self.mix, random.Random(f"{self.cfg.seed}:mix:{epoch}"))
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch != self._epoch:
             rng = random.Random(f"{self.cfg.seed}:epoch:{epoch}")
-            self._batches = task_homogeneous_batches(
-                self.rows, self.tasks, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio
-            )
+            rows, tasks = self._epoch_rows(epoch)
+            self._batches = task_homogeneous_batches(rows, tasks, self.cfg.batch_size, rng, self.cfg.homogeneous_ratio)
             self._epoch = epoch
         return self._batches
 

@@ -117,6 +117,7 @@ def train(
     data_cache: str | None = None,
     tracking: TrackingConfig | None = None,
     prompts: dict[str, str] | None = None,
+    task_mix: dict[str, dict] | None = None,
 ) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
@@ -132,6 +133,7 @@ def train(
     ``in_batch``: {task: False} for tasks trained without in-batch negatives.
     ``tracking``: an experiment tracker (TensorBoard, W&B, MLflow) that gets the options and each step's
     metrics line too (run name: ``tracking.run_name``, else the stage).
+    ``task_mix``: {task: {"weight": w, "max_records": m}}: the data mix (kalm.training.batches.mix_rows).
     ``prompts``: the saved model's prompts (kalm.release.prompts: its instructions, for encode_query and mteb).
     Under torchrun only rank 0 writes (model, metrics, stats, checkpoints, tracking).
     """
@@ -180,7 +182,10 @@ def train(
                 f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
                 "leaves those queries no negative (this stage has no hard negatives)"
             )
-        schedule = BatchSchedule(data.rows, data.tasks, cfg)
+        schedule = BatchSchedule(data.rows, data.tasks, cfg, task_mix_codes(task_mix, data.task_names))
+        if task_mix:
+            stats.extra["records_per_epoch"] = dict(zip(data.task_names, schedule.task_counts.tolist()))
+            log.info("data mix %s: records per epoch %s", task_mix, stats.extra["records_per_epoch"])
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
         warmup = int(cfg.warmup_ratio * total)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -340,6 +345,15 @@ def train(
         ddp.close()
 
 
+def task_mix_codes(task_mix: dict[str, dict] | None, task_names: list[str]) -> dict[int, tuple[float, int | None]]:
+    """The data mix by task code; a task of the mix that the data lacks is an error naming it."""
+    unknown = sorted(set(task_mix or {}) - set(task_names))
+    if unknown:
+        raise ValueError(f"task mix names {unknown}, which the training data does not have ({task_names})")
+    code = {t: i for i, t in enumerate(task_names)}
+    return {code[t]: (float(m.get("weight", 1.0)), m.get("max_records")) for t, m in (task_mix or {}).items()}
+
+
 def tracking_config(args: argparse.Namespace) -> TrackingConfig:
     """``--tracking``, its run name ``<run_name>/<job>`` (``--tracking-run``, default the stage), or the job's."""
     tracking = options.from_args(TrackingConfig, argparse.Namespace(), args.tracking)
@@ -367,6 +381,7 @@ def _run(args: argparse.Namespace) -> None:
         data_cache=args.data_cache,
         tracking=tracking_config(args),
         prompts=read_json(args.prompts) if args.prompts else None,
+        task_mix=json.loads(args.task_mix),
     )
 
 
@@ -419,6 +434,11 @@ def register(sub) -> None:
         "section; default: none)",
     )
     p.add_argument("--prompts", help="prompts JSON (kalm prompts) the saved model carries")
+    p.add_argument(
+        "--task-mix",
+        default="{}",
+        help='JSON {"task": {"weight": w, "max_records": m}}: per-task sampling weight and cap per epoch',
+    )
     p.add_argument("--tracking-run", help="the job's name in the tracked run's name, after run_name (default: STAGE)")
     options.add_arguments(p, TrainConfig, skip=("stage",))
     p.set_defaults(func=_run)

@@ -476,7 +476,7 @@ def train_args(stage):
                 "config: soup.last_k > 1 needs finetune.snapshot_every (steps between the snapshots the soup averages)"
             )
         args += f" --keep-snapshots {last_k - 1} --snapshot-every {every}"
-    return args
+    return args + task_mix_arg(stage)
 
 
 def in_batch_arg(stage):
@@ -484,6 +484,16 @@ def in_batch_arg(stage):
     see only their own hard negatives; FlagEmbedding's no_in_batch_neg), or nothing."""
     off = {t: False for t, spec in sorted(config["data"][stage].items()) if spec.get("in_batch_negatives") is False}
     return f" --in-batch-negatives {shlex.quote(json.dumps(off))}" if off else ""
+
+
+def task_mix_arg(stage):
+    """`kalm train --task-mix`: the tasks of a stage with a sampling weight or a cap (the data mix), or nothing."""
+    mix = {
+        t: {k: spec[k] for k in ("weight", "max_records") if k in spec}
+        for t, spec in sorted(config["data"][stage].items())
+        if "weight" in spec or "max_records" in spec
+    }
+    return f" --task-mix {shlex.quote(json.dumps(mix))}" if mix else ""
 
 
 def soup_snapshot_dirs():
