@@ -337,9 +337,6 @@ def test_the_loss_mixes_each_querys_own_negatives_at_each_truncated_dimension():
 
 
 def test_recipe_options_reach_the_finetune_command(tmp_path):
-    import os
-    import subprocess
-    import sys
 
     import yaml
 
@@ -347,20 +344,11 @@ def test_recipe_options_reach_the_finetune_command(tmp_path):
     cfg = yaml.safe_load((root / "config/config.yaml").read_text())
     cfg["data"]["finetune"]["cls_en"]["in_batch_negatives"] = False
     cfg["finetune"].update(weight_decay=0.01, save_dtype="bfloat16")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    snakemake = Path(sys.executable).parent / "snakemake"
-    res = subprocess.run(
-        [str(snakemake), "models/finetune/run0", "-n", "-p", "--forceall", "--cores", "1", f"--configfile={path}"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    fine = next(line for line in res.stdout.splitlines() if "train --stage finetune" in line)
-    pre = next(line for line in res.stdout.splitlines() if "train --stage pretrain" in line)
+    from conftest import dry_run_commands
+
+    lines = dry_run_commands(cfg, tmp_path, "models/finetune/run0")
+    fine = next(line for line in lines if "train --stage finetune" in line)
+    pre = next(line for line in lines if "train --stage pretrain" in line)
     assert """--in-batch-negatives '{"cls_en": false}'""" in fine and "--in-batch-negatives" not in pre
     from conftest import train_config_of
 

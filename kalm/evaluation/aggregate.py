@@ -272,13 +272,9 @@ def markdown_table(agg: dict) -> str:
 def track_scores(out: dict, tracking: dict, run: str | None) -> None:
     """The aggregate's scores as the final scores of the tracked run (kalm.training.tracking): per task, the
     means and the gains over the base model, under ``mteb_<lang>/``."""
-    from kalm import options
-    from kalm.training.config import TrackingConfig
-    from kalm.training.tracking import make_tracker
+    from kalm.training.tracking import job_tracking, make_tracker
 
-    settings = options.from_args(TrackingConfig, argparse.Namespace(), tracking)
-    if run:
-        settings.run_name = f"{settings.run_name}/{run}" if settings.run_name else run
+    settings = job_tracking(tracking, run)
     prefix = f"mteb_{out.get('lang') or 'all'}"
     summary = {f"{prefix}/{task}": r["main_score"] for task, r in out["tasks"].items()}
     summary.update({f"{prefix}/mean_task": out["mean_task"], f"{prefix}/mean_type": out["mean_type"]})

@@ -42,7 +42,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def eval_results(results: dict[str, dict], model_name: str) -> list:
+def eval_results(results: dict[str, dict]) -> list:
     """``EvalResult`` entries (the card's ``model-index``) of every task of every language's aggregate."""
     from huggingface_hub import EvalResult
 
@@ -137,7 +137,7 @@ def build_card(
         base_model=base_model_id,
         datasets=datasets or None,
         tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "mteb", "kalm-pipeline"],
-        eval_results=eval_results(results, name) or None,
+        eval_results=eval_results(results) or None,
     )
     parts = [f"# {name.split('/', 1)[1]}", ""]
     parts.append(

@@ -106,24 +106,33 @@ def model_prompts(
     return prompts
 
 
-def mteb_resolution(prompts: dict[str, str], task_metadata, prompt_types=(QUERY, DOCUMENT, None)) -> dict:
-    """{side: the prefix mteb's runner would use} for one task (``None``: a pair task's texts, which mteb
-    encodes with no prompt type), through mteb's own key validation and lookup; a side with no key gets
-    what sentence-transformers then applies (``encode_query``'s ``query``, ``encode_document``'s
-    ``document``, plain ``encode``: none)."""
+def mteb_valid_prompts(prompts: dict[str, str]) -> dict[str, str]:
+    """The keys of ``prompts`` that mteb keeps (its own validation: task names it knows, task types, prompt
+    types); it drops the others (training tasks, local tasks)."""
     import warnings
 
-    from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
-    from mteb.types import PromptType
+    from mteb.models.abs_encoder import AbsEncoder
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # mteb warns once per key it drops (training tasks, local tasks)
+        warnings.simplefilter("ignore")  # mteb warns once per key it drops
         valid, _ = AbsEncoder.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=False)
+    return valid or {}
+
+
+def mteb_resolution(
+    prompts: dict[str, str], valid: dict[str, str], task_metadata, prompt_types=(QUERY, DOCUMENT, None)
+) -> dict:
+    """{side: the prefix mteb's runner would use} for one task (``None``: a pair task's texts, which mteb
+    encodes with no prompt type), through mteb's lookup over ``valid`` (:func:`mteb_valid_prompts` of
+    ``prompts``); a side with no key gets what sentence-transformers then applies (``encode_query``'s
+    ``query``, ``encode_document``'s ``document``, plain ``encode``: none)."""
+    from mteb.models.abs_encoder import get_prompt_name
+    from mteb.types import PromptType
+
     out = {}
     for side in prompt_types:
-        ptype = PromptType(side) if side else None
-        key = get_prompt_name(valid or {}, task_metadata, ptype)
-        out[side or "none"] = (valid or {})[key] if key else (prompts.get(side, "") if side else "")
+        key = get_prompt_name(valid, task_metadata, PromptType(side) if side else None)
+        out[side or "none"] = valid[key] if key else (prompts.get(side, "") if side else "")
     return out
 
 

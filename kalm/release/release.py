@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,11 +37,6 @@ class ReleaseError(RuntimeError):
     """The release cannot be built or pushed as configured."""
 
 
-def release_dir(name: str, root: str | os.PathLike = "release") -> Path:
-    """``release/<org>__<name>``: mteb's path-normalised model name."""
-    return Path(root) / folder_name(name)
-
-
 def write_prompts(model_dir: str | Path, prompts: dict[str, str]) -> None:
     """Store ``prompts`` in a saved model's ``config_sentence_transformers.json`` (default prompt: none)."""
     path = Path(model_dir) / ST_CONFIG
@@ -55,24 +49,21 @@ def write_prompts(model_dir: str | Path, prompts: dict[str, str]) -> None:
 def prompt_check(prompts: dict[str, str], eval_specs: list[dict]) -> dict[str, dict]:
     """{task: {"kalm": what kalm evaluate applies per side, "mteb": what mteb's runner alone would,
     "reproduced"}} for every evaluated task (kalm.release.prompts.mteb_resolution)."""
-    from kalm.release.prompts import DOCUMENT, QUERY, eval_task_prompts, mteb_resolution
+    from kalm.release.prompts import DOCUMENT, QUERY, eval_task_prompts, mteb_resolution, mteb_valid_prompts
 
+    valid = mteb_valid_prompts(prompts)  # once: mteb looks every key it does not know up in its registry
     out = {}
     for spec in eval_specs:
         name, task_type, sides = eval_task_prompts(spec)
-        wanted = {QUERY: sides.get(f"{name}-{QUERY}", sides.get(name, "")), DOCUMENT: sides.get(f"{name}-{DOCUMENT}")}
-        wanted["none"] = sides.get(name, "" if f"{name}-{QUERY}" in sides else wanted[QUERY])
-        got = mteb_resolution(prompts, SimpleNamespace(name=name, type=task_type))
-        keys = [k for k, v in wanted.items() if v is not None]
-        if f"{name}-{QUERY}" in sides and name not in sides:
-            keys = [QUERY, DOCUMENT]  # query-document tasks: mteb always passes a prompt type
-        elif name in sides and f"{name}-{QUERY}" not in sides:
-            keys = ["none"]  # single-input tasks: mteb passes none
+        # the sides the task is encoded with are the keys side_prompts wrote for it
+        side_of = {f"{name}-{QUERY}": QUERY, f"{name}-{DOCUMENT}": DOCUMENT, name: "none"}
+        wanted = {side_of[key]: prefix for key, prefix in sides.items()}
+        got = mteb_resolution(prompts, valid, SimpleNamespace(name=name, type=task_type))
         out[name] = {
             "type": task_type,
-            "kalm": {k: wanted[k] for k in keys},
-            "mteb": {k: got[k] for k in keys},
-            "reproduced": all(wanted[k] == got[k] for k in keys),
+            "kalm": wanted,
+            "mteb": {side: got[side] for side in wanted},
+            "reproduced": all(wanted[side] == got[side] for side in wanted),
         }
     return out
 
@@ -157,7 +148,8 @@ def build_release(
 
         base = recipe.get("base_model")
         opts.license = base_card_license(resolve_model_path(base)) if base else None
-    revision = opts.revision or weights_digest(model_dir)[:12]
+    digest = weights_digest(model_dir)
+    revision = opts.revision or digest[:12]
     with atomic_path(out_dir, is_dir=True) as tmp:
         model_out = tmp / "model"
         shutil.copytree(model_dir, model_out, ignore=shutil.ignore_patterns(".snakemake_timestamp"))
@@ -187,7 +179,7 @@ def build_release(
             "name": opts.name,
             "revision": revision,
             "model": model_dir,
-            "weights_sha256": weights_digest(model_dir),
+            "weights_sha256": digest,
             "results": sorted(str(Path(p)) for p in task_results),
             "results_dir": f"results/{folder_name(opts.name)}/{revision}",
             "prompts": prompts,

@@ -106,14 +106,15 @@ def mix_rows(
     copies of the subset, then a random part of it (weight < 1 subsamples, > 1 repeats). Tasks not in
     ``mix`` keep their rows once. The counts, hence the steps of an epoch, are the same every epoch."""
     out_rows, out_tasks = [], []
-    for code in np.unique(tasks).tolist():
-        idx = rows[tasks == code]
+    order = np.argsort(tasks, kind="stable")  # each task's rows in row order, as task_homogeneous_batches groups
+    codes, starts = np.unique(tasks[order], return_index=True)
+    for code, idx in zip(codes.tolist(), np.split(rows[order], starts[1:])):
         weight, cap = mix.get(code, (1.0, None))
-        perm = np.asarray(rng.sample(range(len(idx)), len(idx)), dtype=np.int64)
-        kept = idx[perm[: min(len(idx), cap or len(idx))]]
-        count = int(round(weight * len(kept)))
-        whole, part = divmod(count, len(kept)) if len(kept) else (0, 0)
-        extra = kept[np.asarray(rng.sample(range(len(kept)), part), dtype=np.int64)] if part else kept[:0]
+        m = min(len(idx), cap or len(idx))
+        # a subset only when capped (order does not matter: the batcher shuffles), drawn without a full permutation
+        kept = idx if m == len(idx) else idx[np.sort(np.asarray(rng.sample(range(len(idx)), m), dtype=np.int64))]
+        whole, part = divmod(int(round(weight * m)), m)
+        extra = kept[np.asarray(rng.sample(range(m), part), dtype=np.int64)] if part else kept[:0]
         chosen = np.concatenate([kept] * whole + [extra])
         out_rows.append(chosen)
         out_tasks.append(np.full(len(chosen), code, dtype=tasks.dtype))

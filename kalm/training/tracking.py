@@ -15,6 +15,7 @@ Where the files go (``tracking.dir``, default ``logs/tracking``):
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import logging
@@ -217,6 +218,17 @@ class WandbTracker(Tracker):
 
 
 BACKENDS = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
+
+
+def job_tracking(section: Mapping[str, Any], job: str | None) -> TrackingConfig:
+    """The ``tracking`` section as a job's settings: its run is ``<run_name>/<job>``, or ``<job>`` without a
+    run name (``job`` None: the section as it is)."""
+    from kalm import options
+
+    settings = options.from_args(TrackingConfig, argparse.Namespace(), section)
+    if job:
+        settings.run_name = f"{settings.run_name}/{job}" if settings.run_name else job
+    return settings
 
 
 def make_tracker(settings: TrackingConfig | None, rank: int = 0, name: str = "train") -> Tracker:

@@ -50,7 +50,7 @@ from kalm.training.encoding import (
     forward_backward,
 )
 from kalm.training.objective import contrastive_loss, lr_at, make_optimizer
-from kalm.training.tracking import make_tracker
+from kalm.training.tracking import job_tracking, make_tracker
 from kalm.training.train_data import (
     convert_parts,
     data_parts,
@@ -356,10 +356,7 @@ def task_mix_codes(task_mix: dict[str, dict] | None, task_names: list[str]) -> d
 
 def tracking_config(args: argparse.Namespace) -> TrackingConfig:
     """``--tracking``, its run name ``<run_name>/<job>`` (``--tracking-run``, default the stage), or the job's."""
-    tracking = options.from_args(TrackingConfig, argparse.Namespace(), args.tracking)
-    job = args.tracking_run or args.stage
-    tracking.run_name = f"{tracking.run_name}/{job}" if tracking.run_name else job
-    return tracking
+    return job_tracking(args.tracking, args.tracking_run or args.stage)
 
 
 def _run(args: argparse.Namespace) -> None:

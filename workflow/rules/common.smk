@@ -96,13 +96,19 @@ def fetched_file(stage, dtask, repo_path):
     return os.path.join("corpora", stage, dtask, _source_output_name(repo_path))
 
 
+@functools.lru_cache(maxsize=None)
+def _source_names(stage, dtask):
+    """{fetched file name: repository path} of a task's source (its globs expanded once)."""
+    files = _source_files(data_task(stage, dtask)["source"], f"data.{stage}.{dtask}")
+    return {_source_output_name(f): f for f in files}
+
+
 def source_file_of(stage, dtask, name):
     """The repository path of fetched file `name` of a task (rule fetch's wildcards)."""
-    spec = data_task(stage, dtask)["source"]
-    for f in _source_files(spec, f"data.{stage}.{dtask}"):
-        if _source_output_name(f) == f"{name}.parquet":
-            return f
-    raise ValueError(f"data.{stage}.{dtask}: no source file named {name}")
+    try:
+        return _source_names(stage, dtask)[f"{name}.parquet"]
+    except KeyError:
+        raise ValueError(f"data.{stage}.{dtask}: no source file named {name}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,7 +127,7 @@ def raw_task_files(stage, dtask):
     spec = data_task(stage, dtask)
     if "source" in spec and "path" not in spec:  # fetched by rule fetch (rules/sources.smk), one job per file
         try:
-            return tuple(fetched_file(stage, dtask, f) for f in _source_files(spec["source"], f"data.{stage}.{dtask}"))
+            return tuple(fetched_file(stage, dtask, f) for f in _source_names(stage, dtask).values())
         except _SourceError as e:
             raise ValueError(f"config {e}") from None
     path = spec["path"]
@@ -341,12 +347,21 @@ def eval_model(which):
     return config["base_model"]
 
 
+# ` --tracking JSON` (the config's tracking section), or nothing with backend none. A variable rather than a
+# param: params are a rerun trigger, and turning tracking on or off must not retrain the models.
+TRACKING = (
+    f" --tracking {shlex.quote(json.dumps(config['tracking'], sort_keys=True))}"
+    if config["tracking"]["backend"] != "none"
+    else ""
+)
+
+
 def tracking_scores_arg(which):
     """`kalm aggregate`'s tracking flags: the soup's (or a run's) scores go to the tracked run (tracking.backend)."""
-    if config["tracking"]["backend"] == "none":
+    if not TRACKING:
         return ""
     run = "soup" if which == "results" else f"finetune_{which.rsplit('/', 1)[1]}"
-    return f" --tracking {shlex.quote(json.dumps(config['tracking'], sort_keys=True))} --tracking-run {run}"
+    return f"{TRACKING} --tracking-run {run}"
 
 
 def eval_model_input(wildcards):

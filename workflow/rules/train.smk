@@ -7,14 +7,6 @@
 # With `tracking.backend` set, the trainer also sends the metrics to TensorBoard, W&B or MLflow
 # (kalm/training/tracking.py), run `<tracking.run_name>/<job>` (pretrain, finetune_run<r>).
 
-# ` --tracking JSON` (the config's tracking section), or nothing with backend none. A variable rather than a
-# param: params are a rerun trigger, and turning tracking on or off must not retrain the models.
-TRACKING = (
-    f" --tracking {shlex.quote(json.dumps(config['tracking'], sort_keys=True))}"
-    if config["tracking"]["backend"] != "none"
-    else ""
-)
-
 
 rule pretrain:
     input:
