@@ -692,7 +692,10 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
         if rule == "mine_index":  # mine_index/{pool}/shard{j}: the shard's passages
             m = _read_json(work / "work" / "mine_index" / Path(*parts) / "meta.json")
             return m.get("passages") if isinstance(m, dict) else None
-        if rule == "mine_ranges":  # the pool's passages (sampled)
+        if rule == "mine_quantizer":  # mine_quantizer/{pool}: the sample it trains on
+            m = _read_json(work / "work" / "mine_index" / parts[0] / "ranges.json")
+            return m.get("sample") if isinstance(m, dict) else None
+        if rule in ("mine_ranges", "mine_ivf"):  # the pool's passages (scattered / merged)
             metas = [_read_json(p) for p in (work / "work" / "mine_index" / parts[0]).glob("shard*/meta.json")]
             return sum(m["passages"] for m in metas) if metas and all(isinstance(m, dict) for m in metas) else None
         if rule == "mine":
@@ -1186,7 +1189,7 @@ DATA_STAGES = [
     "eval_index",
     "decontaminate",
 ]
-MINE_STAGES = ["embed", "mine_ranges", "mine_index", "mine"]
+MINE_STAGES = ["embed", "mine_ranges", "mine_quantizer", "mine_index", "mine_ivf", "mine"]
 TRAIN_STAGES = ["finetune", "pretrain"]
 
 
@@ -1202,8 +1205,10 @@ def _jobs_and_work(stage: str, n: float, c: dict) -> tuple[int, float]:
         return 1, n
     if stage == "embed":
         return c["embed_shards"], n / c["embed_shards"]
-    if stage == "mine_ranges":
+    if stage in ("mine_ranges", "mine_ivf"):
         return c["pools"], n / c["pools"]
+    if stage == "mine_quantizer":  # a fixed-size sample (kalm.mining.mine.TRAIN_SAMPLE) per pool
+        return c["pools"], min(n / c["pools"], 100_000)
     if stage == "mine_index":  # a pool shard: the same size at every N (default_pool_shards)
         shards = c.get("pool_shards") or max(1, round(n / c["pools"] / POOL_SHARD_PASSAGES))
         return c["pools"] * shards, n / (c["pools"] * shards)

@@ -490,17 +490,21 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
     assert m3["in"] == len(recs) == m3["kept"] + sum(m3["dropped"].values())
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pool_shards=st.integers(2, 7),
     pool=st.sampled_from(["task", "global"]),
     seed=st.integers(0, 3),
     sampling=st.sampled_from(["random", "top"]),
+    index=st.sampled_from(["flat", "ivf"]),
 )
-def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling):
-    """A pool split into S text ranges (one index each, searched in turn, top k merged) mines the same
-    records as the whole pool with an exact index: same candidates, ranks, scores, pads (global rows)."""
-    from kalm.mining.mine import mine, read_json
+def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling, index):
+    """A pool split into S text ranges mines the same records as the whole pool: same candidates, ranks,
+    scores, pads (global rows). flat: one exact index per shard, searched in turn, top k merged; ivf (an
+    approximate search: 2 of 4 lists probed): one quantizer trained on the pool's bottom-k sample, the
+    shards' lists merged on disk, so the same lists are scanned whatever S (with a quantizer per shard,
+    as before, the candidates depend on S)."""
+    from kalm.mining.mine import IndexConfig, mine, read_json
 
     tmp = tmp_path_factory.mktemp("poolshards")
     recs, mine_tasks, emb = _mine_corpus(tmp, seed=seed)
@@ -508,6 +512,7 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
     outs, stats = [], []
     for shards in (1, pool_shards):
         kw = {**MINE_KW, "sampling": sampling, "seed": seed, "pool": pool, "pool_shards": shards}
+        kw["index"] = IndexConfig(index, nlist=4, nprobe=2, use_gpu=False)
         st_ = mine(
             str(tmp / "in.parquet"),
             emb,

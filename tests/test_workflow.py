@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import mine_config_of, train_config_of
+from conftest import dry_run_commands, mine_config_of, train_config_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -63,6 +63,21 @@ def test_dry_run_has_every_stage_of_the_pipeline():
         "aggregate": 1,
         "aggregate_baseline": 1,
     }
+
+
+def test_ivf_mining_plans_one_quantizer_and_one_merged_index_per_pool(tmp_path):
+    """mine.index.type ivf: per pool, one quantizer job (before its shards) and one merge job (after them),
+    and every mine job reads the merged indexes; the shard jobs get the quantizer as their input."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["mine"].update(index={"type": "ivf"}, pool_shards=3)
+    lines = dry_run_commands(cfg, tmp_path, "work/data/finetune/mined/p0.parquet")
+    counts = job_counts("\n".join(lines))
+    mined = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
+    assert counts["mine_ranges"] == counts["mine_quantizer"] == counts["mine_ivf"] == mined
+    assert counts["mine_index"] == 3 * mined and counts["mine"] == 1
+    cmds = [line for line in lines if " -m kalm mine " in line]
+    assert sum("--step quantizer" in c for c in cmds) == sum("--step ivf" in c for c in cmds) == mined
+    assert all(mine_config_of(c).list_size == 256 for c in cmds)  # MineConfig's default, through the schema
 
 
 def test_rulegraph_renders_every_rule_family():

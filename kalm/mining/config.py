@@ -66,7 +66,15 @@ class MineConfig:
         choices=INDEX_TYPES,
         aliases=("--index",),
     )
-    nlist: int | None = option(None, "ivf: lists of a pool shard (default 4 sqrt(N))", config="index.nlist", minimum=1)
+    nlist: int | None = option(
+        None, "ivf: lists of a pool (default: its distinct passages / list_size)", config="index.nlist", minimum=1
+    )
+    list_size: int = option(
+        256,
+        "ivf: passages per list when nlist is null: a query scans nprobe x list_size passages at any pool size",
+        config="index.list_size",
+        minimum=1,
+    )
     nprobe: int = option(32, "ivf: lists searched per query", config="index.nprobe", minimum=1)
     hnsw_m: int = option(32, "hnsw: links per node", config="index.hnsw_m", minimum=4)
     ef_search: int = option(256, "hnsw: search breadth (at least the k searched)", config="index.ef_search", minimum=1)

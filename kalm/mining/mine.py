@@ -85,7 +85,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import random
 import tempfile
 import time
@@ -113,8 +112,9 @@ GLOBAL_POOL = "global"  # the pool folder of pool="global"
 @dataclass
 class IndexConfig:
     type: str = "flat"
-    nlist: int | None = None  # ivf: None = 4 sqrt(N)
+    nlist: int | None = None  # ivf: None = the pool's distinct passages / list_size
     nprobe: int = 32
+    list_size: int = 256  # ivf: passages per list when nlist is None
     hnsw_m: int = 32
     ef_search: int = 256
     ef_construction: int = 80
@@ -171,7 +171,7 @@ def build_index(
     elif cfg.type == "flat_fp16":
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
     elif cfg.type == "ivf":
-        nlist = max(1, min(cfg.nlist or int(4 * math.sqrt(n)), n))
+        nlist = max(1, min(cfg.nlist or round(n / cfg.list_size), n))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
         train_n = min(n, 64 * nlist)  # faiss wants >= 39 points per centroid; 64 is plenty
         sample = np.sort(np.random.default_rng(0).choice(n, train_n, replace=False))
@@ -250,11 +250,15 @@ class PoolBuilder:
         k: int = 100,
         name: str = "",
         chunk: int = 65536,
+        quantizer: Path | None = None,
+        shard: int = 0,
     ) -> int:
         """Write the pool to ``folder``: its passages sorted by encoder-side text (so the pool, its row
         numbers and everything drawn from them are the same whatever the sharding), their key hashes,
         their vectors (gathered from the embedding shards: ``store``, or the ``embeddings`` files read
-        for these texts only) and, for ``ivf`` / ``hnsw``, the index, trained and filled once."""
+        for these texts only) and, for ``hnsw``, the index, built once; for ``ivf``, the pool's trained
+        ``quantizer`` (:func:`train_quantizer`) filled with this shard's rows (ids ``shard << SHARD_BITS | row``),
+        merged with the other shards' by :func:`write_ivf`."""
         texts = sorted(self.entries)
         raw = [self.entries[t][1] for t in texts]
         self.entries = {}
@@ -274,7 +278,18 @@ class PoolBuilder:
                 import faiss
 
                 t = time.time()
-                faiss.write_index(build_index(vecs, cfg, k=k, gpu=False), str(tmp / "index.faiss"))
+                if cfg.type == "ivf":  # the pool's one quantizer: rows filed in its lists, ids naming the shard
+                    if quantizer is None:
+                        raise ValueError(f"pool {name}: an ivf shard needs the pool's {QUANTIZER_FILE}")
+                    index = faiss.read_index(str(quantizer))
+                    for start in range(0, len(texts), chunk):
+                        rows = np.arange(start, min(start + chunk, len(texts)), dtype=np.int64)
+                        index.add_with_ids(
+                            np.asarray(vecs[start : start + chunk], np.float32), (shard << SHARD_BITS) + rows
+                        )
+                else:
+                    index = build_index(vecs, cfg, k=k, gpu=False)
+                faiss.write_index(index, str(tmp / "index.faiss"))
                 log.info("pool %s: %s index over %d passages in %.1f s", name, cfg.type, len(texts), time.time() - t)
             del vecs
             write_json(
@@ -320,19 +335,17 @@ class Pool:
         release_pages(self.store, self.keys)
 
     def index(self, cfg: IndexConfig, k: int):
-        """The search index: ivf / hnsw read as trained by the pool step, flat ones filled from the vectors
-        (a copy of them, cheaper to rebuild than to store twice)."""
-        if cfg.type in ("ivf", "hnsw") and self.size:
+        """The search index of this shard alone: hnsw read as built by the pool step, flat ones filled from
+        the vectors (a copy of them, cheaper to rebuild than to store twice). An ivf pool is searched whole
+        (:meth:`PoolShards.search`)."""
+        if cfg.type == "hnsw" and self.size:
             import faiss
 
             if self.meta.get("index") != cfg.type:
                 raise ValueError(f"{self.folder}: pool index is {self.meta.get('index')}, mining asks for {cfg.type}")
-            # read, not memory-mapped (faiss.IO_FLAG_MMAP): the search over mapped lists is 1.5x slower
+            # read, not memory-mapped (faiss.IO_FLAG_MMAP): the search over a mapped index is slower
             index = faiss.read_index(str(self.folder / "index.faiss"))
-            if cfg.type == "ivf":
-                faiss.extract_index_ivf(index).nprobe = min(cfg.nprobe, faiss.extract_index_ivf(index).nlist)
-            else:
-                index.hnsw.efSearch = max(cfg.ef_search, k)
+            index.hnsw.efSearch = max(cfg.ef_search, k)
             return to_gpu(index, cfg, k)
         return build_index(
             self.store,
@@ -396,6 +409,40 @@ class PoolShards:
             out[sel] = self.shards[j].vectors(local[sel])
         return out
 
+    def global_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Global rows of ivf ids ``shard << SHARD_BITS | row`` (-1 stays -1)."""
+        shard = np.where(ids >= 0, ids >> SHARD_BITS, 0)
+        return np.where(ids >= 0, self.offsets[shard] + (ids & ((1 << SHARD_BITS) - 1)), -1)
+
+    def _search_ivf(self, query_vecs: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ivf search: the pool's shards share one quantizer and their lists are merged on disk
+        (``<pool>/ivf``), so a query scans ``nprobe`` lists of the pool once, whatever the number of shards,
+        and finds the passages one unsharded ivf would (the same lists, rows in the same order)."""
+        import faiss
+
+        best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
+        best_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
+        if not self.size:
+            return best_ids, best_scores
+        t = time.time()
+        index = read_ivf(self.folder)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(self.cfg.nprobe, ivf.nlist)
+        index = to_gpu(index, self.cfg, self.index_k)
+        for start in range(0, len(query_vecs), batch):
+            ids, scores = search_rescored(index, self, query_vecs[start : start + batch], k, decode=self.global_rows)
+            best_ids[start : start + len(ids)], best_scores[start : start + len(ids)] = ids, scores
+            self.release()
+        log.info(
+            "searched the pool's ivf (%d passages, %d lists, nprobe %d) for %d queries in %.1f s",
+            self.size,
+            ivf.nlist,
+            ivf.nprobe,
+            len(query_vecs),
+            time.time() - t,
+        )
+        return best_ids, best_scores
+
     def _index(self, j: int):
         if self._cached is not None and self._cached[0] == j:
             return self._cached[1]
@@ -408,8 +455,10 @@ class PoolShards:
     def search(self, query_vecs: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Per query, the ``k`` best rows of the whole pool and their exact scores (n x k arrays, ranked by
         score, then row; row -1 past the pool's end): each shard's best ``k`` (:func:`search_rescored`),
-        merged. With exact (flat) indexes this is the unsharded result; ivf / hnsw approximate each shard on
-        its own (an index per shard)."""
+        merged. With exact (flat) indexes this is the unsharded result; hnsw approximates each shard on its
+        own (an index per shard); ivf searches the pool's one merged index (:meth:`_search_ivf`)."""
+        if self.cfg.type == "ivf":
+            return self._search_ivf(query_vecs, k, batch)
         best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
         best_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
         for j, shard in enumerate(self.shards):
@@ -442,19 +491,16 @@ class PoolShards:
 
 
 SAMPLE_MAX = 20_000  # texts in a pool's range sample at most: its memory stays bounded however many shards
+TRAIN_SAMPLE = 100_000  # ivf: the coarse quantizer's training texts at most (a bottom-k sample of the pool)
+MIN_POINTS_PER_LIST = 39  # faiss's k-means wants at least this many training points per centroid
 
 
-def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
-    """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
-    numbers of distinct texts: quantiles of a bottom-k sample (the ``min(per_shard x shards, most)``
-    distinct texts of smallest ``kalm.mining.embed.text_digest``), which depends on the set of texts only, not on their
-    order or on how the input is split. The ranges only balance the shards (20,000 texts: a shard within a
-    few percent of its share up to ~100 shards); the mined records do not depend on them."""
+def bottom_k(texts, k: int) -> tuple[list[str], int]:
+    """The ``k`` distinct texts of smallest :func:`kalm.mining.embed.text_digest` (a uniform sample of the
+    distinct texts that depends on their set only, not on order or repeats), in digest order, and the
+    number of distinct texts: exact below ``k``, else the KMV estimate ``(k - 1) 2^64 / h_k``."""
     import heapq
 
-    if shards <= 1:
-        return []
-    k = min(per_shard * shards, most)
     heap: list[tuple[int, str]] = []  # (-hash, text): the largest kept hash on top
     kept: set[int] = set()
     for text in texts:
@@ -466,8 +512,38 @@ def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAM
             kept.discard(-heapq.heapreplace(heap, (-h, text))[0])
         else:
             heapq.heappush(heap, (-h, text))
-    sample = sorted(t for _, t in heap)
-    return [sample[(j * len(sample)) // shards] for j in range(1, shards)] if sample else []
+    sample = [t for _, t in sorted(heap, reverse=True)]  # ascending digest
+    if len(heap) < k:
+        return sample, len(heap)
+    return sample, round((k - 1) * 2**64 / (-heap[0][0] + 1))
+
+
+def boundaries_of(sample: list[str], shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
+    """``shards - 1`` texts splitting a pool into ranges of about equal numbers of distinct texts: the
+    quantiles of the first ``min(per_shard x shards, most)`` texts of its digest-ordered bottom-k ``sample``
+    (itself the bottom-k of that size). The ranges only balance the shards (20,000 texts: a shard within a
+    few percent of its share up to ~100 shards); the mined records do not depend on them."""
+    if shards <= 1:
+        return []
+    head = sorted(sample[: min(per_shard * shards, most)])
+    return [head[(j * len(head)) // shards] for j in range(1, shards)] if head else []
+
+
+def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
+    """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
+    numbers of distinct texts (:func:`boundaries_of` of a :func:`bottom_k` sample)."""
+    if shards <= 1:
+        return []
+    return boundaries_of(bottom_k(texts, min(per_shard * shards, most))[0], shards, per_shard, most)
+
+
+def ivf_lists(distinct: int, train_points: int, cfg: IndexConfig) -> int:
+    """The lists of a pool's IVF: ``nlist``, or its distinct passages / ``list_size`` (a constant list size,
+    so a query scans ``nprobe x list_size`` passages whatever the pool's size), at most one list per
+    ``MIN_POINTS_PER_LIST`` training points and per training point."""
+    n = cfg.nlist or round(distinct / max(1, cfg.list_size))
+    cap = max(1, train_points // MIN_POINTS_PER_LIST) if cfg.nlist is None else train_points
+    return max(1, min(n, cap, max(1, train_points)))
 
 
 def pool_name(task: str, pool: str) -> str:
@@ -566,12 +642,16 @@ def exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.multiply(vectors, queries).sum(axis=-1)
 
 
-def search_rescored(index, pool, query_vecs: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def search_rescored(
+    index, pool, query_vecs: np.ndarray, k: int, block: int = 256, decode=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the ``k`` best pool rows and their scores (n x k arrays; row -1 and score -inf past the
-    pool's end): FAISS finds ``k + RESCORE_EXTRA`` candidates, :func:`exact_scores` scores them, and they are
-    ranked by score, then row (ties)."""
+    pool's end): FAISS finds ``k + RESCORE_EXTRA`` candidates (``decode``: its ids to pool rows),
+    :func:`exact_scores` scores them, and they are ranked by score, then row (ties)."""
     kk = min(pool.size, k + RESCORE_EXTRA)
     _, ids = index.search(query_vecs, kk)
+    if decode is not None:
+        ids = decode(ids)
     out_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
     out_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
     for b in range(0, len(query_vecs), block):
@@ -760,6 +840,24 @@ def _pool_passages(
             yield pool_name(task, pool), formatted, raw, (rid, i)
 
 
+def pool_samples(
+    inputs,
+    mine_tasks: dict[str, bool],
+    k: int,
+    pool: str = "task",
+    only: str | None = None,
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+) -> dict[str, tuple[list[str], int]]:
+    """{pool name: its :func:`bottom_k` sample of ``k`` encoder-side texts and its distinct passages}."""
+    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
+    out = {}
+    for name in names:  # one pass per pool: one sample alive at a time
+        passages = _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
+        out[name] = bottom_k((formatted for _, formatted, _, _ in passages), k) if k else ([], None)
+    return out
+
+
 def pool_ranges(
     inputs,
     mine_tasks: dict[str, bool],
@@ -770,14 +868,12 @@ def pool_ranges(
     passage_instruction: str = "symmetric",
 ) -> dict[str, list[str]]:
     """{pool name: the ``shards - 1`` text boundaries of its shards} (:func:`sample_boundaries`)."""
-    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
-    if shards <= 1:
-        return {name: [] for name in names}
-    out = {}
-    for name in names:  # one pass per pool: one sample alive at a time
-        passages = _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
-        out[name] = sample_boundaries((formatted for _, formatted, _, _ in passages), shards)
-    return out
+    k = min(1000 * shards, SAMPLE_MAX) if shards > 1 else 0
+    samples = pool_samples(inputs, mine_tasks, k, pool, only, query_instruction, passage_instruction)
+    return {name: boundaries_of(sample, shards) for name, (sample, _) in samples.items()}
+
+
+SAMPLE_FILE = "sample.arrow"  # a pool's bottom-k sample: its range quantiles, and the ivf quantizer's training texts
 
 
 def write_ranges(
@@ -789,27 +885,103 @@ def write_ranges(
     pool: str = "task",
     only: str | None = None,
     settings: MineSettings | None = None,
+    index: IndexConfig | None = None,
 ) -> dict[str, list[str]]:
-    """``kalm mine --step ranges``: each pool's ``ranges.json`` (``only``: one pool's)."""
+    """``kalm mine --step ranges``: each pool's ``ranges.json`` and ``sample.arrow`` (``only``: one pool's).
+    The sample (bottom-k by digest: the same whatever the shards) holds the range quantiles' texts, and for
+    an ``ivf`` index up to ``TRAIN_SAMPLE`` texts to train the pool's one coarse quantizer on."""
     s = settings or MineSettings()
     if shards < 1:
         raise ValueError(f"pool shards must be >= 1, got {shards}")
-    ranges = pool_ranges(inputs, mine_tasks, shards, pool, only, s.query_instruction, s.passage_instruction)
+    ivf = index is not None and index.type == "ivf"
+    k = max(min(1000 * shards, SAMPLE_MAX) if shards > 1 else 0, TRAIN_SAMPLE if ivf else 0)
+    samples = pool_samples(inputs, mine_tasks, k, pool, only, s.query_instruction, s.passage_instruction)
     if only is not None:
-        ranges.setdefault(only, [])  # a pool without records: its empty shards
-    for name, bounds in ranges.items():
+        samples.setdefault(only, ([], 0))  # a pool without records: its empty shards
+    ranges = {}
+    for name, (sample, distinct) in samples.items():
+        ranges[name] = bounds = boundaries_of(sample, shards)
         scatter_passages(inputs, mine_tasks, pools_dir, name, bounds, pool, s)
+        with atomic_path(Path(pools_dir) / name / SAMPLE_FILE) as tmp:
+            write_texts(tmp, sample, sample)
         write_json(
             Path(pools_dir) / name / RANGES_FILE,
             {
                 "pool": name,
                 "shards": shards,
                 "boundaries": bounds,
+                "distinct_passages": distinct,
+                "sample": len(sample),
                 "rule": "shard j holds the texts t with boundaries[j-1] <= t < boundaries[j]",
                 "passages": f"{RANGES_DIR}/r<j>.parquet: every candidate passage of shard j's range, in input order",
             },
         )
     return ranges
+
+
+QUANTIZER_FILE = "quantizer.faiss"  # ivf: the pool's trained, empty IVF (its coarse centroids), shared by its shards
+IVF_DIR = "ivf"  # ivf: the pool's shards' lists merged on disk (index.faiss + lists.ivfdata), what mine searches
+SHARD_BITS = 40  # ivf ids: shard << SHARD_BITS | row in the shard (global row = the shard's offset + row)
+
+
+def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: IndexConfig) -> int:
+    """``kalm mine --step quantizer``: the coarse quantizer of pool ``name``'s IVF, trained once on its
+    bottom-k sample (:func:`write_ranges`) and shared by every shard, so that each passage falls in the
+    same list whatever the shards and a query probes ``nprobe`` lists of the whole pool (one scan,
+    :func:`write_ivf`), not ``nprobe`` of each shard. Returns the number of lists."""
+    import faiss
+
+    folder = Path(pools_dir) / name
+    meta = read_json(folder / RANGES_FILE)
+    texts = read_texts(folder / SAMPLE_FILE, "text").to_pylist()
+    store = ShardedEmbeddings(embeddings)
+    nlist = ivf_lists(meta.get("distinct_passages") or len(texts), len(texts), cfg)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(store.dim), store.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    t = time.time()
+    if texts:
+        index.train(np.ascontiguousarray(store.vectors(texts), dtype=np.float32))
+    else:  # an empty pool: one list at the origin, so that the shards and the merge still have an index
+        index.quantizer.add(np.zeros((1, store.dim), dtype=np.float32))
+        index.is_trained = True
+    with atomic_path(folder / QUANTIZER_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    log.info(
+        "pool %s: ivf quantizer, %d lists for ~%s distinct passages, trained on %d in %.1f s",
+        name,
+        nlist,
+        meta.get("distinct_passages"),
+        len(texts),
+        time.time() - t,
+    )
+    return nlist
+
+
+def write_ivf(pools_dir: str, name: str) -> int:
+    """``kalm mine --step ivf``: pool ``name``'s shard IVFs (one quantizer) merged list by list into one
+    on-disk index (faiss.contrib.ondisk.merge_ondisk: the lists memory-mapped, never loaded whole), in
+    ``<pool>/ivf``. Returns the passages indexed."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    folder = Path(pools_dir) / name
+    shards = read_json(folder / RANGES_FILE)["shards"]
+    files = [str(f) for j in range(shards) if (f := shard_folder(folder, j) / "index.faiss").exists()]
+    index = faiss.read_index(str(folder / QUANTIZER_FILE))
+    with atomic_path(folder / IVF_DIR, is_dir=True) as tmp:
+        merge_ondisk(index, files, str(tmp / "lists.ivfdata"))
+        faiss.write_index(index, str(tmp / "index.faiss"))
+    log.info("pool %s: %d passages of %d shards in one on-disk ivf", name, index.ntotal, len(files))
+    return int(index.ntotal)
+
+
+def read_ivf(pools_dir: str | Path, name: str = ""):
+    """The merged on-disk IVF of a pool folder (its lists memory-mapped from ``lists.ivfdata``)."""
+    import faiss
+
+    path = Path(pools_dir) / name / IVF_DIR / "index.faiss"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no merged ivf index (run `kalm mine --step ivf` for this pool)")
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 
 RANGES_DIR = "ranges"  # a pool's passages scattered by text range: r{j}.parquet, what mine_index job j reads
@@ -899,9 +1071,11 @@ def write_pools(
 ) -> list[str]:
     """``kalm mine --step pool``: build and save the pool shards (``only``: one pool; ``shard``: one of its
     text ranges) under ``pools_dir``, each from its range's scattered passages (:func:`write_ranges`; without
-    a ranges.json: a single range, written here first)."""
+    a ranges.json: a single range, written here first). ivf: the pool's quantizer is trained first when
+    missing (:func:`train_quantizer`), and with every shard built here they are merged (:func:`write_ivf`)."""
     s = settings or MineSettings()
     k = s.search_k(10**18) + RESCORE_EXTRA
+    ivf = index is not None and index.type == "ivf"
     names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
     ranges = {}
     for name in names:
@@ -909,8 +1083,10 @@ def write_pools(
         if not f.exists():
             if not inputs:
                 raise ValueError(f"{f}: no ranges (run --step ranges first, or give --input)")
-            write_ranges(inputs, mine_tasks, pools_dir, 1, pool=pool, only=name, settings=s)
+            write_ranges(inputs, mine_tasks, pools_dir, 1, pool=pool, only=name, settings=s, index=index)
         ranges[name] = read_json(f)
+        if ivf and not (f.parent / QUANTIZER_FILE).exists():
+            train_quantizer(pools_dir, name, shard_paths, index)
         if shard is not None and not 0 <= shard < ranges[name]["shards"]:
             raise ValueError(f"{f}: pool {name} has {ranges[name]['shards']} shards, no shard {shard}")
     written = []
@@ -919,9 +1095,15 @@ def write_pools(
             b = PoolBuilder()  # a range without passages: an empty shard
             for formatted, raw, order in _range_passages(pools_dir, name, j):
                 b.add(formatted, raw, order)
-            n = b.save(shard_folder(Path(pools_dir) / name, j), None, shard_paths, index, k, f"{name}/shard{j}")
+            folder = Path(pools_dir) / name
+            quantizer = folder / QUANTIZER_FILE if ivf else None
+            n = b.save(
+                shard_folder(folder, j), None, shard_paths, index, k, f"{name}/shard{j}", quantizer=quantizer, shard=j
+            )
             log.info("pool %s shard %d/%d: %d passages", name, j, ranges[name]["shards"], n)
             written.append(f"{name}/shard{j}")
+        if ivf and shard is None:  # every shard written here: merge them (the workflow: rule mine_ivf)
+            write_ivf(pools_dir, name)
     return written
 
 
@@ -1059,7 +1241,7 @@ def mine(
     )
     s.check()
     with tempfile.TemporaryDirectory(prefix="kalm-mine-pools-") as d:
-        write_ranges(input_path, mine_tasks, d, pool_shards, pool=pool, settings=s)
+        write_ranges(input_path, mine_tasks, d, pool_shards, pool=pool, settings=s, index=index)
         write_pools(input_path, shard_paths, mine_tasks, d, pool=pool, index=index, settings=s)
         return mine_shard(input_path, shard_paths, mine_tasks, d, out_path, stats_path, s, pool, index)
 
@@ -1079,7 +1261,14 @@ def settings_of(c: MineConfig) -> tuple[MineSettings, IndexConfig]:
         passage_instruction=c.passage_instruction,
         given_negatives=c.given_negatives,
     )
-    index = IndexConfig(type=c.index_type, nlist=c.nlist, nprobe=c.nprobe, hnsw_m=c.hnsw_m, ef_search=c.ef_search)
+    index = IndexConfig(
+        type=c.index_type,
+        nlist=c.nlist,
+        nprobe=c.nprobe,
+        list_size=c.list_size,
+        hnsw_m=c.hnsw_m,
+        ef_search=c.ef_search,
+    )
     return s, index
 
 
@@ -1099,6 +1288,8 @@ def _run(args: argparse.Namespace) -> None:
     need = {
         "all": ("input", "embeddings", "mine_tasks", "out", "stats"),
         "ranges": ("input", "mine_tasks", "pools_dir"),
+        "quantizer": ("embeddings", "mine_tasks", "pools_dir"),
+        "ivf": ("mine_tasks", "pools_dir"),
         "pool": ("embeddings", "mine_tasks", "pools_dir"),  # --input only without a ranges step
         "apply": ("input", "embeddings", "mine_tasks", "pools_dir", "out", "stats"),
         "merge": ("input", "stats"),
@@ -1119,7 +1310,17 @@ def _run(args: argparse.Namespace) -> None:
             pool=c.pool,
             only=args.only_pool,
             settings=s,
+            index=index,
         )
+    elif args.step in ("quantizer", "ivf"):
+        if index.type != "ivf":
+            raise SystemExit(f"kalm mine --step {args.step}: only for index type ivf, not {index.type}")
+        names = sorted({pool_name(t, c.pool) for t in mine_tasks if args.only_pool in (None, pool_name(t, c.pool))})
+        for name in names or [args.only_pool]:
+            if args.step == "quantizer":
+                train_quantizer(args.pools_dir, name, args.embeddings, index)
+            else:
+                write_ivf(args.pools_dir, name)
     elif args.step == "pool":
         s.check()
         write_pools(
@@ -1175,12 +1376,13 @@ def register(sub) -> None:
     p = sub.add_parser("mine", help="FAISS search, negative sampling and ranking-consistency filter")
     p.add_argument(
         "--step",
-        choices=["all", "ranges", "pool", "apply", "merge"],
+        choices=["all", "ranges", "quantizer", "pool", "ivf", "apply", "merge"],
         default="all",
         help="all: pools + mining of --input in one run; ranges: split each pool (--only-pool: one) into "
-        "--pool-shards text ranges (its ranges.json under --pools-dir); pool: build the pool shards "
-        "(--pool-shard: one); apply: mine one query shard against them; merge: add up the query "
-        "shards' stats (--input) into --stats",
+        "--pool-shards text ranges (its ranges.json and bottom-k sample under --pools-dir); quantizer (ivf): "
+        "train each pool's coarse quantizer on its sample; pool: build the pool shards (--pool-shard: one); "
+        "ivf: merge a pool's shard lists into one on-disk index; apply: mine one query shard against them; "
+        "merge: add up the query shards' stats (--input) into --stats",
     )
     p.add_argument("--input", nargs="+", help="records (.parquet shards or .jsonl); --step merge: the shards' stats")
     p.add_argument("--embeddings", nargs="+", help="shard*.npy files from `kalm embed`")

@@ -214,11 +214,22 @@ def mine_pools():
 
 
 POOL_SHARDS = list(range(config["mine"]["pool_shards"]))
+MINE_IVF = config["mine"]["index"]["type"] == "ivf"
 
 
 def pool_shard_dirs(pool=None):
     """The pool shards (one mine_index job each): work/mine_index/{pool}/shard{j}, of one pool or of all."""
     return expand("work/mine_index/{pool}/shard{j}", pool=[pool] if pool else mine_pools(), j=POOL_SHARDS)
+
+
+def ivf_quantizer(wildcards):
+    """ivf: the pool's one coarse quantizer (rule mine_quantizer), which every shard of the pool files into."""
+    return f"work/mine_index/{wildcards.pool}/quantizer.faiss" if MINE_IVF else []
+
+
+def ivf_dirs():
+    """ivf: each pool's shard lists merged on disk (rule mine_ivf), what a mine job searches."""
+    return expand("work/mine_index/{pool}/ivf", pool=mine_pools()) if MINE_IVF else []
 
 
 # The instruction set of the evaluation (kalm.evaluation.task_instructions) also decides where the training data's

@@ -4,12 +4,17 @@
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
+#               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts; ivf: training texts)
+#   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the sample's
+#               vectors (nlist = distinct passages / index.list_size) -> {pool}/quantizer.faiss
 #   mine_index  one job per pool shard, reading its range's file: its passages in a canonical order (sorted),
-#               their vectors and, for ivf/hnsw, the index trained and filled once (faiss.write_index);
-#               a flat index is rebuilt from the vectors in each mine job (a copy of them: cheaper to
-#               rebuild than to store twice)
+#               their vectors and, for hnsw, the index built once; for ivf, the pool's quantizer filled with
+#               the shard's rows; a flat index is rebuilt from the vectors in each mine job (a copy of them:
+#               cheaper to rebuild than to store twice)
+#   mine_ivf    ivf only, one job per pool: the shards' lists merged on disk (faiss merge_ondisk) -> {pool}/ivf
 #   mine        one job per part j of stage_data("finetune") (the query shards): its own queries against
-#               their tasks' whole pools, one pool shard's index at a time, top k merged
+#               their tasks' whole pools (flat/hnsw: one pool shard's index at a time, top k merged; ivf:
+#               the merged index, nprobe lists of the pool, memory-mapped)
 #               -> work/data/finetune/mined/p{j}.parquet (mined_parts())
 #   mine_gather the stage's funnel entry, work/data/finetune/mined.stats.json
 # The sampling RNG is per record (seed, record id): the records are the same for any number of parts.
@@ -53,6 +58,7 @@ rule mine_ranges:
         data=stage_data("finetune"),
     output:
         ranges="work/mine_index/{pool}/ranges.json",
+        sample="work/mine_index/{pool}/sample.arrow",
         passages=temp(directory("work/mine_index/{pool}/ranges")),
     log:
         "logs/mine_ranges/{pool}.log",
@@ -61,7 +67,7 @@ rule mine_ranges:
     wildcard_constraints:
         pool="[^/]+",
     resources:
-        mem_mb=1000,  # a bottom-k sample of at most 20,000 texts; the scatter buffers at most ~64k passages in all
+        mem_mb=1000,  # a bottom-k sample of at most 100,000 texts; the scatter buffers at most ~64k passages in all
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
@@ -70,9 +76,57 @@ rule mine_ranges:
         "--only-pool {wildcards.pool} {params.args} > {log} 2>&1"
 
 
+rule mine_quantizer:
+    input:
+        ranges="work/mine_index/{pool}/ranges.json",
+        sample="work/mine_index/{pool}/sample.arrow",
+        shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
+    output:
+        "work/mine_index/{pool}/quantizer.faiss",
+    log:
+        "logs/mine_quantizer/{pool}.log",
+    benchmark:
+        "benchmarks/mine_quantizer/{pool}.tsv"
+    wildcard_constraints:
+        pool="[^/]+",
+    threads: config["threads"]
+    resources:
+        mem_mb=2000,  # at most 100,000 sample vectors (float32) and the centroids
+    params:
+        mine_tasks=shlex.quote(mine_tasks_json()),
+        args=mine_args(),
+    shell:
+        "OMP_NUM_THREADS={threads} {KALM} mine --step quantizer --embeddings {input.shards} "
+        "--mine-tasks {params.mine_tasks} --pools-dir work/mine_index --only-pool {wildcards.pool} {params.args} "
+        "> {log} 2>&1"
+
+
+rule mine_ivf:
+    input:
+        quantizer="work/mine_index/{pool}/quantizer.faiss",
+        shards=lambda w: pool_shard_dirs(w.pool),
+    output:
+        directory("work/mine_index/{pool}/ivf"),
+    log:
+        "logs/mine_ivf/{pool}.log",
+    benchmark:
+        "benchmarks/mine_ivf/{pool}.tsv"
+    wildcard_constraints:
+        pool="[^/]+",
+    resources:
+        mem_mb=1000,  # the lists are copied through memory maps, never held
+    params:
+        mine_tasks=shlex.quote(mine_tasks_json()),
+        args=mine_args(),
+    shell:
+        "{KALM} mine --step ivf --mine-tasks {params.mine_tasks} --pools-dir work/mine_index "
+        "--only-pool {wildcards.pool} {params.args} > {log} 2>&1"
+
+
 rule mine_index:
     input:
         ranges="work/mine_index/{pool}/ranges.json",
+        quantizer=ivf_quantizer,
         passages="work/mine_index/{pool}/ranges",  # r{j}.parquet: this shard's passages, scattered by mine_ranges
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
@@ -100,6 +154,7 @@ rule mine:
     input:
         data=lambda w: stage_data("finetune")[int(w.part)],
         pools=pool_shard_dirs(),
+        ivf=ivf_dirs(),
         ranges=expand("work/mine_index/{pool}/ranges.json", pool=mine_pools()),
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
