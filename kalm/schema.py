@@ -1,6 +1,7 @@
 """The workflow's config schema: ``workflow/schemas/config.schema.yaml`` with the sections whose options kalm
 declares filled in from their declarations (kalm.options): a training stage's keys (``pretrain``,
-``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig`, the ``mine``
+``finetune``: ``$defs.train_stage``) come from :class:`kalm.training.config.TrainConfig` (its ``distill``
+object also from :class:`kalm.mining.config.TeacherConfig`), the ``mine``
 section's from :class:`kalm.mining.config.MineConfig`, ``tracking``'s from
 :class:`kalm.training.config.TrackingConfig`, ``data.dedup`` and ``data.decontaminate`` from
 :mod:`kalm.data.config`. An option is declared once, in its dataclass, and
@@ -22,7 +23,7 @@ import yaml
 from kalm import options
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.data.labelled import LabelledConfig
-from kalm.mining.config import EmbedConfig, MineConfig
+from kalm.mining.config import EmbedConfig, MineConfig, TeacherConfig
 from kalm.release.config import ReleaseConfig
 from kalm.training.config import SoupConfig, TrackingConfig, TrainConfig
 
@@ -30,6 +31,8 @@ from kalm.training.config import SoupConfig, TrackingConfig, TrainConfig
 # the YAML declares itself
 DECLARED = {
     ("$defs", "train_stage"): TrainConfig,
+    # after TrainConfig, whose distill.weight / distill.temperature make the object the teacher's keys join
+    ("$defs", "train_stage", "properties", "distill"): TeacherConfig,
     ("properties", "embed"): EmbedConfig,
     ("properties", "mine"): MineConfig,
     ("properties", "soup"): SoupConfig,

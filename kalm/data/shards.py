@@ -8,7 +8,9 @@ Every stage after validation reads and writes records as Parquet files of ``RECO
 - ``id``: the record's place in the stage's input order, ``(input shard ordinal << 32) | row``
   (given by ``kalm validate``), so that sharded stages can keep "the first occurrence in input
   order" whatever the number of shards and partitions;
-- ``neg_ranks``, ``neg_scores``, ``pos_score``: what mining adds (null before).
+- ``neg_ranks``, ``neg_scores``, ``pos_score``: what mining adds (null before);
+- ``pos_teacher``, ``neg_teacher``: a teacher's cosine score of each positive and negative
+  (``kalm teacher-score``, for contrastive distillation; null before).
 
 Writes are atomic (a temporary sibling renamed into place, ``kalm.io.atomic_path``) and cut into
 row groups of ``ROW_GROUP_ROWS`` records, the unit of streaming: a reader holds one row group's
@@ -42,6 +44,8 @@ RECORD_SCHEMA = pa.schema(
         pa.field("neg_ranks", pa.list_(pa.int32())),
         pa.field("neg_scores", pa.list_(pa.float64())),
         pa.field("pos_score", pa.float64()),
+        pa.field("pos_teacher", pa.list_(pa.float32())),
+        pa.field("neg_teacher", pa.list_(pa.float32())),
     ]
 )
 FIELDS = tuple(RECORD_SCHEMA.names)

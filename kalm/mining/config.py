@@ -98,3 +98,33 @@ class EmbedConfig:
         "auto", "GPU compute precision (auto: bf16 where supported); CPUs use fp32", choices=EMBED_PRECISIONS
     )
     dtype: str = option("float16", "storage dtype of the shards", choices=EMBED_DTYPES)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher of contrastive distillation (``finetune.distill`` beside the trainer's ``weight`` and
+    ``temperature``): ``kalm teacher-score`` encodes each mined record's query and candidates with it, in
+    the teacher's own instruction format, and stores the cosine scores with the record."""
+
+    teacher: str | None = option(
+        None,
+        "the teacher model (a path or a name; KaLM V2.5: Qwen3-Embedding-8B); null = no teacher_score stage",
+        flag=False,  # the rule passes it as --model
+    )
+    query_prompt: str = option(
+        "Instruct: {instruction}\nQuery: {text}",
+        "the teacher's query format when the record has an instruction (Qwen3-Embedding's by default); "
+        "a query without one is encoded as it is",
+        pattern=r"\{text\}",
+    )
+    passage_prompt: str = option(
+        "{text}",
+        "the teacher's passage format (symmetric tasks use the query format on both sides)",
+        pattern=r"\{text\}",
+    )
+    batch_size: int = option(32, "most texts per teacher batch", minimum=1)
+    token_budget: int = option(8192, "padded tokens per teacher batch (texts x longest)", minimum=1)
+    max_seq_length: int | None = option(512, "the teacher's tokens per text", minimum=8)
+    precision: str = option(
+        "auto", "GPU compute precision (auto: bf16 where supported); CPUs use fp32", choices=EMBED_PRECISIONS
+    )

@@ -180,6 +180,8 @@ class BatchTexts:
     in_batch: list[bool] = field(default_factory=list)  # per query: False = its own negatives only
     padded: int = 0  # random negatives added to records short of negatives
     short: int = 0  # records still short (ragged) after that
+    teacher: list[list[float] | None] = field(default_factory=list)  # per query: the teacher's score of its
+    # positive and of each of its negatives (NaN: a random pad); None: its record has no teacher scores
 
     def passages(self, lo: int = 0, hi: int | None = None) -> list[str]:
         """Positives of queries lo..hi, then their negatives in query order (``info_nce``'s layout)."""
@@ -189,6 +191,26 @@ class BatchTexts:
         """The common number of negatives per query, or 0 when they differ (ragged batch)."""
         counts = {len(n) for n in self.negatives}
         return counts.pop() if len(counts) == 1 else 0
+
+    def distill_targets(self):
+        """(candidates, teacher) for ``kalm.losses.distill.distill_kl``: per query, the columns of its positive
+        and its own negatives in ``passages()`` (-1 past its count) and their teacher scores (NaN: none);
+        None when no query of the batch has a teacher score."""
+        import torch
+
+        if all(row is None for row in self.teacher):
+            return None
+        width = 1 + max(map(len, self.negatives), default=0)
+        cols = torch.full((len(self.queries), width), -1, dtype=torch.long)
+        scores = torch.full((len(self.queries), width), float("nan"))
+        start = len(self.positives)
+        for i, (negs, row) in enumerate(zip(self.negatives, self.teacher)):
+            cols[i, 0] = i
+            cols[i, 1 : 1 + len(negs)] = torch.arange(start, start + len(negs))
+            if row is not None:
+                scores[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+            start += len(negs)
+        return cols, scores
 
     def column_mask(self) -> ColumnMask:
         """Which passages leave each query's denominator (``kalm.losses.false_negatives``)."""
@@ -221,21 +243,31 @@ def batch_texts(
     repeated (as KaLM's reference data loader repeats negatives).
     """
     out = BatchTexts([], [], [])
+    nan = float("nan")
     for rec in batch:
         instr, sym = rec.get("instruction"), symmetric.get(rec["task"], False)
         out.in_batch.append((in_batch or {}).get(rec["task"], True))
         out.queries.append(format_query(rec["query"], instr))
-        out.positives.append(format_passage(rng.choice(rec["pos"]), instr, sym))
+        # indices drawn as the texts were (choice / sample of a range of the same length: the same
+        # draws), so that each chosen text keeps its teacher score (distillation)
+        i_pos = rng.choice(range(len(rec["pos"])))
+        out.positives.append(format_passage(rec["pos"][i_pos], instr, sym))
         negs = rec.get("neg", [])
+        neg_teacher = rec.get("neg_teacher") or [nan] * len(negs)
         if len(negs) >= n_neg:
-            chosen = rng.sample(negs, n_neg)
+            picked = rng.sample(range(len(negs)), n_neg)
+            chosen, scores = [negs[j] for j in picked], [neg_teacher[j] for j in picked]
         else:
-            chosen = list(negs)
+            chosen, scores = list(negs), list(neg_teacher)
             if pad is not None:
                 chosen += pad(rec["task"], n_neg - len(chosen), set(rec["pos"]) | set(negs), rng)
+                scores += [nan] * (len(chosen) - len(scores))  # a random pad has no teacher score
                 while chosen and len(chosen) < n_neg:
-                    chosen.append(rng.choice(chosen))
+                    j = rng.choice(range(len(chosen)))
+                    chosen.append(chosen[j])
+                    scores.append(scores[j])
                 out.padded += len(chosen) - len(negs)
             out.short += len(chosen) < n_neg
         out.negatives.append([format_passage(n, instr, sym) for n in chosen])
+        out.teacher.append([rec["pos_teacher"][i_pos], *scores] if rec.get("pos_teacher") else None)
     return out

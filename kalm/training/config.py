@@ -55,6 +55,19 @@ class TrainConfig:
     matryoshka_weights: tuple[float, ...] = option(
         (), "one loss weight per Matryoshka dim", config="matryoshka.weights", minimum=0, required_together=True
     )
+    distill_weight: float = option(
+        0.0,
+        "contrastive distillation: weight w of KL(P_teacher || P_student) over each query's positive and hard "
+        "negatives (KaLM V2.5); 0 = off. The records need teacher scores (distill.teacher: rule teacher_score)",
+        config="distill.weight",
+        minimum=0,
+    )
+    distill_temperature: float = option(
+        0.05,
+        "contrastive distillation: temperature of both softmaxes (KaLM V2.5: 0.05)",
+        config="distill.temperature",
+        exclusive_minimum=0,
+    )
     homogeneous_ratio: float = option(
         1.0,
         "share of a batch's slots from its own task, the rest from other tasks "

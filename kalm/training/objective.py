@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm.losses import (
+    distill_kl,
     focal_weights,
     matryoshka,
     mix_hard_negatives,
@@ -27,8 +28,9 @@ def contrastive_loss(
     generator: torch.Generator | None = None,
     terms: dict[str, float] | None = None,
     mask: torch.Tensor | None = None,
+    distill: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """InfoNCE (+ focal weights, + mixed negatives, + Matryoshka prefixes) as configured.
+    """InfoNCE (+ focal weights, + mixed negatives, + distillation, + Matryoshka prefixes) as configured.
 
     ``p`` is laid out as the B positives, then ``negs_per_query`` negatives per query in query
     order (0 when the batch's queries do not all have the same number: no mixing then).
@@ -37,10 +39,14 @@ def contrastive_loss(
     otherwise train on raw dot products at τ = 0.01. ``mask``: columns left out of each row's
     denominator (``BatchTexts.column_mask``).
 
+    ``distill``: (candidates, teacher scores) of ``BatchTexts.distill_targets``; with
+    ``cfg.distill_weight`` > 0 each prefix's term adds w · mean_i f_i · KL_i (``kalm.losses.distill``),
+    f_i the query's focal weight (detached: it weighs the query, as in its InfoNCE term) or 1.
+
     With ``terms`` given, it receives the values of this same forward pass: ``loss_infonce``
     (plain -log p_i mean at the full dimension, or the first Matryoshka one), ``loss_focal`` (its
-    (1 - p_i)^γ-weighted value, when γ > 0) and ``loss_dim{d}`` (each Matryoshka prefix's term,
-    before its weight).
+    (1 - p_i)^γ-weighted value, when γ > 0), ``loss_distill`` (the mean KL_i, when distilling) and
+    ``loss_dim{d}`` (each Matryoshka prefix's term, before its weight).
     """
     q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
     b = q.shape[0]
@@ -55,6 +61,11 @@ def contrastive_loss(
         value = -log_p.mean() if cfg.focal_gamma == 0.0 else (focal_weights(log_p, cfg.focal_gamma) * -log_p).mean()
         if not first:
             first.update(loss_infonce=-log_p.mean().detach(), loss_focal=value.detach())
+        if distill is not None and cfg.distill_weight > 0:
+            kl = distill_kl(a, c, distill[0], distill[1], cfg.distill_temperature)
+            weight = focal_weights(log_p, cfg.focal_gamma).detach() if cfg.focal_gamma else 1.0
+            value = value + cfg.distill_weight * (weight * kl).mean()
+            first.setdefault("loss_distill", kl.mean().detach())
         return value
 
     per_dim: dict[int, torch.Tensor] = {}
@@ -67,6 +78,8 @@ def contrastive_loss(
         terms["loss_infonce"] = first["loss_infonce"].item()
         if cfg.focal_gamma:
             terms["loss_focal"] = first["loss_focal"].item()
+        if "loss_distill" in first:
+            terms["loss_distill"] = first["loss_distill"].item()
         terms.update({f"loss_dim{d}": v.item() for d, v in per_dim.items()})
     return loss
 

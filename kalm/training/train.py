@@ -177,6 +177,11 @@ def train(
         pad = data.random_passages if cfg.few_negatives == "pad_random" and n_short else None
         if not len(data):
             raise ValueError(f"{', '.join(map(str, parts))}: no training records")
+        if cfg.distill_weight > 0 and not data.scored_by_teacher():
+            raise ValueError(
+                f"{cfg.stage}: distill.weight {cfg.distill_weight} but no record of {', '.join(map(str, parts))} has "
+                "teacher scores (pos_teacher): set distill.teacher (rule teacher_score) or run kalm teacher-score"
+            )
         if n_neg == 0 and in_batch and not all(in_batch.values()):
             raise ValueError(
                 f"{cfg.stage}: in_batch_negatives false for {sorted(t for t, v in in_batch.items() if not v)} "
@@ -247,6 +252,7 @@ def train(
             # process) and encodes its own slice of queries, with their positives and negatives.
             texts = batch_texts(batch, n_neg, symmetric, sample_rng, pad, in_batch)
             masked = texts.column_mask()  # the same on every rank: built from the global batch's texts
+            distill = texts.distill_targets() if cfg.distill_weight > 0 else None
             slices = rank_slices(len(batch), ddp.world)
             lo, hi = slices[ddp.rank]
             q_sizes = [b - a for a, b in slices]
@@ -259,7 +265,7 @@ def train(
                 p = torch.cat(
                     [ddp.gather_rows(p_local[: hi - lo], q_sizes), ddp.gather_rows(p_local[hi - lo :], neg_sizes)]
                 )
-                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms, masked.mask)
+                return contrastive_loss(q, p, cfg, per_query, mix_gen, terms, masked.mask, distill)
 
             optimizer.zero_grad(set_to_none=True)
             loss, tokens = forward_backward(

@@ -87,7 +87,7 @@ from kalm.training.config import FEW_NEGATIVES
 
 log = logging.getLogger(__name__)
 
-TEXT_COLUMNS = ("task", "query", "pos", "neg", "instruction")
+TEXT_COLUMNS = ("task", "query", "pos", "neg", "instruction", "pos_teacher", "neg_teacher")  # teacher: distillation
 ARROW_SCHEMA = pa.schema([RECORD_SCHEMA.field(c) for c in TEXT_COLUMNS])
 PART_SUFFIXES = (".parquet", ".jsonl")
 SMALL_TASK_ROWS = 64  # a task this small is padded from an exact list of its distinct passages
@@ -137,9 +137,10 @@ def parts_fingerprint(parts: Sequence[Path]) -> list[dict]:
 
 
 def arrow_path(part: Path, cache_dir: Path) -> Path:
-    """The cached Arrow file of ``part``: named after its absolute path, size and mtime."""
+    """The cached Arrow file of ``part``: named after its absolute path, size and mtime (and the columns)."""
     st = part.stat()
-    key = hashlib.sha1(f"{part.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    columns = ",".join(TEXT_COLUMNS)  # a cache of other columns (an older kalm) is not reused
+    key = hashlib.sha1(f"{part.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{columns}".encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{part.stem}-{key}.arrow"
 
 
@@ -336,8 +337,12 @@ class TrainData:
             keep = ~short
             self.rows, self.tasks = self.rows[keep], self.tasks[keep]
         if n_neg == 0:
-            self.columns = [c for c in TEXT_COLUMNS if c != "neg"]
+            self.columns = [c for c in TEXT_COLUMNS if c not in ("neg", "neg_teacher")]
         return n_short
+
+    def scored_by_teacher(self) -> int:
+        """Rows with teacher scores (``pos_teacher``; contrastive distillation), over every part."""
+        return sum(len(b) - b.column("pos_teacher").null_count for b in self._batches)
 
     # ---- reading --------------------------------------------------------------------------------
 

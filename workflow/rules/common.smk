@@ -11,7 +11,7 @@ import sys
 from kalm.evaluation.instructions import instruction_sides
 from kalm.data.config import DecontaminateConfig, DedupConfig
 from kalm.data.labelled import LabelledConfig
-from kalm.mining.config import EmbedConfig, MineConfig
+from kalm.mining.config import EmbedConfig, MineConfig, TeacherConfig
 from kalm.options import options_json
 from kalm.release.config import ReleaseConfig, folder_name
 from kalm.training.config import SoupConfig, TrainConfig
@@ -201,6 +201,29 @@ def stage_data(stage):
 def mined_parts(suffix=".parquet"):
     """The mined fine-tuning records: one part per query shard, i.e. per part of stage_data("finetune")."""
     return [f"work/data/finetune/mined/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
+
+
+# Contrastive distillation (KaLM V2.5): with finetune.distill.teacher set, each mined part gets the teacher's
+# scores (rule teacher_score) and fine-tuning reads those parts instead.
+TEACHER = config["finetune"]["distill"].get("teacher")
+if config["pretrain"]["distill"]["weight"] > 0:
+    raise ValueError("pretrain.distill.weight: distillation scores mined candidates, so it is a finetune option only")
+if config["finetune"]["distill"]["weight"] > 0 and not TEACHER:
+    raise ValueError(
+        "finetune.distill.weight > 0 needs finetune.distill.teacher (the model that scores the candidates)"
+    )
+
+
+def finetune_parts(suffix=".parquet"):
+    """What fine-tuning reads: the mined parts, or, with a distillation teacher, the same parts with its scores."""
+    if not TEACHER:
+        return mined_parts(suffix)
+    return [f"work/data/finetune/teacher/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
+
+
+def teacher_args():
+    """The teacher's options (kalm.mining.config.TeacherConfig's keys of finetune.distill) as `--options` JSON."""
+    return f"--options {shlex.quote(options_json(TeacherConfig, config['finetune']['distill']))}"
 
 
 MINE_POOL = config["mine"]["pool"]

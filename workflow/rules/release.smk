@@ -40,7 +40,8 @@ rule release_folder:
         mem_mb=8000,
     params:
         options=shlex.quote(options_json(ReleaseConfig, config["release"])),
-        recipe=shlex.quote(json.dumps(release_recipe(), ensure_ascii=False)),
+        # a function: the recipe holds text with braces (the distillation teacher's prompts), not wildcards
+        recipe=lambda w: shlex.quote(json.dumps(release_recipe(), ensure_ascii=False)),
         eval=shlex.quote(json.dumps(all_eval_specs(), ensure_ascii=False)),
         stages=" ".join(f"--stage {stage} " + " ".join(report_funnel_stats(stage)) for stage in REPORT_STAGES),
         contamination=" ".join(f"{stage}=work/data/{stage}/contamination_report.json" for stage in REPORT_STAGES),

@@ -40,7 +40,7 @@ rule pretrain:
 
 rule finetune:
     input:
-        data=mined_parts(),  # the Parquet parts of the mined fine-tuning data
+        data=finetune_parts(),  # the Parquet parts of the mined fine-tuning data (with teacher scores: distill)
         start=["models/pretrain"] if config["pretrain"]["enabled"] else [],
         # the prompts the saved model carries; ancient: a changed prompt (e.g. one more evaluation task)
         # does not retrain, the release writes the current ones (rules/release.smk)
@@ -91,3 +91,30 @@ rule soup:
     shell:
         "{KALM} soup {input.models} --out {output.model} --report {output.report} --prompts {input.prompts} "
         "{params.args} > {log} 2>&1"
+
+
+# Contrastive distillation (KaLM-Embedding-V2.5): one job per mined part, the teacher's cosine scores of each
+# record's positives and negatives added (pos_teacher, neg_teacher), so the students never load the teacher.
+rule teacher_score:
+    input:
+        data="work/data/finetune/mined/p{part}.parquet",
+    output:
+        data="work/data/finetune/teacher/p{part}.parquet",
+        stats="work/data/finetune/teacher/p{part}.stats.json",
+    log:
+        "logs/teacher_score/p{part}.log",
+    benchmark:
+        "benchmarks/teacher_score/p{part}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=32000,  # the teacher's weights (16 GB for an 8B model in bf16) and a chunk of records
+        gpu=gpus("teacher_score"),
+    params:
+        model=TEACHER,
+        symmetric=shlex.quote(symmetric_json("finetune")),
+        args=lambda w: teacher_args(),  # a function: the prompts' {text} is no wildcard
+    shell:
+        "{GPU_RUN} --gpus {resources.gpu} -- "
+        "{KALM} teacher-score --input {input.data} --out {output.data} --stats {output.stats} "
+        "--model {params.model} --symmetric {params.symmetric} {params.args} "
+        "--threads {threads} > {log} 2>&1"
