@@ -222,13 +222,26 @@ def dev_score(model, task, batch_size: int = 64) -> float:
     return float(run_mteb(model, prep.task, prep.prompts, batch_size).get_score())
 
 
-def _expand_weights(weights: list[float] | None, runs: int, k: int) -> list[float] | None:
-    """Weights per ingredient: given per ingredient (R*k), or per run (R) and split evenly over its k."""
-    if weights is None or len(weights) == runs * k:
+def _expand_weights(weights: list[float] | None, runs: int, k: int, base: int = 0) -> list[float] | None:
+    """Weights per ingredient: given per ingredient (R*k), or per run (R) and split evenly over its k; with
+    the start model as an ingredient (``base`` = 1), one more weight for it, last."""
+    if weights is None or len(weights) == runs * k + base:
         return weights
-    if len(weights) == runs:
-        return [w / k for w in weights for _ in range(k)]
-    raise ValueError(f"soup weights: got {len(weights)}, need one per run ({runs}) or per ingredient ({runs * k})")
+    if len(weights) == runs + base:
+        return [w / k for w in weights[:runs] for _ in range(k)] + list(weights[runs:])
+    extra = " and one for the start model, last" if base else ""
+    raise ValueError(
+        f"soup weights: got {len(weights)}, need one per run ({runs}) or per ingredient ({runs * k}){extra}"
+    )
+
+
+def objective_tasks(dev_task: dict | None, guard_tasks: list[dict] | None) -> list[dict]:
+    """The tasks the weighted and greedy soups decide on: the dev task, then the guard tasks."""
+    return ([dev_task] if dev_task else []) + list(guard_tasks or [])
+
+
+def _task_name(task: dict) -> str:
+    return task.get("name") or str(task.get("path"))
 
 
 def make_soup(
@@ -242,9 +255,16 @@ def make_soup(
     last_k: int = 1,
     snapshot_dirs: list[str] | None = None,
     prompts: dict[str, str] | None = None,
+    base_model: str | None = None,
+    guard_tasks: list[dict] | None = None,
 ) -> dict:
     """Soup the runs ``model_dirs`` (their final models and, with ``last_k`` > 1, the ``last_k - 1``
-    snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model."""
+    snapshots each kept in the matching ``snapshot_dirs``) into a sentence-transformers model.
+
+    ``base_model``: the model fine-tuning started from, one more ingredient (last), as LM-Cocktail (Xiao et
+    al. 2023, arXiv 2311.13534) mixes the base model back in against forgetting. ``guard_tasks``: held-out
+    tasks of what must not be forgotten; the loss-weighted soup's loss and the greedy soup's score of an
+    ingredient are the means over ``dev_task`` and these (each task's values are in the report)."""
     from kalm.models.modeling import load_embedding_model, save_model
 
     if method not in ("uniform", "weighted", "greedy"):
@@ -259,8 +279,17 @@ def make_soup(
         for i, run in enumerate(model_dirs)
         for d in last_k_ingredients(run, snapshot_dirs[i] if snapshot_dirs else None, last_k)
     ]
+    if base_model:
+        from kalm.models.modeling import resolve_model_path
+
+        ingredients.append(str(resolve_model_path(base_model)))
     check_compatible(ingredients)
     report: dict = {"method": method, "runs": list(model_dirs), "last_k": last_k, "ingredients": ingredients}
+    if base_model:
+        report["base_model"] = base_model
+    tasks = objective_tasks(dev_task, guard_tasks)
+    if guard_tasks:
+        report["guard_tasks"] = [_task_name(t) for t in guard_tasks]
 
     base = load_embedding_model(ingredients[0])
     ref = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -282,11 +311,13 @@ def make_soup(
     acc = _Accumulator()
     if method in ("uniform", "weighted"):
         if method == "weighted":
-            weights = _expand_weights(weights, len(model_dirs), last_k)
+            weights = _expand_weights(weights, len(model_dirs), last_k, int(bool(base_model)))
             if weights is None:
-                if dev_task is None:
+                if not tasks:
                     raise ValueError("weighted soup needs weights or a dev task to derive them from")
-                report["dev_losses"] = [with_model(i, lambda m: dev_loss(m, dev_task)) for i in range(len(ingredients))]
+                per_task = [with_model(i, lambda m: [dev_loss(m, t) for t in tasks]) for i in range(len(ingredients))]
+                report["task_losses"] = {_task_name(t): [row[j] for row in per_task] for j, t in enumerate(tasks)}
+                report["dev_losses"] = [sum(row) / len(row) for row in per_task]
                 weights = loss_weights(report["dev_losses"], temperature)
             report["weights"] = weights
         weights = _check_weights(weights if method == "weighted" else None, len(ingredients))
@@ -298,15 +329,19 @@ def make_soup(
             raise ValueError("greedy soup needs a dev task")
         from kalm.evaluation.evaluate import prepare_task
 
-        prepared = prepare_task(dev_task)
-        scores = [with_model(i, lambda m: dev_score(m, prepared)) for i in range(len(ingredients))]
+        prepared_tasks = [prepare_task(t) for t in tasks]
+
+        def objective(m) -> float:  # the mean main score over the dev task and the guards
+            return sum(dev_score(m, p) for p in prepared_tasks) / len(prepared_tasks)
+
+        scores = [with_model(i, objective) for i in range(len(ingredients))]
         order = sorted(range(len(ingredients)), key=lambda i: -scores[i])
         chosen, best = [order[0]], scores[order[0]]
         acc.add(state_of(order[0]))
         for i in order[1:]:
             state = state_of(i)
             base.load_state_dict(acc.result(1.0 / (len(chosen) + 1), extra=state))
-            score = dev_score(base, prepared)
+            score = objective(base)
             log.info("greedy soup: + %s -> %.4f (best %.4f)", ingredients[i], score, best)
             if score >= best:
                 acc.add(state)
@@ -327,6 +362,7 @@ def uniform_soup(model_dirs: list[str], out_dir: str) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     dev = json.loads(args.dev_task_json) if args.dev_task_json else None
+    guards = json.loads(args.guard_task_json) if args.guard_task_json else None
     c = options.from_args(SoupConfig, args, json.loads(args.options) if args.options else None)
     make_soup(
         args.models,
@@ -339,6 +375,8 @@ def _run(args: argparse.Namespace) -> None:
         last_k=c.last_k,
         snapshot_dirs=args.snapshots,
         prompts=read_json(args.prompts) if args.prompts else None,
+        base_model=args.base_model if c.include_base else None,
+        guard_tasks=guards,
     )
 
 
@@ -347,6 +385,8 @@ def register(sub) -> None:
     p.add_argument("models", nargs="+", help="the fine-tune runs' final models")
     p.add_argument("--out", required=True)
     p.add_argument("--dev-task-json", help="dev task spec (a local task) for greedy / loss-weighted soups")
+    p.add_argument("--guard-task-json", help="JSON list of guard task specs (local tasks), beside the dev task")
+    p.add_argument("--base-model", help="with --include-base: the model fine-tuning started from")
     p.add_argument("--options", help="the config's soup section as JSON (SoupConfig's keys); flags win")
     options.add_arguments(p, SoupConfig)
     p.add_argument(

@@ -125,3 +125,27 @@ def test_soup_dev_task_must_not_be_a_reported_task(tmp_path):
     assert json.loads(argv[argv.index("--options") + 1])["method"] == "greedy"
     spec = json.loads(argv[argv.index("--dev-task-json") + 1])
     assert spec["path"] == str(dev) and spec["name"] == "HeldOut"
+
+
+def test_soup_with_the_start_model_and_guard_tasks(tmp_path):
+    """soup.include_base passes the start model (models/pretrain, an input of the soup job; else base_model)
+    and soup.guard_tasks their specs; a reported guard task is refused like a reported dev task."""
+    dev, guard = tmp_path / "dev", tmp_path / "guard"
+    dev.mkdir()
+    guard.mkdir()
+    tasks = {
+        "HeldOut": {"type": "Retrieval", "path": str(dev)},
+        "Guard": {"type": "Retrieval", "path": str(guard), "instruction": "Find it"},
+    }
+    soup = {"method": "weighted", "dev_task": "HeldOut", "guard_tasks": ["Guard"], "include_base": True}
+    res, log = _soup_dry_run(tmp_path, soup, tasks)
+    assert res.returncode == 0, log[-3000:]
+    cmd = next(line for line in res.stdout.splitlines() if " soup models/finetune/run0" in line)
+    argv = shlex.split(cmd.split(" -m kalm soup ", 1)[1].split(" > ", 1)[0])
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    start = "models/pretrain" if cfg["pretrain"]["enabled"] else cfg["base_model"]
+    assert argv[argv.index("--base-model") + 1] == start
+    assert [g["name"] for g in json.loads(argv[argv.index("--guard-task-json") + 1])] == ["Guard"]
+    assert json.loads(argv[argv.index("--options") + 1])["include_base"] is True
+    res, log = _soup_dry_run(tmp_path, dict(soup, guard_tasks=["DemoSTSEn"]), tasks)
+    assert res.returncode != 0 and "soup.guard_tasks 'DemoSTSEn' is a reported evaluation task" in log

@@ -299,3 +299,50 @@ def test_last_k_checkpoints_as_ingredients(two_models, tmp_path):
     keeper.save(a, 5)
     with pytest.raises(ValueError, match="did not finish"):
         last_k_ingredients(str(final), snaps, 2)
+
+
+def test_the_start_model_is_one_more_ingredient(two_models, tmp_path):
+    """soup.include_base: uniform over the runs and the start model (here: b fine-tuned, a its start)."""
+    from kalm.soup import make_soup
+
+    report = make_soup([str(two_models / "b")], str(tmp_path / "s"), "uniform", base_model=str(two_models / "a"))
+    assert report["ingredients"][-1] == str(two_models / "a") and len(report["ingredients"]) == 2
+    a = load_embedding_model(str(two_models / "a")).state_dict()
+    b = load_embedding_model(str(two_models / "b")).state_dict()
+    s = load_embedding_model(str(tmp_path / "s")).state_dict()
+    assert all(torch.allclose(s[k], (a[k] + b[k]) / 2, atol=1e-6) for k in a if a[k].is_floating_point())
+    with pytest.raises(ValueError, match="one for the start model"):  # given weights: the start model's too
+        make_soup([str(two_models / "b")], str(tmp_path / "t"), "weighted", [1.0], base_model=str(two_models / "a"))
+
+
+def test_guard_tasks_weigh_with_the_dev_task(two_models, tmp_path, dev_task):
+    """LM-Cocktail weights over the dev task and a guard task: softmax(-mean loss / T), each task's losses
+    reported; the losses are dev_loss's of each ingredient on each task."""
+    import json
+
+    from kalm.soup import dev_loss, loss_weights, make_soup
+
+    guard = dict(dev_task, name="GuardRetrieval", path=str(tmp_path / "guard"))
+    shutil.copytree(dev_task["path"], guard["path"])
+    queries = Path(guard["path"]) / "queries.jsonl"  # other questions: the last 40 of the demo task
+    src = Path(__file__).resolve().parents[1] / "data/demo/eval/DemoRetrievalEn"
+    rows = [json.loads(x) for x in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()[-40:]]
+    queries.write_text("".join(json.dumps(q) + "\n" for q in rows), encoding="utf-8")
+    qrels = [x for x in (src / "qrels.tsv").read_text().splitlines()[1:] if x.split("\t")[0] in {q["id"] for q in rows}]
+    (Path(guard["path"]) / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    models = [str(two_models / "b")]
+    report = make_soup(
+        models, str(tmp_path / "s"), "weighted", dev_task=dev_task, temperature=0.1,
+        base_model=str(two_models / "a"), guard_tasks=[guard],
+    )  # fmt: skip
+    want = {
+        t["name"]: [dev_loss(load_embedding_model(m), t) for m in (*models, str(two_models / "a"))]
+        for t in (dev_task, guard)
+    }
+    assert report["task_losses"].keys() == want.keys()
+    for name, losses in want.items():
+        assert report["task_losses"][name] == pytest.approx(losses, rel=1e-5)
+    means = [(x + y) / 2 for x, y in zip(want["DevRetrieval"], want["GuardRetrieval"])]
+    assert report["dev_losses"] == pytest.approx(means, rel=1e-5)
+    assert report["weights"] == pytest.approx(loss_weights(means, 0.1), rel=1e-4)
+    assert report["guard_tasks"] == ["GuardRetrieval"] and report["base_model"] == str(two_models / "a")

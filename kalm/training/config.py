@@ -137,6 +137,17 @@ class SoupConfig:
         "ingredients per fine-tune run: its final model and the last_k - 1 snapshots the trainer kept before it",
         minimum=1,
     )
+    include_base: bool = option(
+        False,
+        "one more ingredient: the model fine-tuning started from (models/pretrain, else base_model), LM-Cocktail's "
+        "guard against forgetting; uniform gives it an equal share, weighted and greedy decide it on dev and guards",
+    )
+    guard_tasks: tuple[str, ...] = option(
+        (),
+        "held-out local tasks of eval.tasks (not reported) for what fine-tuning must not forget: the loss-weighted "
+        "soup's losses and the greedy soup's scores are the mean over soup.dev_task and these",
+        flag=False,  # the rule passes their task specs (--guard-task-json)
+    )
 
 
 TRACKING_BACKENDS = ("none", "tensorboard", "wandb", "mlflow")

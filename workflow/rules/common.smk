@@ -305,9 +305,9 @@ EVAL_TASKS = {lang: list(tasks) for lang, tasks in EVAL_TASK_SOURCES.items()}
 
 
 def check_soup_dev_task():
-    """soup.dev_task: a local task of eval.tasks that is not reported. The greedy soup keeps the ingredients
-    that raise its score and the loss-weighted soup weights them by its loss: on a reported task, that
-    would be model selection on the test set."""
+    """soup.dev_task and soup.guard_tasks: local tasks of eval.tasks that are not reported. The greedy soup
+    keeps the ingredients that raise their score and the loss-weighted soup weights them by their loss: on a
+    reported task, that would be model selection on the test set."""
     soup = config["soup"]
     dev = soup["dev_task"]
     if not dev:
@@ -316,25 +316,35 @@ def check_soup_dev_task():
                 f"config: soup.method {soup['method']} needs soup.dev_task (a held-out local task of "
                 "eval.tasks)" + ("" if soup["method"] == "greedy" else " or soup.weights")
             )
+        if soup.get("guard_tasks"):
+            raise ValueError("config: soup.guard_tasks are weighed beside soup.dev_task: set soup.dev_task too")
         return
     tasks = config["eval"].get("tasks", {})
-    if dev not in tasks or not tasks[dev].get("path"):
-        raise ValueError(f"config: soup.dev_task {dev!r} must be a local task of eval.tasks (one with a 'path')")
-    dev_path = os.path.realpath(tasks[dev]["path"])
-    for lang in LANGUAGES:
-        for task in EVAL_TASKS[lang]:
-            path = tasks.get(task, {}).get("path")
-            if task == dev or (path and os.path.realpath(path) == dev_path):
-                same = "is" if task == dev else f"has the data of {task!r}, which is"
-                raise ValueError(
-                    f"config: soup.dev_task {dev!r} {same} a reported evaluation task (eval.languages.{lang}): "
-                    "the greedy soup selects, and the loss-weighted soup weights, its ingredients by their score on "
-                    "the dev task, i.e. they would be chosen on the test set. Use a held-out local task of "
-                    "eval.tasks (e.g. a folder of dev data) that eval.languages does not list"
-                )
+    for key, name in [("dev_task", dev)] + [("guard_tasks", g) for g in soup.get("guard_tasks", [])]:
+        if name not in tasks or not tasks[name].get("path"):
+            raise ValueError(f"config: soup.{key} {name!r} must be a local task of eval.tasks (one with a 'path')")
+        held_out = os.path.realpath(tasks[name]["path"])
+        for lang in LANGUAGES:
+            for task in EVAL_TASKS[lang]:
+                path = tasks.get(task, {}).get("path")
+                if task == name or (path and os.path.realpath(path) == held_out):
+                    same = "is" if task == name else f"has the data of {task!r}, which is"
+                    raise ValueError(
+                        f"config: soup.{key} {name!r} {same} a reported evaluation task (eval.languages.{lang}): "
+                        "the greedy soup selects, and the loss-weighted soup weights, its ingredients by their score "
+                        "on it, i.e. they would be chosen on the test set. Use a held-out local task of "
+                        "eval.tasks (e.g. a folder of dev data) that eval.languages does not list"
+                    )
 
 
 check_soup_dev_task()
+
+
+def soup_start_model():
+    """soup.include_base: the model fine-tuning started from (models/pretrain, else base_model), or nothing."""
+    if not config["soup"]["include_base"]:
+        return []
+    return ["models/pretrain"] if config["pretrain"]["enabled"] else []
 
 
 def eval_task_spec(lang, task):
@@ -557,6 +567,11 @@ def soup_args():
     if c["dev_task"]:
         spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
         args += f" --dev-task-json {shlex.quote(json.dumps(spec, ensure_ascii=False))}"
+    if c.get("guard_tasks"):  # a list option: no schema default (absent = none)
+        specs = [eval_task_spec(config["eval"]["tasks"][g].get("lang", "en"), g) for g in c["guard_tasks"]]
+        args += f" --guard-task-json {shlex.quote(json.dumps(specs, ensure_ascii=False))}"
+    if c["include_base"]:  # the start model: rule soup's input models/pretrain, else the base model
+        args += f" --base-model {shlex.quote((soup_start_model() or [config['base_model']])[0])}"
     if c["last_k"] > 1:
         # the last k checkpoints of each run: its final model and the k-1 snapshots the trainer kept
         # beside its resumable checkpoint (not Snakemake outputs: their manifest ties them to the run)

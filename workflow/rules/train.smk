@@ -75,6 +75,7 @@ rule finetune:
 rule soup:
     input:
         models=expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+        start=soup_start_model(),  # soup.include_base with pretraining: models/pretrain is an ingredient too
         prompts=ancient(MODEL_PROMPTS),  # as for finetune: not a reason to re-soup (and re-evaluate)
         dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"]["dev_task"] else [],
     output:
