@@ -299,6 +299,7 @@ CURVES = [
     ("grad_norm", "gradient norm (before clipping)"),
     ("samples_per_s", "samples / s"),
     ("tokens_per_s", "tokens / s"),
+    ("evals", "held-out scores (finetune.eval_every)"),
 ]
 
 
@@ -321,10 +322,11 @@ def _smooth(ys: list[float], n: int) -> list[float]:
 
 def plot_training(runs: dict[str, list[dict]], out: str | os.PathLike, title: str = "training") -> None:
     """A grid of curves against the step, one line per run: loss, each loss term (loss_*: InfoNCE, focal,
-    one per Matryoshka dimension...), lr, gradient norm, samples/s and tokens/s. Long runs get a moving
-    average over the raw (faint) line."""
+    distillation, one per Matryoshka dimension...), lr, gradient norm, samples/s, tokens/s and the held-out
+    scores of periodic evaluation (eval_*). Long runs get a moving average over the raw (faint) line."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.2))
+    fig, axes = plt.subplots(2, 4, figsize=(15.5, 6.2))
+    axes.flat[-1].axis("off")  # 7 panels
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for i, (label, rows) in enumerate(runs.items()):
@@ -333,18 +335,21 @@ def plot_training(runs: dict[str, list[dict]], out: str | os.PathLike, title: st
         window = max(1, len(rows) // 25)
         for ax, (key, name) in zip(axes.flat, CURVES):
             ax.set_title(name)
-            if key == "terms":
-                terms = sorted({k for r in rows for k in r if k.startswith("loss_")})
+            if key in ("terms", "evals"):  # one line per loss term / per held-out task
+                prefix = "loss_" if key == "terms" else "eval_"
+                terms = sorted({k for r in rows for k in r if k.startswith(prefix)})
                 for j, term in enumerate(terms):
                     pts = [(r["step"], r[term]) for r in rows if r.get(term) is not None]
                     if pts:
                         ax.plot(
                             [p[0] for p in pts],
-                            _smooth([p[1] for p in pts], window),
+                            _smooth([p[1] for p in pts], window if key == "terms" else 1),
                             color=color,
                             ls=styles[j % len(styles)],
                             lw=1.2,
-                            label=f"{label} {term.removeprefix('loss_')}",
+                            label=f"{label} {term.removeprefix(prefix)}",
+                            marker="o" if key == "evals" else None,
+                            ms=3,
                         )
                 continue
             ys = [r.get(key) for r in rows]

@@ -7,6 +7,7 @@ import re
 import shlex
 
 import yaml
+from conftest import dry_run_commands, train_config_of
 from test_workflow import ROOT, job_counts, snakemake
 
 
@@ -149,3 +150,38 @@ def test_soup_with_the_start_model_and_guard_tasks(tmp_path):
     assert json.loads(argv[argv.index("--options") + 1])["include_base"] is True
     res, log = _soup_dry_run(tmp_path, dict(soup, guard_tasks=["DemoSTSEn"]), tasks)
     assert res.returncode != 0 and "soup.guard_tasks 'DemoSTSEn' is a reported evaluation task" in log
+
+
+def test_periodic_evaluation_feeds_the_best_checkpoints_to_the_soup(tmp_path):
+    """finetune.eval_every: each run scores soup.dev_task (then the guards) during training and writes its
+    best model, which soup.checkpoint best soups instead of the final ones; the configs that cannot work
+    are refused."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    tasks = {"HeldOut": {"type": "Retrieval", "path": str(dev)}}
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["soup"] = {"method": "uniform", "dev_task": "HeldOut", "checkpoint": "best"}
+    cfg["finetune"]["eval_every"] = 50
+    cfg["eval"]["tasks"].update(tasks)
+    lines = dry_run_commands(cfg, tmp_path, "models/soup")
+    runs = [x for x in lines if "train --stage finetune" in x]
+    assert len(runs) == cfg["finetune"]["runs"]
+    for cmd in runs:
+        argv = shlex.split(cmd.split(" -m kalm train ", 1)[1].split(" > ", 1)[0])
+        assert argv[argv.index("--best-out") + 1] == argv[argv.index("--out") + 1] + ".best"
+        assert [t["name"] for t in json.loads(argv[argv.index("--eval-tasks-json") + 1])] == ["HeldOut"]
+        assert train_config_of(cmd).eval_every == 50
+    soup = next(x for x in lines if " -m kalm soup " in x)
+    assert "models/finetune/run0.best models/finetune/run1.best" in soup
+    for change, message in [
+        ({"eval_every": 0}, "soup.checkpoint best needs finetune.eval_every"),
+        ({"soup": {"method": "uniform", "checkpoint": "final"}}, "finetune.eval_every needs soup.dev_task"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(cfg))
+        if "soup" in change:
+            bad["soup"] = change["soup"]
+        else:
+            bad["finetune"].update(change)
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, allow_unicode=True))
+        res = snakemake("models/soup", "-n", "--configfile", str(tmp_path / "bad.yaml"))
+        assert res.returncode != 0 and message in res.stdout + res.stderr

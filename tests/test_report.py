@@ -131,8 +131,11 @@ def metrics(n, terms=("loss_infonce", "loss_focal"), seed=0):
 
 
 def test_training_curves_show_every_loss_term_and_run(tmp_path):
+    evals = metrics(60)
+    for row in evals[9::10]:  # periodic evaluation (finetune.eval_every 10): a few steps carry scores
+        row.update(eval_DevRetrieval=0.5 + row["step"] / 1000, eval_Guard=0.4)
     rep.plot_training(
-        {"run0": metrics(60), "run1": metrics(60, seed=1), "run2": metrics(3, ("loss_dim64",))},
+        {"run0": evals, "run1": metrics(60, seed=1), "run2": metrics(3, ("loss_dim64",))},
         tmp_path / "t.svg",
         title="finetune",
     )
@@ -147,6 +150,9 @@ def test_training_curves_show_every_loss_term_and_run(tmp_path):
         "run0 infonce",
         "run1 focal",
         "run2 dim64",
+        "held-out scores",
+        "run0 DevRetrieval",
+        "run0 Guard",
     ]:
         assert text in svg, text
     assert rep._smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]

@@ -4,6 +4,7 @@ learning on a tiny model, resume."""
 import json
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -459,3 +460,59 @@ def test_progress_lines_come_at_the_interval_with_rate_and_eta():
     resumed = Progress(total=100, start_step=90, every_s=0, clock=lambda: now[0])
     now[0] += 10
     assert resumed.line(91) == "step 91/100 (91.0%), 0.1 steps/s, ETA 0:01:30"  # the steps this process ran
+
+
+def _dev_task(root):
+    """A small local retrieval task: the first 40 demo questions and the demo corpus."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "data/demo/eval/DemoRetrievalEn"
+    dst = root / "DevRetrieval"
+    dst.mkdir()
+    queries = [json.loads(line) for line in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()[:40]]
+    keep = {q["id"] for q in queries}
+    qrels = [x for x in (src / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:] if x.split("\t")[0] in keep]
+    (dst / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
+    (dst / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n", encoding="utf-8")
+    (dst / "corpus.jsonl").write_text((src / "corpus.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    return {"name": "DevRetrieval", "type": "Retrieval", "lang": "en", "path": str(dst)}
+
+
+def test_periodic_evaluation_logs_scores_keeps_the_best_and_leaves_training_alone(tmp_path, tiny_qwen_dir):
+    """eval_every 2 over 5 steps: eval_DevRetrieval at steps 2, 4 and 5; the exported best model scores what
+    was logged for its step; the final weights equal a run without evaluation (it draws no random number)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from kalm.models.modeling import load_embedding_model
+    from kalm.soup import dev_score
+
+    src = Path(__file__).resolve().parents[1] / "data/demo/finetune/retrieval_en.jsonl"
+    data = tmp_path / "train.jsonl"
+    recs = [dict(json.loads(x), task="retrieval_en") for x in src.read_text(encoding="utf-8").splitlines()[:64]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    task = _dev_task(tmp_path)
+    base = dict(stage="finetune", batch_size=8, group_size=1, lr=1e-3, max_steps=5, warmup_ratio=0.0, seed=3)
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"e{every}"
+        train(
+            tiny_qwen_dir, str(data), str(out), TrainConfig(**base, eval_every=every), {}, str(out) + ".metrics.jsonl",
+            stats_path=str(out) + ".stats.json", eval_tasks=[task] if every else None,
+            best_out=str(out) + ".best" if every else None, checkpoint_dir=str(tmp_path / f"ck{every}"),
+        )  # fmt: skip
+        runs[every] = [json.loads(x) for x in Path(str(out) + ".metrics.jsonl").read_text().splitlines()]
+    logged = {m["step"]: m["eval_DevRetrieval"] for m in runs[2] if "eval_DevRetrieval" in m}
+    assert sorted(logged) == [2, 4, 5]
+    assert all("eval_DevRetrieval" not in m for m in runs[0])
+    stats = json.loads(Path(str(tmp_path / "e2") + ".stats.json").read_text())
+    best_step = max(logged, key=lambda s: (logged[s], -s))
+    assert stats["eval_best_step"] == best_step and stats["eval_best_score"] == logged[best_step]
+    best = load_embedding_model(str(tmp_path / "e2.best"))
+    assert dev_score(best, task) == pytest.approx(logged[best_step], abs=1e-6)
+    assert not (tmp_path / "ck2" / "best").exists()  # moved to --best-out
+    a, b = (load_file(next((tmp_path / f"e{e}").rglob("model.safetensors"))) for e in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in runs[0]] == [m["loss"] for m in runs[2]]

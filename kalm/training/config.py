@@ -68,6 +68,12 @@ class TrainConfig:
         config="distill.temperature",
         exclusive_minimum=0,
     )
+    eval_every: int = option(
+        0,
+        "evaluate on held-out tasks (the soup's dev_task and guard_tasks) every N steps and at the end, logged "
+        "as eval_<task> in the metrics; the best model by the first task is kept (soup.checkpoint: best); 0 = off",
+        minimum=0,
+    )
     homogeneous_ratio: float = option(
         1.0,
         "share of a batch's slots from its own task, the rest from other tasks "
@@ -136,6 +142,13 @@ class SoupConfig:
         1,
         "ingredients per fine-tune run: its final model and the last_k - 1 snapshots the trainer kept before it",
         minimum=1,
+    )
+    checkpoint: str = option(
+        "final",
+        "each fine-tune run's ingredient: its final model, or its best one by the periodic evaluation "
+        "(finetune.eval_every, on soup.dev_task)",
+        choices=("final", "best"),
+        flag=False,  # the rule picks the run folders (models/finetune/run<r> or run<r>.best)
     )
     include_base: bool = option(
         False,

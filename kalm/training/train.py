@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -100,6 +101,50 @@ class Progress:
         )
 
 
+class PeriodicEval:
+    """Held-out scores during training (``eval_every``) and the best model by the first task's score."""
+
+    def __init__(self, tasks: list[dict] | None, every: int, total: int, best_dir: Path, metrics: list[dict]):
+        self.tasks, self.every, self.total, self.best_dir = list(tasks or []), every, total, best_dir
+        self.active = bool(self.tasks and every)
+        self.prepared = None
+        self.key = f"eval_{self.tasks[0]['name']}" if self.tasks else None
+        seen = [m for m in metrics if self.key and self.key in m]  # a resumed run: its best so far
+        best = max(seen, key=lambda m: m[self.key], default=None)
+        self.best = (best["step"], best[self.key]) if best else None
+
+    def due(self, step: int) -> bool:
+        return self.active and (step % self.every == 0 or step == self.total)
+
+    def run(self, model, step: int, prompts: dict[str, str] | None) -> dict[str, float]:
+        from kalm.evaluation.evaluate import prepare_task
+        from kalm.models.modeling import save_model
+        from kalm.soup import dev_score
+
+        if self.prepared is None:
+            self.prepared = [prepare_task(t) for t in self.tasks]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            scores = {f"eval_{t['name']}": round(dev_score(model, p), 6) for t, p in zip(self.tasks, self.prepared)}
+        model.train(was_training)
+        if self.best is None or scores[self.key] > self.best[1]:
+            self.best = (step, scores[self.key])
+            save_model(model, self.best_dir, prompts)  # atomic; fp32, as trained
+        log.info("step %d: held-out %s (best %s at step %d)", step, scores, self.best[1], self.best[0])
+        return scores
+
+    def summary(self) -> dict:
+        return {"eval_best_step": self.best[0], "eval_best_score": self.best[1], "eval_key": self.key}
+
+    def export(self, out: str) -> None:
+        from kalm.io import atomic_path
+
+        with atomic_path(out, is_dir=True) as tmp:
+            shutil.copytree(self.best_dir, tmp, dirs_exist_ok=True)
+        shutil.rmtree(self.best_dir, ignore_errors=True)
+
+
 def train(
     model_spec: str,
     data_path: str | os.PathLike | Sequence[str | os.PathLike],
@@ -118,6 +163,8 @@ def train(
     tracking: TrackingConfig | None = None,
     prompts: dict[str, str] | None = None,
     task_mix: dict[str, dict] | None = None,
+    eval_tasks: list[dict] | None = None,
+    best_out: str | None = None,
 ) -> dict:
     """Train and save a sentence-transformers model to ``out_dir``.
 
@@ -133,6 +180,11 @@ def train(
     ``in_batch``: {task: False} for tasks trained without in-batch negatives.
     ``tracking``: an experiment tracker (TensorBoard, W&B, MLflow) that gets the options and each step's
     metrics line too (run name: ``tracking.run_name``, else the stage).
+    ``eval_tasks`` (local task specs) with ``cfg.eval_every`` N: every N steps and at the last, rank 0 scores
+    the model on each (mteb's main score, as ``kalm evaluate``) into that step's metrics line
+    (``eval_<task>``); the best model by the first task is kept (``<checkpoint_dir>/best``, which survives a
+    kill) and written to ``best_out`` at the end. The scoring draws no random number, so the trained
+    weights are those of a run without it.
     ``task_mix``: {task: {"weight": w, "max_records": m}}: the data mix (kalm.training.batches.mix_rows).
     ``prompts``: the saved model's prompts (kalm.release.prompts: its instructions, for encode_query and mteb).
     Under torchrun only rank 0 writes (model, metrics, stats, checkpoints, tracking).
@@ -238,6 +290,12 @@ def train(
         )
         t_start, cpu_start = time.time(), time.process_time()
         progress = Progress(total, step, cfg.progress_every_s)
+        best_dir = (
+            Path(checkpoint_dir) / "best"
+            if checkpoint_dir
+            else Path(tempfile.gettempdir()) / f"kalm-best-{os.getpid()}"
+        )
+        periodic = PeriodicEval(eval_tasks, cfg.eval_every, total, best_dir, metrics)
         while step < total:
             t0 = time.time()
             # dropout masks: a function of (step, rank); seed * 1_000_003 + step in one process, as before
@@ -303,6 +361,10 @@ def train(
                     "elapsed_s": round(time.time() - t_start, 3),
                 }
             )
+            if periodic.due(step):  # the same answer on every rank: rank 0 scores, the others wait
+                if ddp.rank == 0:
+                    metrics[-1].update(periodic.run(model, step, prompts))
+                ddp.barrier()
             tracker.log_metrics(step, metrics[-1])
             if line := progress.line(step):
                 log.info("%s loss %.4f lr %.2e (%s)", line, metrics[-1]["loss"], lr, batch[0]["task"])
@@ -322,6 +384,10 @@ def train(
             if keeper is not None:
                 keeper.finish(out_dir, final_step=total)
             write_jsonl(metrics_path or f"{out_dir}.metrics.jsonl", metrics)
+            if periodic.active:
+                stats.extra.update(periodic.summary())
+                if best_out:
+                    periodic.export(best_out)
             stats.extra.update(
                 negatives_padded_random=padded_total,
                 steps=total,
@@ -385,6 +451,8 @@ def _run(args: argparse.Namespace) -> None:
         tracking=tracking_config(args),
         prompts=read_json(args.prompts) if args.prompts else None,
         task_mix=json.loads(args.task_mix),
+        eval_tasks=json.loads(args.eval_tasks_json) if args.eval_tasks_json else None,
+        best_out=args.best_out,
     )
 
 
@@ -421,6 +489,8 @@ def register(sub) -> None:
         help="keep the last K models saved every --snapshot-every steps (soup ingredients), in CHECKPOINT_DIR/snapshots",
     )
     p.add_argument("--snapshot-every", type=int, default=0, help="steps between soup snapshots")
+    p.add_argument("--eval-tasks-json", help="with --eval-every: JSON list of local task specs scored during training")
+    p.add_argument("--best-out", help="with --eval-every: where the best model by the first eval task goes")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument(
         "--options",

@@ -339,6 +339,37 @@ def check_soup_dev_task():
 
 check_soup_dev_task()
 
+# Periodic evaluation during fine-tuning (finetune.eval_every): on the soup's held-out tasks, dev_task first
+# (the best model is the one that scores highest there: models/finetune/run<r>.best, soup.checkpoint: best).
+EVAL_EVERY = config["finetune"]["eval_every"]
+if EVAL_EVERY and not config["soup"]["dev_task"]:
+    raise ValueError("config: finetune.eval_every needs soup.dev_task (and optionally soup.guard_tasks) to score")
+if config["soup"]["checkpoint"] == "best" and not EVAL_EVERY:
+    raise ValueError("config: soup.checkpoint best needs finetune.eval_every (the best model is found by it)")
+if config["soup"]["checkpoint"] == "best" and config["soup"]["last_k"] > 1:
+    raise ValueError("config: soup.checkpoint best takes one model per run: soup.last_k must be 1")
+FINETUNE_BEST = {"best": directory("models/finetune/run{run}.best")} if EVAL_EVERY else {}
+
+
+def held_out_specs():
+    """The task specs of soup.dev_task and soup.guard_tasks, in that order."""
+    names = [config["soup"]["dev_task"]] + list(config["soup"].get("guard_tasks") or [])
+    return [eval_task_spec(config["eval"]["tasks"][t].get("lang", "en"), t) for t in names if t]
+
+
+def finetune_eval_args(wildcards):
+    """`--eval-tasks-json` and `--best-out` of a fine-tune run with finetune.eval_every, else nothing."""
+    if not EVAL_EVERY:
+        return ""
+    specs = shlex.quote(json.dumps(held_out_specs(), ensure_ascii=False))
+    return f" --eval-tasks-json {specs} --best-out models/finetune/run{wildcards.run}.best"
+
+
+def soup_models():
+    """The runs' ingredients: their final models, or their best ones (soup.checkpoint: best)."""
+    suffix = ".best" if config["soup"]["checkpoint"] == "best" else ""
+    return expand("models/finetune/run{run}" + suffix, run=FINETUNE_RUNS)
+
 
 def soup_start_model():
     """soup.include_base: the model fine-tuning started from (models/pretrain, else base_model), or nothing."""
@@ -568,7 +599,7 @@ def soup_args():
         spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
         args += f" --dev-task-json {shlex.quote(json.dumps(spec, ensure_ascii=False))}"
     if c.get("guard_tasks"):  # a list option: no schema default (absent = none)
-        specs = [eval_task_spec(config["eval"]["tasks"][g].get("lang", "en"), g) for g in c["guard_tasks"]]
+        specs = held_out_specs()[1:]
         args += f" --guard-task-json {shlex.quote(json.dumps(specs, ensure_ascii=False))}"
     if c["include_base"]:  # the start model: rule soup's input models/pretrain, else the base model
         args += f" --base-model {shlex.quote((soup_start_model() or [config['base_model']])[0])}"

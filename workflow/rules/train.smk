@@ -46,6 +46,7 @@ rule finetune:
         # does not retrain, the release writes the current ones (rules/release.smk)
         prompts=ancient(MODEL_PROMPTS),
     output:
+        **FINETUNE_BEST,  # finetune.eval_every: the best model on soup.dev_task
         model=directory("models/finetune/run{run}"),
         metrics="models/finetune/run{run}.metrics.jsonl",
         stats="models/finetune/run{run}.stats.json",
@@ -62,19 +63,20 @@ rule finetune:
         args=train_args("finetune"),
         symmetric=shlex.quote(symmetric_json("finetune")),
         in_batch=in_batch_arg("finetune"),
+        eval=finetune_eval_args,
         seed=lambda w: config["seed"] + 1000 * (int(w.run) + 1),
     shell:
         "{GPU_RUN} --gpus {resources.gpu} --nodes {resources.nodes} --torchrun -- "
         "{KALM} train --stage finetune --model {params.model} --data {input.data} --out {output.model} "
         "--metrics {output.metrics} --stats {output.stats} --symmetric {params.symmetric} {params.args} "
-        "--seed {params.seed}{params.in_batch}{TRACKING} --tracking-run finetune_run{wildcards.run} --prompts {input.prompts} "
+        "--seed {params.seed}{params.in_batch}{params.eval}{TRACKING} --tracking-run finetune_run{wildcards.run} --prompts {input.prompts} "
         "--checkpoint-dir work/checkpoints/finetune_run{wildcards.run} "
         "--threads {threads} > {log} 2>&1"
 
 
 rule soup:
     input:
-        models=expand("models/finetune/run{run}", run=FINETUNE_RUNS),
+        models=soup_models(),
         start=soup_start_model(),  # soup.include_base with pretraining: models/pretrain is an ingredient too
         prompts=ancient(MODEL_PROMPTS),  # as for finetune: not a reason to re-soup (and re-evaluate)
         dev=[config["eval"]["tasks"][config["soup"]["dev_task"]]["path"]] if config["soup"]["dev_task"] else [],
