@@ -367,8 +367,8 @@ def finetune_eval_args(wildcards):
 
 def soup_models():
     """The runs' ingredients: their final models, or their best ones (soup.checkpoint: best)."""
-    suffix = ".best" if config["soup"]["checkpoint"] == "best" else ""
-    return expand("models/finetune/run{run}" + suffix, run=FINETUNE_RUNS)
+    pattern = "models/finetune/run{run}.best" if config["soup"]["checkpoint"] == "best" else "models/finetune/run{run}"
+    return expand(pattern, run=FINETUNE_RUNS)
 
 
 def soup_start_model():
