@@ -77,6 +77,36 @@ def test_a_local_source_is_converted_row_group_by_row_group_and_its_counts_add_u
     assert json.loads((tmp_path / "s.json").read_text())["kept"] == 3
 
 
+@pytest.mark.parametrize("name", ["sets/train.jsonl", "sets/train.jsonl.gz"])
+def test_a_json_lines_source_converts_as_the_parquet_one_does(tmp_path, name):
+    """The same rows as JSON Lines (plain and gzipped, many public fine-tuning sets' format), in batches of 2
+    lines, plus a line that is not a JSON object: the same records and counts, the bad line counted too."""
+    import gzip
+
+    lines = [json.dumps({"q": q, "p": p, "n": n, "extra": i}, ensure_ascii=False) for i, (q, p, n) in enumerate(ROWS)]
+    lines.insert(3, '{"q": "cut off')
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "mirror" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    write_repo_file(tmp_path / "mirror" / "sets/train.parquet", ROWS)
+    spec = {"local": str(tmp_path / "mirror"), "files": [name], "columns": COLUMNS}
+    from kalm.data.fetch import convert
+    from kalm.io import StageStats
+
+    stats = StageStats("fetch")
+    convert(path, COLUMNS, tmp_path / "o.parquet", stats, batch_size=2)
+    parquet = fetch(spec | {"files": ["sets/train.parquet"]}, "sets/train.parquet", str(tmp_path / "p.parquet"))
+    assert read_rows(tmp_path / "o.parquet") == read_rows(tmp_path / "p.parquet")
+    got = stats.as_dict()
+    assert got["in"] == parquet["in"] + 1 and got["kept"] == parquet["kept"]
+    assert got["dropped"] == {**parquet["dropped"], "malformed_json": 1}
+    assert fetch(spec, name, str(tmp_path / "f.parquet"))["kept"] == parquet["kept"]  # through kalm fetch too
+    bad = {**spec, "columns": {"query": "question", "pos": "p"}}
+    with pytest.raises(SourceError, match=r"train\.jsonl(\.gz)?:1: column 'question' \(source.columns.query\).*'q'"):
+        fetch(bad, name, str(tmp_path / "g.parquet"))
+
+
 def test_a_missing_column_names_the_file_the_column_and_what_the_file_has(tmp_path):
     write_repo_file(tmp_path / "r/a.parquet", ROWS)
     spec = {"local": str(tmp_path / "r"), "files": ["a.parquet"], "columns": {"query": "question", "pos": "p"}}

@@ -12,8 +12,8 @@ A data task names a ``path`` (files the user has) or a ``source`` (issue 18)::
 
 One ``fetch`` job per file (:func:`fetch`): the file is downloaded with ``huggingface_hub.hf_hub_download``
 (revision pinned, cached, resumed after a kill) or taken from the local folder, then converted to the
-project's input format (Parquet with ``query``, ``pos``, ``neg``) row group by row group, so a 12 GB file is
-never read whole; the output is written atomically. A row whose query or positive is missing or of the
+project's input format (Parquet with ``query``, ``pos``, ``neg``) row group by row group (JSON Lines, plain
+or gzipped: a batch of lines at a time), so a 12 GB file is never read whole; the output is written atomically. A row whose query or positive is missing or of the
 wrong type is dropped and counted (``in = kept + dropped by reason``, the stats JSON, with the source, its
 revision, file and licence); a mapped column missing from the file is an error naming the file, the
 column and the columns it has. Offline without a local copy: an error naming the source and how to
@@ -134,9 +134,8 @@ def _texts(value: Any) -> list[str] | None:
     return None
 
 
-def convert(path: Path, columns: dict[str, str], out: str | Path, stats: StageStats, batch_size: int = 8192) -> None:
-    """Stream ``path`` (Parquet) by row group into ``out`` with the KaLM fields, counting what is dropped."""
-    import pyarrow as pa
+def _parquet_batches(path: Path, columns: dict[str, str], fields: list[str]):
+    """(total rows, batches of {field: values}): one Parquet row group at a time."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -144,19 +143,91 @@ def convert(path: Path, columns: dict[str, str], out: str | Path, stats: StageSt
     for field, col in columns.items():
         if col not in names:
             raise SourceError(f"{path}: column {col!r} (source.columns.{field}) is not in the file; it has {names}")
+
+    def batches():
+        for rg in range(pf.num_row_groups):
+            table = pf.read_row_group(rg, columns=[columns[f] for f in fields])
+            yield {f: table.column(columns[f]).to_pylist() for f in fields}
+
+    return pf.metadata.num_rows, batches()
+
+
+MALFORMED_JSON = "malformed_json"
+
+
+def _jsonl_batches(path: Path, columns: dict[str, str], fields: list[str], stats: StageStats, batch_size: int):
+    """(total rows or None, batches of {field: values}) of a JSON Lines file (``.jsonl``, or ``.jsonl.gz``),
+    streamed ``batch_size`` lines at a time. A line that is not a JSON object is dropped (``malformed_json``,
+    the first ones logged with their line number); the first object without a mapped query or pos column is
+    an error naming the file, the line and the keys it has (a wrong mapping, not a bad row)."""
+    import gzip
+
+    import orjson
+
+    checked = False
+
+    def batches():
+        nonlocal checked
+        opener = gzip.open if path.name.endswith(".gz") else open
+        chunk: dict[str, list] = {f: [] for f in fields}
+        with opener(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    rec = None
+                if not isinstance(rec, dict):
+                    stats.seen()
+                    stats.drop(MALFORMED_JSON)
+                    if stats.dropped.get(MALFORMED_JSON, 0) <= 5:
+                        log.warning("%s:%d: not a JSON object, dropped", path, line_no)
+                    continue
+                if not checked:
+                    for field in ("query", "pos"):
+                        if columns[field] not in rec:
+                            raise SourceError(
+                                f"{path}:{line_no}: column {columns[field]!r} (source.columns.{field}) is not in the "
+                                f"record; it has {sorted(rec)}"
+                            )
+                    checked = True
+                for field in fields:
+                    chunk[field].append(rec.get(columns[field]))
+                if len(chunk["query"]) == batch_size:
+                    yield chunk
+                    chunk = {f: [] for f in fields}
+        if chunk["query"]:
+            yield chunk
+
+    return None, batches()
+
+
+SOURCE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+
+
+def convert(path: Path, columns: dict[str, str], out: str | Path, stats: StageStats, batch_size: int = 8192) -> None:
+    """Stream ``path`` (Parquet by row group, JSON Lines by ``batch_size`` lines) into ``out`` with the KaLM
+    fields, counting what is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     fields = [f for f in FIELDS if f in columns]
+    if path.name.endswith(".parquet"):
+        total, batches = _parquet_batches(path, columns, fields)
+    else:
+        total, batches = _jsonl_batches(path, columns, fields, stats, batch_size)
     schema = pa.schema(
         [("query", pa.string()), ("pos", pa.list_(pa.string()))]
         + ([("neg", pa.list_(pa.string()))] if "neg" in fields else [])
     )
-    t0, done = time.time(), 0
+    t0, done, n_batch = time.time(), 0, 0
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg, columns=[columns[f] for f in fields])
-                rows = {f: table.column(columns[f]).to_pylist() for f in fields}
+            for rows in batches:
                 kept: dict[str, list] = {f: [] for f in fields}
-                for i in range(table.num_rows):
+                n = len(rows["query"])
+                for i in range(n):
                     stats.seen()
                     query = rows["query"][i]
                     if not isinstance(query, str | type(None)):
@@ -184,26 +255,18 @@ def convert(path: Path, columns: dict[str, str], out: str | Path, stats: StageSt
                         kept["neg"].append(neg)
                     stats.keep()
                 writer.write_table(pa.table(kept, schema=schema))
-                done += table.num_rows
+                done, n_batch = done + n, n_batch + 1
                 rate = done / max(time.time() - t0, 1e-9)
-                left = (pf.metadata.num_rows - done) / rate if rate else 0
-                log.info(
-                    "%s: row group %d/%d, %d rows (%.0f rows/s, ETA %.0f s)",
-                    path.name,
-                    rg + 1,
-                    pf.num_row_groups,
-                    done,
-                    rate,
-                    left,
-                )
+                eta = f", ETA {(total - done) / rate:.0f} s" if total and rate else ""
+                log.info("%s: batch %d, %d rows (%.0f rows/s%s)", path.name, n_batch, done, rate, eta)
     stats.check()
 
 
 def fetch(spec: dict, repo_path: str, out: str, stats_path: str | None = None, task: str | None = None) -> dict:
     """``kalm fetch``: one source file, fetched and converted to ``out``; returns the stats."""
     check_spec(spec, f"task {task}" if task else "source")
-    if not repo_path.endswith(SUFFIX):
-        raise SourceError(f"{repo_path}: only Parquet sources are converted (the KaLM data is Parquet)")
+    if not repo_path.endswith(SOURCE_SUFFIXES):
+        raise SourceError(f"{repo_path}: a source file is Parquet or JSON Lines ({', '.join(SOURCE_SUFFIXES)})")
     where = {"hf": spec["hf"], "revision": spec["revision"]} if spec.get("hf") else {"local": spec["local"]}
     stats = StageStats("fetch", task=task, source={**where, "file": repo_path, "license": spec.get("license")})
     path = resolve_file(spec, repo_path)
