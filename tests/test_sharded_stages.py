@@ -673,3 +673,26 @@ def test_a_query_gets_the_same_candidates_and_score_bits_alone_or_in_a_batch(tmp
     for i in range(0, 300, 37):
         ids, scores = search_rescored(index, FakePool(), queries[i : i + 1], 30)
         assert np.array_equal(ids[0], batch_ids[i]) and np.array_equal(scores[0], batch_scores[i])
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_an_empty_pool_still_has_its_shards_and_finds_nothing(tmp_path, index):
+    """A pool without passages (a task with no records in this stage) and pool_shards 3: every shard job and
+    the ivf merge still write their outputs, and a search finds no candidate."""
+    from test_mine import fake_shards
+
+    from kalm.mining.mine import IndexConfig, PoolShards, train_quantizer, write_ivf, write_pools, write_ranges
+
+    emb, _ = fake_shards(tmp_path, ["a text", "another"], num_shards=1, dim=8, seed=0)
+    cfg = IndexConfig(index, use_gpu=False)
+    pools = str(tmp_path / "pools")
+    write_ranges([], {"t": False}, pools, 3, pool="task", only="t", index=cfg)
+    if index == "ivf":
+        train_quantizer(pools, "t", emb, cfg)
+    for j in range(3):  # one job per shard, as the workflow runs them
+        write_pools(None, emb, {"t": False}, pools, pool="task", only="t", shard=j, index=cfg)
+    if index == "ivf":
+        write_ivf(pools, "t")
+    pool = PoolShards(tmp_path / "pools" / "t", cfg, 10)
+    ids, scores = pool.search(np.zeros((2, 8), np.float32), 5)
+    assert pool.size == 0 and (ids == -1).all() and np.isneginf(scores).all()

@@ -901,7 +901,7 @@ def write_ranges(
     ranges = {}
     for name, (sample, distinct) in samples.items():
         ranges[name] = bounds = boundaries_of(sample, shards)
-        scatter_passages(inputs, mine_tasks, pools_dir, name, bounds, pool, s)
+        scatter_passages(inputs, mine_tasks, pools_dir, name, bounds, pool, s, shards=shards)
         with atomic_path(Path(pools_dir) / name / SAMPLE_FILE) as tmp:
             write_texts(tmp, sample, sample)
         write_json(
@@ -968,7 +968,8 @@ def write_ivf(pools_dir: str, name: str) -> int:
     files = [str(f) for j in range(shards) if (f := shard_folder(folder, j) / "index.faiss").exists()]
     index = faiss.read_index(str(folder / QUANTIZER_FILE))
     with atomic_path(folder / IVF_DIR, is_dir=True) as tmp:
-        merge_ondisk(index, files, str(tmp / "lists.ivfdata"))
+        if files:  # (an empty pool keeps its empty in-memory lists: faiss cannot map an empty list file)
+            merge_ondisk(index, files, str(tmp / "lists.ivfdata"))
         faiss.write_index(index, str(tmp / "index.faiss"))
     log.info("pool %s: %d passages of %d shards in one on-disk ivf", name, index.ntotal, len(files))
     return int(index.ntotal)
@@ -1004,6 +1005,7 @@ def scatter_passages(
     pool: str,
     s: MineSettings,
     batch: int = 65536,
+    shards: int | None = None,
 ) -> list[int]:
     """One pass over the records: every candidate passage of pool ``name`` (encoder-side text, raw text,
     record id, place) appended to the file of its text range, ``<pool>/ranges/r{j}.parquet``, so that each
@@ -1011,7 +1013,7 @@ def scatter_passages(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shards = len(bounds) + 1
+    shards = shards or len(bounds) + 1  # an empty pool has no boundaries but still its ranges (all empty)
     schema = _range_schema()
     per_range = max(1024, batch // shards)  # at most ~``batch`` passages buffered over all ranges
     counts = [0] * shards
