@@ -1402,6 +1402,36 @@ def prepare_work(work: Path, overwrite: bool) -> None:
     (work / MARKER).write_text("bench_scale work folder\n")
 
 
+def rerun(args) -> int:
+    """``--rerun RULE``: run the RULE jobs of an earlier run's work folder again, alone (``--forcerun``: and
+    what follows them), and rebuild its ``bench.jsonl`` with their new figures: a stage measured while the
+    machine was shared is measured again on a quiet one."""
+    work = Path(args.work).resolve()
+    if not (work / MARKER).exists() or not (work / "bench.jsonl").exists():
+        raise SystemExit(f"--work {work}: no earlier run of this script to re-measure")
+    cmd = snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=False) + ["--forcerun", *args.rerun]
+    with open(work / "snakemake.rerun.log", "w", encoding="utf-8") as log:
+        res = subprocess.run(cmd, cwd=str(work), env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise SystemExit(f"snakemake failed ({res.returncode}); log: {work / 'snakemake.rerun.log'}")
+    refresh_jobs(work)
+    return 0
+
+
+def refresh_jobs(work: Path) -> None:
+    """Rewrite ``WORK/bench.jsonl`` with the figures of every job whose benchmark TSV or log changed since (the
+    jobs run again, marked ``"rerun": true``); the other lines stay as they were."""
+    lines = [json.loads(x) for x in (work / "bench.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    fresh = {(j["stage"], j["job"]): j for j in collect_jobs(work)}
+    with open(work / "bench.jsonl", "w", encoding="utf-8") as fh:
+        for rec in lines:
+            new = fresh.get((rec.get("stage"), rec.get("job")))
+            old = {k: v for k, v in rec.items() if k != "rerun"}
+            if new is not None and new != old:
+                rec = {**new, "rerun": True}
+            emit(rec, fh)
+
+
 def run(args) -> int:
     import yaml
 
@@ -1562,6 +1592,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also compare the near-dup stage with datatrove's MinHash dedup on the same records",
     )
     p.add_argument("--summary", nargs=2, metavar="RUN.jsonl", help="ratio table and extrapolation of two runs")
+    p.add_argument(
+        "--rerun",
+        nargs="+",
+        metavar="RULE",
+        help="with --work of an earlier run: run these rules' jobs again alone and update its bench.jsonl",
+    )
     p.add_argument("--target-pretrain", type=float, default=470e6)
     p.add_argument("--target-finetune", type=float, default=6e6)
     p.add_argument("--embed-shards", type=int, default=None, help="--summary: embed jobs (default --partitions)")
@@ -1579,6 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_datatrove:
         run_datatrove_stage(args)
         return 0
+    if args.rerun:
+        return rerun(args)
     if args.summary:
         if args.band_jobs is None:
             args.band_jobs = default_band_jobs(args.partitions, args.threshold, 128)

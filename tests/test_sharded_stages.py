@@ -696,3 +696,33 @@ def test_an_empty_pool_still_has_its_shards_and_finds_nothing(tmp_path, index):
     pool = PoolShards(tmp_path / "pools" / "t", cfg, 10)
     ids, scores = pool.search(np.zeros((2, 8), np.float32), 5)
     assert pool.size == 0 and (ids == -1).all() and np.isneginf(scores).all()
+
+
+def test_ivf_with_an_hnsw_quantizer_mines_the_same_records_whatever_the_pool_shards(tmp_path, monkeypatch):
+    """From HNSW_QUANTIZER_LISTS lists on, the pool's centroids sit behind an HNSW graph (lowered here to 2):
+    the quantizer job writes it once, every shard files into it, so 1 and 3 pool shards mine the same."""
+    import faiss
+
+    import kalm.mining.mine as km
+
+    monkeypatch.setattr(km, "HNSW_QUANTIZER_LISTS", 2)
+    recs, mine_tasks, emb = _mine_corpus(tmp_path, seed=1)
+    write_shard(tmp_path / "in.parquet", recs)
+    outs = []
+    for shards in (1, 3):
+        kw = {**MINE_KW, "pool_shards": shards, "index": km.IndexConfig("ivf", nlist=4, nprobe=2, use_gpu=False)}
+        km.mine(
+            str(tmp_path / "in.parquet"),
+            emb,
+            mine_tasks,
+            str(tmp_path / f"o{shards}.parquet"),
+            str(tmp_path / "s.json"),
+            **kw,
+        )
+        outs.append(list(iter_shard(tmp_path / f"o{shards}.parquet")))
+    assert outs[0] == outs[1] and len(outs[0]) > 0
+    pools = tmp_path / "q"
+    km.write_ranges(str(tmp_path / "in.parquet"), mine_tasks, str(pools), 2, only="a", index=km.IndexConfig("ivf"))
+    km.train_quantizer(str(pools), "a", emb, km.IndexConfig("ivf", nlist=4))
+    index = faiss.read_index(str(pools / "a" / km.QUANTIZER_FILE))  # kept alive: the quantizer is its member
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSWFlat)

@@ -943,6 +943,8 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
     else:  # an empty pool: one list at the origin, so that the shards and the merge still have an index
         index.quantizer.add(np.zeros((1, store.dim), dtype=np.float32))
         index.is_trained = True
+    if nlist >= HNSW_QUANTIZER_LISTS:
+        index = hnsw_quantized(index, cfg)
     with atomic_path(folder / QUANTIZER_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     log.info(
@@ -954,6 +956,27 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
         time.time() - t,
     )
     return nlist
+
+
+HNSW_QUANTIZER_LISTS = 1024  # from this many lists on, the centroids are found through an HNSW graph
+
+
+def hnsw_quantized(index, cfg: IndexConfig):
+    """``index``'s trained centroids behind an HNSW graph (faiss's ``IVF<n>_HNSW32``): filing a passage or
+    routing a query costs O(log nlist) instead of nlist inner products, so with ``nlist`` growing with the pool
+    (a constant list size) neither a shard job's adding nor a query's list choice grows with it."""
+    import faiss
+
+    centroids = index.quantizer.reconstruct_n(0, index.nlist)
+    quantizer = faiss.IndexHNSWFlat(index.d, 32, faiss.METRIC_INNER_PRODUCT)
+    quantizer.hnsw.efConstruction = 80
+    quantizer.hnsw.efSearch = max(128, 2 * cfg.nprobe)
+    quantizer.add(centroids)
+    out = faiss.IndexIVFFlat(quantizer, index.d, index.nlist, faiss.METRIC_INNER_PRODUCT)
+    out.is_trained = True
+    out.own_fields = True
+    quantizer.this.disown()  # the IVF owns its quantizer now
+    return out
 
 
 def write_ivf(pools_dir: str, name: str) -> int:
