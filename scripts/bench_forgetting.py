@@ -39,7 +39,7 @@ TARGETS = [
 def snakemake(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(out)]
-    cmd += ["--configfile", str(out / "config.yaml"), *args]
+    cmd += [f"--configfile={out / 'config.yaml'}", *args]  # "=": a bare --configfile would take the targets
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
