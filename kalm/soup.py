@@ -38,11 +38,25 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
 def _tokenizer_fingerprint(model_dir: str) -> str:
-    h = hashlib.sha256()
-    for path in sorted(Path(model_dir).rglob("*")):
-        if path.name in TOKENIZER_FILES and path.is_file():
-            h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
+    """What makes two tokenizers give the same ids: vocabulary (added tokens included), special tokens,
+    normalizer and pre-tokenizer. Not the files' bytes: a model saved by the trainer writes only
+    tokenizer.json and a newer tokenizer_config.json, so it never matched the base model it came from
+    (found by the soup with the base model as an ingredient, soup.include_base)."""
+    from transformers import AutoTokenizer
+
+    found = sorted(p.parent for p in Path(model_dir).rglob("*") if p.name in TOKENIZER_FILES and p.is_file())
+    if not found:
+        return ""
+    tok = AutoTokenizer.from_pretrained(str(found[0]))
+    backend = json.loads(tok.backend_tokenizer.to_str()) if getattr(tok, "is_fast", False) else {}
+    key = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": sorted(tok.all_special_tokens),
+        "normalizer": backend.get("normalizer"),
+        "pre_tokenizer": backend.get("pre_tokenizer"),
+        "model": (backend.get("model") or {}).get("type"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _architecture(model_dir: str) -> dict:
@@ -51,7 +65,9 @@ def _architecture(model_dir: str) -> dict:
     root = Path(model_dir)
     arch: dict = {}
     if (root / "modules.json").is_file():
-        arch["modules"] = [m.get("type") for m in read_json(root / "modules.json")]
+        # class names: sentence-transformers 6 saves its modules under new import paths
+        # (sentence_transformers.base.modules.transformer.Transformer for sentence_transformers.models.Transformer)
+        arch["modules"] = [str(m.get("type")).rsplit(".", 1)[-1] for m in read_json(root / "modules.json")]
     if (root / "config.json").is_file():
         cfg = read_json(root / "config.json")
         arch["model_type"] = cfg.get("model_type")

