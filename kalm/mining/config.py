@@ -55,8 +55,9 @@ class MineConfig:
     query_batch: int = option(4096, "queries per FAISS search call", minimum=1)
     pool_shards: int = option(
         1,
-        "text-range shards per candidate pool: one mine_index job and one index each; a mine job searches "
-        "them in turn, so it holds one shard's index (exact indexes: the result does not depend on it)",
+        "text-range shards per candidate pool, one mine_index job each; flat/hnsw: an index each, searched in "
+        "turn by a mine job (one in memory); ivf: one quantizer, the lists merged (mine_ivf); flat and ivf "
+        "results do not depend on it",
         minimum=1,
     )
     index_type: str = option(
