@@ -518,23 +518,19 @@ def bottom_k(texts, k: int) -> tuple[list[str], int]:
     return sample, round((k - 1) * 2**64 / (-heap[0][0] + 1))
 
 
-def boundaries_of(sample: list[str], shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
+def range_sample_size(shards: int) -> int:
+    """Texts of a pool's bottom-k sample that its range quantiles are taken from: 1,000 a shard, at most
+    ``SAMPLE_MAX`` (a shard within a few percent of its share up to ~100 shards); none for one shard."""
+    return min(1000 * shards, SAMPLE_MAX) if shards > 1 else 0
+
+
+def boundaries_of(sample: list[str], shards: int) -> list[str]:
     """``shards - 1`` texts splitting a pool into ranges of about equal numbers of distinct texts: the
-    quantiles of the first ``min(per_shard x shards, most)`` texts of its digest-ordered bottom-k ``sample``
-    (itself the bottom-k of that size). The ranges only balance the shards (20,000 texts: a shard within a
-    few percent of its share up to ~100 shards); the mined records do not depend on them."""
-    if shards <= 1:
-        return []
-    head = sorted(sample[: min(per_shard * shards, most)])
+    quantiles of the first :func:`range_sample_size` texts of its digest-ordered bottom-k ``sample`` (itself
+    the bottom-k of that size), which depends on the set of texts only, not on their order or on how the
+    input is split. The ranges only balance the shards; the mined records do not depend on them."""
+    head = sorted(sample[: range_sample_size(shards)])
     return [head[(j * len(head)) // shards] for j in range(1, shards)] if head else []
-
-
-def sample_boundaries(texts, shards: int, per_shard: int = 1000, most: int = SAMPLE_MAX) -> list[str]:
-    """``shards - 1`` texts splitting ``texts`` (an iterable, repeats allowed) into ranges of about equal
-    numbers of distinct texts (:func:`boundaries_of` of a :func:`bottom_k` sample)."""
-    if shards <= 1:
-        return []
-    return boundaries_of(bottom_k(texts, min(per_shard * shards, most))[0], shards, per_shard, most)
 
 
 def ivf_lists(distinct: int, train_points: int, cfg: IndexConfig) -> int:
@@ -542,13 +538,18 @@ def ivf_lists(distinct: int, train_points: int, cfg: IndexConfig) -> int:
     so a query scans ``nprobe x list_size`` passages whatever the pool's size), at most one list per
     ``MIN_POINTS_PER_LIST`` training points and per training point."""
     n = cfg.nlist or round(distinct / max(1, cfg.list_size))
-    cap = max(1, train_points // MIN_POINTS_PER_LIST) if cfg.nlist is None else train_points
-    return max(1, min(n, cap, max(1, train_points)))
+    cap = train_points // MIN_POINTS_PER_LIST if cfg.nlist is None else train_points
+    return max(1, min(n, cap))
 
 
 def pool_name(task: str, pool: str) -> str:
     """The folder of a task's pool: its own (``pool="task"``) or the shared one."""
     return GLOBAL_POOL if pool == "global" else task
+
+
+def pool_names(mine_tasks, pool: str, only: str | None = None) -> list[str]:
+    """The pools of the mined tasks (``only``: that one, if a mined task has it), sorted."""
+    return sorted({pool_name(t, pool) for t in mine_tasks if only in (None, pool_name(t, pool))})
 
 
 @dataclass
@@ -850,27 +851,12 @@ def pool_samples(
     passage_instruction: str = "symmetric",
 ) -> dict[str, tuple[list[str], int]]:
     """{pool name: its :func:`bottom_k` sample of ``k`` encoder-side texts and its distinct passages}."""
-    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
+    names = pool_names(mine_tasks, pool, only)
     out = {}
     for name in names:  # one pass per pool: one sample alive at a time
         passages = _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
         out[name] = bottom_k((formatted for _, formatted, _, _ in passages), k) if k else ([], None)
     return out
-
-
-def pool_ranges(
-    inputs,
-    mine_tasks: dict[str, bool],
-    shards: int,
-    pool: str = "task",
-    only: str | None = None,
-    query_instruction: bool = True,
-    passage_instruction: str = "symmetric",
-) -> dict[str, list[str]]:
-    """{pool name: the ``shards - 1`` text boundaries of its shards} (:func:`sample_boundaries`)."""
-    k = min(1000 * shards, SAMPLE_MAX) if shards > 1 else 0
-    samples = pool_samples(inputs, mine_tasks, k, pool, only, query_instruction, passage_instruction)
-    return {name: boundaries_of(sample, shards) for name, (sample, _) in samples.items()}
 
 
 SAMPLE_FILE = "sample.arrow"  # a pool's bottom-k sample: its range quantiles, and the ivf quantizer's training texts
@@ -894,7 +880,7 @@ def write_ranges(
     if shards < 1:
         raise ValueError(f"pool shards must be >= 1, got {shards}")
     ivf = index is not None and index.type == "ivf"
-    k = max(min(1000 * shards, SAMPLE_MAX) if shards > 1 else 0, TRAIN_SAMPLE if ivf else 0)
+    k = max(range_sample_size(shards), TRAIN_SAMPLE if ivf else 0)
     samples = pool_samples(inputs, mine_tasks, k, pool, only, s.query_instruction, s.passage_instruction)
     if only is not None:
         samples.setdefault(only, ([], 0))  # a pool without records: its empty shards
@@ -1105,7 +1091,7 @@ def write_pools(
     s = settings or MineSettings()
     k = s.search_k(10**18) + RESCORE_EXTRA
     ivf = index is not None and index.type == "ivf"
-    names = sorted({pool_name(t, pool) for t in mine_tasks if only is None or pool_name(t, pool) == only})
+    names = pool_names(mine_tasks, pool, only)
     ranges = {}
     for name in names:
         f = Path(pools_dir) / name / RANGES_FILE
@@ -1120,12 +1106,12 @@ def write_pools(
             raise ValueError(f"{f}: pool {name} has {ranges[name]['shards']} shards, no shard {shard}")
     written = []
     for name in names:
+        folder = Path(pools_dir) / name
+        quantizer = folder / QUANTIZER_FILE if ivf else None
         for j in range(ranges[name]["shards"]) if shard is None else [shard]:
             b = PoolBuilder()  # a range without passages: an empty shard
             for formatted, raw, order in _range_passages(pools_dir, name, j):
                 b.add(formatted, raw, order)
-            folder = Path(pools_dir) / name
-            quantizer = folder / QUANTIZER_FILE if ivf else None
             n = b.save(
                 shard_folder(folder, j), None, shard_paths, index, k, f"{name}/shard{j}", quantizer=quantizer, shard=j
             )
@@ -1344,8 +1330,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.step in ("quantizer", "ivf"):
         if index.type != "ivf":
             raise SystemExit(f"kalm mine --step {args.step}: only for index type ivf, not {index.type}")
-        names = sorted({pool_name(t, c.pool) for t in mine_tasks if args.only_pool in (None, pool_name(t, c.pool))})
-        for name in names or [args.only_pool]:
+        for name in pool_names(mine_tasks, c.pool, args.only_pool) or [args.only_pool]:
             if args.step == "quantizer":
                 train_quantizer(args.pools_dir, name, args.embeddings, index)
             else:

@@ -198,9 +198,10 @@ def stage_data(stage):
     return step_parts(DATA_STEPS[-1], stage)
 
 
-def mined_parts(suffix=".parquet"):
-    """The mined fine-tuning records: one part per query shard, i.e. per part of stage_data("finetune")."""
-    return [f"work/data/finetune/mined/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
+def mined_parts(suffix=".parquet", step="mined"):
+    """The mined fine-tuning records: one part per query shard, i.e. per part of stage_data("finetune")
+    (step "teacher": the same parts with a distillation teacher's scores)."""
+    return [f"work/data/finetune/{step}/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
 
 
 # Contrastive distillation (KaLM V2.5): with finetune.distill.teacher set, each mined part gets the teacher's
@@ -216,9 +217,7 @@ if config["finetune"]["distill"]["weight"] > 0 and not TEACHER:
 
 def finetune_parts(suffix=".parquet"):
     """What fine-tuning reads: the mined parts, or, with a distillation teacher, the same parts with its scores."""
-    if not TEACHER:
-        return mined_parts(suffix)
-    return [f"work/data/finetune/teacher/p{j}{suffix}" for j in range(len(stage_data("finetune")))]
+    return mined_parts(suffix, "teacher" if TEACHER else "mined")
 
 
 def teacher_args():
@@ -595,12 +594,11 @@ def soup_args():
     """The soup section as `--options` JSON (SoupConfig), the dev task's spec, and the runs' snapshots."""
     c = config["soup"]
     args = f"--options {shlex.quote(options_json(SoupConfig, c))}"
+    specs = held_out_specs()  # the dev task, then the guards (guards without a dev task are refused)
     if c["dev_task"]:
-        spec = eval_task_spec(config["eval"]["tasks"][c["dev_task"]].get("lang", "en"), c["dev_task"])
-        args += f" --dev-task-json {shlex.quote(json.dumps(spec, ensure_ascii=False))}"
+        args += f" --dev-task-json {shlex.quote(json.dumps(specs[0], ensure_ascii=False))}"
     if c.get("guard_tasks"):  # a list option: no schema default (absent = none)
-        specs = held_out_specs()[1:]
-        args += f" --guard-task-json {shlex.quote(json.dumps(specs, ensure_ascii=False))}"
+        args += f" --guard-task-json {shlex.quote(json.dumps(specs[1:], ensure_ascii=False))}"
     if c["include_base"]:  # the start model: rule soup's input models/pretrain, else the base model
         args += f" --base-model {shlex.quote((soup_start_model() or [config['base_model']])[0])}"
     if c["last_k"] > 1:
