@@ -534,6 +534,9 @@ BUCKET_CHUNK_PARTITIONS = 4  # data.dedup.bucket_chunk: four partitions' records
 POOL_SHARD_PASSAGES = 50_000  # --pool-shards default: a pool shard of about this many passages (the 100k run's pool)
 
 
+SCAN_MIB = 16  # --scan-mib default: ivf pieces smaller than the 100k run's pools (25 MB of lists), the same at every N
+
+
 def default_pool_shards(pool_passages: int) -> int:
     """Pool shards of about POOL_SHARD_PASSAGES passages: the same shard size at every N (the 1.3x criterion)."""
     return max(1, round(pool_passages / POOL_SHARD_PASSAGES))
@@ -548,6 +551,7 @@ def build_config(
     mine_index: str = "auto",
     base_model: str = MINILM,
     pool_shards: int | None = None,
+    scan_mib: float = SCAN_MIB,
 ) -> dict:
     """config/config.yaml turned into the benchmark's (module docstring, step 2)."""
     import copy
@@ -575,7 +579,7 @@ def build_config(
     cfg["embed"].update(shards=partitions, model=None)
     per_pool = max(t["records"] for t in manifest["tasks"].values())
     kind = mine_index if mine_index != "auto" else ("flat" if per_pool <= 200_000 else "ivf")
-    cfg["mine"]["index"] = {"type": kind}
+    cfg["mine"]["index"] = {"type": kind, **({"scan_mib": scan_mib} if kind == "ivf" else {})}
     cfg["mine"]["pool_shards"] = pool_shards or default_pool_shards(per_pool)
     if base_model != MINILM:
         # a random encoder (--model tiny) ranks a record's positive anywhere: the ranking filter would drop
@@ -1453,7 +1457,15 @@ def run(args) -> int:
     band_jobs = args.band_jobs or default_band_jobs(args.partitions, args.threshold, 128)
     base_model = str(build_tiny_model(work / "tiny_model", args.seed)) if args.model == "tiny" else MINILM
     cfg = build_config(
-        manifest, args.partitions, band_jobs, args.cores, args.steps, args.mine_index, base_model, args.pool_shards
+        manifest,
+        args.partitions,
+        band_jobs,
+        args.cores,
+        args.steps,
+        args.mine_index,
+        base_model,
+        args.pool_shards,
+        args.scan_mib,
     )
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:
@@ -1572,6 +1584,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=["auto", "flat", "ivf", "hnsw"],
         help="mine.index.type (auto: flat up to 200k records per pool, ivf above)",
+    )
+    p.add_argument(
+        "--scan-mib",
+        type=float,
+        default=SCAN_MIB,
+        help="ivf: mine.index.scan_mib, the merged lists' piece size (the same at every N, as the shard sizes)",
     )
     p.add_argument(
         "--model",

@@ -497,13 +497,17 @@ def test_mining_three_query_shards_equals_one(tmp_path, index, pool):
     seed=st.integers(0, 3),
     sampling=st.sampled_from(["random", "top"]),
     index=st.sampled_from(["flat", "ivf"]),
+    piece_bytes=st.sampled_from([1, 1500, 2**20]),
 )
-def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shards, pool, seed, sampling, index):
+def test_mining_against_pool_shards_equals_one_pool(
+    tmp_path_factory, pool_shards, pool, seed, sampling, index, piece_bytes
+):
     """A pool split into S text ranges mines the same records as the whole pool: same candidates, ranks,
     scores, pads (global rows). flat: one exact index per shard, searched in turn, top k merged; ivf (an
     approximate search: 2 of 4 lists probed): one quantizer trained on the pool's bottom-k sample, the
     shards' lists merged on disk, so the same lists are scanned whatever S (with a quantizer per shard,
-    as before, the candidates depend on S)."""
+    as before, the candidates depend on S), and whatever the pieces the merged lists are cut into
+    (``scan_mib``: one list a piece, about two, all in one; the whole pool in one piece for S = 1)."""
     from kalm.mining.mine import IndexConfig, mine, read_json
 
     tmp = tmp_path_factory.mktemp("poolshards")
@@ -512,7 +516,8 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
     outs, stats = [], []
     for shards in (1, pool_shards):
         kw = {**MINE_KW, "sampling": sampling, "seed": seed, "pool": pool, "pool_shards": shards}
-        kw["index"] = IndexConfig(index, nlist=4, nprobe=2, use_gpu=False)
+        scan_mib = piece_bytes / 2**20 if shards > 1 else 256
+        kw["index"] = IndexConfig(index, nlist=4, nprobe=2, scan_mib=scan_mib, use_gpu=False)
         st_ = mine(
             str(tmp / "in.parquet"),
             emb,
@@ -527,6 +532,51 @@ def test_mining_against_pool_shards_equals_one_pool(tmp_path_factory, pool_shard
     assert outs[0] == outs[1] and len(outs[0]) > 0
     assert stats[0] == stats[1]
     assert any(-1 in r.get("neg_ranks", []) for r in outs[0])  # random pads: global rows across shards
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(0, 50), max_size=30), piece=st.integers(1, 400))
+def test_ivf_pieces_are_consecutive_list_ranges_within_the_size(sizes, piece):
+    from kalm.mining.mine import list_pieces
+
+    pieces = list_pieces(np.array(sizes, dtype=np.int64), 8, piece)
+    assert [lo for lo, _ in pieces] == [0] + [hi for _, hi in pieces[:-1]] and pieces[-1][1] == len(sizes)
+    for lo, hi in pieces:
+        assert hi > lo or not sizes
+        assert sum(sizes[lo:hi]) * 8 <= piece or np.count_nonzero(sizes[lo:hi]) == 1  # a larger list alone
+    for (lo, hi), (nxt, _) in zip(pieces, pieces[1:]):
+        assert (sum(sizes[lo:hi]) + sizes[nxt]) * 8 > piece  # a piece is cut only when the next list overflows it
+
+
+def test_mine_ivf_writes_pieces_of_at_most_scan_mib(tmp_path):
+    """The merged lists are cut into on-disk pieces of consecutive lists within ``scan_mib`` (a mine job maps
+    one at a time); together they hold every passage of the pool once."""
+    import faiss
+
+    import kalm.mining.mine as km
+
+    recs, mine_tasks, emb = _mine_corpus(tmp_path, n=200)
+    write_shard(tmp_path / "in.parquet", recs)
+    pools = str(tmp_path / "pools")
+    cfg = km.IndexConfig("ivf", nlist=8, nprobe=3, scan_mib=2000 / 2**20, use_gpu=False)
+    km.write_pools([str(tmp_path / "in.parquet")], emb, mine_tasks, pools, pool="task", only="a", index=cfg)
+    meta = km.read_ivf_pieces(tmp_path / "pools" / "a" / km.IVF_DIR)
+    assert len(meta["pieces"]) > 2 and meta["lists"] == 8
+    ids = []
+    for piece in meta["pieces"]:
+        index = faiss.read_index(
+            str(tmp_path / "pools" / "a" / km.IVF_DIR / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR
+        )
+        lo, hi = piece["lists"]
+        assert index.nlist == hi - lo and index.ntotal == piece["passages"] > 0
+        assert piece["passages"] * (16 * 4 + 8) <= 2000 or hi - lo == 1
+        invlists = index.invlists
+        for i in range(index.nlist):
+            ids += faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).tolist()
+    assert (
+        sorted(ids) == list(range(meta["passages"]))
+        and meta["passages"] == km.PoolShards(tmp_path / "pools" / "a", cfg, 10).size
+    )
 
 
 def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):

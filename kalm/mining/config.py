@@ -77,6 +77,13 @@ class MineConfig:
         minimum=1,
     )
     nprobe: int = option(32, "ivf: lists searched per query", config="index.nprobe", minimum=1)
+    scan_mib: float = option(
+        256,
+        "ivf: the pool's merged lists are cut into pieces of at most this many MiB (a larger list alone), "
+        "written (mine_ivf) and scanned (mine) one piece at a time: a job maps one piece, whatever the pool",
+        config="index.scan_mib",
+        exclusive_minimum=0,
+    )
     hnsw_m: int = option(32, "hnsw: links per node", config="index.hnsw_m", minimum=4)
     ef_search: int = option(256, "hnsw: search breadth (at least the k searched)", config="index.ef_search", minimum=1)
     seed: int = option(0, "seed of the per-record sampling (the config's top-level seed)", config=None)

@@ -82,6 +82,7 @@ scores depended on the batch.)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import logging
@@ -115,6 +116,7 @@ class IndexConfig:
     nlist: int | None = None  # ivf: None = the pool's distinct passages / list_size
     nprobe: int = 32
     list_size: int = 256  # ivf: passages per list when nlist is None
+    scan_mib: float = 256  # ivf: MiB of merged lists per piece (written and scanned one piece at a time)
     hnsw_m: int = 32
     ef_search: int = 256
     ef_construction: int = 80
@@ -415,9 +417,11 @@ class PoolShards:
         return np.where(ids >= 0, self.offsets[shard] + (ids & ((1 << SHARD_BITS) - 1)), -1)
 
     def _search_ivf(self, query_vecs: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ivf search: the pool's shards share one quantizer and their lists are merged on disk
-        (``<pool>/ivf``), so a query scans ``nprobe`` lists of the pool once, whatever the number of shards,
-        and finds the passages one unsharded ivf would (the same lists, rows in the same order)."""
+        """The ivf search: the pool's shards share one quantizer and their lists are merged on disk in pieces
+        of consecutive lists (``<pool>/ivf``, :func:`write_ivf`), so a query scans ``nprobe`` lists of the pool
+        once, whatever the number of shards, and finds the passages one unsharded ivf would (the same lists).
+        The pieces are mapped one at a time, each scanned for the queries that probe its lists, and each
+        query's best candidates are merged across pieces: the job's memory holds one piece, not the pool."""
         import faiss
 
         best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
@@ -425,19 +429,43 @@ class PoolShards:
         if not self.size:
             return best_ids, best_scores
         t = time.time()
-        index = read_ivf(self.folder)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(self.cfg.nprobe, ivf.nlist)
-        index = to_gpu(index, self.cfg, self.index_k)
+        folder = self.folder / IVF_DIR
+        meta = read_ivf_pieces(folder)
+        quantizer = faiss.read_index(str(folder / QUANTIZER_FILE))
+        ivf = faiss.extract_index_ivf(quantizer)
+        nprobe = min(self.cfg.nprobe, ivf.nlist)
+        _, probes = ivf.quantizer.search(query_vecs, nprobe)  # what ivf.search would probe, for every query
+        del quantizer, ivf
+        kk = min(self.size, k + RESCORE_EXTRA)
+        ids = np.full((len(query_vecs), kk), -1, dtype=np.int64)
+        scores = np.full((len(query_vecs), kk), -np.inf, dtype=np.float32)
+        for piece in meta["pieces"]:
+            lo, hi = piece["lists"]
+            inside = (probes >= lo) & (probes < hi)
+            rows = np.flatnonzero(inside.any(axis=1))
+            if not rows.size:
+                continue
+            index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            # each row's lists of this piece first, -1 (skipped by faiss) after them: at most the piece's
+            # lists a row (faiss clamps nprobe to nlist)
+            local = -np.sort(-np.where(inside[rows], probes[rows] - lo, -1), axis=1)
+            index.nprobe = int(inside[rows].sum(axis=1).max())
+            found_scores, found_ids = index.search_preassigned(query_vecs[rows], kk, local[:, : index.nprobe], None)
+            del index  # unmaps the piece
+            ids[rows], scores[rows] = rank_by_score(
+                np.concatenate([ids[rows], found_ids], axis=1), np.concatenate([scores[rows], found_scores], axis=1), kk
+            )
+        ids = self.global_rows(ids)
         for start in range(0, len(query_vecs), batch):
-            ids, scores = search_rescored(index, self, query_vecs[start : start + batch], k, decode=self.global_rows)
-            best_ids[start : start + len(ids)], best_scores[start : start + len(ids)] = ids, scores
+            rows = slice(start, start + batch)
+            best_ids[rows], best_scores[rows] = rescore(self, query_vecs[rows], ids[rows], k)
             self.release()
         log.info(
-            "searched the pool's ivf (%d passages, %d lists, nprobe %d) for %d queries in %.1f s",
+            "searched the pool's ivf (%d passages, %d lists in %d pieces, nprobe %d) for %d queries in %.1f s",
             self.size,
-            ivf.nlist,
-            ivf.nprobe,
+            meta["lists"],
+            len(meta["pieces"]),
+            nprobe,
             len(query_vecs),
             time.time() - t,
         )
@@ -653,6 +681,11 @@ def search_rescored(
     _, ids = index.search(query_vecs, kk)
     if decode is not None:
         ids = decode(ids)
+    return rescore(pool, query_vecs, ids, k, block)
+
+
+def rescore(pool, query_vecs: np.ndarray, ids: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` best of its candidate pool ``ids`` (-1: none) by :func:`exact_scores`, then row."""
     out_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
     out_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
     for b in range(0, len(query_vecs), block):
@@ -906,7 +939,7 @@ def write_ranges(
 
 
 QUANTIZER_FILE = "quantizer.faiss"  # ivf: the pool's trained, empty IVF (its coarse centroids), shared by its shards
-IVF_DIR = "ivf"  # ivf: the pool's shards' lists merged on disk (index.faiss + lists.ivfdata), what mine searches
+IVF_DIR = "ivf"  # ivf: the pool's shards' lists merged on disk in pieces (IVF_PIECES), what mine searches
 SHARD_BITS = 40  # ivf ids: shard << SHARD_BITS | row in the shard (global row = the shard's offset + row)
 
 
@@ -969,33 +1002,95 @@ def hnsw_quantized(index, cfg: IndexConfig):
     return out
 
 
-def write_ivf(pools_dir: str, name: str) -> int:
-    """``kalm mine --step ivf``: pool ``name``'s shard IVFs (one quantizer) merged list by list into one
-    on-disk index (faiss.contrib.ondisk.merge_ondisk: the lists memory-mapped, never loaded whole), in
-    ``<pool>/ivf``. Returns the passages indexed."""
+IVF_PIECES = "pieces.json"  # ivf: the merged lists' pieces (their list ranges and files), in <pool>/ivf
+
+
+def list_pieces(sizes: np.ndarray, entry_bytes: int, piece_bytes: float) -> list[tuple[int, int]]:
+    """Consecutive list ranges ``[lo, hi)`` covering ``sizes`` (passages per list), each holding at most
+    ``piece_bytes`` of entries (``entry_bytes`` a passage), a larger list alone in its piece."""
+    bounds, held = [0], 0
+    for i, n in enumerate(sizes.tolist()):
+        if held and held + n * entry_bytes > piece_bytes:
+            bounds.append(i)
+            held = 0
+        held += n * entry_bytes
+    return list(zip(bounds, bounds[1:] + [len(sizes)]))
+
+
+def release_list_pages(invlists) -> None:
+    """:func:`kalm.io.release_pages` for faiss's memory-mapped inverted lists (read with IO_FLAG_MMAP: an
+    OnDiskInvertedLists, its map at ``ptr``): madvise DONTNEED. No-op for in-memory lists."""
+    size = getattr(invlists, "totsize", 0)
+    if size and hasattr(invlists, "ptr"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(int(invlists.ptr), size, 4)  # MADV_DONTNEED (4 on Linux and macOS)
+
+
+def write_ivf(pools_dir: str, name: str, scan_mib: float = IndexConfig.scan_mib) -> int:
+    """``kalm mine --step ivf``: pool ``name``'s shard IVFs (one quantizer) merged list by list on disk, in
+    pieces of consecutive lists of at most ``scan_mib`` MiB (:func:`list_pieces`): each piece an on-disk IVF
+    (``piece<p>.faiss`` + ``lists<p>.ivfdata``, faiss's OnDiskInvertedLists.merge_from_multiple over
+    SliceInvertedLists of the shards), the pool's quantizer beside them and ``pieces.json``, in
+    ``<pool>/ivf``. The shards are memory-mapped and their pages released after each piece, so the job
+    holds about one piece whatever the pool's size. Returns the passages indexed."""
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
 
     folder = Path(pools_dir) / name
     shards = read_json(folder / RANGES_FILE)["shards"]
     files = [str(f) for j in range(shards) if (f := shard_folder(folder, j) / "index.faiss").exists()]
-    index = faiss.read_index(str(folder / QUANTIZER_FILE))
+    quantizer = faiss.read_index(str(folder / QUANTIZER_FILE))
+    ivf = faiss.extract_index_ivf(quantizer)
+    indexes = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in files]
+    lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(x).invlists) for x in indexes]
+    sizes = np.zeros(ivf.nlist, dtype=np.int64)
+    for il in lists:
+        sizes += np.fromiter((il.list_size(i) for i in range(ivf.nlist)), np.int64, ivf.nlist)
+    pieces = []
     with atomic_path(folder / IVF_DIR, is_dir=True) as tmp:
-        if files:  # (an empty pool keeps its empty in-memory lists: faiss cannot map an empty list file)
-            merge_ondisk(index, files, str(tmp / "lists.ivfdata"))
-        faiss.write_index(index, str(tmp / "index.faiss"))
-    log.info("pool %s: %d passages of %d shards in one on-disk ivf", name, index.ntotal, len(files))
-    return int(index.ntotal)
+        faiss.write_index(quantizer, str(tmp / QUANTIZER_FILE))
+        for lo, hi in list_pieces(sizes, ivf.code_size + 8, scan_mib * 2**20):
+            n = int(sizes[lo:hi].sum())
+            if not n:  # faiss cannot map an empty list file; its lists have nothing to scan
+                continue
+            p = len(pieces)
+            out = faiss.OnDiskInvertedLists(hi - lo, ivf.code_size, str(tmp / f"lists{p}.ivfdata"))
+            parts = faiss.InvertedListsPtrVector()
+            slices = [faiss.SliceInvertedLists(il, lo, hi) for il in lists]
+            for sl in slices:
+                parts.push_back(sl)
+            out.merge_from_multiple(parts.data(), parts.size(), False, False)
+            piece = faiss.IndexIVFFlat(faiss.IndexFlatIP(ivf.d), ivf.d, hi - lo, faiss.METRIC_INNER_PRODUCT)
+            piece.replace_invlists(out, True)
+            out.this.disown()  # the piece owns its lists now
+            piece.ntotal, piece.is_trained = n, True
+            faiss.write_index(piece, str(tmp / f"piece{p}.faiss"))
+            del piece, out, slices  # unmaps the piece's file
+            for il in lists:
+                release_list_pages(il)
+            pieces.append({"file": f"piece{p}.faiss", "lists": [lo, hi], "passages": n})
+        total = int(sizes.sum())
+        write_json(
+            tmp / IVF_PIECES,
+            {"lists": ivf.nlist, "passages": total, "scan_mib": scan_mib, "pieces": pieces},
+        )
+    log.info(
+        "pool %s: %d passages of %d shards in %d on-disk pieces of at most %s MiB",
+        name,
+        total,
+        len(files),
+        len(pieces),
+        scan_mib,
+    )
+    return total
 
 
-def read_ivf(pools_dir: str | Path, name: str = ""):
-    """The merged on-disk IVF of a pool folder (its lists memory-mapped from ``lists.ivfdata``)."""
-    import faiss
-
-    path = Path(pools_dir) / name / IVF_DIR / "index.faiss"
+def read_ivf_pieces(folder: str | Path) -> dict:
+    """The pieces of a pool's merged ivf (``<pool>/ivf/pieces.json``, :func:`write_ivf`)."""
+    path = Path(folder) / IVF_PIECES
     if not path.exists():
         raise FileNotFoundError(f"{path}: no merged ivf index (run `kalm mine --step ivf` for this pool)")
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return read_json(path)
 
 
 RANGES_DIR = "ranges"  # a pool's passages scattered by text range: r{j}.parquet, what mine_index job j reads
@@ -1118,7 +1213,7 @@ def write_pools(
             log.info("pool %s shard %d/%d: %d passages", name, j, ranges[name]["shards"], n)
             written.append(f"{name}/shard{j}")
         if ivf and shard is None:  # every shard written here: merge them (the workflow: rule mine_ivf)
-            write_ivf(pools_dir, name)
+            write_ivf(pools_dir, name, index.scan_mib)
     return written
 
 
@@ -1281,6 +1376,7 @@ def settings_of(c: MineConfig) -> tuple[MineSettings, IndexConfig]:
         nlist=c.nlist,
         nprobe=c.nprobe,
         list_size=c.list_size,
+        scan_mib=c.scan_mib,
         hnsw_m=c.hnsw_m,
         ef_search=c.ef_search,
     )
@@ -1334,7 +1430,7 @@ def _run(args: argparse.Namespace) -> None:
             if args.step == "quantizer":
                 train_quantizer(args.pools_dir, name, args.embeddings, index)
             else:
-                write_ivf(args.pools_dir, name)
+                write_ivf(args.pools_dir, name, index.scan_mib)
     elif args.step == "pool":
         s.check()
         write_pools(
@@ -1395,7 +1491,7 @@ def register(sub) -> None:
         help="all: pools + mining of --input in one run; ranges: split each pool (--only-pool: one) into "
         "--pool-shards text ranges (its ranges.json and bottom-k sample under --pools-dir); quantizer (ivf): "
         "train each pool's coarse quantizer on its sample; pool: build the pool shards (--pool-shard: one); "
-        "ivf: merge a pool's shard lists into one on-disk index; apply: mine one query shard against them; "
+        "ivf: merge a pool's shard lists on disk (pieces of index.scan_mib); apply: mine one query shard against them; "
         "merge: add up the query shards' stats (--input) into --stats",
     )
     p.add_argument("--input", nargs="+", help="records (.parquet shards or .jsonl); --step merge: the shards' stats")

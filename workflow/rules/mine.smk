@@ -11,10 +11,11 @@
 #               their vectors and, for hnsw, the index built once; for ivf, the pool's quantizer filled with
 #               the shard's rows; a flat index is rebuilt from the vectors in each mine job (a copy of them:
 #               cheaper to rebuild than to store twice)
-#   mine_ivf    ivf only, one job per pool: the shards' lists merged on disk (faiss merge_ondisk) -> {pool}/ivf
+#   mine_ivf    ivf only, one job per pool: the shards' lists merged on disk in pieces of consecutive lists of
+#               at most index.scan_mib MiB -> {pool}/ivf (piece<p>.faiss + lists<p>.ivfdata, pieces.json)
 #   mine        one job per part j of stage_data("finetune") (the query shards): its own queries against
 #               their tasks' whole pools (flat/hnsw: one pool shard's index at a time, top k merged; ivf:
-#               the merged index, nprobe lists of the pool, memory-mapped)
+#               nprobe lists of the pool, the merged pieces memory-mapped one at a time, top k merged)
 #               -> work/data/finetune/mined/p{j}.parquet (mined_parts())
 #   mine_gather the stage's funnel entry, work/data/finetune/mined.stats.json
 # The sampling RNG is per record (seed, record id): the records are the same for any number of parts.
@@ -114,7 +115,7 @@ rule mine_ivf:
     wildcard_constraints:
         pool="[^/]+",
     resources:
-        mem_mb=1000,  # the lists are copied through memory maps, never held
+        mem_mb=1000,  # the lists are copied through memory maps, one piece (index.scan_mib) at a time
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
