@@ -25,7 +25,7 @@ Output (all UTF-8 JSON Lines, one object per line, ``ensure_ascii=False``)::
     pretrain/weak_{en,zh}.jsonl          {"query": title, "pos": [passage]}
     finetune/retrieval_{en,zh}.jsonl     {"query": question, "pos": [passage]}
     finetune/sts_{en,zh}.jsonl           {"query": sentence, "pos": [paraphrase]}
-    finetune/cls_{en,zh}.jsonl           {"query": text, "pos": [label], "neg": [other labels]}
+    finetune/cls_{en,zh}.jsonl           {"text": passage or question, "label": its attribute's label}
     eval/DemoRetrieval{En,Zh}/corpus.jsonl   {"id", "text"}
     eval/DemoRetrieval{En,Zh}/queries.jsonl  {"id", "text"}
     eval/DemoRetrieval{En,Zh}/qrels.tsv      query-id<TAB>corpus-id<TAB>score (header line)
@@ -45,22 +45,25 @@ all-MiniLM-L6-v2, while with this order it does.)
 
 Planted problems (the pipeline's stages must catch them):
 
-(a) Duplicates, in every pretrain and finetune file: ``round(2% of the clean records)``
-    extra records that duplicate a clean record of the same file. About half of them
-    (``n - n // 2``) are byte-identical copies; the rest (``n // 2``) differ only in
-    whitespace (a doubled space, or a leading/trailing space) or in full-width versus
-    half-width characters (e.g. ``Ｂｅｌｍｏｒａ``, ``１８２０``, ``,`` for ``，``),
-    so only NFKC + whitespace normalisation (collapse runs, strip) reveals them.
+(a) Duplicates, in every pretrain file and every finetune retrieval and STS file:
+    ``round(2% of the clean records)`` extra records that duplicate a clean record of the
+    same file. About half of them (``n - n // 2``) are byte-identical copies; the rest
+    (``n // 2``) differ only in whitespace (a doubled space, or a leading/trailing space) or
+    in full-width versus half-width characters (e.g. ``Ｂｅｌｍｏｒａ``, ``１８２０``, ``,``
+    for ``，``), so only NFKC + whitespace normalisation (collapse runs, strip) reveals them.
     Whitespace and width variants alternate, whitespace first. The change is in the query
-    or the positive; in cls files only in the query (labels stay verbatim).
+    or the positive. The labelled cls files get none: the pipeline's labelled stage draws a
+    positive for each text, so a copy of a text would become a record with another
+    positive, which record dedup (query and positives) does not recognise.
 (b) Evaluation leaks, in each finetune retrieval file only: 5 records built from
     held-out evaluation data: 2 whose query is a DemoRetrieval query text (with a fresh
     paraphrased positive), 2 whose positive is a DemoRetrieval corpus passage (with a
     fresh question), and 1 that copies both an evaluation query and its relevant
     corpus passage.
 
-Apart from these planted records, every record is unique under NFKC + whitespace
-normalisation and no training text equals an evaluation text. The script checks this.
+Apart from these planted records, every record (every text of a cls file) is unique under
+NFKC + whitespace normalisation and no training text equals an evaluation text. The script
+checks this.
 
 The output is deterministic: a fixed seed, string-seeded ``random.Random`` instances
 (independent of PYTHONHASHSEED), fixed key order, ``\\n`` line endings. Re-running it
@@ -1060,8 +1063,7 @@ def width_variant(text: str, rng: random.Random) -> str | None:
 
 
 def near_duplicate(rec: dict, kind: str, rng: random.Random) -> dict:
-    # Classification labels stay verbatim (a mangled label would be a different label).
-    fields = ["query"] if "neg" in rec else ["query", "pos"]
+    fields = ["query", "pos"]
     rng.shuffle(fields)
     for field in fields:
         text = rec[field] if field == "query" else rec["pos"][0]
@@ -1264,18 +1266,21 @@ def build_language(lang: str, seed: int) -> tuple[dict[str, bytes], dict]:
     sts, info["sts"] = plant_duplicates(sts, r)
     files[f"finetune/sts_{lang}.jsonl"] = jsonl(sts)
 
-    # ---- finetune: classification exemplars ---------------------------------------------
+    # ---- finetune: classification exemplars, labelled {text, label} ---------------------
+    # The config's `format: labelled` turns them into KaLM records (kalm/data/labelled.py): another
+    # text of the same attribute as the positive, texts of other attributes as negatives (KaLM-V2).
     r = rng_for(seed, lang, "cls")
     labels = w["labels"]
     cand = []
     for e, a in facts_train:
         cand.append((rand_passage(lang, e, a, r), a))
         cand.append((query(lang, e, a, r.randrange(n_query_templates(lang, a))), a))
-    cls = []
-    for text, a in r.sample(cand, 400):
-        cls.append({"query": text, "pos": [labels[a]], "neg": [labels[b] for b in ATTRS if b != a]})
-    check_clean(cls, "cls")
-    cls, info["cls"] = plant_duplicates(cls, r)
+    cls = [{"text": text, "label": labels[a]} for text, a in r.sample(cand, 400)]
+    for rec in cls:
+        assert normalise(rec["text"]) not in eval_texts, f"cls: unplanted eval overlap: {rec['text']}"
+    assert len({normalise(rec["text"]) for rec in cls}) == len(cls), "cls texts must be unique after normalisation"
+    info["cls"] = {"clean": len(cls), "exact": 0, "whitespace": 0, "width": 0, "duplicates": 0}
+    info["cls_per_label"] = {labels[a]: sum(rec["label"] == labels[a] for rec in cls) for a in ATTRS}
     files[f"finetune/cls_{lang}.jsonl"] = jsonl(cls)
     return files, info
 
@@ -1325,6 +1330,11 @@ def readme(files: dict[str, bytes], info: dict, seed: int) -> str:
             f"| `eval/DemoSTS{Lang}/test.jsonl` | {lines(f'eval/DemoSTS{Lang}/test.jsonl')} | graded pairs; per grade 5/3/2/1/0: {g['5.0']}/{g['3.0']}/{g['2.0']}/{g['1.0']}/{g['0.0']} |"
         )
     total_dups = sum(info[l][k]["duplicates"] for l in ("en", "zh") for k in ("weak", "retrieval", "sts", "cls"))
+
+    def cls_counts(lang: str) -> str:
+        n = info[lang]["cls_per_label"].values()
+        return f"{min(n)}–{max(n)}"
+
     return f"""# Demo corpus (English + Chinese)
 
 A small, synthetic, bilingual corpus for running and testing the pipeline end to end on
@@ -1362,8 +1372,12 @@ All JSON Lines, UTF-8, one object per line.
 - `finetune/retrieval_{{en,zh}}.jsonl` — `{{"query": question, "pos": [answering passage]}}`, one per
   training town × attribute; no `neg` (negatives are mined by the pipeline).
 - `finetune/sts_{{en,zh}}.jsonl` — `{{"query": sentence, "pos": [paraphrase of the same fact]}}`.
-- `finetune/cls_{{en,zh}}.jsonl` — `{{"query": passage or question, "pos": [attribute label],
-  "neg": [the nine other labels]}}`; labels e.g. `economy and industry` / `经济与产业`.
+- `finetune/cls_{{en,zh}}.jsonl` — labelled records `{{"text": passage or question, "label":
+  attribute label}}`, 400 per language drawn from the training facts: ten classes (labels e.g.
+  `economy and industry` / `经济与产业`), {cls_counts("en")} texts per class in English, {cls_counts("zh")} in
+  Chinese. The config declares them `format: labelled`: the pipeline's labelled stage pairs each
+  text with another text of its class as the positive and texts of other classes as negatives
+  (KaLM-Embedding-V2's classification data), not with label texts.
 
 | file | lines | clean records | planted duplicates | exact copies | whitespace variants | full-/half-width variants | planted eval leaks |
 |---|---|---|---|---|---|---|---|
@@ -1373,13 +1387,15 @@ All JSON Lines, UTF-8, one object per line.
 
 The pipeline's stages must catch these (lines = clean + duplicates + leaks).
 
-**(a) Duplicates** ({total_dups} in all): in every pretrain and finetune file, `round(2% × clean
-records)` extra records duplicate a clean record of the same file. Half of them (rounded
-up) are byte-identical copies; the others differ only in whitespace (a doubled space, or a
-leading/trailing space) or in full-width vs half-width characters (`Ｂｅｌｍｏｒａ`, `１８２０`,
-`,` for `，`, `?` for `？`), so only NFKC + whitespace normalisation (collapse runs of
-whitespace, strip) reveals them. The change is in the query or the positive; in `cls_*`
-files only in the query (labels stay verbatim). Records are shuffled, so duplicates are not adjacent.
+**(a) Duplicates** ({total_dups} in all): in every pretrain file and every finetune retrieval
+and STS file, `round(2% × clean records)` extra records duplicate a clean record of the same
+file. Half of them (rounded up) are byte-identical copies; the others differ only in whitespace
+(a doubled space, or a leading/trailing space) or in full-width vs half-width characters
+(`Ｂｅｌｍｏｒａ`, `１８２０`, `,` for `，`, `?` for `？`), so only NFKC + whitespace normalisation
+(collapse runs of whitespace, strip) reveals them. The change is in the query or the positive.
+Records are shuffled, so duplicates are not adjacent. The labelled `cls_*` files have none: the
+labelled stage draws a positive for each text, so a copy of a text would become a record with
+another positive, which record dedup (query and positives) does not recognise.
 
 **(b) Evaluation leaks** (5 per language): each `finetune/retrieval_*.jsonl` contains 5
 records built from the held-out evaluation data: 2 whose query equals a
@@ -1387,8 +1403,8 @@ records built from the held-out evaluation data: 2 whose query equals a
 equals a `DemoRetrieval*/corpus.jsonl` passage (with a freshly worded question), and 1
 whose query and positive both equal an evaluation query and its relevant passage.
 
-Apart from these, every record is unique under NFKC + whitespace normalisation, and no
-training text equals an evaluation text.
+Apart from these, every record (every text of a `cls_*` file) is unique under NFKC + whitespace
+normalisation, and no training text equals an evaluation text.
 
 ## Evaluation files
 

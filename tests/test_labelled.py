@@ -74,15 +74,19 @@ def test_a_record_without_a_label_is_an_error_naming_file_line_and_field(tmp_pat
 
 @pytest.mark.slow
 def test_the_dag_turns_a_labelled_task_into_records_that_validate(tmp_path):
-    """A demo classification task given as labelled {text, label} records: rule labelled, then validate."""
+    """The demo's classification task cls_en (labelled {text, label} records, format: labelled), its first 80
+    records: rule labelled, then validate."""
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text(encoding="utf-8"))
-    src = [json.loads(line) for line in (ROOT / cfg["data"]["finetune"]["cls_en"]["path"]).read_text().splitlines()]
+    spec = cfg["data"]["finetune"]["cls_en"]
+    assert spec["format"] == "labelled"
+    src = [json.loads(line) for line in (ROOT / spec["path"]).read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"text", "label"} for r in src)
     labelled = tmp_path / "cls_en_labelled.jsonl"
-    labelled.write_text("".join(json.dumps({"text": r["query"], "label": r["pos"][0]}) + "\n" for r in src[:80]))
+    labelled.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in src[:80]), encoding="utf-8")
     for stage in ("pretrain", "finetune"):
-        for spec in cfg["data"][stage].values():
-            spec["path"] = str(ROOT / spec["path"])
-    cfg["data"]["finetune"]["cls_en"].update(path=str(labelled), format="labelled", labelled={"negatives": 3})
+        for task in cfg["data"][stage].values():
+            task["path"] = str(ROOT / task["path"])
+    spec.update(path=str(labelled), labelled={"negatives": 3})
     for task in cfg["eval"]["tasks"].values():
         task["path"] = str(ROOT / task["path"])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
@@ -101,7 +105,7 @@ def test_the_dag_turns_a_labelled_task_into_records_that_validate(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     stats = json.loads((tmp_path / "work/data/finetune/labelled/cls_en.stats.json").read_text())
     assert stats["in"] == 80 and stats["kept"] + sum(stats["dropped"].values()) == 80 and stats["negatives"] == 3
-    label = {dedup_key(r["query"]): r["pos"][0] for r in src[:80]}  # validate normalises the texts
+    label = {dedup_key(r["text"]): r["label"] for r in src[:80]}  # validate normalises the texts
     rows = pq.read_table(tmp_path / target).to_pylist()
     assert len(rows) == json.loads((tmp_path / target.replace(".parquet", ".stats.json")).read_text())["kept"] > 60
     for r in rows:

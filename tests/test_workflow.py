@@ -41,7 +41,12 @@ def test_dry_run_has_every_stage_of_the_pipeline():
     zh_tasks = len(cfg["eval"]["languages"]["zh"])
     parts = cfg["data"]["dedup"]["shards"]  # P partitions per stage after dedup: one job each downstream
     mined = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
+    labelled = sum(
+        spec.get("format") == "labelled" for s in ("pretrain", "finetune") for spec in cfg["data"][s].values()
+    )
+    assert labelled == 2  # the demo's classification tasks (issue 19)
     assert counts == {
+        "labelled": labelled,  # one job per labelled task, before its validate
         "validate": n_files,
         "dedup_scatter": n_files,  # one job per input file
         "dedup": 2 * parts,
@@ -253,7 +258,9 @@ def test_a_filter_step_is_its_rules_and_one_data_steps_entry(tmp_path):
 def test_the_demo_dag_has_the_jobs_and_outputs_it_had():
     """The demo's jobs, by their outputs, against tests/data/demo_dag_outputs.txt (taken before the layout
     move of issue 16 and updated only by changes that mean to change the DAG: issue 15's digests and range
-    files, issue 17's model prompts; the pools' sample.arrow of the ivf quantizer, issue 15). Refactors must leave it alone; a change that means to alter the DAG rewrites the file with
+    files, issue 17's model prompts; the pools' sample.arrow of the ivf quantizer, issue 15; the labelled
+    jobs of the demo's classification tasks, issue 19). Refactors must leave it alone; a change that means
+    to alter the DAG rewrites the file with
     `snakemake results/mteb_zh.json results/mteb_en.json -n --forceall | grep output: | sed 's/^ *output: //' | sort`."""
     res = snakemake("results/mteb_zh.json", "results/mteb_en.json", "-n", "--forceall")
     assert res.returncode == 0, res.stderr[-3000:]
