@@ -674,11 +674,15 @@ def test_dry_run_has_one_job_per_input_file_and_partition(tmp_path):
     # shard ordinals: the place of each file in the stage, tasks sorted, then the folder's files in order
     cmds = [l for l in res.stdout.splitlines() if " validate --input " in l and "/finetune/" in l]
     ordinals = {re.search(r"--input (\S+)", c)[1]: int(re.search(r"--shard-ordinal (\d+)", c)[1]) for c in cmds}
-    expected = [
-        str(folder / f"shard{i}.jsonl") if t == "retrieval_en" else cfg["data"]["finetune"][t]["path"]
-        for t in sorted(cfg["data"]["finetune"])
-        for i in range(3 if t == "retrieval_en" else 1)
-    ]
+
+    def source(t, i):  # a labelled task is validated from the KaLM records its labelled job writes
+        if t == "retrieval_en":
+            return str(folder / f"shard{i}.jsonl")
+        if cfg["data"]["finetune"][t].get("format") == "labelled":
+            return f"work/data/finetune/labelled/{t}.parquet"
+        return cfg["data"]["finetune"][t]["path"]
+
+    expected = [source(t, i) for t in sorted(cfg["data"]["finetune"]) for i in range(3 if t == "retrieval_en" else 1)]
     assert sorted(ordinals, key=ordinals.get) == expected and sorted(ordinals.values()) == list(range(len(expected)))
     # each mine job searches its own part against every pool
     mine_cmds = [l for l in res.stdout.splitlines() if " mine --step apply " in l]
