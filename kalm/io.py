@@ -136,6 +136,36 @@ class StageStats:
         write_json(path, self.as_dict())
 
 
+def read_rows(array: Any, rows: Any) -> Any:
+    """``array[rows]`` of a memory-mapped 2-d ``.npy`` (``np.load(..., mmap_mode="r")``) read with ``pread``,
+    runs of consecutive rows in one call, without touching the map: a scattered read through a map maps
+    ~16 pages around each row (the kernel's fault-around, whatever madvise says), so reading a few
+    rows per page of a large file would put the whole file in the process's RSS. Anything else: indexed."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if not isinstance(array, np.memmap) or array.ndim != 2 or not len(rows):
+        return np.asarray(array[rows])
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if unique[0] < 0 or unique[-1] >= len(array):
+        raise IndexError(f"{array.filename}: rows outside 0..{len(array) - 1}")
+    out = np.empty((len(unique), array.shape[1]), dtype=array.dtype)
+    row_bytes = array.shape[1] * array.dtype.itemsize
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    starts = np.flatnonzero(np.diff(unique, prepend=-2) != 1)  # first place of each run of consecutive rows
+    ends = np.append(starts[1:], len(unique))
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            want = (b - a) * row_bytes
+            got = os.preadv(fd, [view[a * row_bytes : b * row_bytes]], array.offset + int(unique[a]) * row_bytes)
+            if got != want:
+                raise OSError(f"{array.filename}: short read ({got} of {want} bytes)")
+    finally:
+        os.close(fd)
+    return out[inverse.reshape(-1)]
+
+
 def release_pages(*arrays: Any) -> None:
     """Take the resident pages of memory-mapped numpy arrays (``np.load(..., mmap_mode="r")`` and their views)
     out of this process: ``madvise(MADV_DONTNEED)``. Their data stays in the page cache (a later read is a
