@@ -1010,6 +1010,10 @@ def list_pieces(sizes: np.ndarray, entry_bytes: int, piece_bytes: float) -> list
     return list(zip(bounds, bounds[1:] + [len(sizes)]))
 
 
+SCAN_QUERY_BLOCK = 512  # queries per product in scan_lists: a block x list-length score matrix (a hot list of
+# 2,000 passages: 4 MB), whatever the number of queries that probe the list
+
+
 class ListProbers:
     """The queries that probe each list: ``probes`` (queries x nprobe list numbers, -1: none) grouped by list."""
 
@@ -1040,24 +1044,29 @@ def scan_lists(
     kk, dim = ids.shape[1], query_vecs.shape[1]
     invlists = faiss.downcast_InvertedLists(invlists)
     for lst in range(lo, hi):
-        rows, n = probers.of(lst), invlists.list_size(lst - lo)
-        if not len(rows) or not n:
+        probing, n = probers.of(lst), invlists.list_size(lst - lo)
+        if not len(probing) or not n:
             continue
         vecs = faiss.rev_swig_ptr(invlists.get_codes(lst - lo), n * dim * 4).view(np.float32).reshape(n, dim)
         found = faiss.rev_swig_ptr(invlists.get_ids(lst - lo), n)
-        s = query_vecs[rows] @ vecs.T  # one BLAS product: the list's passages against its queries
-        better = s > scores[rows].min(axis=1, keepdims=True)  # beats the query's kk-th best so far
-        counts = better.sum(axis=1)
-        if not counts.any():
-            continue
-        hit = counts > 0
-        rows, s = rows[hit], s[hit]
-        width = min(kk, int(counts.max()))  # at most this many of the list's passages enter a query's best
-        top = np.argpartition(-s, width - 1, axis=1)[:, :width] if width < n else np.broadcast_to(np.arange(n), s.shape)
-        s, c = np.take_along_axis(s, top, 1), found[top]
-        s, c = np.concatenate([scores[rows], s], 1), np.concatenate([ids[rows], c], 1)
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        scores[rows], ids[rows] = np.take_along_axis(s, top, 1), np.take_along_axis(c, top, 1)
+        for b in range(0, len(probing), SCAN_QUERY_BLOCK):  # a block of queries: the score matrix stays small
+            rows = probing[b : b + SCAN_QUERY_BLOCK]
+            s = query_vecs[rows] @ vecs.T  # one BLAS product: the list's passages against its queries
+            counts = (s > scores[rows].min(axis=1, keepdims=True)).sum(axis=1)  # beat the query's kk-th best
+            if not counts.any():
+                continue
+            hit = counts > 0
+            rows, s = rows[hit], s[hit]
+            width = min(kk, int(counts.max()))  # at most this many of the list's passages enter a query's best
+            top = (
+                np.argpartition(-s, width - 1, axis=1)[:, :width]
+                if width < n
+                else np.broadcast_to(np.arange(n), s.shape)
+            )
+            s, c = np.take_along_axis(s, top, 1), found[top]
+            s, c = np.concatenate([scores[rows], s], 1), np.concatenate([ids[rows], c], 1)
+            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            scores[rows], ids[rows] = np.take_along_axis(s, top, 1), np.take_along_axis(c, top, 1)
 
 
 def release_list_pages(invlists) -> None:
