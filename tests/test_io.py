@@ -1,10 +1,13 @@
-"""kalm.io's atomic outputs: nothing half-written, and the mode a plain open() gives."""
+"""kalm.io's atomic outputs (nothing half-written, and the mode a plain open() gives) and its row reads."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kalm.io import atomic_path, write_json
 
@@ -28,3 +31,26 @@ def test_a_failed_write_leaves_neither_output_nor_temporary(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 60), st.integers(1, 9)),
+    dtype=st.sampled_from(["float16", "float32", "int64"]),
+    picks=st.lists(st.integers(0, 10_000), max_size=80),
+)
+def test_read_rows_equals_indexing_the_memory_map(tmp_path_factory, shape, dtype, picks):
+    """kalm.io.read_rows (pread, runs of rows coalesced) gives the rows memmap indexing gives: any order,
+    repeats, runs."""
+    from kalm.io import read_rows
+
+    path = tmp_path_factory.mktemp("rows") / "a.npy"
+    data = np.arange(shape[0] * shape[1]).astype(dtype).reshape(shape)
+    np.save(path, data)
+    mapped = np.load(path, mmap_mode="r")
+    rows = [p % shape[0] for p in picks]
+    got = read_rows(mapped, rows)
+    assert got.dtype == data.dtype and got.shape == (len(rows), shape[1])
+    assert np.array_equal(got, np.asarray(mapped[np.asarray(rows, dtype=np.int64)]))
+    with pytest.raises(IndexError):
+        read_rows(mapped, [shape[0]])

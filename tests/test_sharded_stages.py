@@ -780,3 +780,38 @@ def test_ivf_with_an_hnsw_quantizer_mines_the_same_records_whatever_the_pool_sha
     km.train_quantizer(str(pools), "a", emb, km.IndexConfig("ivf", nlist=4))
     index = faiss.read_index(str(pools / "a" / km.QUANTIZER_FILE))  # kept alive: the quantizer is its member
     assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSWFlat)
+
+
+@pytest.mark.parametrize("lists_per_piece", [1, 3, 8])
+def test_the_list_by_list_scan_finds_what_faiss_ivf_search_finds(tmp_path, lists_per_piece):
+    """kalm.mining.mine.scan_lists over the pieces of an IVF (list-major, one product per list) against
+    faiss's own IndexIVFFlat.search with the same lists probed: the same k best passages per query."""
+    import faiss
+
+    from kalm.mining.mine import ListProbers, scan_lists
+
+    rng = np.random.default_rng(0)
+    d, nlist, nprobe, k = 16, 8, 3, 10
+    base = rng.normal(size=(2000, d)).astype(np.float32)
+    queries = rng.normal(size=(300, d)).astype(np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(base)
+    index.add_with_ids(base, np.arange(len(base), dtype=np.int64) * 7)  # ids that are not rows
+    index.nprobe = nprobe
+    want_scores, want_ids = index.search(queries, k)
+    _, probes = index.quantizer.search(queries, nprobe)
+    probers = ListProbers(probes, nlist)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for lo in range(0, nlist, lists_per_piece):
+        hi = min(nlist, lo + lists_per_piece)
+        piece = faiss.ArrayInvertedLists(hi - lo, index.code_size)
+        for lst in range(lo, hi):
+            n = index.invlists.list_size(lst)
+            if n:
+                piece.add_entries(lst - lo, n, index.invlists.get_ids(lst), index.invlists.get_codes(lst))
+        scan_lists(piece, lo, hi, queries, probers, ids, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    assert np.array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
