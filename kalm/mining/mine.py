@@ -560,6 +560,21 @@ def ivf_lists(distinct: int, train_points: int, cfg: IndexConfig) -> int:
     ``MIN_POINTS_PER_LIST`` training points and per training point."""
     n = cfg.nlist or round(distinct / max(1, cfg.list_size))
     cap = train_points // MIN_POINTS_PER_LIST if cfg.nlist is None else train_points
+    if cfg.nlist is None and n > cap > 0:
+        # the sample (TRAIN_SAMPLE texts at most) caps the lists: beyond ~TRAIN_SAMPLE / 39 x list_size passages
+        # a pool's lists grow longer than list_size and a query scans more than nprobe x list_size of them
+        log.warning(
+            "ivf: %d lists wanted for %d distinct passages, %d trainable on %d sample texts (%d per list): "
+            "lists of ~%d passages, not %d; a query scans ~%d passages",
+            n,
+            distinct,
+            cap,
+            train_points,
+            MIN_POINTS_PER_LIST,
+            distinct // cap,
+            cfg.list_size,
+            min(cfg.nprobe, cap) * (distinct // cap),
+        )
     return max(1, min(n, cap))
 
 
