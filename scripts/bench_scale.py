@@ -690,6 +690,8 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
                 for t in cfg["eval"]["tasks"].values()
                 for f in ("corpus.jsonl", "queries.jsonl")
             )
+        if rule == "embed_texts":  # embed_texts/p{j}: the part's records (the mine job of the same part reads them)
+            return _stats_in(d / "finetune" / "mined" / f"{parts[0]}.stats.json")
         if rule == "embed":  # the texts of its hash slice
             ids = _read_json(work / "work" / "embed" / f"{parts[0]}.ids.json")
             return len(ids) if isinstance(ids, list) else None
@@ -1193,7 +1195,7 @@ DATA_STAGES = [
     "eval_index",
     "decontaminate",
 ]
-MINE_STAGES = ["embed", "mine_ranges", "mine_quantizer", "mine_index", "mine_ivf", "mine"]
+MINE_STAGES = ["embed_texts", "embed", "mine_ranges", "mine_quantizer", "mine_index", "mine_ivf", "mine"]
 TRAIN_STAGES = ["finetune", "pretrain"]
 
 
@@ -1201,7 +1203,7 @@ def _jobs_and_work(stage: str, n: float, c: dict) -> tuple[int, float]:
     """(jobs, work per job) of a stage over n records; work is in the unit the runs' records are fitted in."""
     if stage in ("validate", "dedup_scatter"):
         return c["input_files"], n / c["input_files"]
-    if stage in ("dedup", "minhash", "near_filter", "decontaminate", "mine"):
+    if stage in ("dedup", "minhash", "near_filter", "decontaminate", "embed_texts", "mine"):
         return c["partitions"], n / c["partitions"]
     if stage == "near_buckets":  # each job: its share of the bands over every record
         return c["band_jobs"], n / c["band_jobs"]

@@ -157,3 +157,48 @@ def test_a_lookup_leaves_no_pages_of_the_store_in_the_process(tmp_path):
     got = store.vectors(picked)
     np.testing.assert_array_equal(got[0], vecs[0].astype(np.float32))
     assert _resident_kib(path) < 500, "the store kept its pages after the lookup"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    parts=st.integers(1, 4),
+    shards=st.integers(1, 5),
+    seed=st.integers(0, 50),
+)
+def test_scattered_texts_are_each_shards_texts_of_the_whole_stage(tmp_path_factory, n, parts, shards, seed):
+    """``kalm embed --step scatter`` per part, then each embed job's union of its files: the texts the job
+    would have picked from the whole stage (shard_texts over every part), repeats across parts once."""
+    import random
+
+    from kalm.data.shards import write_shard
+    from kalm.mining.embed import scatter_texts, shard_texts
+
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("scatter")
+    words = [f"w{i}" for i in range(15)]  # few words: texts repeat within and across parts
+    recs = [
+        {
+            "query": " ".join(rng.sample(words, 2)),
+            "pos": [" ".join(rng.sample(words, 3))],
+            "neg": [" ".join(rng.sample(words, 3))] if i % 3 else [],
+            "task": rng.choice(["a", "b", "cls"]),
+            "instruction": "find it" if i % 2 else None,
+            "id": i,
+        }
+        for i in range(n)
+    ]
+    mine_tasks = {"a": False, "b": True}
+    paths = []
+    for p in range(parts):
+        paths.append(str(tmp / f"p{p}.parquet"))
+        write_shard(paths[-1], recs[p::parts])
+    files = [[str(tmp / f"p{p}.s{j}.texts.arrow") for j in range(shards)] for p in range(parts)]
+    for path, outs in zip(paths, files):
+        scatter_texts(path, mine_tasks, outs, passage_instruction="always")
+    for j in range(shards):
+        want = shard_texts(paths, mine_tasks, j, shards, passage_instruction="always")
+        assert shard_texts([outs[j] for outs in files], mine_tasks, j, shards) == want
+    if shards > 1 and any(shard_texts(paths, mine_tasks, 0, shards, passage_instruction="always")):
+        with pytest.raises(ValueError, match="read for shard 1"):
+            shard_texts([outs[0] for outs in files], mine_tasks, 1, shards)

@@ -670,7 +670,7 @@ def test_dry_run_has_one_job_per_input_file_and_partition(tmp_path):
     assert counts["decontaminate"] == 2 * 3 and counts["decontaminate_gather"] == 2
     assert counts["mine"] == 3 and counts["mine_gather"] == 1 and counts["mine_ranges"] == len(mined_tasks)
     assert counts["mine_index"] == len(mined_tasks) * cfg["mine"].get("pool_shards", 1)
-    assert counts["embed"] == cfg["embed"]["shards"]
+    assert counts["embed"] == cfg["embed"]["shards"] and counts["embed_texts"] == 3
     # shard ordinals: the place of each file in the stage, tasks sorted, then the folder's files in order
     cmds = [l for l in res.stdout.splitlines() if " validate --input " in l and "/finetune/" in l]
     ordinals = {re.search(r"--input (\S+)", c)[1]: int(re.search(r"--shard-ordinal (\d+)", c)[1]) for c in cmds}

@@ -91,17 +91,79 @@ def shard_texts(
     passage_instruction: str = "symmetric",
 ) -> list[str]:
     """The sorted texts of shard ``shard`` of ``num_shards``: :func:`texts_to_embed` of the records of
-    ``inputs`` (record files, streamed), restricted to the texts that :func:`text_shard` puts there."""
+    ``inputs`` (record files, streamed), restricted to the texts that :func:`text_shard` puts there; or the
+    union of :func:`scatter_texts` files for this shard (the workflow's embed jobs)."""
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if paths and all(str(p).endswith(TEXTS_SUFFIX) for p in paths):
+        return sorted(_scattered_texts(paths, shard, num_shards))
+    texts: set[str] = set()
+    for t in iter_mining_texts(paths, mine_tasks, query_instruction, passage_instruction):
+        if t not in texts and text_shard(t, num_shards) == shard:
+            texts.add(t)
+    return sorted(texts)
+
+
+def iter_mining_texts(paths, mine_tasks: dict[str, bool], query_instruction: bool, passage_instruction: str):
+    """Every query and passage text of the mined tasks' records in ``paths`` (streamed), as the encoder sees
+    them (:func:`mining_texts`), repeats included."""
     from kalm.data.shards import iter_records
 
-    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    mine = set(mine_tasks)
-    texts: set[str] = set()
     for rec in iter_records(paths, columns=["task", "query", "pos", "neg", "instruction"]):
-        if rec["task"] in mine:
+        if rec["task"] in mine_tasks:
             query, passages = mining_texts(rec, mine_tasks[rec["task"]], query_instruction, passage_instruction)
-            texts.update(t for t in (query, *passages) if t not in texts and text_shard(t, num_shards) == shard)
-    return sorted(texts)
+            yield query
+            yield from passages
+
+
+TEXTS_SUFFIX = ".texts.arrow"  # kalm embed --step scatter's files: one column "text"
+
+
+def scatter_texts(
+    input_path,
+    mine_tasks: dict[str, bool],
+    out_paths: list[str],
+    query_instruction: bool = True,
+    passage_instruction: str = "symmetric",
+) -> list[int]:
+    """``kalm embed --step scatter``: the texts to mine of one part of the stage (queries and passages of its
+    mined tasks, formatted as the encoder sees them), each distinct text once, into ``len(out_paths)`` files
+    by :func:`text_shard`, so that embed job j reads the j-th file of every part instead of the whole stage
+    (whose reading and hashing grew with the stage in every job). Returns the texts per file."""
+    import pyarrow as pa
+
+    shard_of: dict[str, int] = {}
+    for t in iter_mining_texts([input_path], mine_tasks, query_instruction, passage_instruction):
+        if t not in shard_of:
+            shard_of[t] = text_shard(t, len(out_paths))
+    buckets: list[list[str]] = [[] for _ in out_paths]
+    for t, j in shard_of.items():
+        buckets[j].append(t)
+    schema = pa.schema([("text", pa.large_string())])
+    for path, texts in zip(out_paths, buckets):
+        if not str(path).endswith(TEXTS_SUFFIX):
+            raise ValueError(f"{path}: a scatter output must end in {TEXTS_SUFFIX}")
+        with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            w.write_table(pa.table({"text": pa.array(sorted(texts), pa.large_string())}, schema=schema))
+    log.info("scatter %s: %d texts over %d embedding shards", input_path, len(shard_of), len(out_paths))
+    return [len(b) for b in buckets]
+
+
+def _scattered_texts(paths, shard: int, num_shards: int) -> set[str]:
+    """The union of :func:`scatter_texts` files meant for embedding shard ``shard``."""
+    import pyarrow as pa
+
+    texts: set[str] = set()
+    for path in paths:
+        with pa.memory_map(str(path)) as source:
+            column = pa.ipc.open_file(source).read_all().column("text").to_pylist()
+        wrong = next((t for t in column if text_shard(t, num_shards) != shard), None)
+        if wrong is not None:
+            raise ValueError(
+                f"{path}: holds texts of embedding shard {text_shard(wrong, num_shards)}, read for shard {shard} "
+                f"of {num_shards} (scattered for another embed.shards?)"
+            )
+        texts.update(column)
+    return texts
 
 
 def shard_bounds(n_items: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -383,6 +445,22 @@ class ShardedEmbeddings:
 
 def _run(args: argparse.Namespace) -> None:
     instructions = options.from_args(MineConfig, args)
+    if args.step == "scatter":
+        if len(args.input) != 1 or not args.out:
+            raise SystemExit("kalm embed --step scatter: one --input part and --out, one file per shard")
+        scatter_texts(
+            args.input[0],
+            json.loads(args.mine_tasks),
+            args.out,
+            instructions.query_instruction,
+            instructions.passage_instruction,
+        )
+        return
+    missing = [
+        f"--{n.replace('_', '-')}" for n in ("model", "shard", "num_shards", "out_dir") if getattr(args, n) is None
+    ]
+    if missing:
+        raise SystemExit(f"kalm embed: {', '.join(missing)} required")
     c = options.from_args(EmbedConfig, args, json.loads(args.options) if args.options else None)
     embed_shard(
         args.input,
@@ -415,16 +493,25 @@ def add_instruction_args(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("embed", help="encode one shard of the texts to mine")
     p.add_argument(
+        "--step",
+        choices=["encode", "scatter"],
+        default="encode",
+        help="encode: embed shard --shard of the texts of --input; scatter: one part's texts into --out, "
+        f"one {TEXTS_SUFFIX} file per shard (the workflow's embed jobs read those)",
+    )
+    p.add_argument(
         "--input",
         required=True,
         nargs="+",
-        help="the fine-tuning records (the stage's .parquet shards, or .jsonl), streamed",
+        help=f"the fine-tuning records (the stage's .parquet shards, or .jsonl), streamed; or {TEXTS_SUFFIX} "
+        "files of --step scatter for this shard",
     )
     p.add_argument("--mine-tasks", required=True, help='JSON {"task": symmetric_bool}')
-    p.add_argument("--model", required=True)
-    p.add_argument("--shard", type=int, required=True)
-    p.add_argument("--num-shards", type=int, required=True)
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--model")
+    p.add_argument("--shard", type=int)
+    p.add_argument("--num-shards", type=int)
+    p.add_argument("--out-dir")
+    p.add_argument("--out", nargs="+", help="--step scatter: one output file per embedding shard, in order")
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--options", help="the config's embed section as JSON (EmbedConfig's keys); flags win")
     options.add_arguments(p, EmbedConfig)

@@ -507,6 +507,12 @@ def _index_dir_mb(path):
 # ---- embedding and mining (rules/mine.smk) -------------------------------------------------------
 
 
+def embed_texts(wildcards):
+    """An embed job's texts: its file of every part's scatter (rule embed_texts), not the whole stage."""
+    parts = range(len(stage_data("finetune")))
+    return [f"work/embed/texts/p{p}/s{wildcards.shard}.texts.arrow" for p in parts]
+
+
 def instruction_args():
     """kalm embed formats the mining texts as kalm mine does: the mine section's instruction options."""
     m = config["mine"]

@@ -1,6 +1,8 @@
 # Hard-negative mining (issue 15: every job's memory depends on its shard, not the corpus):
-#   embed       one job per text shard (embed.shards): the texts hashed to it, streamed from stage_data;
-#               rows in digest order, with the sorted digests (a mine job binary-searches them)
+#   embed_texts one job per part of stage_data("finetune"): its distinct texts to mine, scattered by hash
+#               into one temporary file per embedding shard -> work/embed/texts/p{part}/s{j}.texts.arrow
+#   embed       one job per text shard (embed.shards): the texts hashed to it, read from its file of every
+#               part; rows in digest order, with the sorted digests (a mine job binary-searches them)
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
@@ -21,9 +23,30 @@
 # The sampling RNG is per record (seed, record id): the records are the same for any number of parts.
 
 
+rule embed_texts:
+    input:
+        lambda w: stage_data("finetune")[int(w.part)],
+    output:
+        temp(expand("work/embed/texts/p{{part}}/s{j}.texts.arrow", j=range(NUM_SHARDS))),
+    log:
+        "logs/embed_texts/p{part}.log",
+    benchmark:
+        "benchmarks/embed_texts/p{part}.tsv"
+    wildcard_constraints:
+        part=r"\d+",
+    resources:
+        mem_mb=2000,  # one part's distinct texts to mine
+    params:
+        mine_tasks=shlex.quote(mine_tasks_json()),
+        instructions=instruction_args(),
+    shell:
+        "{KALM} embed --step scatter --input {input} --mine-tasks {params.mine_tasks} --out {output} "
+        "{params.instructions} > {log} 2>&1"
+
+
 rule embed:
     input:
-        data=stage_data("finetune"),
+        data=embed_texts,
         model=embed_model_input(),  # models/pretrain with embed.model: pretrain
     output:
         npy="work/embed/shard{shard}.npy",
