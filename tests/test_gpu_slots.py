@@ -321,8 +321,18 @@ def test_every_gpu_rule_runs_behind_the_launcher_and_is_capped_at_the_pool(tmp_p
         m = re.search(rf" -m kalm (?:{launcher})?([\w-]+)", line)
         step = re.search(r"--step (\w+)", line)
         name = {"pool": "mine_index", "ranges": "mine_ranges"}.get(step[1], m[2]) if m[2] == "mine" and step else m[2]
+        name = "embed_texts" if m[2] == "embed" and step and step[1] == "scatter" else name
         by_rule.setdefault(name, set()).add(m[1])
     assert by_rule["embed"] == by_rule["mine"] == by_rule["evaluate"] == {"--gpus 1"}
     assert by_rule["train"] == {"--gpus 2 --nodes 1 --torchrun"}
-    for cpu_rule in ("validate", "dedup", "decontaminate", "mine_ranges", "mine_index", "soup", "aggregate"):
+    for cpu_rule in (
+        "validate",
+        "dedup",
+        "decontaminate",
+        "embed_texts",
+        "mine_ranges",
+        "mine_index",
+        "soup",
+        "aggregate",
+    ):
         assert by_rule[cpu_rule] == {None}, cpu_rule

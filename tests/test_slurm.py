@@ -284,6 +284,7 @@ def test_workflow_runs_on_a_real_slurm_cluster(cluster, tiny_run, torchrun_job, 
     mined_tasks = sum(spec.get("mine", True) for spec in cfg["data"]["finetune"].values())
     assert sorted(rules.values()) == sorted(
         [
+            *["embed_texts"] * cfg["data"]["dedup"]["shards"],  # the forced embed jobs' temporary inputs again
             "embed",
             "embed",
             *["mine_ranges"] * mined_tasks,  # a pool per mined task

@@ -62,7 +62,7 @@ def test_pooling_reaches_every_command_that_loads_the_base_model(tmp_path):
     commands = dry_run_commands(cfg, tmp_path, "models/finetune/run0", "results/baseline/mteb_en.json")
     path = tmp_path / "config.yaml"
     lines = [line for line in commands if " -m kalm " in line]
-    for command in ("embed", "train --stage pretrain", "train --stage finetune", "evaluate"):
+    for command in ("embed --input", "train --stage pretrain", "train --stage finetune", "evaluate"):  # not the scatter
         found = [line for line in lines if f"-m kalm {command}" in line]
         assert found and all("--pooling lasttoken" in line for line in found), command
     cfg["pooling"] = "max"
