@@ -131,6 +131,9 @@ def scatter_texts(
     (whose reading and hashing grew with the stage in every job). Returns the texts per file."""
     import pyarrow as pa
 
+    bad = next((p for p in out_paths if not str(p).endswith(TEXTS_SUFFIX)), None)
+    if bad is not None:  # before reading the part
+        raise ValueError(f"{bad}: a scatter output must end in {TEXTS_SUFFIX}")
     shard_of: dict[str, int] = {}
     for t in iter_mining_texts([input_path], mine_tasks, query_instruction, passage_instruction):
         if t not in shard_of:
@@ -140,8 +143,6 @@ def scatter_texts(
         buckets[j].append(t)
     schema = pa.schema([("text", pa.large_string())])
     for path, texts in zip(out_paths, buckets):
-        if not str(path).endswith(TEXTS_SUFFIX):
-            raise ValueError(f"{path}: a scatter output must end in {TEXTS_SUFFIX}")
         with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
             w.write_table(pa.table({"text": pa.array(sorted(texts), pa.large_string())}, schema=schema))
     log.info("scatter %s: %d texts over %d embedding shards", input_path, len(shard_of), len(out_paths))

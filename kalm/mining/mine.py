@@ -1087,11 +1087,13 @@ def scan_lists(
 def release_list_pages(invlists) -> None:
     """:func:`kalm.io.release_pages` for faiss's memory-mapped inverted lists (read with IO_FLAG_MMAP: an
     OnDiskInvertedLists, its map at ``ptr``): madvise DONTNEED. No-op for in-memory lists."""
-    size = getattr(invlists, "totsize", 0)
-    if size and hasattr(invlists, "ptr"):
+    import mmap
+
+    size, advice = getattr(invlists, "totsize", 0), getattr(mmap, "MADV_DONTNEED", None)
+    if size and advice is not None and hasattr(invlists, "ptr"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(int(invlists.ptr), size, 4)  # MADV_DONTNEED (4 on Linux and macOS)
+        libc.madvise(int(invlists.ptr), size, advice)
 
 
 def write_ivf(pools_dir: str, name: str, scan_mib: float = IndexConfig.scan_mib) -> int:
