@@ -76,12 +76,12 @@ def make_clustered_corpus(seed, n, n_exact, n_near, n_parts, tasks=("a", "b")):
 def run_steps(d: Path, parts: list[str], partitions: int, band_jobs: int, batch: int = 5):
     """Every step as the workflow runs them (each call is one job), into folder ``d``."""
     d.mkdir(parents=True, exist_ok=True)
-    scatter = [[str(d / f"scatter{i}.p{j}.parquet") for j in range(partitions)] for i in range(len(parts))]
-    for part, outs in zip(parts, scatter):
-        scatter_part(part, outs)
+    scatter = [str(d / f"scatter{i}.arrow") for i in range(len(parts))]
+    for part, out in zip(parts, scatter):
+        scatter_part(part, out, partitions)
     exact = [str(d / f"exact{j}.parquet") for j in range(partitions)]
     for j in range(partitions):
-        dedup_partition([s[j] for s in scatter], exact[j], str(d / f"exact{j}.json"))
+        dedup_partition(scatter, j, partitions, exact[j], str(d / f"exact{j}.json"))
     mh = [str(d / f"mh{j}") for j in range(partitions)]
     for j in range(partitions):
         nd.minhash_partition(exact[j], mh[j], threshold=THRESHOLD, batch=batch)
@@ -257,7 +257,7 @@ def test_a_rerun_step_writes_the_same_bytes(tmp_path):
     exact, final, _ = run_steps(tmp_path / "run", parts, 2, 2)
     before = {p: Path(p).read_bytes() for p in exact + final}
     d = tmp_path / "run"
-    dedup_partition([str(d / "scatter0.p1.parquet"), str(d / "scatter1.p1.parquet")], exact[1], str(d / "exact1.json"))
+    dedup_partition([str(d / "scatter0.arrow"), str(d / "scatter1.arrow")], 1, 2, exact[1], str(d / "exact1.json"))
     nd.near_filter(exact[1], str(d / "drop.npy"), final[1], str(d / "dedup1.json"), str(d / "components.json"))
     assert {p: Path(p).read_bytes() for p in exact + final} == before
 
@@ -265,26 +265,26 @@ def test_a_rerun_step_writes_the_same_bytes(tmp_path):
 def test_exact_step_takes_parts_in_any_order_and_rejects_duplicate_ids(tmp_path):
     corpus = make_corpus(4, 20, 6, 0, 3)
     parts = write_parts(tmp_path / "in", corpus)
-    outs = [[str(tmp_path / f"s{i}.p0.parquet")] for i in range(3)]
+    outs = [str(tmp_path / f"s{i}.arrow") for i in range(3)]
     for p, o in zip(parts, outs):
-        scatter_part(p, o)
-    dedup_partition([o[0] for o in outs], str(tmp_path / "a.parquet"), str(tmp_path / "a.json"))
-    dedup_partition([o[0] for o in reversed(outs)], str(tmp_path / "b.parquet"), str(tmp_path / "b.json"))
+        scatter_part(p, o, 1)
+    dedup_partition(outs, 0, 1, str(tmp_path / "a.parquet"), str(tmp_path / "a.json"))
+    dedup_partition(outs[::-1], 0, 1, str(tmp_path / "b.parquet"), str(tmp_path / "b.json"))
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     # files whose ids interleave are merged by id: the same result as one file
     recs = [r for part in corpus for r in part]
     write_shard(tmp_path / "even.parquet", recs[0::2])
     write_shard(tmp_path / "odd.parquet", recs[1::2])
-    halves = [[str(tmp_path / f"{n}.p0.parquet")] for n in ("even", "odd")]
+    halves = [str(tmp_path / f"{n}.arrow") for n in ("even", "odd")]
     for n, o in zip(("even", "odd"), halves):
-        scatter_part(str(tmp_path / f"{n}.parquet"), o)
-    dedup_partition([h[0] for h in halves], str(tmp_path / "m.parquet"), str(tmp_path / "m.json"))
+        scatter_part(str(tmp_path / f"{n}.parquet"), o, 1)
+    dedup_partition(halves, 0, 1, str(tmp_path / "m.parquet"), str(tmp_path / "m.json"))
     assert list(iter_shard(tmp_path / "m.parquet")) == list(iter_shard(tmp_path / "a.parquet"))
     assert (
         read_json(tmp_path / "m.json")["dropped"] == read_json(tmp_path / "a.json")["dropped"] == {"exact_duplicate": 6}
     )
     with pytest.raises(ValueError, match="occurs twice"):
-        dedup_partition([outs[0][0], outs[0][0]], str(tmp_path / "c.parquet"), str(tmp_path / "c.json"))
+        dedup_partition([outs[0], outs[0]], 0, 1, str(tmp_path / "c.parquet"), str(tmp_path / "c.json"))
     assert not (tmp_path / "c.parquet").exists()
 
 
@@ -302,10 +302,7 @@ def test_cli_steps(tmp_path):
     parts = write_parts(tmp_path / "in", corpus)
     d = tmp_path / "cli"
     for i, p in enumerate(parts):
-        assert (
-            kalm_main(["dedup", "--step", "scatter", p, "--out", *[str(d / f"s{i}.p{j}.parquet") for j in range(2)]])
-            == 0
-        )
+        assert kalm_main(["dedup", "--step", "scatter", p, "--shards", "2", "--out", str(d / f"s{i}.arrow")]) == 0
     for j in range(2):
         assert (
             kalm_main(
@@ -313,7 +310,9 @@ def test_cli_steps(tmp_path):
                     "dedup",
                     "--step",
                     "exact",
-                    *[str(d / f"s{i}.p{j}.parquet") for i in range(2)],
+                    *[str(d / f"s{i}.arrow") for i in range(2)],
+                    "--shards",
+                    "2",
                     "--partition",
                     f"p{j}",
                     "--out",
@@ -545,7 +544,9 @@ def test_snakemake_rules_rerun_a_failed_partition_job_alone(tmp_path):
         str(p.relative_to(work / "work/data/finetune")) for p in (work / "work/data/finetune").rglob("*") if p.is_file()
     }
     assert not {
-        p for p in left if p.startswith(("scatter/", "minhash/", "exact/p")) and p.endswith((".parquet", ".npy"))
+        p
+        for p in left
+        if p.startswith(("scatter/", "minhash/", "exact/p")) and p.endswith((".arrow", ".parquet", ".npy"))
     }
     assert "near/pairs0.npy" not in left
     parts = [str(work / f"work/data/finetune/validated/{t}/part{i}.parquet") for t, i in [("a", 0), ("a", 1), ("b", 0)]]

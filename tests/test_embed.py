@@ -193,12 +193,13 @@ def test_scattered_texts_are_each_shards_texts_of_the_whole_stage(tmp_path_facto
     for p in range(parts):
         paths.append(str(tmp / f"p{p}.parquet"))
         write_shard(paths[-1], recs[p::parts])
-    files = [[str(tmp / f"p{p}.s{j}.texts.arrow") for j in range(shards)] for p in range(parts)]
-    for path, outs in zip(paths, files):
-        scatter_texts(path, mine_tasks, outs, passage_instruction="always")
+    files = [str(tmp / f"p{p}.texts.arrow") for p in range(parts)]
+    for path, out in zip(paths, files):
+        scatter_texts(path, mine_tasks, out, shards, passage_instruction="always")
     for j in range(shards):
         want = shard_texts(paths, mine_tasks, j, shards, passage_instruction="always")
-        assert shard_texts([outs[j] for outs in files], mine_tasks, j, shards) == want
-    if shards > 1 and any(shard_texts(paths, mine_tasks, 0, shards, passage_instruction="always")):
-        with pytest.raises(ValueError, match="read for shard 1"):
-            shard_texts([outs[0] for outs in files], mine_tasks, 1, shards)
+        assert shard_texts(files, mine_tasks, j, shards) == want
+    with pytest.raises(
+        ValueError, match=f"{files[0]}: scattered into {shards} partitions, read as one of {shards + 1}"
+    ):
+        shard_texts(files, mine_tasks, 0, shards + 1)

@@ -22,8 +22,8 @@ class DedupConfig:
     seed: int = option(1, "seed of the MinHash permutations", minimum=0)
     shards: int = option(
         1,
-        "hash partitions P of the stage: one exact-dedup, minhash and near-dup filter job each, and P files "
-        "per validated part's scatter job (the result does not depend on P)",
+        "hash partitions P of the stage: one exact-dedup, minhash and near-dup filter job each, and P record "
+        "batches in each validated part's scatter file (the result does not depend on P)",
         minimum=1,
         aliases=("--partitions",),
     )

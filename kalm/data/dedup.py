@@ -7,10 +7,11 @@ counted per task. The stage runs as Snakemake jobs whose memory depends on their
 the corpus (``workflow/rules/dedup.smk``):
 
 1. ``scatter`` (one job per validated part): each record goes to partition ``digest % P``; the
-   job writes ``P`` Parquet files (the records plus their ``digest`` column). Memory: one input
-   batch and a few row groups of output buffers.
-2. ``exact`` (one job per partition): reads partition ``j``'s files of every part. All copies of a
-   record share a digest, hence a partition, so keeping the smallest ``id`` of each digest there is
+   job writes one file, the records plus their ``digest`` column as record batches of each partition
+   (``kalm.partitioned``: one file per part, not P). Memory: one input batch and at most
+   ``SCATTER_BUFFER_ROWS`` records buffered over all partitions.
+2. ``exact`` (one job per partition): reads partition ``j``'s batches of every part's file. All copies
+   of a record share a digest, hence a partition, so keeping the smallest ``id`` of each digest there is
    the global first occurrence. Pass 1 reads only ``id`` and ``digest`` (24 bytes a record of the
    partition) and sorts them; pass 2 streams the records and writes the kept ones in ``id`` order.
    The result is the same whatever ``P`` (tests/test_dedup_shuffle.py).
@@ -52,6 +53,7 @@ from kalm import options
 from kalm.data.config import DedupConfig
 from kalm.data.shards import RECORD_SCHEMA, ROW_GROUP_ROWS, iter_shard, record_id, write_shard
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, write_json
+from kalm.partitioned import PartitionedWriter, read_partition
 from kalm.text import record_hash
 
 log = logging.getLogger(__name__)
@@ -175,19 +177,23 @@ def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 # ---- step 1: scatter ---------------------------------------------------------------------------
 
 
+def partition_index(name: str) -> int:
+    """The index J of a partition named ``pJ`` (the rules' ``--partition p{j}``)."""
+    if not (name.startswith("p") and name[1:].isdigit()):
+        raise SystemExit(f"--partition {name}: expected pJ, J the partition's index (e.g. p3)")
+    return int(name[1:])
+
+
 def partition_of(digest: bytes, partitions: int) -> int:
     """The partition of a record: its 128-bit digest (``record_hash``, big-endian) mod ``partitions``."""
     return int.from_bytes(digest, "big") % partitions
 
 
-def scatter_part(input_path: str, out_paths: list[str], batch_rows: int = ROW_GROUP_ROWS) -> list[int]:
-    """Scatter one validated part over ``len(out_paths)`` partition files (record to ``digest % P``,
-    in file order); return the record count of each partition."""
-    n_parts = len(out_paths)
-    if not n_parts:
-        raise ValueError("scatter needs one output per partition")
-    with ExitStack() as stack:
-        writers = [stack.enter_context(TableWriter(p, SCATTER_SCHEMA)) for p in out_paths]
+def scatter_part(input_path: str, out_path: str, partitions: int, batch_rows: int = ROW_GROUP_ROWS) -> list[int]:
+    """Scatter one validated part over ``partitions`` partitions (record to ``digest % P``, in file order)
+    into one file of record batches per partition (:class:`kalm.partitioned.PartitionedWriter`); return
+    the record count of each partition."""
+    with PartitionedWriter(out_path, SCATTER_SCHEMA, partitions, buffer_rows=SCATTER_BUFFER_ROWS) as out:
         for table in iter_tables(input_path, batch_rows=batch_rows):
             table = conform(table)
             ids_of(table)
@@ -195,19 +201,10 @@ def scatter_part(input_path: str, out_paths: list[str], batch_rows: int = ROW_GR
                 bytes.fromhex(record_hash(q, p))
                 for q, p in zip(table.column("query").to_pylist(), table.column("pos").to_pylist())
             ]
-            part = np.fromiter((partition_of(d, n_parts) for d in digests), dtype=np.int64, count=len(digests))
-            table = table.append_column(DIGEST, pa.array(digests, type=DIGEST.type))
-            order = np.argsort(part, kind="stable")
-            bounds = np.searchsorted(part[order], np.arange(n_parts + 1))
-            for j in range(n_parts):
-                if bounds[j + 1] > bounds[j]:
-                    writers[j].write(table.take(order[bounds[j] : bounds[j + 1]]))
-            if sum(w.buffered for w in writers) > SCATTER_BUFFER_ROWS:
-                for w in writers:
-                    w._flush(final=True)  # a short row group: bounded memory whatever P
-    counts = [w.rows for w in writers]
-    log.info("scatter %s: %d records over %d partitions", input_path, sum(counts), n_parts)
-    return counts
+            part = np.fromiter((partition_of(d, partitions) for d in digests), dtype=np.int64, count=len(digests))
+            out.write(table.append_column(DIGEST, pa.array(digests, type=DIGEST.type)), part)
+    log.info("scatter %s: %d records over %d partitions", input_path, sum(out.rows), partitions)
+    return out.rows
 
 
 # ---- step 2: exact dedup of one partition ------------------------------------------------------
@@ -230,31 +227,45 @@ def first_occurrences(ids: np.ndarray, digests: np.ndarray) -> np.ndarray:
     return np.sort(ids[order[first]])
 
 
-def _in_id_order(inputs: list[str], id_arrays: list[np.ndarray]) -> Iterator[pa.Table]:
-    """The tables of ``inputs`` in id order (``id_arrays``: each file's ids, from pass 1): the
-    files one after the other when each is sorted and their id ranges do not overlap (the case of
-    parts listed in input order), else a k-way merge by id (one batch of each file in memory)."""
+def _partition_tables(path: str, partition: int, partitions: int, columns=None) -> Iterator[pa.Table]:
+    for batch in read_partition(path, partition, partitions, columns):
+        yield pa.Table.from_batches([batch])
+
+
+def _partition_table(path: str, partition: int, partitions: int, columns: list[str]) -> pa.Table:
+    tables = list(_partition_tables(path, partition, partitions, columns))
+    return pa.concat_tables(tables) if tables else SCATTER_SCHEMA.empty_table().select(columns)
+
+
+def _in_id_order(inputs: list[str], id_arrays: list[np.ndarray], partition: int, partitions: int) -> Iterator[pa.Table]:
+    """Partition ``partition``'s tables of the scatter files ``inputs`` in id order (``id_arrays``: each
+    file's ids, from pass 1): the files one after the other when each is sorted and their id ranges do
+    not overlap (the case of parts listed in input order), else a k-way merge by id (one batch of each
+    file in memory)."""
     ranges = [(int(ids[0]), int(ids[-1]), path) for path, ids in zip(inputs, id_arrays) if len(ids)]
     sorted_files = all(not (np.diff(ids) <= 0).any() for ids in id_arrays)
     ranges.sort()
     if sorted_files and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])):
         for _, _, path in ranges:
-            yield from iter_tables(path)
+            yield from _partition_tables(path, partition, partitions)
         return
     log.warning("partition files are not in id order one after the other: merging them by id")
-    merged = heapq.merge(*(iter_shard(p) for p in inputs), key=lambda r: r["id"])
+
+    def rows(path):
+        for table in _partition_tables(path, partition, partitions):
+            yield from table.to_pylist()
+
+    merged = heapq.merge(*(rows(p) for p in inputs), key=lambda r: r["id"])
     while batch := list(itertools.islice(merged, ROW_GROUP_ROWS)):
         yield pa.Table.from_pylist(batch, schema=SCATTER_SCHEMA)
 
 
-def dedup_partition(inputs: list[str], out_path: str, stats_path: str, partition: str | None = None) -> StageStats:
-    """Exact dedup of one partition: the scatter files of partition ``j`` from every part in, the
-    first occurrence of each digest out (in id order), with stats."""
+def dedup_partition(inputs: list[str], partition: int, partitions: int, out_path: str, stats_path: str) -> StageStats:
+    """Exact dedup of partition ``partition`` of ``partitions``: its record batches of every part's scatter
+    file (``inputs``) in, the first occurrence of each digest out (in id order), with stats."""
     id_arrays, digests = [], []
     for path in inputs:
-        t = pq.ParquetFile(path).read(
-            columns=["id", "digest"]
-        )  # not pq.read_table: its dataset layer costs ~3 ms a file
+        t = _partition_table(path, partition, partitions, ["id", "digest"])  # pass 1: 24 bytes a record
         id_arrays.append(ids_of(t))
         digests.append(_digests(t).copy())
     ids_all = np.concatenate(id_arrays) if id_arrays else np.empty(0, dtype=np.int64)
@@ -262,10 +273,10 @@ def dedup_partition(inputs: list[str], out_path: str, stats_path: str, partition
     del digests
     kept_ids = first_occurrences(ids_all, dig_all)
     del ids_all, dig_all
-    stats = StageStats("dedup", method="exact", **({"partition": partition} if partition is not None else {}))
+    stats = StageStats("dedup", method="exact", partition=f"p{partition}")
     seen, kept = Counter(), Counter()
     with TableWriter(out_path) as out:
-        for table in _in_id_order(inputs, id_arrays):
+        for table in _in_id_order(inputs, id_arrays, partition, partitions):
             keep = in_sorted(ids_of(table), kept_ids)
             seen += task_counts(table)
             kept += task_counts(table, keep)
@@ -387,13 +398,13 @@ def dedup_local(
     work.mkdir(parents=True, exist_ok=True)
     try:
         parts = [_as_part(p, i, work) for i, p in enumerate(inputs)]
-        scatter = [[str(work / f"scatter{i}.p{j}.parquet") for j in range(partitions)] for i in range(len(parts))]
-        for part, outs in zip(parts, scatter):
-            scatter_part(part, outs)
+        scatter = [str(work / f"scatter{i}.arrow") for i in range(len(parts))]
+        for part, out in zip(parts, scatter):
+            scatter_part(part, out, partitions)
         exact = [str(work / f"exact.p{j}.parquet") for j in range(partitions)]
         exact_stats = [str(work / f"exact.p{j}.stats.json") for j in range(partitions)]
         for j in range(partitions):
-            dedup_partition([s[j] for s in scatter], exact[j], exact_stats[j], partition=f"p{j}")
+            dedup_partition(scatter, j, partitions, exact[j], exact_stats[j])
         final, near_stats, comp = exact, None, None
         params = {}
         if near:
@@ -465,7 +476,7 @@ def _run(args: argparse.Namespace) -> None:
         raise SystemExit("kalm dedup --step scatter: exactly one input part")
     _need(args, "out")
     outs = args.out
-    if step != "scatter" and len(outs) != 1:
+    if len(outs) != 1:
         raise SystemExit(f"kalm dedup --step {step}: one --out (the inputs go before the options)")
     out = outs[0]
     if step == "run":
@@ -483,10 +494,10 @@ def _run(args: argparse.Namespace) -> None:
             c.seed,
         )
     elif step == "scatter":
-        scatter_part(ins[0], outs)
+        scatter_part(ins[0], out, c.shards)
     elif step == "exact":
-        _need(args, "stats")
-        dedup_partition(ins, out, args.stats, args.partition)
+        _need(args, "stats", "partition")
+        dedup_partition(ins, partition_index(args.partition), c.shards, out, args.stats)
     elif step == "minhash":
         nd.minhash_partition(ins[0], out, c.num_perm, c.shingle, c.seed, c.threshold)
     elif step == "buckets":
@@ -509,8 +520,9 @@ def register(sub) -> None:
         description="""Steps of the sharded dedup stage (workflow/rules/dedup.smk runs each as jobs):
   run (default)  IN... --out FILE.jsonl|.parquet --stats S [--near-dup --shards P --band-jobs K]
                  every step in this process
-  scatter        PART --out P0 .. P(P-1)             one validated part to P partition files
-  exact          SCATTER_j... --out EXACT_j --stats S    partition j's scatter files of every part
+  scatter        PART --shards P --out SCATTER.arrow     one validated part to one file of P partitions
+  exact          SCATTER... --shards P --partition pJ --out EXACT_J --stats S
+                                                     partition J of every part's scatter file
   minhash        EXACT_j --out DIR                   signatures, ids, sorted band keys (.npy)
   buckets        DIR... --band-job k --band-jobs K --out PAIRS_k.npy   every partition's minhash DIR
   components     PAIRS... --out drop.npy --stats components.json
@@ -520,7 +532,7 @@ Inputs go before the options (--out takes several files).""",
     )
     p.add_argument("inputs", nargs="+", help="the step's inputs (see the description)")
     p.add_argument("--step", choices=STEPS, default="run")
-    p.add_argument("--out", nargs="+", help="output file(s): one per partition for scatter, else one")
+    p.add_argument("--out", nargs="+", help="the step's output file")
     p.add_argument("--stats", help="stats JSON of the step")
     p.add_argument("--band-job", type=int, default=0, help="buckets: which of the --band-jobs this is (0-based)")
     p.add_argument("--options", help="the config's data.dedup section as JSON (DedupConfig's keys); flags win")
@@ -528,6 +540,6 @@ Inputs go before the options (--out takes several files).""",
     p.add_argument("--drop", help="filter: the components step's drop.npy")
     p.add_argument("--components", help="filter, stats: the components step's stats JSON (examples)")
     p.add_argument("--near-stats", nargs="+", help="stats: the filter step's partition stats")
-    p.add_argument("--partition", help="exact, filter: the partition's name in its stats (e.g. p3)")
+    p.add_argument("--partition", help="exact, filter: the partition, pJ (exact reads partition J; both name it so)")
     p.add_argument("--params", help="stats: JSON object of settings to record in the stats")
     p.set_defaults(func=_run)

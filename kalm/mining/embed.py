@@ -121,49 +121,43 @@ TEXTS_SUFFIX = ".texts.arrow"  # kalm embed --step scatter's files: one column "
 def scatter_texts(
     input_path,
     mine_tasks: dict[str, bool],
-    out_paths: list[str],
+    out_path: str,
+    num_shards: int,
     query_instruction: bool = True,
     passage_instruction: str = "symmetric",
 ) -> list[int]:
     """``kalm embed --step scatter``: the texts to mine of one part of the stage (queries and passages of its
-    mined tasks, formatted as the encoder sees them), each distinct text once, into ``len(out_paths)`` files
-    by :func:`text_shard`, so that embed job j reads the j-th file of every part instead of the whole stage
-    (whose reading and hashing grew with the stage in every job). Returns the texts per file."""
+    mined tasks, formatted as the encoder sees them), each distinct text once, sorted, into one file of
+    ``num_shards`` partitions by :func:`text_shard` (:mod:`kalm.partitioned`), so that embed job j reads
+    partition j of every part's file instead of the whole stage (whose reading and hashing grew with the
+    stage in every job). Returns the texts per shard."""
     import pyarrow as pa
 
-    bad = next((p for p in out_paths if not str(p).endswith(TEXTS_SUFFIX)), None)
-    if bad is not None:  # before reading the part
-        raise ValueError(f"{bad}: a scatter output must end in {TEXTS_SUFFIX}")
+    from kalm.partitioned import PartitionedWriter
+
+    if not str(out_path).endswith(TEXTS_SUFFIX):  # before reading the part
+        raise ValueError(f"{out_path}: a scatter output must end in {TEXTS_SUFFIX}")
     shard_of: dict[str, int] = {}
     for t in iter_mining_texts([input_path], mine_tasks, query_instruction, passage_instruction):
         if t not in shard_of:
-            shard_of[t] = text_shard(t, len(out_paths))
-    buckets: list[list[str]] = [[] for _ in out_paths]
-    for t, j in shard_of.items():
-        buckets[j].append(t)
+            shard_of[t] = text_shard(t, num_shards)
+    texts = sorted(shard_of)
     schema = pa.schema([("text", pa.large_string())])
-    for path, texts in zip(out_paths, buckets):
-        with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-            w.write_table(pa.table({"text": pa.array(sorted(texts), pa.large_string())}, schema=schema))
-    log.info("scatter %s: %d texts over %d embedding shards", input_path, len(shard_of), len(out_paths))
-    return [len(b) for b in buckets]
+    with PartitionedWriter(out_path, schema, num_shards, buffer_rows=len(texts) + 1) as out:  # one round
+        out.write(pa.table({"text": pa.array(texts, pa.large_string())}), [shard_of[t] for t in texts])
+    log.info("scatter %s: %d texts over %d embedding shards", input_path, len(texts), num_shards)
+    return out.rows
 
 
 def _scattered_texts(paths, shard: int, num_shards: int) -> set[str]:
-    """The union of :func:`scatter_texts` files meant for embedding shard ``shard``."""
-    import pyarrow as pa
+    """The union of shard ``shard``'s texts of :func:`scatter_texts` files (each checked to hold
+    ``num_shards`` partitions: a file scattered for another ``embed.shards`` fails with its name)."""
+    from kalm.partitioned import read_partition
 
     texts: set[str] = set()
     for path in paths:
-        with pa.memory_map(str(path)) as source:
-            column = pa.ipc.open_file(source).read_all().column("text").to_pylist()
-        wrong = next((t for t in column if text_shard(t, num_shards) != shard), None)
-        if wrong is not None:
-            raise ValueError(
-                f"{path}: holds texts of embedding shard {text_shard(wrong, num_shards)}, read for shard {shard} "
-                f"of {num_shards} (scattered for another embed.shards?)"
-            )
-        texts.update(column)
+        for batch in read_partition(path, shard, num_shards):
+            texts.update(batch.column("text").to_pylist())
     return texts
 
 
@@ -447,12 +441,13 @@ class ShardedEmbeddings:
 def _run(args: argparse.Namespace) -> None:
     instructions = options.from_args(MineConfig, args)
     if args.step == "scatter":
-        if len(args.input) != 1 or not args.out:
-            raise SystemExit("kalm embed --step scatter: one --input part and --out, one file per shard")
+        if len(args.input) != 1 or not args.out or args.num_shards is None:
+            raise SystemExit("kalm embed --step scatter: one --input part, --num-shards and --out")
         scatter_texts(
             args.input[0],
             json.loads(args.mine_tasks),
             args.out,
+            args.num_shards,
             instructions.query_instruction,
             instructions.passage_instruction,
         )
@@ -497,8 +492,8 @@ def register(sub) -> None:
         "--step",
         choices=["encode", "scatter"],
         default="encode",
-        help="encode: embed shard --shard of the texts of --input; scatter: one part's texts into --out, "
-        f"one {TEXTS_SUFFIX} file per shard (the workflow's embed jobs read those)",
+        help=f"encode: embed shard --shard of the texts of --input; scatter: one part's texts into --out, one "
+        f"{TEXTS_SUFFIX} file of --num-shards partitions (the workflow's embed jobs read those)",
     )
     p.add_argument(
         "--input",
@@ -512,7 +507,7 @@ def register(sub) -> None:
     p.add_argument("--shard", type=int)
     p.add_argument("--num-shards", type=int)
     p.add_argument("--out-dir")
-    p.add_argument("--out", nargs="+", help="--step scatter: one output file per embedding shard, in order")
+    p.add_argument("--out", help=f"--step scatter: the part's {TEXTS_SUFFIX} file")
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--options", help="the config's embed section as JSON (EmbedConfig's keys); flags win")
     options.add_arguments(p, EmbedConfig)

@@ -508,9 +508,8 @@ def _index_dir_mb(path):
 
 
 def embed_texts(wildcards):
-    """An embed job's texts: its file of every part's scatter (rule embed_texts), not the whole stage."""
-    parts = range(len(stage_data("finetune")))
-    return [f"work/embed/texts/p{p}/s{wildcards.shard}.texts.arrow" for p in parts]
+    """An embed job's texts: every part's scatter file (rule embed_texts), of which it reads its partition."""
+    return [f"work/embed/texts/p{p}.texts.arrow" for p in range(len(stage_data("finetune")))]
 
 
 def instruction_args():

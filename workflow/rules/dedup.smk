@@ -24,12 +24,12 @@ DEDUP_PARTITIONS = list(range(DEDUP["shards"]))
 DEDUP_BAND_JOBS = list(range(DEDUP["band_jobs"]))
 
 
-# one validated part -> P partition files (the records + their digest)
+# one validated part -> one file of P partitions (the records + their digest, record batches per partition)
 rule dedup_scatter:
     input:
         "work/data/{stage}/validated/{dtask}/part{part}.parquet",
     output:
-        temp(expand("work/data/{{stage}}/scatter/{{dtask}}/part{{part}}/p{j}.parquet", j=DEDUP_PARTITIONS)),
+        temp("work/data/{stage}/scatter/{dtask}/part{part}.arrow"),
     log:
         "logs/dedup_scatter/{stage}/{dtask}/part{part}.log",
     benchmark:
@@ -39,14 +39,17 @@ rule dedup_scatter:
     resources:
         # one input batch + at most 8 row groups buffered over all partitions
         mem_mb=1000,
+    params:
+        # P only (a params change re-runs the job; the near-dup settings must not re-run the shuffle)
+        shards=DEDUP["shards"],
     shell:
-        "{KALM} dedup --step scatter {input} --out {output} > {log} 2>&1"
+        "{KALM} dedup --step scatter {input} --shards {params.shards} --out {output} > {log} 2>&1"
 
 
-# exact dedup of partition j: its scatter files of every part in, first occurrences out (id order)
+# exact dedup of partition j: its record batches of every part's scatter file in, first occurrences out (id order)
 rule dedup:
     input:
-        lambda w: [_scatter_file(p, w.partition) for p in validated_parts(w.stage)],
+        lambda w: [_scatter_file(p) for p in validated_parts(w.stage)],
     output:
         data=temp(_exact_out()) if DEDUP["near_dup"] else _exact_out(),
         stats="work/data/{stage}/exact/p{partition}.stats.json",
@@ -57,11 +60,13 @@ rule dedup:
     wildcard_constraints:
         partition=r"\d+",
     resources:
-        # ids + digests of this partition (24 B a record, sorted), far below its compressed size
-        mem_mb=lambda w, input: _mb(input, 0.5, base=1000),
+        # ids + digests of this partition (24 B a record, sorted), far below its 1/P of the scatter files
+        mem_mb=lambda w, input: _mb(input, 0.5 / DEDUP["shards"], base=1000),
+    params:
+        shards=DEDUP["shards"],
     shell:
-        "{KALM} dedup --step exact {input} --partition p{wildcards.partition} --out {output.data} "
-        "--stats {output.stats} > {log} 2>&1"
+        "{KALM} dedup --step exact {input} --shards {params.shards} --partition p{wildcards.partition} "
+        "--out {output.data} --stats {output.stats} > {log} 2>&1"
 
 
 if DEDUP["near_dup"]:

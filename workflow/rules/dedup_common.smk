@@ -18,12 +18,11 @@ def dedup_parts(stage):
     return [f"work/data/{stage}/dedup/p{j}.parquet" for j in DEDUP_PARTITIONS]
 
 
-def _scatter_file(part, j):
-    """Partition j's file of the scatter of a validated part (work/data/S/validated/T/partI.parquet)."""
+def _scatter_file(part):
+    """The scatter file of a validated part (work/data/S/validated/T/partI.parquet): its records by partition."""
     dirs = part[: -len(".parquet")].split("/")
     dirs[dirs.index("validated")] = "scatter"  # work/data/S/scatter/T/partI
-    stem = "/".join(dirs)
-    return f"{stem}/p{j}.parquet"
+    return os.path.join(*dirs) + ".arrow"
 
 
 def _exact_out(stage="{stage}", j="{partition}"):

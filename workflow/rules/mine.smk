@@ -1,8 +1,8 @@
 # Hard-negative mining (issue 15: every job's memory depends on its shard, not the corpus):
 #   embed_texts one job per part of stage_data("finetune"): its distinct texts to mine, scattered by hash
-#               into one temporary file per embedding shard -> work/embed/texts/p{part}/s{j}.texts.arrow
-#   embed       one job per text shard (embed.shards): the texts hashed to it, read from its file of every
-#               part; rows in digest order, with the sorted digests (a mine job binary-searches them)
+#               into one temporary file of embed.shards partitions -> work/embed/texts/p{part}.texts.arrow
+#   embed       one job per text shard (embed.shards): the texts hashed to it, read from its partition of
+#               every part's file; rows in digest order, with the sorted digests (a mine job binary-searches them)
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
@@ -27,7 +27,7 @@ rule embed_texts:
     input:
         lambda w: stage_data("finetune")[int(w.part)],
     output:
-        temp(expand("work/embed/texts/p{{part}}/s{j}.texts.arrow", j=range(NUM_SHARDS))),
+        temp("work/embed/texts/p{part}.texts.arrow"),
     log:
         "logs/embed_texts/p{part}.log",
     benchmark:
@@ -39,9 +39,10 @@ rule embed_texts:
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         instructions=instruction_args(),
+        num_shards=NUM_SHARDS,
     shell:
-        "{KALM} embed --step scatter --input {input} --mine-tasks {params.mine_tasks} --out {output} "
-        "{params.instructions} > {log} 2>&1"
+        "{KALM} embed --step scatter --input {input} --mine-tasks {params.mine_tasks} "
+        "--num-shards {params.num_shards} --out {output} {params.instructions} > {log} 2>&1"
 
 
 rule embed:
