@@ -117,6 +117,44 @@ def test_a_store_lookup_does_not_read_the_texts_of_the_shards(tmp_path, monkeypa
     np.testing.assert_array_equal(got, vecs[[7, 299, 0]].astype(np.float16).astype(np.float32))
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 60), shards=st.integers(1, 6), seed=st.integers(0, 99))
+def test_a_hash_sharded_store_looks_each_text_up_in_its_one_shard(tmp_path_factory, n, shards, seed):
+    """The workflow's shards (text to shard digest % E) are routed: a lookup binary-searches the text's own
+    shard only, so its cost does not grow with embed.shards; the rows are those of a search of every shard."""
+    import kalm.mining.embed as embed
+
+    tmp = tmp_path_factory.mktemp("routed")
+    rng = np.random.default_rng(seed)
+    texts = [f"text {seed} {i}" for i in range(n)]
+    vecs = rng.normal(size=(n, 4))
+    parts = [[i for i in range(n) if embed.text_shard(texts[i], shards) == s] for s in range(shards)]
+    paths = [write_shard(tmp, s, [texts[i] for i in rows], vecs[rows]) for s, rows in enumerate(parts)]
+    store = ShardedEmbeddings(paths)
+    assert store.routed
+    picked = [texts[i] for i in rng.permutation(n)[: n // 2]]
+    searched = []
+    real = np.searchsorted
+    np.searchsorted = lambda a, v, *args, **kw: searched.append(len(v)) or real(a, v)  # hypothesis: no monkeypatch
+    try:
+        got = store.vectors(picked)
+    finally:
+        np.searchsorted = real
+    assert sum(searched) == len(picked)  # every text searched once, in one shard
+    unrouted = ShardedEmbeddings(paths)
+    unrouted.routed = False
+    np.testing.assert_array_equal(got, unrouted.vectors(picked))
+    if shards > 1 and n:
+        # shards not cut by digest % E (a text in another shard than its hash says) are searched one by one
+        other = tmp_path_factory.mktemp("unrouted")
+        moved = [
+            write_shard(other, s, [texts[i] for i in rows], vecs[rows]) for s, rows in enumerate(parts[1:] + parts[:1])
+        ]
+        store = ShardedEmbeddings(moved)
+        assert not store.routed
+        np.testing.assert_array_equal(store.vectors(picked), got)
+
+
 def test_shard_ids_read_fast_equal_the_written_texts(tmp_path):
     from kalm.io import write_json
     from kalm.mining.embed import read_ids

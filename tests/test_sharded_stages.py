@@ -815,3 +815,69 @@ def test_the_list_by_list_scan_finds_what_faiss_ivf_search_finds(tmp_path, lists
     scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
     assert np.array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pool_beyond_its_sample_gets_its_lists_trained_cell_by_cell(tmp_path, monkeypatch):
+    """A pool with more distinct passages than its bottom-k sample can train (MIN_POINTS_PER_LIST points a
+    list) still gets distinct passages / list_size lists (was: the sample's cap, 300 // 39 = 7 lists here,
+    so lists 50x longer than list_size and a query scanning as much more): the lists are trained cell by cell
+    on the pool's passages read from its range files, hold about list_size passages, and a query probing
+    nprobe of them finds its neighbours as with centroids trained on every passage at once."""
+    import faiss
+
+    import kalm.mining.mine as km
+    from kalm.mining.embed import texts_to_embed, write_embedding_shard
+
+    monkeypatch.setattr(km, "TRAIN_SAMPLE", 300)
+    n, d, list_size = 3000, 16, 8
+    recs = [{"query": f"q{i}", "pos": [f"passage {i}"], "task": "a", "id": record_id(0, i)} for i in range(n)]
+    write_shard(tmp_path / "in.parquet", recs)
+    texts = texts_to_embed(recs, {"a": False})
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(60, d))
+    vecs = centres[rng.integers(0, 60, len(texts))] + 0.5 * rng.normal(size=(len(texts), d))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float16)
+    emb = [str(write_embedding_shard(tmp_path / f"shard{s}.npy", texts[s::2], vecs[s::2])) for s in range(2)]
+    cfg = km.IndexConfig("ivf", list_size=list_size, use_gpu=False)
+    pools = tmp_path / "pools"
+    km.write_ranges(str(tmp_path / "in.parquet"), {"a": False}, str(pools), 1, only="a", index=cfg)
+    meta = km.read_json(pools / "a" / km.RANGES_FILE)
+    assert meta["sample"] == 300 and abs(meta["distinct_passages"] / n - 1) < 0.15  # a KMV estimate beyond the sample
+    lists = km.train_quantizer(str(pools), "a", emb, cfg)
+    assert lists == round(meta["distinct_passages"] / list_size)
+    index = faiss.read_index(str(pools / "a" / km.QUANTIZER_FILE))
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    passages = np.asarray(vecs[[texts.index(f"passage {i}") for i in range(n)]], dtype=np.float32)
+    sizes = np.bincount(quantizer.search(passages, 1)[1][:, 0], minlength=quantizer.ntotal)
+    assert sizes.max() <= 6 * list_size and (sizes > 0).mean() > 0.9, np.sort(sizes)[-10:]
+    truth = faiss.IndexFlatIP(d)
+    truth.add(passages)
+    queries = passages[:300] + 0.1 * rng.normal(size=(300, d)).astype(np.float32)
+    want = truth.search(queries, 10)[1]
+
+    def recall(centroids):
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, len(centroids), faiss.METRIC_INNER_PRODUCT)
+        ivf.quantizer.add(centroids)
+        ivf.is_trained = True
+        ivf.add(passages)
+        ivf.nprobe = 8
+        got = ivf.search(queries, 10)[1]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+
+    two_level = recall(quantizer.reconstruct_n(0, quantizer.ntotal))
+    at_once = recall(km.kmeans(passages, lists))
+    assert two_level >= at_once - 0.05, (two_level, at_once)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 500), min_size=1, max_size=30), nlist=st.integers(1, 2000))
+def test_lists_are_shared_among_cells_in_proportion(counts, nlist):
+    from kalm.mining.mine import share_lists
+
+    lists = share_lists(np.array(counts), nlist)
+    counts = np.array(counts)
+    total, target = counts.sum(), min(nlist, counts.sum())
+    assert (lists <= counts).all() and (lists[counts > 0] >= 1).all() and (lists[counts == 0] == 0).all()
+    assert target <= lists.sum() <= target + (counts > 0).sum()
+    if total:  # no cell more than one list (or its forced one) away from its share
+        assert (np.abs(lists - counts * target / total) <= 1 + (counts > 0)).all()

@@ -554,28 +554,11 @@ def boundaries_of(sample: list[str], shards: int) -> list[str]:
     return [head[(j * len(head)) // shards] for j in range(1, shards)] if head else []
 
 
-def ivf_lists(distinct: int, train_points: int, cfg: IndexConfig) -> int:
+def ivf_lists(distinct: int, cfg: IndexConfig) -> int:
     """The lists of a pool's IVF: ``nlist``, or its distinct passages / ``list_size`` (a constant list size,
-    so a query scans ``nprobe x list_size`` passages whatever the pool's size), at most one list per
-    ``MIN_POINTS_PER_LIST`` training points and per training point."""
+    so a query scans ``nprobe x list_size`` passages whatever the pool's size), at most one per passage."""
     n = cfg.nlist or round(distinct / max(1, cfg.list_size))
-    cap = train_points // MIN_POINTS_PER_LIST if cfg.nlist is None else train_points
-    if cfg.nlist is None and n > cap > 0:
-        # the sample (TRAIN_SAMPLE texts at most) caps the lists: beyond ~TRAIN_SAMPLE / 39 x list_size passages
-        # a pool's lists grow longer than list_size and a query scans more than nprobe x list_size of them
-        log.warning(
-            "ivf: %d lists wanted for %d distinct passages, %d trainable on %d sample texts (%d per list): "
-            "lists of ~%d passages, not %d; a query scans ~%d passages",
-            n,
-            distinct,
-            cap,
-            train_points,
-            MIN_POINTS_PER_LIST,
-            distinct // cap,
-            cfg.list_size,
-            min(cfg.nprobe, cap) * (distinct // cap),
-        )
-    return max(1, min(n, cap))
+    return max(1, min(n, distinct)) if distinct else 1
 
 
 def pool_name(task: str, pool: str) -> str:
@@ -952,37 +935,133 @@ SHARD_BITS = 40  # ivf ids: shard << SHARD_BITS | row in the shard (global row =
 
 
 def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: IndexConfig) -> int:
-    """``kalm mine --step quantizer``: the coarse quantizer of pool ``name``'s IVF, trained once on its
-    bottom-k sample (:func:`write_ranges`) and shared by every shard, so that each passage falls in the
-    same list whatever the shards and a query probes ``nprobe`` lists of the whole pool (one scan,
-    :func:`write_ivf`), not ``nprobe`` of each shard. Returns the number of lists."""
+    """``kalm mine --step quantizer``: the coarse quantizer of pool ``name``'s IVF, trained once and shared by
+    every shard, so that each passage falls in the same list whatever the shards and a query probes ``nprobe``
+    lists of the whole pool (one scan, :func:`write_ivf`), not ``nprobe`` of each shard. Trained on the
+    pool's bottom-k sample (:func:`write_ranges`) when it holds ``MIN_POINTS_PER_LIST`` texts a list; a larger
+    pool's centroids are trained cell by cell (:func:`two_level_centroids`), so ``nlist`` keeps up with the
+    pool without its training points in one array. Returns the number of lists."""
     import faiss
 
     folder = Path(pools_dir) / name
     meta = read_json(folder / RANGES_FILE)
     texts = read_texts(folder / SAMPLE_FILE, "text").to_pylist()
     store = ShardedEmbeddings(embeddings)
-    nlist = ivf_lists(meta.get("distinct_passages") or len(texts), len(texts), cfg)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(store.dim), store.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    distinct = meta.get("distinct_passages") or len(texts)
+    nlist = ivf_lists(distinct, cfg)
     t = time.time()
-    if texts:
-        index.train(np.ascontiguousarray(store.vectors(texts), dtype=np.float32))
-    else:  # an empty pool: one list at the origin, so that the shards and the merge still have an index
-        index.quantizer.add(np.zeros((1, store.dim), dtype=np.float32))
-        index.is_trained = True
-    if nlist >= HNSW_QUANTIZER_LISTS:
+    if not texts:  # an empty pool: one list at the origin, so that the shards and the merge still have an index
+        centroids = np.zeros((1, store.dim), dtype=np.float32)
+    elif nlist * MIN_POINTS_PER_LIST <= len(texts) or distinct <= len(texts):
+        nlist = min(nlist, len(texts))  # a sample holding the whole pool trains what it can
+        centroids = kmeans(np.ascontiguousarray(store.vectors(texts), dtype=np.float32), nlist)
+    else:
+        centroids = two_level_centroids(folder, store, store.vectors(texts), nlist, distinct)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(store.dim), store.dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
+    index.quantizer.add(centroids)
+    index.is_trained = True
+    if len(centroids) >= HNSW_QUANTIZER_LISTS:
         index = hnsw_quantized(index, cfg)
     with atomic_path(folder / QUANTIZER_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     log.info(
-        "pool %s: ivf quantizer, %d lists for ~%s distinct passages, trained on %d in %.1f s",
+        "pool %s: ivf quantizer, %d lists for ~%s distinct passages, trained in %.1f s",
         name,
-        nlist,
-        meta.get("distinct_passages"),
-        len(texts),
+        len(centroids),
+        distinct,
         time.time() - t,
     )
-    return nlist
+    return len(centroids)
+
+
+def kmeans(points: np.ndarray, k: int) -> np.ndarray:
+    """``k`` centroids of ``points`` as an inner-product IVF trains them (faiss's spherical k-means, its
+    default iterations and seed): the same centroids ``IndexIVFFlat.train`` would give."""
+    import faiss
+
+    d = points.shape[1]
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, k, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.min_points_per_centroid = 1  # the callers give enough points; faiss would only warn
+    ivf.train(points)
+    return ivf.quantizer.reconstruct_n(0, k)
+
+
+CELL_POINTS_PER_LIST = 64  # two-level training: points drawn per fine list (faiss's minimum is 39)
+
+
+def two_level_centroids(
+    folder: Path, store: ShardedEmbeddings, sample: np.ndarray, nlist: int, distinct: int, chunk: int = 65536
+) -> np.ndarray:
+    """``nlist`` centroids for a pool too large for its bottom-k sample to train them (``MIN_POINTS_PER_LIST``
+    points a list), trained as faiss's ``two_level_clustering`` does but without holding the points: ~sqrt(nlist)
+    coarse cells by k-means on the sample; then the pool's passages of smallest digest, ``CELL_POINTS_PER_LIST``
+    a list (a uniform sample of its distinct texts, read from the range files ``mine_ranges`` wrote), are
+    filed in their cell and written to a temporary file; each cell in turn gets its share of the lists (in
+    proportion to its points) by k-means on its points alone. Memory: the sample, the chosen digests (8 bytes
+    each) and one cell's points; the temporary file holds ``CELL_POINTS_PER_LIST x nlist`` vectors."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    want = CELL_POINTS_PER_LIST * nlist
+    cut = np.uint64(min(2**64 - 1, int(2**64 * min(1.0, 1.25 * want / max(1, distinct)))))  # margin over the estimate
+    kept = []
+    for path in sorted((folder / RANGES_DIR).glob("r*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk, columns=["text"]):
+            col = batch.column("text").to_pylist()
+            digests = np.fromiter((text_digest(t) for t in col), dtype=np.uint64, count=len(col))
+            kept.append(np.unique(digests[digests <= cut]))
+    digests = np.unique(np.concatenate(kept))[:want] if kept else np.zeros(0, np.uint64)  # the bottom-want
+    del kept
+    cells = max(1, min(round(nlist**0.5), len(sample)))
+    coarse = faiss.IndexFlatIP(store.dim)
+    coarse.add(kmeans(np.ascontiguousarray(sample, dtype=np.float32), cells))
+    cell_of = np.empty(len(digests), dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix=".train.", dir=folder) as tmp:
+        points = np.lib.format.open_memmap(Path(tmp) / "points.npy", "w+", store.dtype, (len(digests), store.dim))
+        for start in range(0, len(digests), chunk):
+            vecs = store.vectors_of_digests(digests[start : start + chunk])
+            cell_of[start : start + len(vecs)] = coarse.search(vecs, 1)[1][:, 0]
+            points[start : start + len(vecs)] = vecs
+        points.flush()
+        del points
+        points = np.load(Path(tmp) / "points.npy", mmap_mode="r")
+        counts = np.bincount(cell_of, minlength=cells)
+        lists = share_lists(counts, nlist)
+        by_cell = np.argsort(cell_of, kind="stable")
+        ends = np.cumsum(counts)
+        out = []
+        for c in np.nonzero(lists)[0]:
+            rows = by_cell[ends[c] - counts[c] : ends[c]]
+            out.append(kmeans(np.ascontiguousarray(read_rows(points, rows), dtype=np.float32), int(lists[c])))
+        del points
+    log.info(
+        "two-level quantizer: %d cells, %d lists from %d passages (%d to %d a cell)",
+        cells,
+        int(lists.sum()),
+        len(digests),
+        int(counts.min()),
+        int(counts.max()),
+    )
+    return np.vstack(out)
+
+
+def share_lists(counts: np.ndarray, nlist: int) -> np.ndarray:
+    """``nlist`` lists shared among cells of ``counts`` points in proportion (largest remainders), at least one
+    for a cell with points and never more than its points."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(len(counts), dtype=np.int64)
+    nlist = min(nlist, total)
+    exact = counts * nlist / total
+    lists = np.floor(exact).astype(np.int64)
+    lists[(counts > 0) & (lists == 0)] = 1
+    for c in np.argsort(-(exact - np.floor(exact)), kind="stable"):
+        if lists.sum() >= nlist:
+            break
+        if lists[c] < counts[c]:
+            lists[c] += 1
+    return np.minimum(lists, counts)
 
 
 # From this many lists on, the centroids are found through an HNSW graph. Below it a flat quantizer is faster:

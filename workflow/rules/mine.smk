@@ -8,7 +8,8 @@
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
 #               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts; ivf: training texts)
 #   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the sample's
-#               vectors (nlist = distinct passages / index.list_size) -> {pool}/quantizer.faiss
+#               vectors (nlist = distinct passages / index.list_size); a pool too large for its sample (39
+#               points a list) is trained cell by cell on its passages' range files -> {pool}/quantizer.faiss
 #   mine_index  one job per pool shard, reading its range's file: its passages in a canonical order (sorted),
 #               their vectors and, for hnsw, the index built once; for ivf, the pool's quantizer filled with
 #               the shard's rows; a flat index is rebuilt from the vectors in each mine job (a copy of them:
@@ -105,6 +106,7 @@ rule mine_quantizer:
     input:
         ranges="work/mine_index/{pool}/ranges.json",
         sample="work/mine_index/{pool}/sample.arrow",
+        passages="work/mine_index/{pool}/ranges",  # a pool beyond its sample trains its lists cell by cell from these
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
         "work/mine_index/{pool}/quantizer.faiss",
@@ -116,7 +118,7 @@ rule mine_quantizer:
         pool="[^/]+",
     threads: config["threads"]
     resources:
-        mem_mb=2000,  # at most 100,000 sample vectors (float32) and the centroids
+        mem_mb=2000,  # at most 100,000 sample vectors (float32), the centroids, one cell's points (two-level)
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
