@@ -945,18 +945,17 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
 
     folder = Path(pools_dir) / name
     meta = read_json(folder / RANGES_FILE)
-    texts = read_texts(folder / SAMPLE_FILE, "text").to_pylist()
     store = ShardedEmbeddings(embeddings)
-    distinct = meta.get("distinct_passages") or len(texts)
+    sample = sample_vectors(folder / SAMPLE_FILE, store)
+    distinct = meta.get("distinct_passages") or len(sample)
     nlist = ivf_lists(distinct, cfg)
     t = time.time()
-    if not texts:  # an empty pool: one list at the origin, so that the shards and the merge still have an index
+    if not len(sample):  # an empty pool: one list at the origin, so that the shards and the merge still have an index
         centroids = np.zeros((1, store.dim), dtype=np.float32)
-    elif nlist * MIN_POINTS_PER_LIST <= len(texts) or distinct <= len(texts):
-        nlist = min(nlist, len(texts))  # a sample holding the whole pool trains what it can
-        centroids = kmeans(np.ascontiguousarray(store.vectors(texts), dtype=np.float32), nlist)
+    elif nlist * MIN_POINTS_PER_LIST <= len(sample) or distinct <= len(sample):
+        centroids = kmeans(sample, min(nlist, len(sample)))  # a sample holding the whole pool trains what it can
     else:
-        centroids = two_level_centroids(folder, store, store.vectors(texts), nlist, distinct)
+        centroids = two_level_centroids(folder, store, sample, nlist, distinct)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(store.dim), store.dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
     index.quantizer.add(centroids)
     index.is_trained = True
@@ -972,6 +971,24 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
         time.time() - t,
     )
     return len(centroids)
+
+
+def sample_vectors(path: Path, store: ShardedEmbeddings, chunk: int = 16384) -> np.ndarray:
+    """The float32 vectors of a pool's sample texts, in the sample's order, the texts read a chunk at a time
+    (the sample's texts are never all held as Python strings, nor its file's pages mapped)."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as source:  # read, not mapped: the file's pages stay out of the job's RSS
+        reader = pa.ipc.open_file(source)
+        out = np.empty((reader.count_rows(), store.dim), dtype=np.float32)
+        row = 0
+        for i in range(reader.num_record_batches):
+            column = reader.get_batch(i).column("text")
+            for start in range(0, len(column), chunk):
+                texts = column.slice(start, chunk).to_pylist()
+                out[row : row + len(texts)] = store.vectors(texts)
+                row += len(texts)
+    return out
 
 
 def kmeans(points: np.ndarray, k: int) -> np.ndarray:
