@@ -1416,6 +1416,8 @@ def rerun(args) -> int:
     if not (work / MARKER).exists() or not (work / "bench.jsonl").exists():
         raise SystemExit(f"--work {work}: no earlier run of this script to re-measure")
     cmd = snakemake_cmd(work, args.cores * args.parallel_jobs, notemp=False) + ["--forcerun", *args.rerun]
+    if args.until:  # what follows them only up to these rules (e.g. the data stages without embedding)
+        cmd += ["--until", *args.until]
     with open(work / "snakemake.rerun.log", "w", encoding="utf-8") as log:
         res = subprocess.run(cmd, cwd=str(work), env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT)
     if res.returncode:
@@ -1617,6 +1619,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="RULE",
         help="with --work of an earlier run: run these rules' jobs again alone and update its bench.jsonl",
+    )
+    p.add_argument(
+        "--until",
+        nargs="+",
+        metavar="RULE",
+        help="with --rerun: re-run what follows the rules only up to these (snakemake --until)",
     )
     p.add_argument("--target-pretrain", type=float, default=470e6)
     p.add_argument("--target-finetune", type=float, default=6e6)

@@ -516,17 +516,20 @@ TRAIN_SAMPLE = 100_000  # ivf: the coarse quantizer's training texts at most (a 
 MIN_POINTS_PER_LIST = 39  # faiss's k-means wants at least this many training points per centroid
 
 
-def bottom_k(texts, k: int) -> tuple[list[str], int]:
+def bottom_k(texts, k: int, count_k: int = 0) -> tuple[list[str], int | None]:
     """The ``k`` distinct texts of smallest :func:`kalm.mining.embed.text_digest` (a uniform sample of the
     distinct texts that depends on their set only, not on order or repeats), in digest order, and the
-    number of distinct texts: exact below ``k``, else the KMV estimate ``(k - 1) 2^64 / h_k``."""
+    number of distinct texts, counted on the ``max(k, count_k)`` smallest digests (:func:`smallest_digests`:
+    8 bytes each, no text kept for them): exact below that, else the KMV estimate; None when both are 0."""
     import heapq
 
     heap: list[tuple[int, str]] = []  # (-hash, text): the largest kept hash on top
     kept: set[int] = set()
+    sketch = DigestSketch(max(k, count_k))
     for text in texts:
         h = text_digest(text)
-        if h in kept or (len(heap) == k and h >= -heap[0][0]):
+        sketch.add(h)
+        if not k or h in kept or (len(heap) == k and h >= -heap[0][0]):
             continue
         kept.add(h)
         if len(heap) == k:
@@ -534,9 +537,44 @@ def bottom_k(texts, k: int) -> tuple[list[str], int]:
         else:
             heapq.heappush(heap, (-h, text))
     sample = [t for _, t in sorted(heap, reverse=True)]  # ascending digest
-    if len(heap) < k:
-        return sample, len(heap)
-    return sample, round((k - 1) * 2**64 / (-heap[0][0] + 1))
+    return sample, sketch.distinct() if sketch.k else None
+
+
+class DigestSketch:
+    """The ``k`` smallest distinct 64-bit digests seen (a numpy array, merged a block at a time): a uniform
+    sample of the distinct texts by digest, and their count (exact below ``k``, else the KMV estimate
+    ``(k - 1) 2^64 / h_k``)."""
+
+    def __init__(self, k: int, block: int = 65536):
+        self.k, self.block = k, block
+        self.smallest = np.zeros(0, dtype=np.uint64)
+        self._pending: list[int] = []
+
+    def add(self, digest: int) -> None:
+        if self.k:
+            self._pending.append(digest)
+            if len(self._pending) >= self.block:
+                self._merge()
+
+    def add_many(self, digests: np.ndarray) -> None:
+        if self.k:
+            self._merge(np.asarray(digests, dtype=np.uint64))
+
+    def _merge(self, more: np.ndarray | None = None) -> None:
+        parts = [self.smallest, np.asarray(self._pending, dtype=np.uint64)]
+        if more is not None:
+            parts.append(more)
+        self.smallest = np.unique(np.concatenate(parts))[: self.k]
+        self._pending = []
+
+    def digests(self) -> np.ndarray:
+        """The smallest distinct digests, ascending."""
+        self._merge()
+        return self.smallest
+
+    def distinct(self) -> int:
+        d = self.digests()
+        return len(d) if len(d) < self.k else round((self.k - 1) * 2**64 / (int(d[-1]) + 1))
 
 
 def range_sample_size(shards: int) -> int:
@@ -873,17 +911,18 @@ def pool_samples(
     only: str | None = None,
     query_instruction: bool = True,
     passage_instruction: str = "symmetric",
-) -> dict[str, tuple[list[str], int]]:
+    count_k: int = 0,
+) -> dict[str, tuple[list[str], int | None]]:
     """{pool name: its :func:`bottom_k` sample of ``k`` encoder-side texts and its distinct passages}."""
     names = pool_names(mine_tasks, pool, only)
     out = {}
     for name in names:  # one pass per pool: one sample alive at a time
         passages = _pool_passages(inputs, mine_tasks, pool, name, query_instruction, passage_instruction)
-        out[name] = bottom_k((formatted for _, formatted, _, _ in passages), k) if k else ([], None)
+        out[name] = bottom_k((formatted for _, formatted, _, _ in passages), k, count_k) if k or count_k else ([], None)
     return out
 
 
-SAMPLE_FILE = "sample.arrow"  # a pool's bottom-k sample: its range quantiles, and the ivf quantizer's training texts
+SAMPLE_FILE = "sample.arrow"  # a pool's bottom-k sample: the texts its range quantiles are taken from
 
 
 def write_ranges(
@@ -898,14 +937,23 @@ def write_ranges(
     index: IndexConfig | None = None,
 ) -> dict[str, list[str]]:
     """``kalm mine --step ranges``: each pool's ``ranges.json`` and ``sample.arrow`` (``only``: one pool's).
-    The sample (bottom-k by digest: the same whatever the shards) holds the range quantiles' texts, and for
-    an ``ivf`` index up to ``TRAIN_SAMPLE`` texts to train the pool's one coarse quantizer on."""
+    The sample (bottom-k by digest: the same whatever the shards) holds the range quantiles' texts; for an
+    ``ivf`` index the pool's distinct passages are counted on its ``TRAIN_SAMPLE`` smallest digests (the
+    quantizer job draws its training texts from the range files: :func:`train_sample`)."""
     s = settings or MineSettings()
     if shards < 1:
         raise ValueError(f"pool shards must be >= 1, got {shards}")
     ivf = index is not None and index.type == "ivf"
-    k = max(range_sample_size(shards), TRAIN_SAMPLE if ivf else 0)
-    samples = pool_samples(inputs, mine_tasks, k, pool, only, s.query_instruction, s.passage_instruction)
+    samples = pool_samples(
+        inputs,
+        mine_tasks,
+        range_sample_size(shards),
+        pool,
+        only,
+        s.query_instruction,
+        s.passage_instruction,
+        count_k=TRAIN_SAMPLE if ivf else 0,
+    )
     if only is not None:
         samples.setdefault(only, ([], 0))  # a pool without records: its empty shards
     ranges = {}
@@ -946,7 +994,7 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
     folder = Path(pools_dir) / name
     meta = read_json(folder / RANGES_FILE)
     store = ShardedEmbeddings(embeddings)
-    sample = sample_vectors(folder / SAMPLE_FILE, store)
+    sample = train_sample(folder, store)
     distinct = meta.get("distinct_passages") or len(sample)
     nlist = ivf_lists(distinct, cfg)
     t = time.time()
@@ -955,7 +1003,7 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
     elif nlist * MIN_POINTS_PER_LIST <= len(sample) or distinct <= len(sample):
         centroids = kmeans(sample, min(nlist, len(sample)))  # a sample holding the whole pool trains what it can
     else:
-        centroids = two_level_centroids(folder, store, sample, nlist, distinct)
+        centroids = two_level_centroids(folder, store, sample, nlist)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(store.dim), store.dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
     index.quantizer.add(centroids)
     index.is_trained = True
@@ -973,30 +1021,34 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
     return len(centroids)
 
 
-def sample_vectors(path: Path, store: ShardedEmbeddings, chunk: int = 16384) -> np.ndarray:
-    """The float32 vectors of a pool's sample texts, in the sample's order, the texts read a chunk at a time
-    (the sample's texts are never all held as Python strings or copied to the heap, and the pages of the
-    memory-mapped file leave the process after each chunk: 116 MiB of anonymous memory for a 100,000-text
-    sample at 128 dims, against 131 MiB reading all texts and 174 MiB reading the file's batches into
-    the heap, whose allocator keeps what it frees)."""
-    import mmap
+def range_digests(folder: Path, batch: int = 65536):
+    """The :func:`kalm.mining.embed.text_digest` of every passage of a pool's range files (repeats included),
+    a numpy array per batch: their ``digest`` column, so no text is read (reading and hashing the texts here
+    left ~70 MiB of freed strings in the job's heap at a 480k-passage pool)."""
+    import pyarrow.parquet as pq
 
-    import pyarrow as pa
+    for path in sorted((folder / RANGES_DIR).glob("r*.parquet")):
+        for b in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=["digest"]):
+            yield b.column("digest").to_numpy()
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))  # zero-copy: no heap copy of the texts
-        out = np.empty((reader.count_rows(), store.dim), dtype=np.float32)
-        row = 0
-        for i in range(reader.num_record_batches):
-            column = reader.get_batch(i).column("text")
-            for start in range(0, len(column), chunk):
-                texts = column.slice(start, chunk).to_pylist()
-                out[row : row + len(texts)] = store.vectors(texts)
-                row += len(texts)
-                if hasattr(mmap, "MADV_DONTNEED"):  # the pages read leave the process (as kalm.io.release_pages)
-                    mapped.madvise(mmap.MADV_DONTNEED)
-            del column
-        del reader
+
+def smallest_digests(folder: Path, k: int) -> np.ndarray:
+    """The ``k`` smallest distinct digests of a pool's passages (its range files), ascending."""
+    sketch = DigestSketch(k)
+    for digests in range_digests(folder):
+        sketch.add_many(digests)
+    return sketch.digests()
+
+
+def train_sample(folder: Path, store: ShardedEmbeddings, chunk: int = 16384) -> np.ndarray:
+    """The quantizer's training points: the float32 vectors of the pool's ``TRAIN_SAMPLE`` distinct passages
+    of smallest digest (a uniform sample that depends on the pool's set of texts only), in digest order, read
+    from the range files: 8 bytes a sampled passage and its vector, never its text (the sample's texts, held
+    by mine_ranges until 2026-12-07, made that job's memory grow with the pool up to the cap)."""
+    digests = smallest_digests(folder, TRAIN_SAMPLE)
+    out = np.empty((len(digests), store.dim), dtype=np.float32)
+    for start in range(0, len(digests), chunk):
+        out[start : start + chunk] = store.vectors_of_digests(digests[start : start + chunk])
     return out
 
 
@@ -1016,7 +1068,7 @@ CELL_POINTS_PER_LIST = 64  # two-level training: points drawn per fine list (fai
 
 
 def two_level_centroids(
-    folder: Path, store: ShardedEmbeddings, sample: np.ndarray, nlist: int, distinct: int, chunk: int = 65536
+    folder: Path, store: ShardedEmbeddings, sample: np.ndarray, nlist: int, chunk: int = 65536
 ) -> np.ndarray:
     """``nlist`` centroids for a pool too large for its bottom-k sample to train them (``MIN_POINTS_PER_LIST``
     points a list), trained as faiss's ``two_level_clustering`` does but without holding the points: ~sqrt(nlist)
@@ -1026,18 +1078,8 @@ def two_level_centroids(
     proportion to its points) by k-means on its points alone. Memory: the sample, the chosen digests (8 bytes
     each) and one cell's points; the temporary file holds ``CELL_POINTS_PER_LIST x nlist`` vectors."""
     import faiss
-    import pyarrow.parquet as pq
 
-    want = CELL_POINTS_PER_LIST * nlist
-    cut = np.uint64(min(2**64 - 1, int(2**64 * min(1.0, 1.25 * want / max(1, distinct)))))  # margin over the estimate
-    kept = []
-    for path in sorted((folder / RANGES_DIR).glob("r*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk, columns=["text"]):
-            col = batch.column("text").to_pylist()
-            digests = np.fromiter((text_digest(t) for t in col), dtype=np.uint64, count=len(col))
-            kept.append(np.unique(digests[digests <= cut]))
-    digests = np.unique(np.concatenate(kept))[:want] if kept else np.zeros(0, np.uint64)  # the bottom-want
-    del kept
+    digests = smallest_digests(folder, CELL_POINTS_PER_LIST * nlist)  # a uniform sample of the distinct passages
     cells = max(1, min(round(nlist**0.5), len(sample)))
     coarse = faiss.IndexFlatIP(store.dim)
     coarse.add(kmeans(np.ascontiguousarray(sample, dtype=np.float32), cells))
@@ -1277,7 +1319,13 @@ def _range_schema():
     import pyarrow as pa
 
     return pa.schema(
-        [("text", pa.large_string()), ("raw", pa.large_string()), ("rid", pa.int64()), ("place", pa.int32())]
+        [
+            ("text", pa.large_string()),
+            ("raw", pa.large_string()),
+            ("rid", pa.int64()),
+            ("place", pa.int32()),
+            ("digest", pa.uint64()),  # text_digest(text): the quantizer's sample is drawn on it, no text read
+        ]
     )
 
 
@@ -1307,7 +1355,7 @@ def scatter_passages(
         buffers: list[list[tuple]] = [[] for _ in range(shards)]
 
         def flush(j):
-            cols = list(zip(*buffers[j])) if buffers[j] else [[], [], [], []]
+            cols = list(zip(*buffers[j])) if buffers[j] else [[], [], [], [], []]
             writers[j].write_table(pa.table([pa.array(c, t.type) for c, t in zip(cols, schema)], schema=schema))
             buffers[j].clear()
 
@@ -1315,7 +1363,7 @@ def scatter_passages(
             inputs, mine_tasks, pool, name, s.query_instruction, s.passage_instruction
         ):
             j = shard_of_text(formatted, bounds)
-            buffers[j].append((formatted, raw, rid, place))
+            buffers[j].append((formatted, raw, rid, place, text_digest(formatted)))
             counts[j] += 1
             if len(buffers[j]) >= per_range:
                 flush(j)

@@ -6,9 +6,10 @@
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
-#               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts; ivf: training texts)
-#   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the sample's
-#               vectors (nlist = distinct passages / index.list_size); a pool too large for its sample (39
+#               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts)
+#   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the vectors of its
+#               100,000 passages of smallest digest (nlist = distinct passages / index.list_size, read from the
+#               range files); a pool too large for that sample (39
 #               points a list) is trained cell by cell on its passages' range files -> {pool}/quantizer.faiss
 #   mine_index  one job per pool shard, reading its range's file: its passages in a canonical order (sorted),
 #               their vectors and, for hnsw, the index built once; for ivf, the pool's quantizer filled with
@@ -93,7 +94,7 @@ rule mine_ranges:
     wildcard_constraints:
         pool="[^/]+",
     resources:
-        mem_mb=1000,  # a bottom-k sample of at most 100,000 texts; the scatter buffers at most ~64k passages in all
+        mem_mb=1000,  # a bottom-k sample of at most 20,000 texts, 100,000 digests; the scatter buffers ~64k passages
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
@@ -105,8 +106,7 @@ rule mine_ranges:
 rule mine_quantizer:
     input:
         ranges="work/mine_index/{pool}/ranges.json",
-        sample="work/mine_index/{pool}/sample.arrow",
-        passages="work/mine_index/{pool}/ranges",  # a pool beyond its sample trains its lists cell by cell from these
+        passages="work/mine_index/{pool}/ranges",  # its training sample (bottom-k by digest) is drawn from these
         shards=expand("work/embed/shard{shard}.npy", shard=range(NUM_SHARDS)),
     output:
         "work/mine_index/{pool}/quantizer.faiss",
