@@ -519,7 +519,7 @@ MIN_POINTS_PER_LIST = 39  # faiss's k-means wants at least this many training po
 def bottom_k(texts, k: int, count_k: int = 0) -> tuple[list[str], int | None]:
     """The ``k`` distinct texts of smallest :func:`kalm.mining.embed.text_digest` (a uniform sample of the
     distinct texts that depends on their set only, not on order or repeats), in digest order, and the
-    number of distinct texts, counted on the ``max(k, count_k)`` smallest digests (:func:`smallest_digests`:
+    number of distinct texts, counted on the ``max(k, count_k)`` smallest digests (:class:`DigestSketch`:
     8 bytes each, no text kept for them): exact below that, else the KMV estimate; None when both are 0."""
     import heapq
 
@@ -1023,8 +1023,8 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
 
 def range_digests(folder: Path, batch: int = 65536):
     """The :func:`kalm.mining.embed.text_digest` of every passage of a pool's range files (repeats included),
-    a numpy array per batch: their ``digest`` column, so no text is read (reading and hashing the texts here
-    left ~70 MiB of freed strings in the job's heap at a 480k-passage pool)."""
+    a numpy array per batch: their ``digest`` column, written by :func:`scatter_passages`, so no text is read
+    or hashed again here."""
     import pyarrow.parquet as pq
 
     for path in sorted((folder / RANGES_DIR).glob("r*.parquet")):
