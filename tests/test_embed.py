@@ -9,6 +9,7 @@ from kalm.mining.embed import (
     ShardedEmbeddings,
     encode_texts,
     mining_texts,
+    text_digest,
     token_budget_batches,
     write_embedding_shard,
 )
@@ -86,6 +87,8 @@ def test_sharded_store_gathers_rows_by_text_and_rejects_stale_shards(tmp_path):
     write_shard(tmp_path, 2, ["a"], a[:1])
     with pytest.raises(ValueError, match="two shards"):
         ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)]).vectors(["b", "a"])
+    with pytest.raises(ValueError, match=rf"digest {text_digest('a')} is in two shards"):  # a lookup by digest too
+        ShardedEmbeddings([str(tmp_path / f"shard{i}.npy") for i in range(3)]).vectors_of_digests([text_digest("a")])
 
 
 def test_texts_that_share_a_digest_are_told_apart_by_their_ids(tmp_path, monkeypatch):

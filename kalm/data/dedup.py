@@ -528,7 +528,7 @@ def register(sub) -> None:
   components     PAIRS... --out drop.npy --stats components.json
   filter         EXACT_j --drop drop.npy --components components.json --out DEDUP_j --stats S
   stats          EXACT_STATS... [--near-stats ... --components C] --params JSON --out dedup.stats.json
-Inputs go before the options (--out takes several files).""",
+Inputs go before the options (--out, like the inputs, takes a list).""",
     )
     p.add_argument("inputs", nargs="+", help="the step's inputs (see the description)")
     p.add_argument("--step", choices=STEPS, default="run")

@@ -443,8 +443,9 @@ class ShardedEmbeddings:
                 hit[i] = pos[i] >= 0
             found = idx[hit]
             if (shard[found] >= 0).any():
-                text = texts[int(found[shard[found] >= 0][0])]
-                raise ValueError(f"{self.paths[s]}: text {text[:80]!r} is in two shards (shards from different runs?)")
+                i = int(found[shard[found] >= 0][0])
+                what = f"text {texts[i][:80]!r}" if texts is not None else f"digest {int(want[i])}"
+                raise ValueError(f"{self.paths[s]}: {what} is in two shards (shards from different runs?)")
             shard[found], row[found] = s, pos[hit]
         return shard, row
 

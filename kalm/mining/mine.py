@@ -986,7 +986,7 @@ def train_quantizer(pools_dir: str, name: str, embeddings: list[str], cfg: Index
     """``kalm mine --step quantizer``: the coarse quantizer of pool ``name``'s IVF, trained once and shared by
     every shard, so that each passage falls in the same list whatever the shards and a query probes ``nprobe``
     lists of the whole pool (one scan, :func:`write_ivf`), not ``nprobe`` of each shard. Trained on the
-    pool's bottom-k sample (:func:`write_ranges`) when it holds ``MIN_POINTS_PER_LIST`` texts a list; a larger
+    pool's bottom-k sample (:func:`train_sample`) when it holds ``MIN_POINTS_PER_LIST`` points a list; a larger
     pool's centroids are trained cell by cell (:func:`two_level_centroids`), so ``nlist`` keeps up with the
     pool without its training points in one array. Returns the number of lists."""
     import faiss

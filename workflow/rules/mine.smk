@@ -9,8 +9,8 @@
 #               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts)
 #   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the vectors of its
 #               100,000 passages of smallest digest (nlist = distinct passages / index.list_size, read from the
-#               range files); a pool too large for that sample (39
-#               points a list) is trained cell by cell on its passages' range files -> {pool}/quantizer.faiss
+#               range files); a pool too large for that sample (39 points a list) is trained cell by cell
+#               on its passages' range files -> {pool}/quantizer.faiss
 #   mine_index  one job per pool shard, reading its range's file: its passages in a canonical order (sorted),
 #               their vectors and, for hnsw, the index built once; for ivf, the pool's quantizer filled with
 #               the shard's rows; a flat index is rebuilt from the vectors in each mine job (a copy of them:
