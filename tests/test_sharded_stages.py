@@ -843,7 +843,8 @@ def test_a_pool_beyond_its_sample_gets_its_lists_trained_cell_by_cell(tmp_path, 
     km.write_ranges(str(tmp_path / "in.parquet"), {"a": False}, str(pools), 1, only="a", index=cfg)
     meta = km.read_json(pools / "a" / km.RANGES_FILE)
     assert abs(meta["distinct_passages"] / n - 1) < 0.15  # a KMV estimate on 300 digests
-    assert len(km.train_sample(pools / "a", km.ShardedEmbeddings(emb))) == 300
+    sample = km.train_sample(pools / "a", km.ShardedEmbeddings(emb))
+    assert sample.shape == (300, d) and sample.dtype == np.float16  # as stored: no float32 copy of the sample
     lists = km.train_quantizer(str(pools), "a", emb, cfg)
     assert lists == round(meta["distinct_passages"] / list_size)
     index = faiss.read_index(str(pools / "a" / km.QUANTIZER_FILE))
@@ -868,6 +869,18 @@ def test_a_pool_beyond_its_sample_gets_its_lists_trained_cell_by_cell(tmp_path, 
     two_level = recall(quantizer.reconstruct_n(0, quantizer.ntotal))
     at_once = recall(km.kmeans(passages, lists))
     assert two_level >= at_once - 0.05, (two_level, at_once)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3000), k=st.integers(1, 40), d=st.sampled_from([4, 16, 33]), seed=st.integers(0, 2**16))
+def test_kmeans_on_float16_points_gives_the_centroids_of_their_float32_copy(n, k, d, seed):
+    """The quantizer trains on its sample as stored (float16, faiss decoding block by block) instead of a
+    float32 copy of it: the same centroids, bit for bit, subsampling (n > 256 k) included."""
+    from kalm.mining.mine import kmeans
+
+    k = min(k, n)
+    points = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float16)
+    np.testing.assert_array_equal(kmeans(points, k), kmeans(points.astype(np.float32), k))
 
 
 @settings(max_examples=200, deadline=None)

@@ -118,7 +118,7 @@ rule mine_quantizer:
         pool="[^/]+",
     threads: config["threads"]
     resources:
-        mem_mb=2000,  # at most 100,000 sample vectors (float32), the centroids, one cell's points (two-level)
+        mem_mb=2000,  # at most 100,000 sample vectors (as stored: float16), the centroids, one cell's points (two-level)
     params:
         mine_tasks=shlex.quote(mine_tasks_json()),
         args=mine_args(),
