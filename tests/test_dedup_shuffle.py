@@ -227,6 +227,21 @@ def test_planted_cluster_keeps_its_smallest_id_and_chains_are_one_cluster(tmp_pa
     assert {e["kept_id"] for e in ex} == {record_id(0, 5)} and len(ex) == 2
 
 
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), max_size=20), rows=st.integers(1, 50))
+def test_coalesced_tables_keep_every_row_in_order(sizes, rows):
+    import pyarrow as pa
+
+    from kalm.data.dedup import coalesced
+
+    starts = np.cumsum([0, *sizes])
+    tables = [pa.table({"id": np.arange(a, b)}) for a, b in zip(starts, starts[1:])]
+    out = list(coalesced(tables, rows))
+    assert [i for t in out for i in t.column("id").to_pylist()] == list(range(starts[-1]))
+    assert all(t.num_rows >= rows for t in out[:-1])  # only the last may be short
+    assert len(out) <= -(-starts[-1] // rows) + (1 if sizes else 0)  # a table per ~rows, not per input
+
+
 def test_components_roots_are_the_smallest_id():
     rng = np.random.default_rng(0)
     pairs = rng.integers(0, 200, size=(300, 2)) * 7 + 3

@@ -237,6 +237,22 @@ def _partition_table(path: str, partition: int, partitions: int, columns: list[s
     return pa.concat_tables(tables) if tables else SCATTER_SCHEMA.empty_table().select(columns)
 
 
+def coalesced(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """``tables`` concatenated, in order, into tables of at least ``rows`` rows (the last one shorter): a
+    partition gets a small batch from each part (~300 records at 40 parts), and filtering and counting
+    each one cost ~0.4 ms a part (the exact dedup's time per record grew 1.13x from 8 to 80 parts)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        if held >= rows:
+            yield pa.concat_tables(pending)
+            pending, held = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
 def _in_id_order(inputs: list[str], id_arrays: list[np.ndarray], partition: int, partitions: int) -> Iterator[pa.Table]:
     """Partition ``partition``'s tables of the scatter files ``inputs`` in id order (``id_arrays``: each
     file's ids, from pass 1): the files one after the other when each is sorted and their id ranges do
@@ -276,7 +292,7 @@ def dedup_partition(inputs: list[str], partition: int, partitions: int, out_path
     stats = StageStats("dedup", method="exact", partition=f"p{partition}")
     seen, kept = Counter(), Counter()
     with TableWriter(out_path) as out:
-        for table in _in_id_order(inputs, id_arrays, partition, partitions):
+        for table in coalesced(_in_id_order(inputs, id_arrays, partition, partitions), ROW_GROUP_ROWS):
             keep = in_sorted(ids_of(table), kept_ids)
             seen += task_counts(table)
             kept += task_counts(table, keep)
