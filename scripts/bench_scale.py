@@ -698,9 +698,12 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
         if rule == "mine_index":  # mine_index/{pool}/shard{j}: the shard's passages
             m = _read_json(work / "work" / "mine_index" / Path(*parts) / "meta.json")
             return m.get("passages") if isinstance(m, dict) else None
-        if rule == "mine_quantizer":  # mine_quantizer/{pool}: the sample it trains on
+        if rule == "mine_quantizer":  # mine_quantizer/{pool}: the sample it trains on (train_sample)
+            from kalm.mining.mine import TRAIN_SAMPLE
+
             m = _read_json(work / "work" / "mine_index" / parts[0] / "ranges.json")
-            return m.get("sample") if isinstance(m, dict) else None
+            distinct = m.get("distinct_passages") if isinstance(m, dict) else None
+            return min(distinct, TRAIN_SAMPLE) if distinct is not None else None
         if rule in ("mine_ranges", "mine_ivf"):  # the pool's passages (scattered / merged)
             metas = [_read_json(p) for p in (work / "work" / "mine_index" / parts[0]).glob("shard*/meta.json")]
             return sum(m["passages"] for m in metas) if metas and all(isinstance(m, dict) for m in metas) else None

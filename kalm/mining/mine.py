@@ -922,9 +922,6 @@ def pool_samples(
     return out
 
 
-SAMPLE_FILE = "sample.arrow"  # a pool's bottom-k sample: the texts its range quantiles are taken from
-
-
 def write_ranges(
     inputs,
     mine_tasks: dict[str, bool],
@@ -936,8 +933,8 @@ def write_ranges(
     settings: MineSettings | None = None,
     index: IndexConfig | None = None,
 ) -> dict[str, list[str]]:
-    """``kalm mine --step ranges``: each pool's ``ranges.json`` and ``sample.arrow`` (``only``: one pool's).
-    The sample (bottom-k by digest: the same whatever the shards) holds the range quantiles' texts; for an
+    """``kalm mine --step ranges``: each pool's ``ranges.json`` and range files (``only``: one pool's). The
+    range boundaries are quantiles of a bottom-k sample by digest (the same whatever the shards); for an
     ``ivf`` index the pool's distinct passages are counted on its ``TRAIN_SAMPLE`` smallest digests (the
     quantizer job draws its training texts from the range files: :func:`train_sample`)."""
     s = settings or MineSettings()
@@ -960,8 +957,6 @@ def write_ranges(
     for name, (sample, distinct) in samples.items():
         ranges[name] = bounds = boundaries_of(sample, shards)
         scatter_passages(inputs, mine_tasks, pools_dir, name, bounds, pool, s, shards=shards)
-        with atomic_path(Path(pools_dir) / name / SAMPLE_FILE) as tmp:
-            write_texts(tmp, sample, sample)
         write_json(
             Path(pools_dir) / name / RANGES_FILE,
             {

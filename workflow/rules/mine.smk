@@ -6,7 +6,6 @@
 #   mine_ranges one job per candidate pool (a mined task, or `global`): mine.pool_shards text ranges of
 #               about equal size (quantiles of a bottom-k sample of its passages) -> {pool}/ranges.json,
 #               then one more pass scattering the passages by range -> {pool}/ranges/r{j}.parquet (temp)
-#               and the pool's bottom-k sample -> {pool}/sample.arrow (the quantiles' texts)
 #   mine_quantizer  ivf only, one job per pool: the pool's one coarse quantizer, k-means on the vectors of its
 #               100,000 passages of smallest digest (nlist = distinct passages / index.list_size, read from the
 #               range files); a pool too large for that sample (39 points a list) is trained cell by cell
@@ -85,7 +84,6 @@ rule mine_ranges:
         data=stage_data("finetune"),
     output:
         ranges="work/mine_index/{pool}/ranges.json",
-        sample="work/mine_index/{pool}/sample.arrow",
         passages=temp(directory("work/mine_index/{pool}/ranges")),
     log:
         "logs/mine_ranges/{pool}.log",
