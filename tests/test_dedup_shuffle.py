@@ -227,6 +227,19 @@ def test_planted_cluster_keeps_its_smallest_id_and_chains_are_one_cluster(tmp_pa
     assert {e["kept_id"] for e in ex} == {record_id(0, 5)} and len(ex) == 2
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5), max_size=60), two_d=st.booleans())
+def test_sorted_unique_is_numpys_unique(values, two_d):
+    from kalm.data.dedup import sorted_unique
+
+    a = np.array(values, dtype=np.int64)
+    if two_d:
+        a = a[: len(a) // 2 * 2].reshape(-1, 2)
+    got, want = sorted_unique(a), np.unique(a)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
 @settings(max_examples=100, deadline=None)
 @given(sizes=st.lists(st.integers(0, 30), max_size=20), rows=st.integers(1, 50))
 def test_coalesced_tables_keep_every_row_in_order(sizes, rows):

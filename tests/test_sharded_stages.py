@@ -871,6 +871,29 @@ def test_a_pool_beyond_its_sample_gets_its_lists_trained_cell_by_cell(tmp_path, 
     assert two_level >= at_once - 0.05, (two_level, at_once)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    blocks=st.lists(st.lists(st.integers(0, 2**64 - 1), max_size=60), max_size=8),
+    k=st.integers(1, 40),
+    block=st.integers(1, 16),
+)
+def test_digest_sketch_keeps_the_k_smallest_distinct_digests(blocks, k, block):
+    """DigestSketch, fed one digest at a time and a block at a time, against sorting everything."""
+    from kalm.mining.mine import DigestSketch
+
+    one, many = DigestSketch(k, block=block), DigestSketch(k, block=block)
+    for digests in blocks:
+        for d in digests:
+            one.add(d)
+        many.add_many(np.array(digests, dtype=np.uint64))
+    everything = np.unique(np.array([d for b in blocks for d in b], dtype=np.uint64))
+    want = everything[:k]
+    for sketch in (one, many):
+        np.testing.assert_array_equal(sketch.digests(), want)
+        exact = len(everything) < k
+        assert sketch.distinct() == (len(everything) if exact else round((k - 1) * 2**64 / (int(want[-1]) + 1)))
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 3000), k=st.integers(1, 40), d=st.sampled_from([4, 16, 33]), seed=st.integers(0, 2**16))
 def test_kmeans_on_float16_points_gives_the_centroids_of_their_float32_copy(n, k, d, seed):

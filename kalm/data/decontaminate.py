@@ -51,6 +51,7 @@ import numpy as np
 
 from kalm import options
 from kalm.data.config import DecontaminateConfig
+from kalm.data.dedup import sorted_unique
 from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, read_jsonl, write_json
 from kalm.text import dedup_key
@@ -201,7 +202,7 @@ class NearIndex:
             pairs.append(ti.astype(np.int64) * n_eval + ei)
         if not pairs:
             return out
-        flat = np.unique(np.concatenate(pairs))
+        flat = sorted_unique(np.concatenate(pairs))
         ti, ei = flat // n_eval, flat % n_eval
         est = (sigs[ti] == np.asarray(self.sigs[ei])).mean(axis=1)
         keep = est >= self.threshold - 0.15  # generous: the exact check below decides

@@ -166,6 +166,15 @@ def add_counts(stats: StageStats, seen: Counter, kept: Counter, reason: str) -> 
             stats.drop(reason, n - kept.get(task, 0), task=task)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` of an array (flattened): its distinct values, ascending, by a sort and a
+    comparison of neighbours. numpy 2.4's ``np.unique`` hashes first and is ~10x slower on the integer keys
+    of these stages (measured 2026-12-07: 0.88 s against 0.05 s for 1M random uint64; 2.48 s against 0.26 s
+    for 4M int64 with repeats)."""
+    s = np.sort(np.ravel(values))
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) > 1 else s
+
+
 def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """Membership of ``values`` in the sorted array ``sorted_set`` (a memory map works)."""
     if not len(sorted_set):

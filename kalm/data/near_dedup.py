@@ -51,7 +51,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kalm.data.dedup import TableWriter, add_counts, conform, ids_of, in_sorted, iter_tables, task_counts
+from kalm.data.dedup import (
+    TableWriter,
+    add_counts,
+    conform,
+    ids_of,
+    in_sorted,
+    iter_tables,
+    sorted_unique,
+    task_counts,
+)
 from kalm.data.minhash import band_keys, optimal_bands, signatures
 from kalm.data.shards import count_rows
 from kalm.io import StageStats, atomic_path, read_json, release_pages, write_json
@@ -119,7 +128,7 @@ def verified_pairs(
     if len(keys) < 2:
         return empty
     sk = np.sort(keys)
-    dup = np.unique(sk[1:][sk[1:] == sk[:-1]])
+    dup = sorted_unique(sk[1:][sk[1:] == sk[:-1]])
     del sk
     if not len(dup):
         return empty
@@ -153,7 +162,7 @@ def components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nodes, root): the ids occurring in ``pairs`` (sorted) and the smallest id of each one's
     connected component. A vectorised union-find: each round hooks the larger root of every
     unsatisfied pair under the smaller one, then compresses paths; memory ~ the pairs."""
-    nodes = np.unique(pairs) if len(pairs) else np.empty(0, dtype=np.int64)
+    nodes = sorted_unique(pairs) if len(pairs) else np.empty(0, dtype=np.int64)
     if not len(nodes):
         return nodes, nodes.copy()
     a, b = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
@@ -322,7 +331,7 @@ def bucket_pairs(
                 release_pages(p.keys, p.rows)  # copied: one partition's pages in this process at a time
             keys, rows, part_of = np.concatenate(keys), np.concatenate(rows), np.concatenate(part_of)
             sk = np.sort(keys)
-            shared = in_sorted(keys, np.unique(sk[1:][sk[1:] == sk[:-1]]))  # records in a bucket of 2+
+            shared = in_sorted(keys, sorted_unique(sk[1:][sk[1:] == sk[:-1]]))  # records in a bucket of 2+
             del sk
             keys, rows, part_of = keys[shared], rows[shared], part_of[shared]
             # part_of is sorted (partition by partition): each partition's records are one slice

@@ -96,6 +96,7 @@ from pathlib import Path
 import numpy as np
 
 from kalm import options
+from kalm.data.dedup import sorted_unique
 from kalm.data.shards import record_writer
 from kalm.io import StageStats, atomic_path, merge_stats, read_json, read_rows, release_pages, write_json
 from kalm.mining.config import GIVEN_NEGATIVES, INDEX_TYPES, POOLS, MineConfig
@@ -561,11 +562,14 @@ class DigestSketch:
             self._merge(np.asarray(digests, dtype=np.uint64))
 
     def _merge(self, more: np.ndarray | None = None) -> None:
-        parts = [self.smallest, np.asarray(self._pending, dtype=np.uint64)]
+        new = np.asarray(self._pending, dtype=np.uint64)
         if more is not None:
-            parts.append(more)
-        self.smallest = np.unique(np.concatenate(parts))[: self.k]
+            new = np.concatenate([new, more])
         self._pending = []
+        if len(self.smallest) == self.k:  # full: only a digest below the largest kept can enter
+            new = new[new < self.smallest[-1]]
+        if len(new):  # sort k + the newcomers, not k + the whole block (k is 64 x nlist in two-level training)
+            self.smallest = sorted_unique(np.concatenate([self.smallest, new]))[: self.k]
 
     def digests(self) -> np.ndarray:
         """The smallest distinct digests, ascending."""
@@ -1355,7 +1359,7 @@ def scatter_passages(
         buffers: list[list[tuple]] = [[] for _ in range(shards)]
 
         def flush(j):
-            cols = list(zip(*buffers[j])) if buffers[j] else [[], [], [], [], []]
+            cols = list(zip(*buffers[j])) if buffers[j] else [[] for _ in schema]
             writers[j].write_table(pa.table([pa.array(c, t.type) for c, t in zip(cols, schema)], schema=schema))
             buffers[j].clear()
 
