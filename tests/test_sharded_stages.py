@@ -421,7 +421,7 @@ def test_embed_text_shards_are_a_hash_partition_of_the_texts_to_embed(tmp_path):
     assert len({t for s in shards for t in s}) == sum(map(len, shards))  # disjoint
 
 
-def _mine_corpus(tmp_path, n=60, seed=0):
+def _mine_corpus(tmp_path, n=60, seed=0, dim=16):
     from test_mine import fake_shards
 
     from kalm.mining.embed import texts_to_embed
@@ -438,7 +438,7 @@ def _mine_corpus(tmp_path, n=60, seed=0):
         {"query": f"label {i}", "pos": ["A"], "neg": ["B"], "task": "cls", "id": record_id(9, i)} for i in range(3)
     ]
     mine_tasks = {"a": False, "b": True}
-    paths, _ = fake_shards(tmp_path, texts_to_embed(recs, mine_tasks), num_shards=2, dim=16, seed=seed)
+    paths, _ = fake_shards(tmp_path, texts_to_embed(recs, mine_tasks), num_shards=2, dim=dim, seed=seed)
     return recs, mine_tasks, paths
 
 
@@ -577,6 +577,48 @@ def test_mine_ivf_writes_pieces_of_at_most_scan_mib(tmp_path):
         sorted(ids) == list(range(meta["passages"]))
         and meta["passages"] == km.PoolShards(tmp_path / "pools" / "a", cfg, 10).size
     )
+
+
+@pytest.mark.parametrize("dim", [16, 33, 300])
+def test_ivf_candidates_are_rescored_from_the_pieces_as_from_the_pool_shards(tmp_path, dim):
+    """The ivf search re-scores its candidates with their vectors read back from the merged pieces
+    (rescore_entries: one pass over the mapped pieces) instead of one pread per candidate from the pool's
+    shards: the same bits as exact_scores of the shards' vectors, so the same ranking, ties included
+    (dims past numpy's unrolled and pairwise-sum blocks)."""
+    import faiss
+
+    import kalm.mining.mine as km
+
+    recs, mine_tasks, emb = _mine_corpus(tmp_path, n=200, dim=dim)
+    write_shard(tmp_path / "in.parquet", recs)
+    pools = tmp_path / "pools"
+    cfg = km.IndexConfig("ivf", nlist=8, nprobe=3, scan_mib=(dim * 4 + 8) * 30 / 2**20, use_gpu=False)
+    km.write_pools([str(tmp_path / "in.parquet")], emb, mine_tasks, str(pools), pool="task", only="a", index=cfg)
+    pool = km.PoolShards(pools / "a", cfg, 10)
+    folder = pools / "a" / km.IVF_DIR
+    meta = km.read_ivf_pieces(folder)
+    assert len(meta["pieces"]) > 2
+    rng = np.random.default_rng(dim)
+    queries = pool.vectors(rng.choice(pool.size, 40)) + rng.normal(0, 0.1, (40, dim)).astype(np.float32)
+    quantizer = faiss.read_index(str(folder / km.QUANTIZER_FILE))
+    probers = km.ListProbers(faiss.extract_index_ivf(quantizer).quantizer.search(queries, 3)[1], 8)
+    kk = 10 + km.RESCORE_EXTRA
+    ids = np.full((40, kk), -1, dtype=np.int64)
+    scores = np.full((40, kk), -np.inf, dtype=np.float32)
+    entries = np.full((40, kk), -1, dtype=np.int64)
+    for piece in meta["pieces"]:
+        index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        km.scan_lists(index.invlists, *piece["lists"], queries, probers, ids, scores, entries)
+    rows = pool.global_rows(ids)
+    assert ((entries >= 0) == (ids >= 0)).all() and (ids >= 0).sum() > 40 * 10
+    want = np.where(
+        rows >= 0,
+        km.exact_scores(pool.vectors(np.maximum(rows, 0).ravel()).reshape(40, kk, dim), queries[:, None, :]),
+        -np.inf,
+    )
+    got = km.rescore_entries(folder, meta["pieces"], queries, entries, block=7)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pool.search(queries, 10)[0], km.rescore(pool, queries, rows, 10)[0])
 
 
 def test_pool_shards_are_consecutive_text_ranges_of_about_equal_size(tmp_path):

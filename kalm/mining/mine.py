@@ -424,7 +424,8 @@ class PoolShards:
         of consecutive lists (``<pool>/ivf``, :func:`write_ivf`), so a query scans ``nprobe`` lists of the pool
         once, whatever the number of shards, and finds the passages one unsharded ivf would (the same lists).
         The pieces are mapped one at a time and scanned list by list (:func:`scan_lists`): the job's memory
-        holds one piece, not the pool, and each list is read once for all the queries that probe it."""
+        holds one piece, not the pool, and each list is read once for all the queries that probe it. The
+        candidates are re-scored from the pieces too (:func:`rescore_entries`), in a second pass."""
         import faiss
 
         best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
@@ -443,17 +444,17 @@ class PoolShards:
         kk = min(self.size, k + RESCORE_EXTRA)
         ids = np.full((len(query_vecs), kk), -1, dtype=np.int64)
         scores = np.full((len(query_vecs), kk), -np.inf, dtype=np.float32)
+        entries = np.full((len(query_vecs), kk), -1, dtype=np.int64)
         for piece in meta["pieces"]:
             lo, hi = piece["lists"]
             if probers.any(lo, hi):
                 index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
-                scan_lists(index.invlists, lo, hi, query_vecs, probers, ids, scores)
+                scan_lists(index.invlists, lo, hi, query_vecs, probers, ids, scores, entries)
                 del index  # unmaps the piece
-        ids = self.global_rows(ids)
-        for start in range(0, len(query_vecs), batch):
-            rows = slice(start, start + batch)
-            best_ids[rows], best_scores[rows] = rescore(self, query_vecs[rows], ids[rows], k)
-            self.release()
+        # the candidates re-scored as rescore() would, their vectors read from the pieces (one pass)
+        scores = rescore_entries(folder, meta["pieces"], query_vecs, entries)
+        ids, scores = rank_by_score(self.global_rows(ids), scores, k)
+        best_ids[:, : ids.shape[1]], best_scores[:, : ids.shape[1]] = ids, scores
         log.info(
             "searched the pool's ivf (%d passages, %d lists in %d pieces, nprobe %d) for %d queries in %.1f s",
             self.size,
@@ -1200,12 +1201,21 @@ class ListProbers:
 
 
 def scan_lists(
-    invlists, lo: int, hi: int, query_vecs, probers: ListProbers, ids: np.ndarray, scores: np.ndarray
+    invlists,
+    lo: int,
+    hi: int,
+    query_vecs,
+    probers: ListProbers,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    entries: np.ndarray | None = None,
 ) -> None:
     """Lists ``lo..hi`` of a pool's ivf (``invlists``: the piece holding them, list ``lo`` its first) scanned
     list-major: each list's vectors are read once and multiplied by the queries that probe it (one BLAS
     product), and each query's best ``ids``/``scores`` (n x kk, updated in place) are kept across lists and
-    pieces, so that a query's threshold (its kk-th best) carries over from piece to piece. faiss's
+    pieces, so that a query's threshold (its kk-th best) carries over from piece to piece. ``entries``
+    (n x kk, optional) gets where each of them sits in the lists, ``list << 32 | place in the list``, so
+    that :func:`rescore_entries` reads their vectors back from the pieces. faiss's
     query-major ``search_preassigned`` per piece starts a fresh heap for each piece a query probes: measured
     at 1M records, 16 pieces a pool, 1.5x the search time of one piece; this scan 1.1x (docs/bench_scale.md)."""
     import faiss
@@ -1216,8 +1226,7 @@ def scan_lists(
         probing, n = probers.of(lst), invlists.list_size(lst - lo)
         if not len(probing) or not n:
             continue
-        vecs = faiss.rev_swig_ptr(invlists.get_codes(lst - lo), n * dim * 4).view(np.float32).reshape(n, dim)
-        found = faiss.rev_swig_ptr(invlists.get_ids(lst - lo), n)
+        vecs, found = list_vectors(invlists, lst - lo, n, dim), faiss.rev_swig_ptr(invlists.get_ids(lst - lo), n)
         for b in range(0, len(probing), SCAN_QUERY_BLOCK):  # a block of queries: the score matrix stays small
             rows = probing[b : b + SCAN_QUERY_BLOCK]
             s = query_vecs[rows] @ vecs.T  # one BLAS product: the list's passages against its queries
@@ -1234,8 +1243,53 @@ def scan_lists(
             )
             s, c = np.take_along_axis(s, top, 1), found[top]
             s, c = np.concatenate([scores[rows], s], 1), np.concatenate([ids[rows], c], 1)
-            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            scores[rows], ids[rows] = np.take_along_axis(s, top, 1), np.take_along_axis(c, top, 1)
+            best = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            scores[rows], ids[rows] = np.take_along_axis(s, best, 1), np.take_along_axis(c, best, 1)
+            if entries is not None:
+                e = np.concatenate([entries[rows], (lst << 32) | np.asarray(top, dtype=np.int64)], 1)
+                entries[rows] = np.take_along_axis(e, best, 1)
+
+
+def list_vectors(invlists, lst: int, n: int, dim: int) -> np.ndarray:
+    """The ``n`` float32 vectors of list ``lst`` of an IVFFlat's inverted lists, as a view of faiss's memory."""
+    import faiss
+
+    return faiss.rev_swig_ptr(invlists.get_codes(lst), n * dim * 4).view(np.float32).reshape(n, dim)
+
+
+def rescore_entries(
+    folder: Path, pieces: list[dict], query_vecs: np.ndarray, entries: np.ndarray, block: int = 16384
+) -> np.ndarray:
+    """:func:`exact_scores` of each query's candidates (``entries``, n x kk: ``list << 32 | place``, -1:
+    none; -inf there) with their vectors read from the pool's ivf pieces, which hold each passage's vector
+    as float32 (the pool's float16 vectors converted exactly): the scores :func:`rescore` computes from the
+    pool's shards, without a read per scattered row. A piece is mapped while its candidates are read and
+    then unmapped, so the job holds one piece at most; a mine job's candidates fall in most lists of a large
+    pool, and reading them from the shards cost one ``pread`` each (measured at 1M records: 0.44 s more per
+    12k queries than at 100k, most of the mine job's growth)."""
+    import faiss
+
+    kk, dim = entries.shape[1], query_vecs.shape[1]
+    out = np.full(entries.shape, -np.inf, dtype=np.float32)
+    flat = entries.ravel()
+    slots = np.flatnonzero(flat >= 0)
+    slots = slots[np.argsort(flat[slots] >> 32, kind="stable")]  # grouped by list
+    lists = flat[slots] >> 32
+    for piece in pieces:
+        lo, hi = piece["lists"]
+        a, b = np.searchsorted(lists, [lo, hi])
+        if a == b:
+            continue
+        index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        invlists = faiss.downcast_InvertedLists(index.invlists)
+        starts = np.searchsorted(lists, np.arange(lo, hi + 1))
+        for lst in np.unique(lists[a:b]).tolist():
+            vecs = list_vectors(invlists, lst - lo, invlists.list_size(lst - lo), dim)
+            for c in range(starts[lst - lo], starts[lst - lo + 1], block):  # a hot list: blocks of candidates
+                these = slots[c : min(c + block, starts[lst - lo + 1])]
+                out.flat[these] = exact_scores(vecs[flat[these] & 0xFFFFFFFF], query_vecs[these // kk])
+        del invlists, index  # unmaps the piece
+    return out
 
 
 def release_list_pages(invlists) -> None:
