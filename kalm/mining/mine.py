@@ -1143,7 +1143,11 @@ def share_lists(counts: np.ndarray, nlist: int) -> np.ndarray:
 # on one core, 128-d random unit centroids, 20,000 passages: flat 13.9 / 46.7 / 190 us a passage at 4,096 /
 # 16,384 / 65,536 lists, HNSW (efSearch 128) 108 / 202 / 665 us and not always the nearest list (99.7 / 95.2 /
 # 75.0%); at 1M records (1,888 lists) mine_index took 3.2x the CPU time per record of 100k behind HNSW, 1.5x
-# with the flat quantizer. (16,384 until then, where the flat product is still 4x faster.)
+# with the flat quantizer. (16,384 until then, where the flat product is still 4x faster.) A two-level quantizer
+# (an IVF over the centroids, sqrt(nlist) cells, faiss's IVF<n>(IVF<sqrt n>,Flat)) files 2.2x faster at 1,888
+# lists probing 4 cells, but the pool's search lost recall (2026-12-07, the 1M benchmark's pool of 483k
+# passages, 2,000 queries, nprobe 32, recall@40 against exact search: flat 0.644, 4 cells 0.530, 8 cells
+# 0.597 for 1.5x; 4,096 lists: 0.579 / 0.469 / 0.531): not used.
 HNSW_QUANTIZER_LISTS = 65536
 
 
