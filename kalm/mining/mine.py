@@ -1281,16 +1281,15 @@ def rescore_entries(
     lists = flat[slots] >> 32
     for piece in pieces:
         lo, hi = piece["lists"]
-        a, b = np.searchsorted(lists, [lo, hi])
-        if a == b:
+        starts = np.searchsorted(lists, np.arange(lo, hi + 1))  # each list's candidates: slots[starts[i]:starts[i + 1]]
+        if starts[0] == starts[-1]:
             continue
         index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
         invlists = faiss.downcast_InvertedLists(index.invlists)
-        starts = np.searchsorted(lists, np.arange(lo, hi + 1))
-        for lst in np.unique(lists[a:b]).tolist():
-            vecs = list_vectors(invlists, lst - lo, invlists.list_size(lst - lo), dim)
-            for c in range(starts[lst - lo], starts[lst - lo + 1], block):  # a hot list: blocks of candidates
-                these = slots[c : min(c + block, starts[lst - lo + 1])]
+        for i in np.flatnonzero(np.diff(starts)).tolist():  # the piece's lists holding candidates
+            vecs = list_vectors(invlists, i, invlists.list_size(i), dim)
+            for c in range(starts[i], starts[i + 1], block):  # a hot list: blocks of candidates
+                these = slots[c : min(c + block, starts[i + 1])]
                 out.flat[these] = exact_scores(vecs[flat[these] & 0xFFFFFFFF], query_vecs[these // kk])
         del invlists, index  # unmaps the piece
     return out
