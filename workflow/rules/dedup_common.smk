@@ -18,11 +18,17 @@ def dedup_parts(stage):
     return [f"work/data/{stage}/dedup/p{j}.parquet" for j in DEDUP_PARTITIONS]
 
 
-def _scatter_file(part):
-    """The scatter file of a validated part (work/data/S/validated/T/partI.parquet): its records by partition."""
-    dirs = part[: -len(".parquet")].split("/")
-    dirs[dirs.index("validated")] = "scatter"  # work/data/S/scatter/T/partI
-    return os.path.join(*dirs) + ".arrow"
+def scatter_groups(stage):
+    """The validated parts of each scatter job, in input order: data.dedup.scatter_jobs contiguous runs of
+    near-equal length (0, or more jobs than parts: one part each)."""
+    parts = validated_parts(stage)
+    jobs = min(DEDUP["scatter_jobs"] or len(parts), len(parts))
+    return [parts[g * len(parts) // jobs : (g + 1) * len(parts) // jobs] for g in range(jobs)]
+
+
+def scatter_files(stage):
+    """The scatter files of a stage, one per scatter job (scatter_groups): what every exact-dedup job reads."""
+    return [f"work/data/{stage}/scatter/g{g}.arrow" for g in range(len(scatter_groups(stage)))]
 
 
 def _exact_out(stage="{stage}", j="{partition}"):
