@@ -1,4 +1,5 @@
-"""kalm.partitioned: one scatter file per job, partition j read back as exactly the rows sent to it, in order."""
+"""kalm.partitioned: one scatter file per job, partition j read back as exactly the rows sent to it, in order, in as
+few batches as its rows allow."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def test_each_partition_reads_back_its_rows_in_the_order_written(tmp_path_factor
             row += len(keys)
     assert out.rows == [len(s) for s in sent]
     assert partitions_of(path) == partitions
+    # the rounds spilled to disk are merged: as few batches as a partition's rows allow, so that a reader of
+    # partition j decodes one batch per buffer_rows of its rows, whatever the input size; no spill left
+    assert pa.ipc.open_file(path).num_record_batches == partitions * max(1, -(-max(out.rows) // buffer_rows))
+    assert list(path.parent.iterdir()) == [path]
     for j in range(partitions):
         got = [(r["id"], r["text"]) for b in read_partition(path, j, partitions) for r in b.to_pylist()]
         assert got == sent[j]
@@ -58,9 +63,12 @@ def test_a_reader_of_another_partition_count_or_a_foreign_file_fails_with_the_pa
         list(read_partition(plain, 0, 1))
 
 
-def test_a_failed_write_leaves_no_file(tmp_path):
+@pytest.mark.parametrize("buffer_rows", [1, 65536])
+def test_a_failed_write_leaves_no_file(tmp_path, buffer_rows):
+    """Nothing is left, neither the file nor (buffer_rows=1: a round already spilled) the spill."""
     path = tmp_path / "s.arrow"
     with pytest.raises(ValueError, match="partition outside 0..1"):
-        with PartitionedWriter(path, SCHEMA, 2) as out:
+        with PartitionedWriter(path, SCHEMA, 2, buffer_rows=buffer_rows) as out:
+            out.write(pa.table({"id": [0], "text": ["z"]}, schema=SCHEMA), np.array([1]))
             out.write(pa.table({"id": [1], "text": ["a"]}, schema=SCHEMA), np.array([2]))
     assert not path.exists() and not list(tmp_path.iterdir())

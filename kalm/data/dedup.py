@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 DIGEST = pa.field("digest", pa.binary(16), nullable=False)
 SCATTER_SCHEMA = RECORD_SCHEMA.append(DIGEST)
-SCATTER_BUFFER_ROWS = 8 * ROW_GROUP_ROWS  # most records a scatter job buffers over all its partitions
+SCATTER_BUFFER_ROWS = ROW_GROUP_ROWS  # most records a scatter job buffers over all its partitions (the rounds are
+# merged at the end, kalm.partitioned: the buffer bounds memory, not the batches a partition job reads)
 
 
 # ---- Parquet helpers -------------------------------------------------------------------------
@@ -217,6 +218,9 @@ def scatter_parts(
                 ]
                 part = np.fromiter((partition_of(d, partitions) for d in digests), dtype=np.int64, count=len(digests))
                 out.write(table.append_column(DIGEST, pa.array(digests, type=DIGEST.type)), part)
+            # mimalloc (Arrow's pool) keeps the pages a file's reading freed: without this the job's peak grew
+            # with the parts it reads (1 -> 10 parts of 12.5k records: 116 -> 170 MiB read alone; 110 -> 130)
+            pa.default_memory_pool().release_unused()
     log.info("scatter %s: %d records over %d partitions", " ".join(input_paths), sum(out.rows), partitions)
     return out.rows
 
