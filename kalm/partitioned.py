@@ -121,15 +121,20 @@ class PartitionedWriter:
                             pieces.append(batch.slice(max(lo - a, 0), min(lo + b, z) - max(lo, a)))
                     yield pa.concat_batches(pieces) if pieces else self._empty
 
+    def _write_file(self) -> None:
+        # one round straight from memory when nothing was spilled (an empty input too: P empty batches)
+        batches = self._merged_batches() if self._spill is not None else self._buffered_round()
+        opts = pa.ipc.IpcWriteOptions(compression="zstd")
+        with pa.OSFile(str(self._tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema, options=opts) as out:
+            for batch in batches:
+                out.write_batch(batch)  # exactly one batch per partition and round: the layout
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            # one round straight from memory when nothing was spilled (an empty input too: P empty batches)
-            batches = self._merged_batches() if self._spill is not None else self._buffered_round()
-            opts = pa.ipc.IpcWriteOptions(compression="zstd")
-            with pa.OSFile(str(self._tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema, options=opts) as out:
-                for batch in batches:
-                    out.write_batch(batch)  # exactly one batch per partition and round: the layout
-        return self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return self._stack.__exit__(exc_type, exc, tb)
+        with self._stack:  # an error while writing the file reaches the stack too: neither file is left
+            self._write_file()
+        return False
 
 
 def partitions_of(path: str | os.PathLike) -> int:

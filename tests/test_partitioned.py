@@ -72,3 +72,17 @@ def test_a_failed_write_leaves_no_file(tmp_path, buffer_rows):
             out.write(pa.table({"id": [0], "text": ["z"]}, schema=SCHEMA), np.array([1]))
             out.write(pa.table({"id": [1], "text": ["a"]}, schema=SCHEMA), np.array([2]))
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_failure_while_merging_the_spill_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.arrow"
+
+    def fail(self):
+        raise OSError("disk full (test)")
+        yield
+
+    monkeypatch.setattr(PartitionedWriter, "_merged_batches", fail)
+    with pytest.raises(OSError, match="disk full"):
+        with PartitionedWriter(path, SCHEMA, 2, buffer_rows=1) as out:
+            out.write(pa.table({"id": [0, 1], "text": ["z", "a"]}, schema=SCHEMA), np.array([1, 0]))
+    assert not list(tmp_path.iterdir())
