@@ -34,8 +34,8 @@ A run (in the work folder ``--work``, which it creates):
    max_seq_length 64, pretraining off, one fine-tuning run of ``--steps`` (20) steps, near-dup on,
    ``data.dedup.shards`` and ``embed.shards`` = ``--partitions``, ``data.dedup.band_jobs`` =
    ``--band-jobs``, ``data.dedup.scatter_jobs`` = ``--scatter-jobs`` (8: the scatter files an exact-dedup
-   job reads stay 8 at every N, where the input files grow with N), the two local evaluation tasks (the decontamination targets), mining with a
-   flat index up to 200k records, IVF above (``--mine-index``).
+   job reads stay 8 at every N, where the input files grow with N), the two local evaluation tasks (the
+   decontamination targets), mining with a flat index up to 200k records, IVF above (``--mine-index``).
 3. runs ``snakemake models/finetune/run0`` on it (``--cores``, default 1: one job at a time, so a
    job's seconds are its own; ``threads`` = cores);
 4. prints one JSON line per job, from the job's Snakemake ``benchmark:`` TSV (every rule with one,
@@ -536,9 +536,8 @@ POOL_SHARD_PASSAGES = 50_000  # --pool-shards default: a pool shard of about thi
 
 
 SCAN_MIB = 16  # --scan-mib default: ivf pieces smaller than the 100k run's pools (25 MB of lists), the same at every N
-SCATTER_JOBS = (
-    8  # --scatter-jobs default: the scatter files an exact-dedup job reads, the 100k run's 8 input files at every N
-)
+# --scatter-jobs default: the scatter files an exact-dedup job reads, the 100k run's 8 input files, at every N
+SCATTER_JOBS = 8
 
 
 def default_pool_shards(pool_passages: int) -> int:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kalm.cli import main as kalm_main
 from kalm.data import near_dedup as nd
+from kalm.data.config import scatter_runs
 from kalm.data.dedup import dedup_partition, gather_stats, scatter_parts
 from kalm.data.minhash import band_keys, optimal_bands, signatures
 from kalm.data.shards import iter_shard, record_id, write_shard
@@ -77,8 +78,7 @@ def run_steps(d: Path, parts: list[str], partitions: int, band_jobs: int, batch:
     """Every step as the workflow runs them (each call is one job), into folder ``d``; ``scatter_jobs``
     contiguous runs of parts scattered to a file each (0: one part each)."""
     d.mkdir(parents=True, exist_ok=True)
-    jobs = min(scatter_jobs or len(parts), len(parts))
-    groups = [parts[g * len(parts) // jobs : (g + 1) * len(parts) // jobs] for g in range(jobs)]
+    groups = scatter_runs(parts, scatter_jobs)
     scatter = [str(d / f"scatter{i}.arrow") for i in range(len(groups))]
     for group, out in zip(groups, scatter):
         scatter_parts(group, out, partitions)

@@ -47,6 +47,13 @@ class DedupConfig:
     )
 
 
+def scatter_runs(parts: list, scatter_jobs: int) -> list[list]:
+    """``parts`` (a stage's validated parts, in input order) as the contiguous runs of near-equal length that
+    ``DedupConfig.scatter_jobs`` makes, one scatter job each (0, or more jobs than parts: one part each)."""
+    jobs = min(scatter_jobs or len(parts), len(parts))
+    return [parts[g * len(parts) // jobs : (g + 1) * len(parts) // jobs] for g in range(jobs)]
+
+
 @dataclass
 class DecontaminateConfig:
     near_dup: bool = option(

@@ -295,7 +295,7 @@ def _in_id_order(inputs: list[str], id_arrays: list[np.ndarray], partition: int,
 
 
 def dedup_partition(inputs: list[str], partition: int, partitions: int, out_path: str, stats_path: str) -> StageStats:
-    """Exact dedup of partition ``partition`` of ``partitions``: its record batches of every part's scatter
+    """Exact dedup of partition ``partition`` of ``partitions``: its record batches of every scatter
     file (``inputs``) in, the first occurrence of each digest out (in id order), with stats."""
     id_arrays, digests = [], []
     for path in inputs:
@@ -555,7 +555,7 @@ def register(sub) -> None:
   scatter        PART... --shards P --out SCATTER.arrow  validated parts (in input order) to one file of P
                                                      partitions
   exact          SCATTER... --shards P --partition pJ --out EXACT_J --stats S
-                                                     partition J of every part's scatter file
+                                                     partition J of every scatter file
   minhash        EXACT_j --out DIR                   signatures, ids, sorted band keys (.npy)
   buckets        DIR... --band-job k --band-jobs K --out PAIRS_k.npy   every partition's minhash DIR
   components     PAIRS... --out drop.npy --stats components.json

@@ -39,7 +39,7 @@ rule dedup_scatter:
     wildcard_constraints:
         group=r"\d+",
     resources:
-        # one input batch + at most 8 row groups buffered over all partitions
+        # one input batch + one row group buffered over all partitions (rounds spilled, merged a partition at a time)
         mem_mb=1000,
     params:
         # P only (a params change re-runs the job; the near-dup settings must not re-run the shuffle)
@@ -48,7 +48,7 @@ rule dedup_scatter:
         "{KALM} dedup --step scatter {input} --shards {params.shards} --out {output} > {log} 2>&1"
 
 
-# exact dedup of partition j: its record batches of every part's scatter file in, first occurrences out (id order)
+# exact dedup of partition j: its record batches of every scatter file in, first occurrences out (id order)
 rule dedup:
     input:
         lambda w: scatter_files(w.stage),

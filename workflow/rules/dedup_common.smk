@@ -4,7 +4,7 @@
 import os
 import shlex
 
-from kalm.data.config import DedupConfig
+from kalm.data.config import DedupConfig, scatter_runs
 from kalm.options import options_json
 
 
@@ -19,11 +19,8 @@ def dedup_parts(stage):
 
 
 def scatter_groups(stage):
-    """The validated parts of each scatter job, in input order: data.dedup.scatter_jobs contiguous runs of
-    near-equal length (0, or more jobs than parts: one part each)."""
-    parts = validated_parts(stage)
-    jobs = min(DEDUP["scatter_jobs"] or len(parts), len(parts))
-    return [parts[g * len(parts) // jobs : (g + 1) * len(parts) // jobs] for g in range(jobs)]
+    """The validated parts of each scatter job, in input order (kalm.data.config.scatter_runs)."""
+    return scatter_runs(validated_parts(stage), DEDUP["scatter_jobs"])
 
 
 def scatter_files(stage):
