@@ -603,12 +603,12 @@ def test_ivf_candidates_are_rescored_from_the_pieces_as_from_the_pool_shards(tmp
     quantizer = faiss.read_index(str(folder / km.QUANTIZER_FILE))
     probers = km.ListProbers(faiss.extract_index_ivf(quantizer).quantizer.search(queries, 3)[1], 8)
     kk = 10 + km.RESCORE_EXTRA
-    ids = np.full((40, kk), -1, dtype=np.int64)
-    scores = np.full((40, kk), -np.inf, dtype=np.float32)
-    entries = np.full((40, kk), -1, dtype=np.int64)
+    best = faiss.ResultHeap(40, kk, keep_max=True)
     for piece in meta["pieces"]:
         index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        km.scan_lists(index.invlists, *piece["lists"], queries, probers, ids, scores, entries)
+        km.scan_lists(index.invlists, *piece["lists"], queries, probers, best)
+    entries = best.I
+    ids, got = km.rescore_entries(folder, meta["pieces"], queries, entries, block=7)
     rows = pool.global_rows(ids)
     assert ((entries >= 0) == (ids >= 0)).all() and (ids >= 0).sum() > 40 * 10
     want = np.where(
@@ -616,7 +616,6 @@ def test_ivf_candidates_are_rescored_from_the_pieces_as_from_the_pool_shards(tmp
         km.exact_scores(pool.vectors(np.maximum(rows, 0).ravel()).reshape(40, kk, dim), queries[:, None, :]),
         -np.inf,
     )
-    got = km.rescore_entries(folder, meta["pieces"], queries, entries, block=7)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(pool.search(queries, 10)[0], km.rescore(pool, queries, rows, 10)[0])
 
@@ -843,8 +842,7 @@ def test_the_list_by_list_scan_finds_what_faiss_ivf_search_finds(tmp_path, lists
     want_scores, want_ids = index.search(queries, k)
     _, probes = index.quantizer.search(queries, nprobe)
     probers = ListProbers(probes, nlist)
-    ids = np.full((len(queries), k), -1, dtype=np.int64)
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best = faiss.ResultHeap(len(queries), k, keep_max=True)
     for lo in range(0, nlist, lists_per_piece):
         hi = min(nlist, lo + lists_per_piece)
         piece = faiss.ArrayInvertedLists(hi - lo, index.code_size)
@@ -852,9 +850,11 @@ def test_the_list_by_list_scan_finds_what_faiss_ivf_search_finds(tmp_path, lists
             n = index.invlists.list_size(lst)
             if n:
                 piece.add_entries(lst - lo, n, index.invlists.get_ids(lst), index.invlists.get_codes(lst))
-        scan_lists(piece, lo, hi, queries, probers, ids, scores)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        scan_lists(piece, lo, hi, queries, probers, best)
+    best.finalize()  # each query's best first
+    scores, entries = best.D, best.I  # a candidate as list << 32 | place: its id read from that list
+    list_ids = [faiss.rev_swig_ptr(index.invlists.get_ids(i), index.invlists.list_size(i)) for i in range(nlist)]
+    ids = np.array([list_ids[e >> 32][e & 0xFFFFFFFF] for e in entries.ravel().tolist()]).reshape(entries.shape)
     assert np.array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 

@@ -441,18 +441,15 @@ class PoolShards:
         _, probes = ivf.quantizer.search(query_vecs, nprobe)  # what ivf.search would probe, for every query
         probers = ListProbers(probes, ivf.nlist)
         del quantizer, ivf
-        kk = min(self.size, k + RESCORE_EXTRA)
-        ids = np.full((len(query_vecs), kk), -1, dtype=np.int64)
-        scores = np.full((len(query_vecs), kk), -np.inf, dtype=np.float32)
-        entries = np.full((len(query_vecs), kk), -1, dtype=np.int64)
+        best = faiss.ResultHeap(len(query_vecs), min(self.size, k + RESCORE_EXTRA), keep_max=True)
         for piece in meta["pieces"]:
             lo, hi = piece["lists"]
             if probers.any(lo, hi):
                 index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
-                scan_lists(index.invlists, lo, hi, query_vecs, probers, ids, scores, entries)
+                scan_lists(index.invlists, lo, hi, query_vecs, probers, best)
                 del index  # unmaps the piece
-        # the candidates re-scored as rescore() would, their vectors read from the pieces (one pass)
-        scores = rescore_entries(folder, meta["pieces"], query_vecs, entries)
+        # the candidates' ids, and their scores as rescore() computes them, read from the pieces (one pass)
+        ids, scores = rescore_entries(folder, meta["pieces"], query_vecs, best.I)
         ids, scores = rank_by_score(self.global_rows(ids), scores, k)
         best_ids[:, : ids.shape[1]], best_scores[:, : ids.shape[1]] = ids, scores
         log.info(
@@ -1204,54 +1201,30 @@ class ListProbers:
         return self.queries[self.starts[lst] : self.starts[lst + 1]]
 
 
-def scan_lists(
-    invlists,
-    lo: int,
-    hi: int,
-    query_vecs,
-    probers: ListProbers,
-    ids: np.ndarray,
-    scores: np.ndarray,
-    entries: np.ndarray | None = None,
-) -> None:
+def scan_lists(invlists, lo: int, hi: int, query_vecs, probers: ListProbers, best) -> None:
     """Lists ``lo..hi`` of a pool's ivf (``invlists``: the piece holding them, list ``lo`` its first) scanned
     list-major: each list's vectors are read once and multiplied by the queries that probe it (one BLAS
-    product), and each query's best ``ids``/``scores`` (n x kk, updated in place) are kept across lists and
-    pieces, so that a query's threshold (its kk-th best) carries over from piece to piece. ``entries``
-    (n x kk, optional) gets where each of them sits in the lists, ``list << 32 | place in the list``, so
-    that :func:`rescore_entries` reads their vectors back from the pieces. faiss's
-    query-major ``search_preassigned`` per piece starts a fresh heap for each piece a query probes: measured
-    at 1M records, 16 pieces a pool, 1.5x the search time of one piece; this scan 1.1x (docs/bench_scale.md)."""
+    product), and the scores go into ``best``, a ``faiss.ResultHeap`` (keep_max) of each query's best
+    candidates kept across lists and pieces, so that a query's threshold (its kk-th best) carries over from
+    piece to piece. A candidate is noted as where it sits in the lists, ``list << 32 | place in the list``
+    (the heap's ids; one row of them serves every query of the list), so that :func:`rescore_entries`
+    reads its vector and id back from the pieces. faiss's query-major ``search_preassigned`` per piece starts
+    a fresh heap for each piece a query probes: measured at 1M records, 16 pieces a pool, 1.5x the search time
+    of one piece; this scan 1.1x (docs/bench_scale.md). The heap's C++ insertion replaced an argpartition and a
+    merge per list in numpy (~30 calls a list; measured 2026-12-08, docs/bench_scale.md)."""
     import faiss
 
-    kk, dim = ids.shape[1], query_vecs.shape[1]
+    dim = query_vecs.shape[1]
     invlists = faiss.downcast_InvertedLists(invlists)
     for lst in range(lo, hi):
         probing, n = probers.of(lst), invlists.list_size(lst - lo)
         if not len(probing) or not n:
             continue
-        vecs, found = list_vectors(invlists, lst - lo, n, dim), faiss.rev_swig_ptr(invlists.get_ids(lst - lo), n)
+        vecs = list_vectors(invlists, lst - lo, n, dim)
+        places = (lst << 32) | np.arange(n, dtype=np.int64)
         for b in range(0, len(probing), SCAN_QUERY_BLOCK):  # a block of queries: the score matrix stays small
             rows = probing[b : b + SCAN_QUERY_BLOCK]
-            s = query_vecs[rows] @ vecs.T  # one BLAS product: the list's passages against its queries
-            counts = (s > scores[rows].min(axis=1, keepdims=True)).sum(axis=1)  # beat the query's kk-th best
-            if not counts.any():
-                continue
-            hit = counts > 0
-            rows, s = rows[hit], s[hit]
-            width = min(kk, int(counts.max()))  # at most this many of the list's passages enter a query's best
-            top = (
-                np.argpartition(-s, width - 1, axis=1)[:, :width]
-                if width < n
-                else np.broadcast_to(np.arange(n), s.shape)
-            )
-            s, c = np.take_along_axis(s, top, 1), found[top]
-            s, c = np.concatenate([scores[rows], s], 1), np.concatenate([ids[rows], c], 1)
-            best = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            scores[rows], ids[rows] = np.take_along_axis(s, best, 1), np.take_along_axis(c, best, 1)
-            if entries is not None:
-                e = np.concatenate([entries[rows], (lst << 32) | np.asarray(top, dtype=np.int64)], 1)
-                entries[rows] = np.take_along_axis(e, best, 1)
+            best.add_result_subset(rows, query_vecs[rows] @ vecs.T, places)  # one BLAS product, one heap update
 
 
 def list_vectors(invlists, lst: int, n: int, dim: int) -> np.ndarray:
@@ -1263,18 +1236,20 @@ def list_vectors(invlists, lst: int, n: int, dim: int) -> np.ndarray:
 
 def rescore_entries(
     folder: Path, pieces: list[dict], query_vecs: np.ndarray, entries: np.ndarray, block: int = 16384
-) -> np.ndarray:
-    """:func:`exact_scores` of each query's candidates (``entries``, n x kk: ``list << 32 | place``, -1:
-    none; -inf there) with their vectors read from the pool's ivf pieces, which hold each passage's vector
-    as float32 (the pool's float16 vectors converted exactly): the scores :func:`rescore` computes from the
-    pool's shards, without a read per scattered row. A piece is mapped while its candidates are read and
-    then unmapped, so the job holds one piece at most; a mine job's candidates fall in most lists of a large
-    pool, and reading them from the shards cost one ``pread`` each (measured 2026-12-07, one thread, 12k
-    queries, k = 40: the whole search 2.5 -> 2.0 s at 100k records, 3.3 -> 2.5 s at 1M)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (the pieces' ``shard << SHARD_BITS | row``; -1: none) and :func:`exact_scores` (-inf: none) of
+    each query's candidates (``entries``, n x kk: ``list << 32 | place``, -1: none), their vectors and ids
+    read from the pool's ivf pieces, which hold each passage's vector as float32 (the pool's float16 vectors
+    converted exactly): the scores :func:`rescore` computes from the pool's shards, without a read per
+    scattered row. A piece is mapped while its candidates are read and then unmapped, so the job holds one
+    piece at most; a mine job's candidates fall in most lists of a large pool, and reading them from the
+    shards cost one ``pread`` each (measured 2026-12-07, one thread, 12k queries, k = 40: the whole search
+    2.5 -> 2.0 s at 100k records, 3.3 -> 2.5 s at 1M)."""
     import faiss
 
     kk, dim = entries.shape[1], query_vecs.shape[1]
-    out = np.full(entries.shape, -np.inf, dtype=np.float32)
+    ids = np.full(entries.shape, -1, dtype=np.int64)
+    scores = np.full(entries.shape, -np.inf, dtype=np.float32)
     flat = entries.ravel()
     slots = np.flatnonzero(flat >= 0)
     slots = slots[np.argsort(flat[slots] >> 32, kind="stable")]  # grouped by list
@@ -1287,12 +1262,15 @@ def rescore_entries(
         index = faiss.read_index(str(folder / piece["file"]), faiss.IO_FLAG_ONDISK_SAME_DIR)
         invlists = faiss.downcast_InvertedLists(index.invlists)
         for i in np.flatnonzero(np.diff(starts)).tolist():  # the piece's lists holding candidates
-            vecs = list_vectors(invlists, i, invlists.list_size(i), dim)
+            n = invlists.list_size(i)
+            vecs, found = list_vectors(invlists, i, n, dim), faiss.rev_swig_ptr(invlists.get_ids(i), n)
             for c in range(starts[i], starts[i + 1], block):  # a hot list: blocks of candidates
                 these = slots[c : min(c + block, starts[i + 1])]
-                out.flat[these] = exact_scores(vecs[flat[these] & 0xFFFFFFFF], query_vecs[these // kk])
+                places = flat[these] & 0xFFFFFFFF
+                ids.flat[these] = found[places]
+                scores.flat[these] = exact_scores(vecs[places], query_vecs[these // kk])
         del invlists, index  # unmaps the piece
-    return out
+    return ids, scores
 
 
 def release_list_pages(invlists) -> None:
