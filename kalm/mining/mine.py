@@ -419,7 +419,7 @@ class PoolShards:
         shard = np.where(ids >= 0, ids >> SHARD_BITS, 0)
         return np.where(ids >= 0, self.offsets[shard] + (ids & ((1 << SHARD_BITS) - 1)), -1)
 
-    def _search_ivf(self, query_vecs: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ivf(self, query_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ivf search: the pool's shards share one quantizer and their lists are merged on disk in pieces
         of consecutive lists (``<pool>/ivf``, :func:`write_ivf`), so a query scans ``nprobe`` lists of the pool
         once, whatever the number of shards, and finds the passages one unsharded ivf would (the same lists).
@@ -478,7 +478,7 @@ class PoolShards:
         merged. With exact (flat) indexes this is the unsharded result; hnsw approximates each shard on its
         own (an index per shard); ivf searches the pool's one merged index (:meth:`_search_ivf`)."""
         if self.cfg.type == "ivf":
-            return self._search_ivf(query_vecs, k, batch)
+            return self._search_ivf(query_vecs, k)  # every query at once: a list is read once for all
         best_ids = np.full((len(query_vecs), k), -1, dtype=np.int64)
         best_scores = np.full((len(query_vecs), k), -np.inf, dtype=np.float32)
         for j, shard in enumerate(self.shards):
