@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kalm.io import read_json, read_jsonl
 from kalm.mining.embed import shard_bounds, texts_to_embed, write_embedding_shard
@@ -433,3 +435,23 @@ def test_the_former_mine_flags_still_work():
     argv = ["mine", "--step", "apply", "--range", "3", "9", "--index", "ivf", "--options", '{"negative_number": 4}']
     c = mine_config(build_parser(["kalm.mining.mine"]).parse_args(argv))
     assert (c.range_for_sampling, c.index_type, c.negative_number) == ((3, 9), "ivf", 4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.lists(st.integers(-6, 6), max_size=40),
+    banned=st.sets(st.integers(-6, 6)),
+    banned_given=st.sets(st.integers(-6, 6)),
+)
+def test_window_flags_match_numpys_isin_and_first_occurrences(keys, banned, banned_given):
+    """A window's candidates flagged as equal to a positive / the query, to a given negative, or repeating a
+    better-ranked candidate: the same flags as np.isin and np.unique's first occurrences (the numpy form
+    they replace)."""
+    from kalm.mining.mine import window_flags
+
+    a = np.array(keys, dtype=np.int64)
+    repeated = np.ones(len(a), bool)
+    repeated[np.unique(a, return_index=True)[1]] = False
+    want = (np.isin(a, list(banned)), np.isin(a, list(banned_given)), repeated)
+    for got, expected in zip(window_flags(keys, banned, banned_given), want):
+        np.testing.assert_array_equal(got, expected)

@@ -736,6 +736,23 @@ def rank_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarr
     return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
 
+def window_flags(keys: list[int], banned: set[int], banned_given: set[int]) -> tuple[np.ndarray, ...]:
+    """Per candidate of a window (``keys``: their :func:`key_hash`, best-ranked first): the same text as a
+    positive or the query (``banned``), as a given negative (``banned_given``), as a better-ranked candidate.
+    Set lookups in Python: a window holds tens of candidates, and ``np.isin`` / ``np.unique`` cost ~20 us a
+    call there (measured 2026-12-08: 1.2 s of a 24k-record mine job's 7 s)."""
+    seen: set[int] = set()
+    repeated = []
+    for key in keys:
+        repeated.append(key in seen)
+        seen.add(key)
+    return (
+        np.array([key in banned for key in keys], dtype=bool),
+        np.array([key in banned_given for key in keys], dtype=bool),
+        np.array(repeated, dtype=bool),
+    )
+
+
 def record_rng(rec: dict, s: MineSettings, task: str, i: int) -> random.Random:
     """The sampling RNG of one record: seeded by (seed, record id), so a record draws the same negatives
     and pads whichever query shard mines it (records without an id, hand-made JSON Lines: by task and place)."""
@@ -783,11 +800,7 @@ def mine_records(
             banned_given = {key_hash(r) for r, _ in given} - banned
             cand_ids, cand_scores = ids[lo:hi], scores[lo:hi]
             ranks = np.arange(lo, lo + len(cand_ids))
-            cand_keys = pool.keys[cand_ids]
-            equal = np.isin(cand_keys, np.fromiter(banned, dtype=np.int64, count=len(banned)))
-            equal_given = np.isin(cand_keys, np.fromiter(banned_given, dtype=np.int64, count=len(banned_given)))
-            repeated = np.ones(len(cand_ids), bool)  # same normalised text as a better-ranked candidate
-            repeated[np.unique(cand_keys, return_index=True)[1]] = False
+            equal, equal_given, repeated = window_flags(pool.keys[cand_ids].tolist(), banned, banned_given)
             keep = ~equal & ~equal_given & ~repeated
             banned |= banned_given
             stats.extra["candidates_in_window"] += len(cand_ids)
